@@ -1,0 +1,42 @@
+"""rotconv: rotation-equivariant (C_N) convolutions with steerable filters, for small, fast CNNs.
+
+Public API::
+
+    CyclicGroup, rotate_image                     group and its action        (rotconv.group)
+    SteerableBasis, steerable_basis               band-limited filter bases   (rotconv.basis)
+    LiftingConv2d, GroupConv2d, DepthwiseGroupConv2d   equivariant convs      (rotconv.layers)
+    GroupBatchNorm2d                              field-wise batch norm       (rotconv.norm)
+    GroupPool, CircularMask, MaskedGlobalAvgPool, disc_mask   pooling/masks   (rotconv.pooling)
+    equivariant_padding, equivariant_output_size  odd-grid stride policy      (rotconv.grid)
+    export                                        to plain torch.nn           (rotconv.export)
+    equivariance_error                            numerical checks            (rotconv.checks)
+"""
+from .basis import SteerableBasis, steerable_basis
+from .checks import equivariance_error
+from .export import export
+from .grid import equivariant_output_size, equivariant_padding
+from .group import CyclicGroup, rotate_image
+from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d
+from .norm import GroupBatchNorm2d
+from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CyclicGroup",
+    "rotate_image",
+    "SteerableBasis",
+    "steerable_basis",
+    "LiftingConv2d",
+    "GroupConv2d",
+    "DepthwiseGroupConv2d",
+    "GroupBatchNorm2d",
+    "GroupPool",
+    "CircularMask",
+    "MaskedGlobalAvgPool",
+    "disc_mask",
+    "equivariant_padding",
+    "equivariant_output_size",
+    "export",
+    "equivariance_error",
+]

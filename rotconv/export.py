@@ -1,0 +1,75 @@
+"""Export a network built from rotconv layers to plain torch.nn modules with identical outputs."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .layers import _RotatedFilterConv
+from .norm import GroupBatchNorm2d
+
+__all__ = ["export"]
+
+
+def _strided_equivariant_convs(model: nn.Module) -> list[nn.Module]:
+    return [
+        m for m in model.modules()
+        if isinstance(m, _RotatedFilterConv) and m.padding == "equivariant" and m.stride > 1
+    ]
+
+
+@torch.no_grad()
+def _record_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[int, tuple[int, int]]:
+    sizes: dict[int, tuple[int, int]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: sizes.setdefault(id(mod), tuple(args[0].shape[-2:])))
+        for m in _strided_equivariant_convs(model)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example_input)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def export(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Return a copy of ``model`` in which every rotconv conv is an ``nn.Conv2d`` and every
+    :class:`~rotconv.GroupBatchNorm2d` an ``nn.BatchNorm2d``; all other modules are copied unchanged.
+
+    ``example_input`` (any batch size) is needed when the model has strided layers with
+    ``padding='equivariant'``: their padding depends on the input size, which a plain ``nn.Conv2d`` fixes.
+    The copy is in the model's train/eval mode; outputs are identical (train-mode BN statistics aside).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    sizes: dict[int, tuple[int, int]] = {}
+    if _strided_equivariant_convs(model):
+        if example_input is None:
+            raise ValueError("example_input: the model has strided layers with padding='equivariant'; "
+                             "pass an example input so their padding can be fixed")
+        sizes = _record_input_sizes(model, example_input)
+
+    def convert(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, _RotatedFilterConv):
+            return module.export(sizes.get(id(module)))
+        if isinstance(module, GroupBatchNorm2d):
+            return module.export()
+        return None
+
+    top = convert(model)
+    if top is not None:
+        return top
+    replacements = {name: convert(m) for name, m in model.named_modules() if name}
+    exported = copy.deepcopy(model)
+    for name, new in replacements.items():
+        if new is None:
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        parent = exported.get_submodule(parent_name) if parent_name else exported
+        setattr(parent, child_name, new)
+    return exported

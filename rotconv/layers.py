@@ -1,0 +1,370 @@
+"""C_N-equivariant convolutions on regular feature fields, parametrised by rotated steerable filters.
+
+All layers take and return plain tensors. A regular feature tensor has shape ``(B, F*N, H, W)``; channel
+``f*N + i`` is rotation ``i`` of field ``f`` (see :mod:`rotconv.group`).
+
+The kernel constraint for regular representations, ``K(g x) = rho(g) K(x) rho(g)^-1``, is solved by
+*rotated filters*: the filter from input rotation ``j`` to output rotation ``i`` is a free steerable filter
+``Psi_{j-i}`` rotated by the angle of ``i``. Rotating a steerable filter is an exact linear map on its
+coefficients, so the expanded filter is equivariant to float precision for rotations that are exact on the
+grid (multiples of 90 degrees) and band-limited-approximately for the others. When 4 divides N, only the
+first quarter of the rotations is computed from coefficients; the rest are exact ``torch.rot90`` copies, so
+the expanded filter bank is bit-exactly symmetric (what makes INT8 models bit-exactly invariant).
+
+Each conv expands its filter on every forward in training mode (gradients flow to the coefficients) and
+caches it in eval mode when no gradient is needed; ``export()`` returns a plain :class:`torch.nn.Conv2d`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .basis import SteerableBasis, group_basis, steerable_basis
+from .grid import equivariant_padding
+from .group import CyclicGroup, as_group
+
+__all__ = ["LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d"]
+
+Padding = Union[str, int]
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+class _RotatedFilterConv(nn.Module):
+    """Shared machinery: argument checks, padding policy, filter cache, export."""
+
+    weight: nn.Parameter
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_fields: int,
+        kernel_size: int,
+        group: CyclicGroup,
+        stride: int,
+        padding: Padding,
+        padding_mode: str,
+        bias: bool,
+        groups: int,
+        basis: SteerableBasis | None,
+    ) -> None:
+        super().__init__()
+        self.group = as_group(group)
+        self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
+        self.stride = _check_positive_int(stride, "stride")
+        if padding == "equivariant":
+            if kernel_size % 2 == 0:
+                raise ValueError(f"kernel_size: padding='equivariant' needs an odd kernel size, got {kernel_size}")
+        elif isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"padding: expected 'equivariant' or an integer >= 0, got {padding!r}")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode: expected one of {_PADDING_MODES}, got {padding_mode!r}")
+        if basis is None:
+            basis = steerable_basis(kernel_size)
+        elif not isinstance(basis, SteerableBasis) or basis.kernel_size != kernel_size:
+            raise ValueError(f"basis: expected a SteerableBasis with kernel_size={kernel_size}")
+        self.padding = padding
+        self.padding_mode = padding_mode
+        self.basis = basis
+        self.in_channels = in_channels
+        self.out_fields = out_fields
+        self.out_channels = out_fields * self.group.N
+        self.groups = groups
+        self.register_buffer("rotated_basis", group_basis(basis, self.group.N), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_fields)) if bias else None
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    # -- filters -------------------------------------------------------------------------------------
+    @property
+    def basis_size(self) -> int:
+        return self.basis.size
+
+    def _fan_in(self) -> int:
+        return self.in_channels // self.groups
+
+    def reset_parameters(self) -> None:
+        """He initialisation of the expanded filter: Var(filter) * fan_in = 2 with unit-norm basis functions."""
+        std = math.sqrt(2.0 / (self._fan_in() * self.basis_size))
+        with torch.no_grad():
+            self.weight.normal_(0.0, std)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def expand_filter(self) -> torch.Tensor:
+        """The full filter bank ``(out_channels, in_channels // groups, k, k)`` (differentiable)."""
+        raise NotImplementedError
+
+    def _complete_quarters(self, first_quarter: torch.Tensor, roll_dim: int | None) -> torch.Tensor:
+        """From filters for rotations ``0..Q-1`` (dim 1) build all N by exact rot90 (+ roll of ``roll_dim``).
+
+        ``first_quarter``: ``(F, Q, ..., k, k)``; returns ``(F, N, ..., k, k)``.
+        """
+        N = self.group.N
+        if N % 4 != 0:
+            return first_quarter
+        quarter = N // 4
+        parts = []
+        for q in range(4):
+            part = torch.rot90(first_quarter, q, dims=(-2, -1))
+            if roll_dim is not None and q:
+                part = torch.roll(part, shifts=q * quarter, dims=roll_dim)
+            parts.append(part)
+        return torch.cat(parts, dim=1)
+
+    def expanded_bias(self) -> torch.Tensor | None:
+        """``(out_channels,)``: the field bias repeated over the N rotations, or None."""
+        if self.bias is None:
+            return None
+        return self.bias.repeat_interleave(self.group.N)
+
+    def filter(self) -> torch.Tensor:
+        """The expanded filter; cached in eval mode when no gradient to the coefficients is needed."""
+        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+            self._cache = None
+            return self.expand_filter()
+        weight = self.weight
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.rotated_basis.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.expand_filter())
+        return self._cache[1]
+
+    def train(self, mode: bool = True) -> "_RotatedFilterConv":
+        self._cache = None
+        return super().train(mode)
+
+    # -- padding -------------------------------------------------------------------------------------
+    def output_size(self, input_size: int) -> int:
+        """Spatial output size for a square input of side ``input_size``."""
+        pad = self._padding_for(input_size, "input_size")
+        return (input_size + 2 * pad - self.kernel_size) // self.stride + 1
+
+    def _padding_for(self, size: int, name: str) -> int:
+        if self.padding == "equivariant":
+            return equivariant_padding(size, self.kernel_size, self.stride, name)
+        return int(self.padding)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input: {type(self).__name__} expects (B, C, H, W), got {shape}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"input: {type(self).__name__} expects {self._channel_description()}, got {x.shape[1]}")
+
+    def _channel_description(self) -> str:
+        return f"{self.in_channels} channels"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_channels, H, W) -> (B, out_fields * N, H', W')``."""
+        self._check_input(x)
+        pad_h = self._padding_for(x.shape[-2], "input height")
+        pad_w = self._padding_for(x.shape[-1], "input width")
+        if pad_h < 0 or pad_w < 0:  # crop so the sampled centres are symmetric
+            crop_h, crop_w = max(-pad_h, 0), max(-pad_w, 0)
+            x = x[..., crop_h : x.shape[-2] - crop_h, crop_w : x.shape[-1] - crop_w]
+            pad_h, pad_w = max(pad_h, 0), max(pad_w, 0)
+        if self.padding_mode != "zeros" and (pad_h or pad_w):
+            x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=self.padding_mode)
+            pad_h = pad_w = 0
+        return F.conv2d(x, self.filter(), self.expanded_bias(), self.stride, (pad_h, pad_w), 1, self.groups)
+
+    # -- export --------------------------------------------------------------------------------------
+    def export(self, input_size: int | tuple[int, int] | None = None) -> nn.Module:
+        """A plain ``nn.Conv2d`` (preceded by ``nn.ZeroPad2d`` cropping when the policy crops) with the
+        same outputs. ``input_size`` (H or (H, W)) is needed only for strided layers with
+        ``padding='equivariant'``, whose padding depends on the input size."""
+        if self.padding == "equivariant" and self.stride > 1:
+            if input_size is None:
+                raise ValueError("input_size: a strided layer with padding='equivariant' needs the input size to export")
+            height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
+            pad_h = self._padding_for(height, "input_size")
+            pad_w = self._padding_for(width, "input_size")
+        else:
+            pad_h = pad_w = self._padding_for(1, "input_size")
+        weight = self.weight
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=(max(pad_h, 0), max(pad_w, 0)),
+            padding_mode=self.padding_mode,
+            groups=self.groups,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.expand_filter())
+            if self.bias is not None:
+                conv.bias.copy_(self.expanded_bias())
+        if pad_h < 0 or pad_w < 0:
+            return nn.Sequential(nn.ZeroPad2d((min(pad_w, 0),) * 2 + (min(pad_h, 0),) * 2), conv)
+        return conv
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self._in_repr()}, out_fields={self.out_fields}, kernel_size={self.kernel_size}, "
+            f"group={self.group!r}, stride={self.stride}, padding={self.padding!r}, basis_size={self.basis_size}"
+        )
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+    def _in_repr(self) -> str:
+        return f"in_channels={self.in_channels}"
+
+
+class LiftingConv2d(_RotatedFilterConv):
+    """Scalar channels -> regular fields (the first layer of a C_N-equivariant network).
+
+    Output rotation ``i`` of field ``f`` correlates the input with the field's filters rotated by
+    ``2*pi*i/N``. Shapes: ``(B, in_channels, H, W) -> (B, out_fields*N, H', W')``. Group action: input
+    channels are scalars (rotate spatially only); output fields are regular. Parameters: ``out_fields x
+    in_channels x B`` coefficients (``B`` = basis size) and one bias per output field.
+
+    Args:
+        in_channels: scalar input channels (e.g. 3 for RGB).
+        out_fields: regular output fields (``out_fields * N`` channels).
+        kernel_size: odd filter size.
+        group: :class:`~rotconv.CyclicGroup`.
+        stride, padding, padding_mode, bias: as :class:`torch.nn.Conv2d`; ``padding='equivariant'`` (default)
+            applies the odd-grid stride policy of :mod:`rotconv.grid`.
+        basis: a :class:`~rotconv.SteerableBasis` to use instead of the default one.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_fields: int,
+        kernel_size: int,
+        group: CyclicGroup,
+        stride: int = 1,
+        padding: Padding = "equivariant",
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        basis: SteerableBasis | None = None,
+    ) -> None:
+        _check_positive_int(in_channels, "in_channels")
+        _check_positive_int(out_fields, "out_fields")
+        super().__init__(in_channels, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1, basis)
+        self.weight = nn.Parameter(torch.empty(out_fields, in_channels, self.basis_size))
+        self.reset_parameters()
+
+    def expand_filter(self) -> torch.Tensor:
+        quarter = torch.einsum("fcb,qbxy->fqcxy", self.weight, self.rotated_basis)
+        full = self._complete_quarters(quarter, roll_dim=None)
+        k = self.kernel_size
+        return full.reshape(self.out_channels, self.in_channels, k, k)
+
+
+class GroupConv2d(_RotatedFilterConv):
+    """Regular fields -> regular fields (group convolution on C_N).
+
+    The filter from input rotation ``j`` to output rotation ``i`` is ``rotate_i(Psi_{(j-i) mod N})`` with N
+    free steerable filters ``Psi_d`` per field pair; ``kernel_size=1`` gives the block-circulant pointwise
+    conv. Shapes: ``(B, in_fields*N, H, W) -> (B, out_fields*N, H', W')``. Group action: both sides regular
+    (spatial rotation + cyclic shift inside every field). Parameters: ``out_fields x in_fields x N x B``
+    coefficients and one bias per output field.
+
+    Args:
+        in_fields, out_fields: regular fields on each side.
+        kernel_size, group, stride, padding, bias, padding_mode, basis: as :class:`LiftingConv2d`.
+    """
+
+    def __init__(
+        self,
+        in_fields: int,
+        out_fields: int,
+        kernel_size: int,
+        group: CyclicGroup,
+        stride: int = 1,
+        padding: Padding = "equivariant",
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        basis: SteerableBasis | None = None,
+    ) -> None:
+        _check_positive_int(in_fields, "in_fields")
+        _check_positive_int(out_fields, "out_fields")
+        group = as_group(group)
+        super().__init__(
+            in_fields * group.N, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1, basis
+        )
+        self.in_fields = in_fields
+        N = group.N
+        self.weight = nn.Parameter(torch.empty(out_fields, in_fields, N, self.basis_size))
+        quarter = self.rotated_basis.shape[0]
+        rows = torch.arange(quarter)[:, None]
+        cols = torch.arange(N)[None, :]
+        self.register_buffer("_offset_index", (cols - rows) % N, persistent=False)  # (Q, N): j - i
+        self.reset_parameters()
+
+    def expand_filter(self) -> torch.Tensor:
+        gathered = self.weight[:, :, self._offset_index]  # (Fo, Fi, Q, N, B)
+        quarter = torch.einsum("oiqjb,qbxy->oqijxy", gathered, self.rotated_basis)
+        full = self._complete_quarters(quarter, roll_dim=3)
+        k = self.kernel_size
+        return full.reshape(self.out_channels, self.in_channels, k, k)
+
+    def _channel_description(self) -> str:
+        return f"{self.in_channels} channels (in_fields={self.in_fields} x N={self.group.N})"
+
+    def _in_repr(self) -> str:
+        return f"in_fields={self.in_fields}"
+
+
+class DepthwiseGroupConv2d(_RotatedFilterConv):
+    """Equivariant depthwise conv: each channel filtered on its own, with exactly the FLOPs of
+    ``nn.Conv2d(F*N, F*N, k, groups=F*N)``.
+
+    Channel ``i`` of field ``f`` is correlated with the field's single filter rotated by ``2*pi*i/N``.
+    Shapes: ``(B, fields*N, H, W) -> (B, fields*N, H', W')``. Group action: regular on both sides.
+    Parameters: ``fields x B`` coefficients and one bias per field.
+
+    Args:
+        fields: regular fields in and out.
+        kernel_size, group, stride, padding, bias, padding_mode, basis: as :class:`LiftingConv2d`.
+    """
+
+    def __init__(
+        self,
+        fields: int,
+        kernel_size: int,
+        group: CyclicGroup,
+        stride: int = 1,
+        padding: Padding = "equivariant",
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        basis: SteerableBasis | None = None,
+    ) -> None:
+        _check_positive_int(fields, "fields")
+        group = as_group(group)
+        channels = fields * group.N
+        super().__init__(channels, fields, kernel_size, group, stride, padding, padding_mode, bias, channels, basis)
+        self.fields = fields
+        self.in_fields = fields
+        self.weight = nn.Parameter(torch.empty(fields, self.basis_size))
+        self.reset_parameters()
+
+    def expand_filter(self) -> torch.Tensor:
+        quarter = torch.einsum("fb,qbxy->fqxy", self.weight, self.rotated_basis)
+        full = self._complete_quarters(quarter, roll_dim=None)
+        k = self.kernel_size
+        return full.reshape(self.out_channels, 1, k, k)
+
+    def _channel_description(self) -> str:
+        return f"{self.in_channels} channels (fields={self.fields} x N={self.group.N})"
+
+    def _in_repr(self) -> str:
+        return f"fields={self.fields}"

@@ -1,0 +1,128 @@
+"""Invariant pooling and circular masks (circular field of view)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .group import CyclicGroup, as_group
+
+__all__ = ["GroupPool", "CircularMask", "MaskedGlobalAvgPool", "disc_mask"]
+
+
+def disc_mask(height: int, width: int, radius: float | None = None, edge_width: float = 1.0,
+              dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(H, W)`` disc mask centred on the grid centre.
+
+    Value 1 inside ``radius`` (default ``(min(H, W) - 1) / 2``), falling linearly to 0 over ``edge_width``
+    pixels (anti-aliased edge; ``edge_width=0`` gives a hard 0/1 disc). Symmetric under 90-degree rotations.
+    """
+    if radius is None:
+        radius = (min(height, width) - 1) / 2
+    if edge_width < 0:
+        raise ValueError(f"edge_width: expected >= 0, got {edge_width}")
+    ys = torch.arange(height, dtype=torch.float64) - (height - 1) / 2
+    xs = torch.arange(width, dtype=torch.float64) - (width - 1) / 2
+    rho = torch.sqrt(ys[:, None] ** 2 + xs[None, :] ** 2)
+    if edge_width == 0:
+        mask = (rho <= radius + 1e-9).double()
+    else:
+        mask = ((radius - rho) / edge_width + 0.5).clamp(0.0, 1.0)
+    return mask.to(dtype=dtype, device=device)
+
+
+class GroupPool(nn.Module):
+    """Pool each regular field over its N rotations: ``(B, F*N, *spatial) -> (B, F, *spatial)``.
+
+    The result is invariant under the channel permutation of the group action (so a rotation acts on it as
+    on scalar channels). ``mode='max'`` or ``'mean'``.
+    """
+
+    def __init__(self, group: CyclicGroup, mode: str = "max") -> None:
+        super().__init__()
+        if mode not in ("max", "mean"):
+            raise ValueError(f"mode: expected 'max' or 'mean', got {mode!r}")
+        self.group = as_group(group)
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N = self.group.N
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] % N != 0:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input: GroupPool expects (B, F*{N}, ...) channels, got {shape}")
+        fields = x.reshape(x.shape[0], x.shape[1] // N, N, *x.shape[2:])
+        return fields.amax(dim=2) if self.mode == "max" else fields.mean(dim=2)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group!r}, mode={self.mode!r}"
+
+
+class CircularMask(nn.Module):
+    """Multiply ``(B, C, size, size)`` inputs by a disc mask (see :func:`disc_mask`).
+
+    Restricting the field of view to a disc removes the corners, which a rotation by a non-multiple of 90
+    degrees would move outside the grid.
+    """
+
+    def __init__(self, size: int, radius: float | None = None, edge_width: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: expected an integer >= 1, got {size!r}")
+        self.size = size
+        self.radius = (size - 1) / 2 if radius is None else float(radius)
+        self.edge_width = edge_width
+        self.register_buffer("mask", disc_mask(size, size, self.radius, edge_width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-2:] != (self.size, self.size):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input: CircularMask expects (B, C, {self.size}, {self.size}), got {shape}")
+        return x * self.mask
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, radius={self.radius}, edge_width={self.edge_width}"
+
+
+class MaskedGlobalAvgPool(nn.Module):
+    """Weighted spatial mean over a centred disc: ``(B, C, H, W) -> (B, C)``.
+
+    The disc (radius ``(min(H, W) - 1) / 2`` unless given, see :func:`disc_mask`) gives the pooling a
+    circular field of view, so the result is invariant to rotations of the input about the grid centre.
+    """
+
+    def __init__(self, radius: float | None = None, edge_width: float = 1.0, size: int | None = None) -> None:
+        super().__init__()
+        self.radius = radius
+        self.edge_width = edge_width
+        self.size = size
+        self._masks: dict[tuple, torch.Tensor] = {}
+        if size is not None:
+            # A fixed input size stores the weights as a buffer (traceable by torch.fx / torch.export).
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"size: expected an integer >= 1 or None, got {size!r}")
+            mask = disc_mask(size, size, radius, edge_width, dtype=torch.float64)
+            self.register_buffer("pool_weights", (mask / mask.sum()).float())
+
+    def weights(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``(H, W)`` pooling weights summing to 1 (cached per size, dtype and device)."""
+        key = (height, width, dtype, device)
+        if key not in self._masks:
+            mask = disc_mask(height, width, self.radius, self.edge_width, dtype=torch.float64)
+            self._masks[key] = (mask / mask.sum()).to(dtype=dtype, device=device)
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"input: MaskedGlobalAvgPool expects (B, C, H, W), got {shape}")
+        if self.size is not None:
+            if x.shape[-2:] != (self.size, self.size):
+                raise ValueError(f"input: MaskedGlobalAvgPool(size={self.size}) expects (B, C, {self.size}, "
+                                 f"{self.size}), got {tuple(x.shape)}")
+            weights = self.pool_weights
+        else:
+            weights = self.weights(x.shape[-2], x.shape[-1], x.dtype, x.device)
+        return (x * weights).sum(dim=(-2, -1))
+
+    def extra_repr(self) -> str:
+        text = f"radius={self.radius}, edge_width={self.edge_width}"
+        return text + (f", size={self.size}" if self.size is not None else "")
