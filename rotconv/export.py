@@ -22,10 +22,11 @@ def _strided_equivariant_convs(model: nn.Module) -> list[nn.Module]:
 @torch.no_grad()
 def _record_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[int, tuple[int, int]]:
     sizes: dict[int, tuple[int, int]] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args: sizes.setdefault(id(mod), tuple(args[0].shape[-2:])))
-        for m in _strided_equivariant_convs(model)
-    ]
+
+    def record(module: nn.Module, args: tuple) -> None:
+        sizes.setdefault(id(module), tuple(args[0].shape[-2:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in _strided_equivariant_convs(model)]
     was_training = model.training
     model.eval()
     try:
