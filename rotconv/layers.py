@@ -21,6 +21,7 @@ from typing import Union
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
 import torch.nn.functional as F
 
 from .basis import SteerableBasis, group_basis, steerable_basis
@@ -154,6 +155,8 @@ class _RotatedFilterConv(nn.Module):
         return int(self.padding)
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, Proxy):  # symbolic tracing: shapes are not known
+            return
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"input: {type(self).__name__} expects (B, C, H, W), got {shape}")

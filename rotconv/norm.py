@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
 import torch.nn.functional as F
 
 from .group import CyclicGroup, as_group
@@ -45,14 +46,14 @@ class GroupBatchNorm2d(nn.Module):
         return self.fields * self.group.N
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.num_channels:
+        if not isinstance(x, Proxy) and (not isinstance(x, torch.Tensor) or x.dim() != 4
+                                         or x.shape[1] != self.num_channels):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
                 f"input: GroupBatchNorm2d expects (B, {self.num_channels}, H, W) "
                 f"(fields={self.fields} x N={self.group.N}), got {shape}"
             )
-        batch = x.shape[0]
-        return self.norm(x.reshape(batch, self.fields, -1)).reshape(x.shape)
+        return self.norm(x.flatten(2).unflatten(1, (self.fields, -1)).flatten(2)).view_as(x)
 
     def export(self) -> nn.BatchNorm2d:
         """A plain ``nn.BatchNorm2d(fields*N)`` with the statistics and parameters repeated per rotation."""

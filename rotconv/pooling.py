@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
 
 from .group import CyclicGroup, as_group
 
@@ -46,10 +47,10 @@ class GroupPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = self.group.N
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] % N != 0:
+        if not isinstance(x, Proxy) and (not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] % N != 0):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"input: GroupPool expects (B, F*{N}, ...) channels, got {shape}")
-        fields = x.reshape(x.shape[0], x.shape[1] // N, N, *x.shape[2:])
+        fields = x.unflatten(1, (-1, N))
         return fields.amax(dim=2) if self.mode == "max" else fields.mean(dim=2)
 
     def extra_repr(self) -> str:
@@ -73,6 +74,8 @@ class CircularMask(nn.Module):
         self.register_buffer("mask", disc_mask(size, size, self.radius, edge_width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, Proxy):
+            return x * self.mask
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-2:] != (self.size, self.size):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"input: CircularMask expects (B, C, {self.size}, {self.size}), got {shape}")
@@ -111,6 +114,8 @@ class MaskedGlobalAvgPool(nn.Module):
         return self._masks[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, Proxy) and self.size is not None:
+            return (x * self.pool_weights).sum(dim=(-2, -1))
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"input: MaskedGlobalAvgPool expects (B, C, H, W), got {shape}")

@@ -1,0 +1,239 @@
+"""Conventional and C_N-equivariant MobileNetV2 for 95x95 PatchCamelyon patches.
+
+MobileNetV2 (Sandler et al. 2018): inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 linear
+projection), expansion 6, ReLU6, residual connections where shapes allow. Adapted to PCam as in Mohamed et
+al.: 95x95 (odd) inputs, the stride of two stages reduced from 2 to 1 (the 64- and 160-channel stages) so
+the last feature map is 11x11 instead of 3x3, odd grids kept by every strided layer
+(``rotconv.equivariant_padding``), a circular mask on the input and a circular field of view in the
+global pooling. The equivariant network uses the same table with ``round(c / N)`` regular fields (at least
+one) where the conventional one has ``c`` channels, and an invariant head: masked global average pooling,
+max pooling over the N rotations, linear classifier.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.fx import Proxy
+
+import rotconv
+from rotconv.grid import equivariant_padding
+
+__all__ = ["MobileNetV2", "mobilenet_v2", "INVERTED_RESIDUAL_SETTING", "STEM_CHANNELS", "LAST_CHANNELS"]
+
+#: (expansion t, output channels c, repeats n, first stride s). Strides of the 64- and 160-channel stages
+#: are 1 here (2 in the ImageNet model): the total stride is 8, 95 -> 47 -> 23 -> 11.
+INVERTED_RESIDUAL_SETTING: list[tuple[int, int, int, int]] = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 1),
+    (6, 96, 3, 1),
+    (6, 160, 3, 1),
+    (6, 320, 1, 1),
+]
+STEM_CHANNELS = 32
+LAST_CHANNELS = 1280
+_ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return new_value + divisor if new_value < 0.9 * value else new_value
+
+
+class _PlainLayers:
+    """Builds the conventional layers (unconstrained nn.Conv2d filters)."""
+
+    group = None
+
+    def width(self, channels: int) -> int:
+        return channels
+
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, size: int,
+             lifting: bool = False) -> nn.Module:
+        padding = equivariant_padding(size, kernel_size, stride)
+        if padding < 0:
+            raise ValueError(f"internal: negative padding for size {size}")
+        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+
+    def depthwise(self, channels: int, kernel_size: int, stride: int, size: int) -> nn.Module:
+        padding = equivariant_padding(size, kernel_size, stride)
+        return nn.Conv2d(channels, channels, kernel_size, stride, padding, groups=channels, bias=False)
+
+    def norm(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels)
+
+    def pool_rotations(self) -> nn.Module:
+        return nn.Identity()
+
+
+class _EquivariantLayers:
+    """Builds the C_N-equivariant layers; ``c`` conventional channels become ``max(1, round(c/N))`` fields."""
+
+    def __init__(self, group: rotconv.CyclicGroup) -> None:
+        self.group = group
+
+    def fields(self, channels: int) -> int:
+        return max(1, round(channels / self.group.N))
+
+    def width(self, channels: int) -> int:
+        return self.fields(channels) * self.group.N
+
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, size: int,
+             lifting: bool = False) -> nn.Module:
+        N = self.group.N
+        if lifting:
+            return rotconv.LiftingConv2d(in_channels, out_channels // N, kernel_size, self.group, stride, bias=False)
+        return rotconv.GroupConv2d(in_channels // N, out_channels // N, kernel_size, self.group, stride, bias=False)
+
+    def depthwise(self, channels: int, kernel_size: int, stride: int, size: int) -> nn.Module:
+        return rotconv.DepthwiseGroupConv2d(channels // self.group.N, kernel_size, self.group, stride, bias=False)
+
+    def norm(self, channels: int) -> nn.Module:
+        return rotconv.GroupBatchNorm2d(channels // self.group.N, self.group)
+
+    def pool_rotations(self) -> nn.Module:
+        return rotconv.GroupPool(self.group, "max")
+
+
+class ConvNormActivation(nn.Sequential):
+    """conv -> batch norm -> activation (activation omitted for ``activation=None``)."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module, activation: type[nn.Module] | None) -> None:
+        layers = [conv, norm] + ([activation()] if activation is not None else [])
+        super().__init__(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand (skipped for t = 1) -> 3x3 depthwise (stride s) -> 1x1 linear projection, + input when
+    the stride is 1 and the channel counts match. Shapes: ``(B, in, H, W) -> (B, out, H', W')``."""
+
+    def __init__(self, layers, in_channels: int, out_channels: int, stride: int, expand_ratio: int,
+                 size: int, activation: type[nn.Module]) -> None:
+        super().__init__()
+        hidden = layers.width(int(round(in_channels * expand_ratio)))
+        in_width, out_width = layers.width(in_channels), layers.width(out_channels)
+        self.stride = stride
+        self.use_residual = stride == 1 and in_width == out_width
+        blocks: list[nn.Module] = []
+        if expand_ratio != 1:
+            blocks.append(ConvNormActivation(layers.conv(in_width, hidden, 1, 1, size), layers.norm(hidden), activation))
+        else:
+            hidden = in_width
+        blocks.append(ConvNormActivation(layers.depthwise(hidden, 3, stride, size), layers.norm(hidden), activation))
+        blocks.append(ConvNormActivation(layers.conv(hidden, out_width, 1, 1, size), layers.norm(out_width), None))
+        self.conv = nn.Sequential(*blocks)
+        self.in_channels, self.out_channels = in_width, out_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        return x + out if self.use_residual else out
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 for square ``input_size`` RGB patches; see :func:`mobilenet_v2`.
+
+    Shapes: ``(B, 3, input_size, input_size) -> (B, num_classes)`` logits.
+    """
+
+    def __init__(self, num_classes: int = 2, group: rotconv.CyclicGroup | None = None, width_mult: float = 1.0,
+                 input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes: expected an integer >= 1, got {num_classes!r}")
+        if group is not None and not isinstance(group, rotconv.CyclicGroup):
+            raise ValueError(f"group: expected None or a rotconv.CyclicGroup, got {type(group).__name__}")
+        if not isinstance(width_mult, (int, float)) or width_mult <= 0:
+            raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 15 or input_size % 2 == 0:
+            raise ValueError(f"input_size: expected an odd integer >= 15 (e.g. 95), got {input_size!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        self.group = group
+        self.input_size = input_size
+        self.num_classes = num_classes
+        self.width_mult = width_mult
+        self.activation = activation
+        layers = _PlainLayers() if group is None else _EquivariantLayers(group)
+        act = _ACTIVATIONS[activation]
+
+        size = input_size
+        stem = layers.width(_make_divisible(STEM_CHANNELS * width_mult))
+        features: list[nn.Module] = [
+            ConvNormActivation(layers.conv(3, stem, 3, 2, size, lifting=True), layers.norm(stem), act)
+        ]
+        size = rotconv.equivariant_output_size(size, 3, 2)
+        self.sizes = [size]
+        in_channels = _make_divisible(STEM_CHANNELS * width_mult)
+        for t, c, n, s in INVERTED_RESIDUAL_SETTING:
+            out_channels = _make_divisible(c * width_mult)
+            for i in range(n):
+                stride = s if i == 0 else 1
+                features.append(InvertedResidual(layers, in_channels, out_channels, stride, t, size, act))
+                size = rotconv.equivariant_output_size(size, 3, stride)
+                self.sizes.append(size)
+                in_channels = out_channels
+        last = layers.width(_make_divisible(LAST_CHANNELS * max(1.0, width_mult)))
+        features.append(ConvNormActivation(layers.conv(layers.width(in_channels), last, 1, 1, size),
+                                           layers.norm(last), act))
+        self.features = nn.Sequential(*features)
+        self.final_size = size
+        self.input_mask = rotconv.CircularMask(input_size)
+        self.pool = rotconv.MaskedGlobalAvgPool(size=size)
+        self.pool_rotations = layers.pool_rotations()
+        head_features = last if group is None else last // group.N
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(head_features, num_classes))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if isinstance(x, Proxy):
+            return
+        expected = (3, self.input_size, self.input_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            hint = " (crop 96x96 PCam patches to 95x95)" if isinstance(x, torch.Tensor) and x.shape[-1] == 96 else ""
+            raise ValueError(f"input: expected (B, 3, {self.input_size}, {self.input_size}), got {shape}{hint}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.features(self.input_mask(x))
+        return self.classifier(self.pool_rotations(self.pool(x)))
+
+    def export(self) -> "MobileNetV2":
+        """A copy made of plain torch.nn layers (Conv2d, BatchNorm2d, ReLU6/ReLU, mask, pooling) with
+        identical outputs; traceable by ``torch.export`` and ``torch.fx``, and the input of :mod:`quant`."""
+        if self.group is None:
+            return rotconv.export(self)
+        example = torch.zeros(1, 3, self.input_size, self.input_size, device=next(self.parameters()).device)
+        return rotconv.export(self, example_input=example)
+
+    def extra_repr(self) -> str:
+        group = "conventional" if self.group is None else f"group={self.group!r}"
+        return f"{group}, input_size={self.input_size}, num_classes={self.num_classes}"
+
+
+def mobilenet_v2(num_classes: int = 2, group: rotconv.CyclicGroup | None = None, width_mult: float = 1.0,
+                 input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> MobileNetV2:
+    """Build MobileNetV2 for PCam.
+
+    Args:
+        num_classes: classifier outputs (2 for PCam).
+        group: ``None`` for the conventional network (plain ``nn.Conv2d``), or a
+            :class:`rotconv.CyclicGroup` for the equivariant one (the paper uses ``CyclicGroup(12)``).
+        width_mult: channel multiplier (as torchvision).
+        input_size: odd side of the square input (95 for PCam's 96x96 patches cropped by one pixel).
+        activation: ``"relu6"`` (MobileNetV2) or ``"relu"``.
+        dropout: dropout before the classifier.
+    """
+    return MobileNetV2(num_classes, group, width_mult, input_size, activation, dropout)
