@@ -1,0 +1,67 @@
+"""Data-free quantization (DFQ; Nagel et al., ICCV 2019) and INT8 inference for plain torch.nn networks.
+
+Typical use on an exported equivariant MobileNetV2 (``model.export()``)::
+
+    int8_model = quant.dfq(plain_model, fields=12, mode="int8")
+
+Steps: :func:`fold_batchnorm`, :func:`replace_relu6`, :func:`equalize` (field-shared with ``fields=N``),
+:func:`absorb_high_bias`, optionally :func:`correct_bias`, then :func:`quantize`.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .dfq import absorb_high_bias, correct_bias, equalize, fake_quantize_tensor, fold_batchnorm, replace_relu6
+from .int8 import BACKENDS, Int8Model, convert_int8
+from .quantize import FakeQuantize, QuantPlan, plan_quantization, simulate
+
+__all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias", "quantize", "dfq",
+           "plan_quantization", "simulate", "convert_int8", "Int8Model", "QuantPlan", "FakeQuantize",
+           "fake_quantize_tensor"]
+
+_MODES = ("simulated", "int8")
+
+
+def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
+             backend: str = "x86", calibration: Iterable | None = None,
+             input_range: tuple[float, float] = (-3.0, 3.0)) -> nn.Module:
+    """Quantize a BN-folded network: per-tensor asymmetric weights and activations.
+
+    Args:
+        model: plain network with batch norms folded (:func:`fold_batchnorm`) and ReLU6 replaced.
+        weight_bits, act_bits: bit widths (2..8; ``mode="int8"`` needs 8).
+        mode: ``"simulated"`` (float arithmetic with quantize-dequantize: the reference) or ``"int8"``
+            (real int8 kernels through torch.ao's quantized modules; float in, float out).
+        backend: int8 engine, ``"x86"`` (also the fbgemm kernels) or ``"qnnpack"``.
+        calibration: optional iterable of input batches (or (input, label) pairs) to measure activation
+            ranges; without it ranges come data-free from the BN statistics.
+        input_range: the range of the network input used when no calibration is given.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    if mode == "int8" and (weight_bits != 8 or act_bits != 8):
+        raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    # x86/fbgemm kernels without VNNI sum pairs of u8*s8 products in saturating int16: 7-bit activations
+    # (as torch.ao's default qconfig) make that rarer. The simulation follows the same plan as the kernels.
+    reduce_range = backend in ("x86", "fbgemm")
+    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range, reduce_range=reduce_range)
+    if mode == "simulated":
+        return simulate(plan)
+    return convert_int8(plan, backend)
+
+
+def dfq(model: nn.Module, fields: int | None = None, bias_correction: bool = True, **quantize_kwargs) -> nn.Module:
+    """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared with ``fields=N``), absorb high
+    biases, correct biases, quantize (``quantize_kwargs`` go to :func:`quantize`)."""
+    prepared: fx.GraphModule = fold_batchnorm(model)
+    prepared = replace_relu6(prepared)
+    prepared = equalize(prepared, fields=fields)
+    prepared = absorb_high_bias(prepared)
+    if bias_correction:
+        prepared = correct_bias(prepared, quantize_kwargs.get("weight_bits", 8))
+    return quantize(prepared, **quantize_kwargs)

@@ -1,0 +1,213 @@
+"""Data-free quantization steps (Nagel et al., ICCV 2019) on plain torch.nn networks.
+
+Every function takes a network (``nn.Module`` or ``torch.fx.GraphModule``) and returns a new GraphModule;
+the input is left untouched. After :func:`fold_batchnorm` each conv that absorbed a BN keeps the BN's
+(scaled) ``gamma`` and ``beta`` as buffers ``dfq_gamma``/``dfq_beta``: the pre-activation of output channel
+``i`` is modelled as N(beta_i, gamma_i^2), which is what high-bias absorption, bias correction and the
+data-free activation ranges need.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .graph import ConvPair, conv_pairs, module_of, remove_identities, trace
+
+__all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias",
+           "fake_quantize_tensor"]
+
+
+def _set_module(graph_module: fx.GraphModule, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(graph_module.get_submodule(parent) if parent else graph_module, child, new)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+    """Fold every BatchNorm2d that directly follows a Conv2d into the conv (eval-mode statistics):
+    ``W <- W * gamma / sqrt(var + eps)``, ``b <- (b - mean) * gamma / sqrt(var + eps) + beta``."""
+    graph_module = trace(model)
+    for node in list(graph_module.graph.nodes):
+        bn = module_of(graph_module, node)
+        if not isinstance(bn, nn.BatchNorm2d) or node.args[0].op != "call_module":
+            continue
+        conv = module_of(graph_module, node.args[0])
+        if not isinstance(conv, nn.Conv2d) or len(node.args[0].users) != 1:
+            continue
+        if bn.running_mean is None:
+            raise ValueError(f"model: {node.target} has no running statistics to fold")
+        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift)
+        conv.register_buffer("dfq_gamma", (bn.weight if bn.affine else torch.ones_like(scale)).abs().clone())
+        conv.register_buffer("dfq_beta", shift.clone())
+        _set_module(graph_module, node.target, nn.Identity())
+    remove_identities(graph_module)
+    return graph_module
+
+
+def replace_relu6(model: nn.Module) -> fx.GraphModule:
+    """Replace every ReLU6 by ReLU (equalization rescales channels, which would move the clip at 6)."""
+    graph_module = trace(model)
+    for name, module in list(graph_module.named_modules()):
+        if isinstance(module, nn.ReLU6):
+            _set_module(graph_module, name, nn.ReLU())
+    graph_module.recompile()
+    return graph_module
+
+
+def _output_ranges(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.weight.detach().abs().flatten(1).amax(dim=1)
+
+
+def _input_ranges(conv: nn.Conv2d) -> torch.Tensor:
+    weight = conv.weight.detach().abs()
+    if conv.groups == 1:
+        return weight.transpose(0, 1).flatten(1).amax(dim=1)
+    return weight.flatten(1).amax(dim=1)  # depthwise: input channel i is output channel i
+
+
+def _share_over_fields(values: torch.Tensor, fields: int | None) -> torch.Tensor:
+    if fields is None:
+        return values
+    if values.numel() % fields != 0:
+        raise ValueError(f"fields: a layer has {values.numel()} channels, not a multiple of N={fields}")
+    return values.reshape(-1, fields).amax(dim=1).repeat_interleave(fields)
+
+
+@torch.no_grad()
+def _scale_pair(pair: ConvPair, scale: torch.Tensor) -> None:
+    """Divide output channel i of ``first`` by s_i and multiply input channel i of ``second`` by s_i."""
+    first, second = pair.first, pair.second
+    first.weight.div_(scale.reshape(-1, 1, 1, 1))
+    if first.bias is not None:
+        first.bias.div_(scale)
+    for name in ("dfq_gamma", "dfq_beta"):
+        if hasattr(first, name):
+            getattr(first, name).div_(scale)
+    if second.groups == 1:
+        second.weight.mul_(scale.reshape(1, -1, 1, 1))
+    else:
+        second.weight.mul_(scale.reshape(-1, 1, 1, 1))
+
+
+@torch.no_grad()
+def equalize(model: nn.Module, fields: int | None = None, max_iterations: int = 100,
+             tolerance: float = 1e-6) -> fx.GraphModule:
+    """Cross-layer range equalization of every conv -> ReLU -> conv pair, iterated until the scales
+    converge (the depthwise-separable chains share convs between pairs).
+
+    For output channel i of the first conv (range ``r1_i``) and input channel i of the second (``r2_i``),
+    ``s_i = sqrt(r1_i * r2_i) / r2_i``; afterwards both ranges equal ``sqrt(r1_i * r2_i)``. ReLU is
+    positively homogeneous, so the function is unchanged (ReLU6 is not: call :func:`replace_relu6` first).
+    With ``fields=N`` the ranges and scales are shared by the N channels of every regular field (maximum
+    over the field), so an equivariant network stays exactly equivariant: a rotation permutes channels
+    within fields, and the scaling is the same for all of them.
+    """
+    if fields is not None and (isinstance(fields, bool) or not isinstance(fields, int) or fields < 1):
+        raise ValueError(f"fields: expected None or the group order N >= 1, got {fields!r}")
+    graph_module = trace(model)
+    pairs = conv_pairs(graph_module)
+    for pair in pairs:
+        if isinstance(pair.activation, nn.ReLU6):
+            raise ValueError(f"model: {pair.first_name} -> ReLU6 -> {pair.second_name}: call replace_relu6 first")
+    for _ in range(max_iterations):
+        largest_change = 0.0
+        for pair in pairs:
+            r1 = _share_over_fields(_output_ranges(pair.first), fields)
+            r2 = _share_over_fields(_input_ranges(pair.second), fields)
+            valid = (r1 > 0) & (r2 > 0)
+            scale = torch.where(valid, torch.sqrt(r1 * r2) / r2.clamp_min(1e-30), torch.ones_like(r1))
+            largest_change = max(largest_change, (scale.log().abs().max().item()))
+            _scale_pair(pair, scale)
+        if largest_change < tolerance:
+            break
+    return graph_module
+
+
+def _padding_free(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) or all(p == 0 for p in conv.padding)
+
+
+@torch.no_grad()
+def absorb_high_bias(model: nn.Module, sigmas: float = 3.0, padded: bool = False) -> fx.GraphModule:
+    """Move ``c_i = max(0, beta_i - sigmas * gamma_i)`` from the bias of a conv into the next conv:
+    ``b1 <- b1 - c``, ``b2 <- b2 + W2 c`` (summed over the kernel). Exact whenever the pre-activation of
+    channel i stays above ``c_i`` (then ``relu(x - c) = relu(x) - c``), which the BN model says holds with
+    probability ~99.9% at 3 sigma. A conv with zero padding sees the padded zeros unshifted, so pairs whose
+    second conv pads are skipped unless ``padded=True`` (the paper's approximation).
+    """
+    graph_module = trace(model)
+    for pair in conv_pairs(graph_module):
+        first, second = pair.first, pair.second
+        if not hasattr(first, "dfq_beta") or (not padded and not _padding_free(second)):
+            continue
+        absorbed = (first.dfq_beta - sigmas * first.dfq_gamma).clamp_min(0.0)
+        if first.bias is None:
+            continue
+        first.bias.sub_(absorbed)
+        first.dfq_beta.sub_(absorbed)
+        if second.groups == 1:
+            shift = second.weight.sum(dim=(2, 3)) @ absorbed
+        else:
+            shift = second.weight.sum(dim=(1, 2, 3)) * absorbed
+        if second.bias is None:
+            second.bias = nn.Parameter(torch.zeros(second.out_channels, device=shift.device, dtype=shift.dtype))
+        second.bias.add_(shift)
+    return graph_module
+
+
+def fake_quantize_tensor(x: torch.Tensor, low: float, high: float, bits: int, signed: bool = False) -> torch.Tensor:
+    """Asymmetric per-tensor quantize-dequantize of ``x`` to ``bits`` over the range [low, high] (widened to
+    include 0, so that zero is exact)."""
+    scale, zero_point, qmin, qmax = quantization_parameters(low, high, bits, signed)
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantization_parameters(low: float, high: float, bits: int, signed: bool = False) -> tuple[float, int, int, int]:
+    """(scale, zero_point, qmin, qmax) of asymmetric quantization of [low, high] (0 always representable)."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    scale = max((high - low) / (qmax - qmin), 1e-12)
+    zero_point = int(min(max(qmin - round(low / scale), qmin), qmax))
+    # float32 scale, as the int8 kernels store it
+    scale = float(torch.tensor(scale, dtype=torch.float32))
+    return scale, zero_point, qmin, qmax
+
+
+def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """E[relu(z)] for z ~ N(beta, gamma^2), elementwise."""
+    gamma = gamma.clamp_min(1e-12)
+    ratio = beta / gamma
+    pdf = torch.exp(-0.5 * ratio**2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(ratio / math.sqrt(2)))
+    return gamma * pdf + beta * cdf
+
+
+@torch.no_grad()
+def correct_bias(model: nn.Module, weight_bits: int = 8) -> fx.GraphModule:
+    """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
+    input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract
+    it from the bias. Applies to convs fed by conv -> ReLU; others are left as they are."""
+    graph_module = trace(model)
+    for pair in conv_pairs(graph_module):
+        first, second = pair.first, pair.second
+        if not hasattr(first, "dfq_beta") or not isinstance(pair.activation, nn.ReLU):
+            continue
+        expected_input = _expected_relu(first.dfq_beta, first.dfq_gamma)
+        weight = second.weight
+        error = fake_quantize_tensor(weight, weight.min().item(), weight.max().item(), weight_bits, signed=True) - weight
+        if second.groups == 1:
+            shift = error.sum(dim=(2, 3)) @ expected_input
+        else:
+            shift = error.sum(dim=(1, 2, 3)) * expected_input
+        if second.bias is None:
+            second.bias = nn.Parameter(torch.zeros_like(shift))
+        second.bias.sub_(shift)
+    return graph_module

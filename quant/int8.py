@@ -1,0 +1,143 @@
+"""The one place that touches a real int8 backend (torch.ao.quantization's quantized modules).
+
+It turns a :class:`~quant.quantize.QuantPlan` into a network on int8 CPU kernels with exactly the plan's
+scales and zero points, so it can later move to another backend (e.g. torchao PT2E) without touching the
+DFQ code. The result takes and returns float tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .graph import is_add, is_conv, module_of
+from .quantize import QuantPlan
+
+__all__ = ["Int8Model", "convert_int8", "BACKENDS"]
+
+BACKENDS = ("x86", "fbgemm", "qnnpack")
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torch.ao.nn.intrinsic.quantized as _nniq
+    import torch.ao.nn.quantized as _nnq
+
+
+@contextlib.contextmanager
+def quantized_engine(backend: str):
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+class QuantizedAdd(nn.Module):
+    """int8 + int8 -> int8 with fixed output parameters."""
+
+    def __init__(self, scale: float, zero_point: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point = scale, zero_point
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.add(a, b, self.scale, self.zero_point)
+
+
+class Int8Model(nn.Module):
+    """Float in, float out; runs ``graph_module`` (int8 kernels inside) under the quantized ``backend``."""
+
+    def __init__(self, graph_module: fx.GraphModule, backend: str) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with quantized_engine(self.backend), torch.no_grad():
+            return self.graph_module(x)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+def _quantized_conv(conv: nn.Conv2d, plan: QuantPlan, out_name: str, fuse_relu: bool) -> nn.Module:
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"model: int8 convs support padding_mode='zeros' only, got {conv.padding_mode!r}")
+    cls = _nniq.ConvReLU2d if fuse_relu else _nnq.Conv2d
+    quantized = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=True)
+    w_scale, w_zero_point, _, _ = plan.weight_qparams(conv.weight)
+    weight = torch.quantize_per_tensor(conv.weight.detach().float(), w_scale, w_zero_point, torch.qint8)
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
+    quantized.set_weight_bias(weight, bias)
+    scale, zero_point, _, _ = plan.activation_qparams(out_name)
+    quantized.scale, quantized.zero_point = scale, zero_point
+    return quantized
+
+
+def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
+    """Build the int8 network for ``plan`` on ``backend`` ('x86', 'fbgemm' or 'qnnpack')."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"backend: {backend!r} is not supported by this torch build "
+                         f"(supported: {torch.backends.quantized.supported_engines})")
+    graph_module = copy.deepcopy(plan.graph_module)
+    graph = graph_module.graph
+    quantized_nodes: set[str] = set()
+    with quantized_engine(backend), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index, node in enumerate(list(graph.nodes)):
+            if node.name in plan.inputs:
+                scale, zero_point, _, _ = plan.activation_qparams(node.name)
+                name = f"quantize_{index}"
+                graph_module.add_submodule(name, _nnq.Quantize(scale, zero_point, torch.quint8))
+                with graph.inserting_after(node):
+                    new = graph.call_module(name, (node,))
+                for user in list(node.users):
+                    if user is not new and is_conv(graph_module, user):
+                        user.replace_input_with(node, new)
+                quantized_nodes.add(new.name)
+            elif is_conv(graph_module, node):
+                relu_name = plan.fused.get(node.name)
+                out_name = relu_name or node.name
+                conv = module_of(graph_module, node)
+                parent, _, child = node.target.rpartition(".")
+                setattr(graph_module.get_submodule(parent) if parent else graph_module, child,
+                        _quantized_conv(conv, plan, out_name, relu_name is not None))
+                if relu_name is not None:
+                    relu = next(u for u in node.users if u.name == relu_name)
+                    relu.replace_all_uses_with(node)
+                    graph.erase_node(relu)
+                quantized_nodes.add(node.name)
+            elif node.name in plan.points and is_add(node):  # residual add
+                scale, zero_point, _, _ = plan.activation_qparams(node.name)
+                name = f"quantized_add_{index}"
+                graph_module.add_submodule(name, QuantizedAdd(scale, zero_point))
+                with graph.inserting_after(node):
+                    new = graph.call_module(name, tuple(node.args[:2]))
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                quantized_nodes.add(new.name)
+        # dequantize where a float op reads an int8 value
+        for index, node in enumerate(list(graph.nodes)):
+            if node.name not in quantized_nodes:
+                continue
+            float_users = [u for u in node.users
+                           if u.name not in quantized_nodes and not (u.op == "call_module" and
+                                                                   isinstance(module_of(graph_module, u), QuantizedAdd))]
+            if not float_users:
+                continue
+            name = f"dequantize_{index}"
+            graph_module.add_submodule(name, _nnq.DeQuantize())
+            with graph.inserting_after(node):
+                new = graph.call_module(name, (node,))
+            for user in float_users:
+                user.replace_input_with(node, new)
+        graph.lint()
+        graph_module.recompile()
+    return Int8Model(graph_module, backend)

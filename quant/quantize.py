@@ -1,0 +1,172 @@
+"""Per-tensor asymmetric INT8 quantization plans: where activations are quantized and with which ranges.
+
+Quantized region: every Conv2d (with a directly following ReLU fused into it) and every residual add.
+Activations are quantized where a conv takes a float input (the network input after the input mask), at
+each conv(+ReLU) output and each add output; they are dequantized where a non-quantized op (pooling,
+classifier) reads them. Ranges are data-free (from the folded BN statistics: ``beta +- 6 gamma``, clipped
+by the ReLU; sums of ranges for adds; ``input_range`` for the input) or measured on a calibration loader.
+Simulated quantization (the reference) and the real int8 model use the same plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .dfq import fake_quantize_tensor, quantization_parameters
+from .graph import is_activation, is_add, is_conv, module_of, trace
+
+__all__ = ["QuantPlan", "plan_quantization", "FakeQuantize", "simulate"]
+
+DATA_FREE_SIGMAS = 6.0
+
+
+@dataclass
+class QuantPlan:
+    """Where and how a traced network is quantized.
+
+    Attributes:
+        graph_module: the traced float network.
+        points: node name -> (low, high) activation range for every quantization point.
+        fused: conv node name -> activation node name fused into it.
+        inputs: names of nodes whose (float) output is quantized on entry to the region.
+        weight_bits, act_bits, reduce_range: bit widths; ``reduce_range`` uses 7-bit activations (x86
+            kernels without VNNI can saturate 16-bit intermediate sums with 8 bits).
+    """
+
+    graph_module: fx.GraphModule
+    points: dict[str, tuple[float, float]]
+    fused: dict[str, str]
+    inputs: list[str]
+    weight_bits: int
+    act_bits: int
+    reduce_range: bool
+
+    def activation_qparams(self, name: str) -> tuple[float, int, int, int]:
+        low, high = self.points[name]
+        bits = self.act_bits - 1 if self.reduce_range else self.act_bits
+        return quantization_parameters(low, high, bits, signed=False)
+
+    def weight_qparams(self, weight: torch.Tensor) -> tuple[float, int, int, int]:
+        return quantization_parameters(weight.min().item(), weight.max().item(), self.weight_bits, signed=True)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule, names: set[str], ranges: dict[str, list[float]]) -> None:
+        super().__init__(module)
+        self.names, self.ranges = names, ranges
+
+    def run_node(self, node: fx.Node):
+        out = super().run_node(node)
+        if node.name in self.names:
+            low, high = out.min().item(), out.max().item()
+            old = self.ranges.get(node.name)
+            self.ranges[node.name] = [low, high] if old is None else [min(old[0], low), max(old[1], high)]
+        return out
+
+
+def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
+                      calibration: Iterable | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
+                      reduce_range: bool = False) -> QuantPlan:
+    """Trace ``model`` (BN folded: see :func:`quant.fold_batchnorm`) and choose quantization points/ranges."""
+    for value, name in ((weight_bits, "weight_bits"), (act_bits, "act_bits")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+            raise ValueError(f"{name}: expected an integer from 2 to 8, got {value!r}")
+    graph_module = trace(model).eval()
+    if any(isinstance(m, nn.BatchNorm2d) for m in graph_module.modules()):
+        raise ValueError("model: fold the batch norms first (quant.fold_batchnorm)")
+    fused: dict[str, str] = {}
+    producers: dict[str, str] = {}  # node name -> quant point name that carries its value
+    inputs: list[str] = []
+    points: dict[str, tuple[float, float] | None] = {}
+    for node in graph_module.graph.nodes:
+        if is_conv(graph_module, node):
+            source = node.args[0]
+            if source.name not in producers:
+                inputs.append(source.name)
+                points[source.name] = tuple(float(v) for v in input_range)
+                producers[source.name] = source.name
+            conv = module_of(graph_module, node)
+            users = list(node.users)
+            if len(users) == 1 and isinstance(module_of(graph_module, users[0]), nn.ReLU):
+                fused[node.name] = users[0].name
+                producers[users[0].name] = users[0].name
+                points[users[0].name] = _data_free_range(conv, relu=True)
+            else:
+                producers[node.name] = node.name
+                points[node.name] = _data_free_range(conv, relu=False)
+        elif is_add(node) and all(isinstance(a, fx.Node) and a.name in producers for a in node.args[:2]):
+            a, b = (points[producers[arg.name]] for arg in node.args[:2])
+            points[node.name] = None if a is None or b is None else (a[0] + b[0], a[1] + b[1])
+            producers[node.name] = node.name
+        elif is_activation(graph_module, node) and not isinstance(module_of(graph_module, node), nn.ReLU):
+            raise ValueError(f"model: {node.target} is {type(module_of(graph_module, node)).__name__}; "
+                             "call quant.replace_relu6 first")
+    if calibration is not None:
+        ranges: dict[str, list[float]] = {}
+        recorder = _Recorder(graph_module, set(points), ranges)
+        with torch.no_grad():
+            for batch in calibration:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                recorder.run(x)
+        if not ranges:
+            raise ValueError("calibration: the loader yielded no batches")
+        points = {name: tuple(ranges[name]) for name in points}
+    missing = [name for name, value in points.items() if value is None]
+    if missing:
+        raise ValueError(f"calibration: no BN statistics for {missing[:3]}...; pass a calibration loader")
+    return QuantPlan(graph_module, points, fused, inputs, weight_bits, act_bits, reduce_range)
+
+
+def _data_free_range(conv: nn.Conv2d, relu: bool) -> tuple[float, float] | None:
+    if not hasattr(conv, "dfq_beta"):
+        return None
+    low = (conv.dfq_beta - DATA_FREE_SIGMAS * conv.dfq_gamma).min().item()
+    high = (conv.dfq_beta + DATA_FREE_SIGMAS * conv.dfq_gamma).max().item()
+    return (max(low, 0.0), max(high, 0.0)) if relu else (low, high)
+
+
+class FakeQuantize(nn.Module):
+    """Quantize-dequantize to fixed per-tensor parameters (simulated quantization)."""
+
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.3g}, zero_point={self.zero_point}, range=[{self.qmin}, {self.qmax}]"
+
+
+def _insert_after(graph_module: fx.GraphModule, node: fx.Node, name: str, module: nn.Module) -> fx.Node:
+    graph_module.add_submodule(name, module)
+    with graph_module.graph.inserting_after(node):
+        new = graph_module.graph.call_module(name, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new
+
+
+@torch.no_grad()
+def simulate(plan: QuantPlan) -> fx.GraphModule:
+    """The simulated-quantization network of ``plan``: conv weights quantize-dequantized per tensor,
+    fake-quantize modules at every activation point; biases and the head stay float."""
+    import copy
+
+    graph_module = copy.deepcopy(plan.graph_module)
+    for node in list(graph_module.graph.nodes):
+        if is_conv(graph_module, node):
+            conv = module_of(graph_module, node)
+            low, high = conv.weight.min().item(), conv.weight.max().item()
+            conv.weight.copy_(fake_quantize_tensor(conv.weight, low, high, plan.weight_bits, signed=True))
+    for index, node in enumerate(list(graph_module.graph.nodes)):
+        if node.name in plan.points:
+            scale, zero_point, qmin, qmax = plan.activation_qparams(node.name)
+            _insert_after(graph_module, node, f"fake_quant_{index}", FakeQuantize(scale, zero_point, qmin, qmax))
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module

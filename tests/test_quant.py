@@ -1,0 +1,212 @@
+import copy
+import importlib
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mobilenet
+import quant
+import rotconv
+
+
+def calibrated(model: nn.Module, shape=(16, 3, 95, 95), seed: int = 0) -> nn.Module:
+    """Random affine BN parameters, BN statistics measured on random inputs, eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.5)
+                module.momentum = None
+        model.train()
+        model(torch.randn(*shape))
+    return model.eval()
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def exported():
+    models = {}
+    for N in (4, 12):
+        model = calibrated(mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(N), width_mult=0.5), seed=N)
+        models[N] = model.export()
+    return models
+
+
+@pytest.mark.parametrize("N", [4, 12])
+def test_fold_relu_equalize_absorb_preserve_the_function(exported, N):
+    # float64, so that only the transformations (not float32 rounding through ~50 layers) can differ
+    model = copy.deepcopy(exported[N]).double()
+    x = torch.randn(4, 3, 95, 95, dtype=torch.float64)
+    with torch.no_grad():
+        reference = model(x)
+        folded = quant.fold_batchnorm(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert relative(folded(x), reference) < 1e-10
+        relu = quant.replace_relu6(folded)
+        equalized = quant.equalize(relu, fields=N)
+        assert relative(equalized(x), relu(x)) < 1e-10
+        absorbed = quant.absorb_high_bias(equalized)
+        assert relative(absorbed(x), equalized(x)) < 1e-10
+
+
+def test_equalized_ranges_are_equal(exported):
+    equalized = quant.equalize(quant.replace_relu6(quant.fold_batchnorm(exported[4])))
+    dfq_steps = importlib.import_module("quant.dfq")
+    pairs = quant.graph.conv_pairs(equalized)
+    assert len(pairs) > 10
+    for pair in pairs:
+        r1 = dfq_steps._output_ranges(pair.first)
+        r2 = dfq_steps._input_ranges(pair.second)
+        assert torch.allclose(r1, r2, rtol=1e-3), (pair.first_name, pair.second_name)
+
+
+def test_high_bias_absorption_is_exact_above_the_threshold():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        model[1].bias.fill_(5.0)  # beta - 3 gamma = 2 > 0: that much bias can move to the next layer
+    x = 0.01 * torch.randn(2, 3, 9, 9)  # pre-activations stay near beta = 5, above the threshold
+    folded = quant.fold_batchnorm(model)
+    absorbed = quant.absorb_high_bias(folded)
+    first = [m for m in absorbed.modules() if isinstance(m, nn.Conv2d)][0]
+    assert torch.all(first.bias < [m for m in folded.modules() if isinstance(m, nn.Conv2d)][0].bias - 1.0)
+    with torch.no_grad():
+        assert relative(absorbed(x), model(x)) < 1e-5
+
+
+def test_dfq_rescues_a_network_that_breaks_naive_int8():
+    # One channel's weights x100, compensated in the next layer: the FP32 function is unchanged, but
+    # per-tensor INT8 ranges are then set by that channel and the others quantize to almost nothing.
+    torch.manual_seed(0)
+    model = calibrated(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)), shape=(64, 3, 15, 15))
+    folded = quant.replace_relu6(quant.fold_batchnorm(model))
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        convs[0].weight[0] *= 100
+        convs[0].bias[0] *= 100
+        convs[0].dfq_gamma[0] *= 100
+        convs[0].dfq_beta[0] *= 100
+        convs[1].weight[:, 0] /= 100
+    x = torch.randn(512, 3, 15, 15)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+        assert relative(folded(x), model(x)) < 1e-5
+
+        def accuracy(network):
+            return (network(x).argmax(1) == labels).float().mean().item()
+
+        naive = accuracy(quant.quantize(folded, mode="simulated"))
+        rescued = accuracy(quant.dfq(folded, mode="simulated"))
+        reference = accuracy(quant.dfq(quant.fold_batchnorm(model), mode="simulated"))  # unscaled network
+    assert naive < 0.6
+    assert rescued >= reference - 0.01
+    assert rescued > 0.9
+
+
+@pytest.mark.parametrize("N", [4, 12])
+def test_field_shared_equalization_keeps_exact_equivariance(exported, N):
+    group = rotconv.CyclicGroup(N)
+    prepared = quant.replace_relu6(quant.fold_batchnorm(exported[N]))
+    x = torch.randn(2, 3, 95, 95)
+    shared = quant.equalize(prepared, fields=N)
+    assert rotconv.equivariance_error(shared, group, x, N // 4, out_fields=False) < 1e-5
+    # the scales really are shared: the factor by which each output channel's filter norm changed is the
+    # same for the N channels of a field (rows of a field are rotated/permuted copies of each other)
+    before = dict(prepared.named_modules())
+    checked = 0
+    for name, module in shared.named_modules():
+        if isinstance(module, nn.Conv2d) and name in before:
+            ratio = module.weight.flatten(1).norm(dim=1) / before[name].weight.flatten(1).norm(dim=1)
+            ratio = ratio.reshape(-1, N)
+            assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4), name
+            checked += (ratio.std() > 1e-3).item()
+    assert checked > 0  # equalization did rescale something
+
+
+def test_int8_conv_stack_is_bit_exactly_equivariant():
+    # Integer accumulation is exact and the filters are bit-exact rot90 copies, so the int8 feature maps
+    # of a rotated input are exactly the rotated feature maps (qnnpack; no float op in between).
+    torch.manual_seed(0)
+    group = rotconv.CyclicGroup(8)
+    stack = nn.Sequential(rotconv.LiftingConv2d(3, 2, 5, group), rotconv.GroupBatchNorm2d(2, group), nn.ReLU(),
+                          rotconv.DepthwiseGroupConv2d(2, 3, group, stride=2), rotconv.GroupBatchNorm2d(2, group),
+                          nn.ReLU(), rotconv.GroupConv2d(2, 3, 1, group), rotconv.GroupBatchNorm2d(3, group))
+    x = torch.randn(2, 3, 31, 31)
+    stack = calibrated(stack, shape=(8, 3, 31, 31))
+    int8 = quant.dfq(rotconv.export(stack, x), fields=8, mode="int8", backend="qnnpack")
+    for k in group.exact_elements():
+        assert torch.equal(int8(group.rotate(x, k, fields=False)), group.rotate(int8(x), k))
+
+
+@pytest.mark.parametrize("N", [4, 12])
+def test_int8_mobilenet_is_invariant_to_quarter_turns(exported, N):
+    # int8 feature maps rotate bit-exactly (test above); the float head then sums the pooled map in a
+    # different order, so logits agree to float32 rounding (< 1e-5), not bit for bit.
+    group = rotconv.CyclicGroup(N)
+    int8 = quant.dfq(exported[N], fields=N, mode="int8", backend="qnnpack")
+    x = torch.randn(2, 3, 95, 95).clamp(-3, 3)
+    for k in group.exact_elements():
+        assert rotconv.equivariance_error(int8, group, x, k, out_fields=False) < 1e-5
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                               nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        y = self.a(x)
+        return y + self.b(y)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_int8_matches_simulation(backend):
+    # Same plan (scales, zero points) in both; remaining differences are the int32 bias rounding and the
+    # kernels' requantization rounding: one quantization step here and there, < 1% relative.
+    model = calibrated(_Residual(), shape=(16, 3, 9, 9))
+    x = torch.randn(2, 3, 9, 9)
+    folded = quant.fold_batchnorm(model)
+    simulated = quant.quantize(folded, mode="simulated", backend=backend, calibration=[x])
+    int8 = quant.quantize(folded, mode="int8", backend=backend, calibration=[x])
+    with torch.no_grad():
+        assert relative(int8(x), simulated(x)) < 0.01
+        assert relative(simulated(x), folded(x)) < 0.1  # and both are close to FP32
+
+
+def test_int8_model_is_four_times_smaller(exported):
+    model = exported[12]
+    int8 = quant.dfq(model, fields=12, mode="int8", backend="qnnpack")
+    sizes = []
+    for network in (model, int8):
+        buffer = io.BytesIO()
+        torch.save(network.state_dict(), buffer)
+        sizes.append(len(buffer.getvalue()))
+    assert 3.3 < sizes[0] / sizes[1] < 4.5
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda m: quant.quantize(m, mode="fp16"), "mode"),
+    (lambda m: quant.quantize(m, backend="onednn"), "backend"),
+    (lambda m: quant.quantize(m, weight_bits=1), "weight_bits"),
+    (lambda m: quant.equalize(m, fields=0), "fields"),
+    (lambda m: quant.quantize(m), "fold the batch norms"),
+])
+def test_bad_arguments(exported, call, name):
+    with pytest.raises(ValueError, match=name):
+        call(exported[4])
+
+
+def test_unexported_model_is_rejected():
+    with pytest.raises(ValueError, match="export"):
+        quant.fold_batchnorm(mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(4), width_mult=0.35))
