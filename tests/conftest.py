@@ -1,7 +1,6 @@
 import os
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import settings
 from scipy import ndimage
@@ -10,9 +9,6 @@ settings.register_profile("default", max_examples=25, deadline=None, derandomize
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pcam-sample")
-
 
 def smooth_masked_input(batch: int, channels: int, size: int, sigma: float, seed: int,
                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -24,10 +20,3 @@ def smooth_masked_input(batch: int, channels: int, size: int, sigma: float, seed
     x = torch.from_numpy(x / x.std())
     return (x * rotconv.disc_mask(size, size, dtype=torch.float64)).to(dtype)
 
-
-@pytest.fixture
-def pcam_sample_dir():
-    path = os.path.abspath(SAMPLE_DIR)
-    if not os.path.isdir(path):
-        pytest.skip(f"real PCam sample not found at {path} (it lies beside the repository in CI)")
-    return path
