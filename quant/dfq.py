@@ -14,15 +14,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .graph import ConvPair, conv_pairs, module_of, remove_identities, trace
+from .graph import ConvPair, conv_pairs, module_of, remove_identities, set_module, trace
 
 __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias",
            "fake_quantize_tensor"]
-
-
-def _set_module(graph_module: fx.GraphModule, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(graph_module.get_submodule(parent) if parent else graph_module, child, new)
 
 
 @torch.no_grad()
@@ -46,7 +41,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift)
         conv.register_buffer("dfq_gamma", (bn.weight if bn.affine else torch.ones_like(scale)).abs().clone())
         conv.register_buffer("dfq_beta", shift.clone())
-        _set_module(graph_module, node.target, nn.Identity())
+        set_module(graph_module, node.target, nn.Identity())
     remove_identities(graph_module)
     return graph_module
 
@@ -56,7 +51,7 @@ def replace_relu6(model: nn.Module) -> fx.GraphModule:
     graph_module = trace(model)
     for name, module in list(graph_module.named_modules()):
         if isinstance(module, nn.ReLU6):
-            _set_module(graph_module, name, nn.ReLU())
+            set_module(graph_module, name, nn.ReLU())
     graph_module.recompile()
     return graph_module
 

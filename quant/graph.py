@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import rotconv
 
-__all__ = ["trace", "ConvPair", "conv_pairs", "module_of", "ACTIVATIONS"]
+__all__ = ["trace", "ConvPair", "conv_pairs", "module_of", "set_module", "ACTIVATIONS"]
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _LEAVES = (rotconv.CircularMask, rotconv.MaskedGlobalAvgPool, rotconv.GroupPool)
@@ -38,6 +38,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
     module = fx.GraphModule(copy.deepcopy(model), graph)
     module.train(model.training)
     return module
+
+
+def set_module(graph_module: fx.GraphModule, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent, _, child = name.rpartition(".")
+    setattr(graph_module.get_submodule(parent) if parent else graph_module, child, new)
 
 
 def module_of(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -14,10 +14,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .graph import is_add, is_conv, module_of
+import rotconv
+
+from .graph import is_add, is_conv, module_of, set_module
 from .quantize import QuantPlan
 
-__all__ = ["Int8Model", "convert_int8", "BACKENDS"]
+__all__ = ["Int8Model", "convert_int8", "BACKENDS", "IntegerMaskedGlobalAvgPool"]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 
@@ -46,6 +48,32 @@ class QuantizedAdd(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized.add(a, b, self.scale, self.zero_point)
+
+
+class IntegerMaskedGlobalAvgPool(nn.Module):
+    """:class:`rotconv.MaskedGlobalAvgPool` on an int8 tensor, summed in integers: ``(B, C, H, W)`` quint8
+    -> ``(B, C)`` float.
+
+    The pooling weights are rounded to multiples of ``2**-WEIGHT_BITS`` (a relative change below 1e-6) and
+    the products ``(q - zero_point) * weight`` summed in int64, which is exact and so independent of the
+    summation order: when the int8 feature map of a rotated input is the rotated feature map (and the
+    weights are rotation-symmetric, as a disc is under quarter turns), the pooled features are bit-identical.
+    A float sum would differ in the last bits, because a rotation changes the order of the terms.
+    """
+
+    WEIGHT_BITS = 24
+
+    def __init__(self, pool: rotconv.MaskedGlobalAvgPool) -> None:
+        super().__init__()
+        if pool.size is None:
+            raise ValueError("model: int8 needs MaskedGlobalAvgPool(size=...) (fixed input size)")
+        weights = pool.pool_weights.double() * 2**self.WEIGHT_BITS
+        self.register_buffer("integer_weights", torch.round(weights).long())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x.int_repr().long() - x.q_zero_point()
+        total = (centred * self.integer_weights).sum(dim=(-2, -1))
+        return (total.double() * (x.q_scale() / 2**self.WEIGHT_BITS)).float()
 
 
 class Int8Model(nn.Module):
@@ -106,9 +134,7 @@ def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
                 relu_name = plan.fused.get(node.name)
                 out_name = relu_name or node.name
                 conv = module_of(graph_module, node)
-                parent, _, child = node.target.rpartition(".")
-                setattr(graph_module.get_submodule(parent) if parent else graph_module, child,
-                        _quantized_conv(conv, plan, out_name, relu_name is not None))
+                set_module(graph_module, node.target, _quantized_conv(conv, plan, out_name, relu_name is not None))
                 if relu_name is not None:
                     relu = next(u for u in node.users if u.name == relu_name)
                     relu.replace_all_uses_with(node)
@@ -130,6 +156,9 @@ def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
             float_users = [u for u in node.users
                            if u.name not in quantized_nodes and not (u.op == "call_module" and
                                                                    isinstance(module_of(graph_module, u), QuantizedAdd))]
+            for user in [u for u in float_users if isinstance(module_of(graph_module, u), rotconv.MaskedGlobalAvgPool)]:
+                set_module(graph_module, user.target, IntegerMaskedGlobalAvgPool(module_of(graph_module, user)))
+                float_users.remove(user)  # reads the int8 tensor itself
             if not float_users:
                 continue
             name = f"dequantize_{index}"
