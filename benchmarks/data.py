@@ -1,0 +1,219 @@
+"""PatchCamelyon (PCam) in its official HDF5 layout: validation, lazy reading, cropping, normalisation.
+
+A PCam directory holds ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5``; each ``x`` file has a
+dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y`` file a dataset ``y`` of shape
+``(N, 1, 1, 1)`` uint8 (label 1 = tumour tissue in the central 32x32). Patches are read lazily with h5py
+(the official train split is 7 GB), cropped to 95x95 (last row and column dropped, so the grid has a centre
+pixel) and normalised per channel.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+__all__ = ["SPLITS", "PCamError", "PCamSplit", "split_paths", "open_pcam", "Normalizer", "augment_batch",
+           "CROP"]
+
+SPLITS = ("train", "valid", "test")
+PATCH_SHAPE = (96, 96, 3)
+CROP = 95
+
+
+class PCamError(ValueError):
+    """A PCam file is missing, unreadable or not in the official layout (the message names the file)."""
+
+
+def split_paths(directory: str, split: str) -> tuple[str, str]:
+    """The ``(x, y)`` file paths of ``split`` in ``directory``."""
+    stem = os.path.join(directory, f"camelyonpatch_level_2_split_{split}")
+    return f"{stem}_x.h5", f"{stem}_y.h5"
+
+
+def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
+    if not os.path.exists(path):
+        if os.path.exists(path + ".gz"):
+            raise PCamError(f"{path}: only the compressed {os.path.basename(path)}.gz is there; "
+                            f"decompress it first: gunzip -k {path}.gz")
+        raise PCamError(f"{path}: file not found (expected the official PCam HDF5 file)")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise PCamError(f"{path}: not a readable HDF5 file (truncated or corrupt download?): {error}") from None
+    if name not in handle:
+        keys = list(handle.keys())
+        handle.close()
+        raise PCamError(f"{path}: expected a dataset named {name!r}, found {keys}")
+    return handle, handle[name]
+
+
+@dataclass
+class _Checked:
+    length: int
+
+
+def _check_split(directory: str, split: str, check_labels: bool = True) -> _Checked:
+    x_path, y_path = split_paths(directory, split)
+    x_file, x = _open_dataset(x_path, "x")
+    y_file, y = _open_dataset(y_path, "y")
+    try:
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != PATCH_SHAPE:
+            raise PCamError(f"{x_path}: expected x of shape (N, 96, 96, 3) and dtype uint8, "
+                            f"got {tuple(x.shape)} {x.dtype}")
+        if y.dtype != np.uint8 or y.ndim != 4 or tuple(y.shape[1:]) != (1, 1, 1):
+            raise PCamError(f"{y_path}: expected y of shape (N, 1, 1, 1) and dtype uint8, got {tuple(y.shape)} {y.dtype}")
+        if x.shape[0] != y.shape[0]:
+            raise PCamError(f"{x_path}: {x.shape[0]} patches but {os.path.basename(y_path)} has {y.shape[0]} labels")
+        if x.shape[0] == 0:
+            raise PCamError(f"{x_path}: the split is empty")
+        try:
+            labels = y[:].reshape(-1)
+            x[-1]  # a truncated file fails on its last chunk
+        except OSError as error:
+            raise PCamError(f"{x_path}: could not read the data (truncated file?): {error}") from None
+        if check_labels:
+            bad = np.setdiff1d(np.unique(labels), [0, 1])
+            if bad.size:
+                raise PCamError(f"{y_path}: labels must be 0 or 1, found {bad[:5].tolist()}")
+        return _Checked(int(x.shape[0]))
+    finally:
+        x_file.close()
+        y_file.close()
+
+
+class PCamSplit(torch.utils.data.Dataset):
+    """One split of a PCam directory, read lazily (or preloaded with ``preload=True``).
+
+    ``indices`` selects a subset (default: all patches). Items are ``(uint8 tensor (3, 95, 95), int label)``;
+    use :class:`Normalizer` on batches. The HDF5 files are opened on first access in each process, so the
+    dataset works with DataLoader workers.
+    """
+
+    def __init__(self, directory: str, split: str, indices: np.ndarray | None = None, preload: bool = False):
+        if split not in SPLITS:
+            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+        self.directory, self.split = directory, split
+        self.x_path, self.y_path = split_paths(directory, split)
+        checked = _check_split(directory, split)
+        self.total = checked.length
+        self.indices = np.arange(self.total) if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= self.total):
+            raise ValueError(f"indices: must lie in [0, {self.total}) for {self.x_path}")
+        with h5py.File(self.y_path, "r") as handle:
+            self.labels = torch.from_numpy(handle["y"][:].reshape(-1)[self.indices].astype(np.int64))
+        self._x: h5py.Dataset | None = None
+        self._pid: int | None = None
+        self._images: torch.Tensor | None = None
+        if preload:
+            self._images = self.read(np.arange(len(self)))
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def _dataset(self) -> h5py.Dataset:
+        if self._x is None or self._pid != os.getpid():
+            self._x = h5py.File(self.x_path, "r")["x"]
+            self._pid = os.getpid()
+        return self._x
+
+    def read(self, positions: np.ndarray) -> torch.Tensor:
+        """Patches at ``positions`` (into this subset), cropped: ``(len(positions), 3, 95, 95)`` uint8."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._images is not None:
+            return self._images[torch.from_numpy(positions)]
+        rows = self.indices[positions]
+        order = np.argsort(rows, kind="stable")
+        unique, inverse = np.unique(rows[order], return_inverse=True)  # h5py wants increasing indices
+        try:
+            data = self._dataset()[unique.tolist(), :CROP, :CROP, :]
+        except OSError as error:
+            raise PCamError(f"{self.x_path}: could not read patches (truncated file?): {error}") from None
+        batch = np.empty((rows.size, CROP, CROP, 3), dtype=np.uint8)
+        batch[order] = data[inverse]
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        return self.read(np.array([position]))[0], int(self.labels[position])
+
+    def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uint8 (B, 3, 95, 95), int64 (B,))`` for ``positions``."""
+        return self.read(positions), self.labels[torch.as_tensor(np.asarray(positions, dtype=np.int64))]
+
+
+def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed: int = 0,
+              preload_bytes: int = 2 * 2**30) -> dict[str, PCamSplit]:
+    """Open the three splits of ``directory`` (each validated; :class:`PCamError` names a bad file).
+
+    ``limits`` maps a split to a maximum number of patches: a class-balanced random subset (seeded) is taken.
+    Splits whose (subset) size fits in ``preload_bytes`` are read into memory once.
+    """
+    if not os.path.isdir(directory):
+        raise PCamError(f"{directory}: not a directory (expected the PCam HDF5 files in it)")
+    limits = limits or {}
+    splits = {}
+    for split in SPLITS:
+        checked = _check_split(directory, split)
+        indices = None
+        limit = limits.get(split)
+        if limit is not None and limit < checked.length:
+            with h5py.File(split_paths(directory, split)[1], "r") as handle:
+                labels = handle["y"][:].reshape(-1)
+            indices = balanced_subset(labels, limit, seed)
+        size = checked.length if indices is None else indices.size
+        splits[split] = PCamSplit(directory, split, indices, preload=size * CROP * CROP * 3 <= preload_bytes)
+    return splits
+
+
+def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """``size`` indices, half from each class where possible, in increasing order."""
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == c) for c in (0, 1)]
+    first = min(size // 2, by_class[0].size)
+    second = min(size - first, by_class[1].size)
+    first = min(size - second, by_class[0].size)
+    chosen = [rng.choice(members, count, replace=False) for members, count in zip(by_class, (first, second))]
+    return np.sort(np.concatenate(chosen))
+
+
+class Normalizer:
+    """Per-channel ``(x / 255 - mean) / std`` for uint8 batches ``(B, 3, H, W)`` -> float32."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
+
+    @classmethod
+    def fit(cls, split: PCamSplit, samples: int = 1024, seed: int = 0) -> "Normalizer":
+        """Mean and std of up to ``samples`` patches of ``split``."""
+        rng = np.random.default_rng(seed)
+        positions = np.sort(rng.choice(len(split), min(samples, len(split)), replace=False))
+        pixels = split.read(positions).float().div_(255).permute(1, 0, 2, 3).reshape(3, -1)
+        return cls(pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist())
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return (batch.float().div_(255) - self.mean.to(batch.device)) / self.std.to(batch.device)
+
+    def value_range(self) -> tuple[float, float]:
+        """The range of normalised values (what a data-free quantizer needs for the network input)."""
+        low, high = -self.mean / self.std, (1 - self.mean) / self.std
+        return float(low.min()), float(high.max())
+
+    def state(self) -> dict:
+        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+def augment_batch(batch: torch.Tensor, quarter_turns: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Rotate sample ``i`` by ``quarter_turns[i]`` x 90 degrees and flip it left-right where ``flips[i]``:
+    the dihedral group D4, exact on the pixel grid. ``(B, C, H, W)`` -> same."""
+    out = batch.clone()
+    for turns in range(1, 4):
+        chosen = quarter_turns == turns
+        if chosen.any():
+            out[chosen] = torch.rot90(batch[chosen], turns, dims=(-2, -1))
+    flipped = flips.bool()
+    if flipped.any():
+        out[flipped] = torch.flip(out[flipped], dims=(-1,))
+    return out

@@ -1,0 +1,377 @@
+"""Reproduce Table 1 of Mohamed et al.: conventional vs C_N-equivariant MobileNetV2 on PatchCamelyon, FP32 and
+INT8 (data-free quantization on real int8 kernels).
+
+For every model and seed: train (D4 augmentation), keep the weights with the lowest validation loss,
+measure FP32 test accuracy, export to plain torch.nn, quantize with DFQ (field-shared equalization for
+the equivariant model) on int8 CPU kernels, measure INT8 test accuracy, and the stability of predictions
+under rotation (same class for all 4 rotations by 90 degrees / all 12 by 30 degrees). Prints a Markdown
+table beside the paper's figures and writes JSON.
+
+    python -m benchmarks.pcam                                   # quick profile on SYNTHETIC data
+    python -m benchmarks.pcam --data /path/to/pcam             # quick profile on real PCam files
+    python -m benchmarks.pcam --data DIR --profile paper --device cuda
+    torchrun --nproc_per_node 4 -m benchmarks.pcam --data DIR --profile paper --device cuda
+
+Without --data a seeded synthetic PCam-like set is generated (data cannot be downloaded here); every table
+made from it says so. Exit code 2 for bad arguments or bad data files.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import mobilenet
+import quant
+import rotconv
+
+from .data import Normalizer, PCamError, PCamSplit, open_pcam
+from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
+from .training import Distributed, Progress, TrainConfig, UsageError, train
+
+__all__ = ["main", "PAPER", "PROFILES", "format_table"]
+
+#: Test accuracy (%) in the paper: mean, std over runs.
+PAPER = {
+    "conventional": {"fp32": (84.67, 1.91), "int8": (84.32, 1.76)},
+    "equivariant": {"fp32": (89.19, 0.79), "int8": (88.94, 0.66)},
+    "p4m_densenet": {"fp32": (89.8, None)},
+}
+
+PROFILES = {
+    # 2 CPU cores, both models, one seed: under 10 minutes
+    "quick": {"train_size": 2048, "valid_size": 512, "test_size": 1024, "epochs": 5, "batch_size": 32,
+              "lr": 1e-3, "stability_samples": 192, "seeds": [0]},
+    # the paper's setting: full PCam (262,144 / 32,768 / 32,768), for a GPU
+    "paper": {"train_size": None, "valid_size": None, "test_size": None, "epochs": 300, "batch_size": 128,
+              "lr": 1e-3, "stability_samples": None, "seeds": [0, 1, 2, 3, 4]},
+}
+MODELS = ("conventional", "equivariant")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pcam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="directory with the official PCam HDF5 files (default: synthetic data)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="default settings (quick)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--group-order", type=int, default=12, help="N of the rotation group C_N (12)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (profile: quick 0; paper 0-4)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips")
+    parser.add_argument("--train-size", type=int, help="balanced random subset of the train split")
+    parser.add_argument("--valid-size", type=int)
+    parser.add_argument("--test-size", type=int)
+    parser.add_argument("--stability-samples", type=int, help="test patches used for rotation stability")
+    parser.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV2 width multiplier (1.0)")
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--runs", default=os.path.join("runs", "pcam"), help="checkpoint directory (runs/pcam)")
+    parser.add_argument("--resume", action="store_true", help="continue the runs in --runs after the last epoch")
+    parser.add_argument("--out", help="JSON results file (default: RUNS/results.json)")
+    parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
+                                                                "synthetic-pcam"),
+                        help="where the synthetic data set is generated and kept")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """Profile defaults overridden by the given options; validated (UsageError names the option)."""
+    profile = dict(PROFILES[args.profile])
+    for key in ("train_size", "valid_size", "test_size", "epochs", "batch_size", "lr", "stability_samples", "seeds"):
+        if getattr(args, key) is not None:
+            profile[key] = getattr(args, key)
+    for key in ("train_size", "valid_size", "test_size", "stability_samples"):
+        if profile[key] is not None and profile[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')}: expected a positive count, got {profile[key]}")
+    if args.group_order < 1:
+        raise UsageError(f"--group-order: expected N >= 1, got {args.group_order}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
+    if args.width_mult <= 0:
+        raise UsageError(f"--width-mult: expected a positive number, got {args.width_mult}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: cuda is not available on this machine")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected >= 1, got {args.threads}")
+    config = TrainConfig(epochs=profile["epochs"], batch_size=profile["batch_size"], lr=profile["lr"],
+                         weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
+                         augment=not args.no_augment)
+    try:
+        config.validate()
+    except ValueError as error:
+        raise UsageError("--" + str(error).replace("_", "-")) from None
+    return {**profile, "config": config}
+
+
+def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.MobileNetV2:
+    torch.manual_seed(seed)
+    group = rotconv.CyclicGroup(args.group_order) if name == "equivariant" else None
+    return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout)
+
+
+def model_label(name: str, group_order: int) -> str:
+    return "MobileNetV2" if name == "conventional" else f"MobileNetV2, C_{group_order}-equivariant"
+
+
+# -- evaluation --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predictions(model: nn.Module, split: PCamSplit, normalizer: Normalizer, count: int, angles: list[float],
+                batch_size: int, device: str, description: str) -> np.ndarray:
+    """Predicted classes ``(len(angles), count)`` of the first ``count`` patches, each input rotated by every
+    angle (radians; multiples of 90 degrees exact, others bicubic about the centre pixel)."""
+    model.eval()
+    result = np.empty((len(angles), count), dtype=np.int64)
+    progress = Progress(math.ceil(count / batch_size) * len(angles), description)
+    for start in range(0, count, batch_size):
+        images, _ = split.batch(np.arange(start, min(start + batch_size, count)))
+        x = normalizer(images).to(device)
+        for index, angle in enumerate(angles):
+            logits = model(rotconv.rotate_image(x, angle) if angle else x)
+            result[index, start:start + len(images)] = logits.argmax(1).cpu().numpy()
+            progress.update()
+    return result
+
+
+def accuracy(model: nn.Module, split: PCamSplit, normalizer: Normalizer, batch_size: int, device: str,
+             description: str) -> float:
+    predicted = predictions(model, split, normalizer, len(split), [0.0], batch_size, device, description)[0]
+    return float((predicted == split.labels.numpy()).mean())
+
+
+def stability(model: nn.Module, split: PCamSplit, normalizer: Normalizer, count: int, batch_size: int,
+              device: str, description: str) -> dict[str, float]:
+    """Fraction of patches whose predicted class is the same under all 4 rotations by 90 degrees, and under
+    all 12 rotations by 30 degrees."""
+    angles = [2 * math.pi * k / 12 for k in range(12)]
+    predicted = predictions(model, split, normalizer, count, angles, batch_size, device, description)
+    quarter = predicted[::3]  # 0, 90, 180, 270 degrees
+    return {"90": float((quarter == quarter[:1]).all(0).mean()), "30": float((predicted == predicted[:1]).all(0).mean())}
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCamSplit], normalizer: Normalizer,
+             args: argparse.Namespace, settings: dict, log) -> dict:
+    """FP32 and INT8 test accuracy, rotation stability, size and cost of a trained model."""
+    device, batch = args.device, 128
+    test = splits["test"]
+    count = min(settings["stability_samples"] or len(test), len(test))
+    model.eval()
+    fp32_accuracy = accuracy(model, test, normalizer, batch, device, "test FP32")
+    fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
+    plain = model.export().cpu()
+    fields = args.group_order if name == "equivariant" else None
+    options = {"fields": fields, "backend": args.backend, "input_range": normalizer.value_range()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+        int8 = quant.dfq(plain, mode="int8", **options)
+        simulated = quant.dfq(plain, mode="simulated", **options)
+    int8_accuracy = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({args.backend})")
+    simulated_accuracy = accuracy(simulated, test, normalizer, batch, "cpu", "test INT8 (simulated)")
+    int8_stability = stability(int8, test, normalizer, count, batch, "cpu", "rotation stability INT8")
+    counts = mobilenet.summary(model.cpu())
+    model.to(device)
+    log(f"{name}: test FP32 {100 * fp32_accuracy:.2f}% INT8 {100 * int8_accuracy:.2f}% "
+        f"(simulated {100 * simulated_accuracy:.2f}%)")
+    return {
+        "fp32_accuracy": fp32_accuracy,
+        "int8_accuracy": int8_accuracy,
+        "int8_simulated_accuracy": simulated_accuracy,
+        "relative_drop": (fp32_accuracy - int8_accuracy) / fp32_accuracy if fp32_accuracy else 0.0,
+        "params": counts.params,
+        "exported_params": counts.exported_params,
+        "macs": counts.macs,
+        "fp32_bytes": serialized_bytes(plain),
+        "int8_bytes": serialized_bytes(int8),
+        "stability": {"fp32": fp32_stability, "int8": int8_stability, "samples": count},
+    }
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def _mean_std(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
+            "n": int(array.size)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    summary = {}
+    for name in MODELS:
+        chosen = [run for run in runs if run["model"] == name]
+        if not chosen:
+            continue
+        summary[name] = {key: _mean_std([run[key] for run in chosen])
+                         for key in ("fp32_accuracy", "int8_accuracy", "int8_simulated_accuracy", "relative_drop")}
+        for precision in ("fp32", "int8"):
+            for angle in ("90", "30"):
+                summary[name][f"stability_{angle}_{precision}"] = _mean_std(
+                    [run["stability"][precision][angle] for run in chosen])
+        for key in ("params", "exported_params", "macs", "fp32_bytes", "int8_bytes"):
+            summary[name][key] = chosen[0][key]
+    return summary
+
+
+def _percent(stats: dict) -> str:
+    text = f"{100 * stats['mean']:.2f}"
+    return text + (f" ± {100 * stats['std']:.2f}" if stats["n"] > 1 else "")
+
+
+def _paper(values: tuple[float, float | None] | None) -> str:
+    if values is None:
+        return "—"
+    mean, std = values
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def format_table(results: dict) -> str:
+    """The Markdown report of a results dict (as written to JSON)."""
+    summary, group_order = results["summary"], results["settings"]["group_order"]
+    seeds = results["settings"]["seeds"]
+    lines = []
+    if results["synthetic"]:
+        lines.append("**SYNTHETIC DATA** (procedurally generated PCam-like patches, not tissue): these figures say "
+                     "nothing about PCam; pass --data for real files.")
+    sizes = results["data_sizes"]
+    lines.append(f"Data: {results['data']} (train {sizes['train']:,} / valid {sizes['valid']:,} / test "
+                 f"{sizes['test']:,} patches); {results['settings']['epochs']} epochs; seeds {seeds}; "
+                 f"INT8: DFQ on {results['settings']['backend']} int8 kernels.")
+    lines.append("")
+    lines.append("| model | FP32 test acc (%) | INT8 test acc (%) | relative drop (%) | paper FP32 | paper INT8 "
+                 "| params | MACs | INT8 size | stable 4x90° FP32 / INT8 (%) | stable 12x30° FP32 / INT8 (%) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, stats in summary.items():
+        lines.append(
+            f"| {model_label(name, group_order)} | {_percent(stats['fp32_accuracy'])} | "
+            f"{_percent(stats['int8_accuracy'])} | {_percent(stats['relative_drop'])} | "
+            f"{_paper(PAPER[name]['fp32'])} | {_paper(PAPER[name]['int8'])} | {stats['params']:,} | "
+            f"{stats['macs'] / 1e6:.1f} M | {stats['int8_bytes'] / 2**20:.2f} MiB "
+            f"({stats['fp32_bytes'] / stats['int8_bytes']:.1f}x smaller) | "
+            f"{_percent(stats['stability_90_fp32'])} / {_percent(stats['stability_90_int8'])} | "
+            f"{_percent(stats['stability_30_fp32'])} / {_percent(stats['stability_30_int8'])} |")
+    lines.append(f"| P4M DenseNet (Veeling et al., paper only) | — | — | — | {_paper(PAPER['p4m_densenet']['fp32'])} "
+                 "| — | — | — | — | — | — |")
+    return "\n".join(lines)
+
+
+def _write_json(data: dict, path: str) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    with open(temporary, "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(temporary, path)
+
+
+# -- main --------------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict | None:
+    settings = _settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    processes = Distributed.from_environment(args.device)
+    device = args.device if args.device == "cpu" else f"cuda:{processes.local_rank}"
+    log = print if processes.main else (lambda *a, **k: None)
+    synthetic = args.data is None
+    directory = args.data
+    if synthetic:
+        directory = args.synthetic_dir
+        if processes.main:
+            log(f"no --data: generating the SYNTHETIC PCam-like set in {directory} (kept for later runs)")
+            sizes = {split: max(DEFAULT_SIZES[split], settings.get(f"{split}_size") or 0) for split in DEFAULT_SIZES}
+            progress: dict[str, Progress] = {}
+
+            def show(split: str, done: int, total: int) -> None:
+                progress.setdefault(split, Progress(total, f"synthetic {split}")).update()
+
+            write_synthetic_pcam(directory, sizes, progress=show)
+        processes.barrier()
+    splits = open_pcam(directory, {s: settings[f"{s}_size"] for s in ("train", "valid", "test")})
+    normalizer = Normalizer.fit(splits["train"])
+    config: TrainConfig = settings["config"]
+    runs = []
+    for name in args.models:
+        for seed in settings["seeds"]:
+            run_dir = os.path.join(args.runs, f"{name}-seed{seed}")
+            seed_config = TrainConfig(**{**config.__dict__, "seed": seed})
+            model = build_model(name, args, seed)
+            identity = {"model": name, "group_order": args.group_order, "width_mult": args.width_mult,
+                        "dropout": args.dropout, "data": os.path.abspath(directory),
+                        "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
+            log(f"== {model_label(name, args.group_order)}, seed {seed} ==")
+            started = time.time()
+            trained = train(model, splits["train"], splits["valid"], normalizer, seed_config, run_dir, args.resume,
+                            device, processes, identity, log)
+            train_seconds = time.time() - started
+            if not processes.main:
+                continue
+            best = build_model(name, args, seed)
+            best.load_state_dict(trained["best_state"])
+            best.to(device)
+            result = evaluate(name, best, splits, normalizer, args, settings, log)
+            runs.append({"model": name, "seed": seed, **result, "best_epoch": trained["best_epoch"],
+                         "best_valid_loss": trained["best_valid_loss"], "history": trained["history"],
+                         "train_seconds": train_seconds})
+    if not processes.main:
+        return None
+    results = {
+        "synthetic": synthetic,
+        "data": "synthetic PCam-like (benchmarks.synthetic)" if synthetic else os.path.abspath(directory),
+        "data_sizes": {split: len(splits[split]) for split in splits},
+        "profile": args.profile,
+        "settings": {"group_order": args.group_order, "seeds": settings["seeds"], "epochs": config.epochs,
+                     "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
+                     "optimizer": config.optimizer, "schedule": config.schedule, "augment": config.augment,
+                     "width_mult": args.width_mult, "dropout": args.dropout, "backend": args.backend,
+                     "stability_samples": settings["stability_samples"], "processes": processes.world_size,
+                     "device": args.device, "threads": torch.get_num_threads()},
+        "runs": runs,
+        "summary": summarize(runs),
+        "paper": {name: {key: list(value) for key, value in values.items()} for name, values in PAPER.items()},
+    }
+    results["table"] = format_table(results)
+    print()
+    print(results["table"])
+    out = args.out or os.path.join(args.runs, "results.json")
+    _write_json(results, out)
+    print(f"\nresults written to {out}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (PCamError, UsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs are in the checkpoints; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

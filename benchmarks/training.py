@@ -1,0 +1,327 @@
+"""Training for the PCam benchmark: D4 augmentation, model selection on validation loss, atomic per-epoch
+checkpoints with resume, progress output, and data-parallel training with torch.distributed (torchrun).
+
+Data parallelism: every global batch (the same for any number of processes, drawn from a seeded
+permutation) is split evenly over the processes; gradients are averaged by DistributedDataParallel and
+batch-norm statistics are computed over the whole global batch (torch's SyncBatchNorm on GPUs,
+:class:`CrossProcessBatchNorm` on CPUs, where SyncBatchNorm is not supported), so a run on R processes
+computes what a run on one process does with the same seeds, up to floating-point summation order.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import Normalizer, PCamSplit, augment_batch
+
+__all__ = ["UsageError", "TrainConfig", "Distributed", "CrossProcessBatchNorm", "train", "save_atomically", "Progress",
+           "evaluate_loss"]
+
+
+class UsageError(ValueError):
+    """A setting or a checkpoint does not fit the run (the message names the option or file)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (stored in every checkpoint; a resumed run must match them)."""
+
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    augment: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: expected >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
+
+
+# -- processes ---------------------------------------------------------------------------------------------
+@dataclass
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls, device: str) -> "Distributed":
+        """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum ``values`` over all processes."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch of all processes (any input ``(B, C, *)``), for CPU process groups.
+
+    Per-channel sums and sums of squares are all-reduced with the differentiable
+    ``torch.distributed.nn.all_reduce``, so the backward pass also sees the whole batch. Parameters and
+    buffers are named as in :class:`torch.nn.BatchNorm2d` (state dicts are interchangeable).
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"input: expected (B, C, ...), got {tuple(input.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        from torch.distributed.nn import all_reduce
+
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
+        stats = all_reduce(stats)
+        channels = x.shape[1]
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = stats[channels:2 * channels] / total - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * total / (total - 1).clamp_min(1)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean)
+                self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return out
+
+
+def convert_batchnorm(model: nn.Module, device: str) -> nn.Module:
+    """Make every batch norm of ``model`` compute its statistics over all processes."""
+    if device == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
+            replacement = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                                module.track_running_stats)
+            replacement.load_state_dict(module.state_dict())
+            replacement.train(module.training)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    return model
+
+
+# -- output ------------------------------------------------------------------------------------------------
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, every 25% otherwise (logs, CI)."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
+        self.total, self.description, self.enabled = max(total, 1), description, enabled
+        self.count, self.start, self.last_draw, self.next_mark = 0, time.time(), 0.0, 0.25
+        self.terminal = sys.stderr.isatty()
+
+    def update(self, steps: int = 1, **values: float) -> None:
+        self.count += steps
+        if not self.enabled:
+            return
+        fraction = self.count / self.total
+        now = time.time()
+        text = ", ".join(f"{key} {value:.4g}" for key, value in values.items())
+        line = (f"{self.description}: {self.count}/{self.total} ({100 * fraction:.0f}%) "
+                f"{now - self.start:.0f}s{', ' + text if text else ''}")
+        if self.terminal and (now - self.last_draw > 0.2 or self.count >= self.total):
+            sys.stderr.write("\r" + line.ljust(100) + ("\n" if self.count >= self.total else ""))
+            sys.stderr.flush()
+            self.last_draw = now
+        elif not self.terminal and (fraction >= self.next_mark or self.count >= self.total):
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            while self.next_mark <= fraction:
+                self.next_mark += 0.25
+
+
+def save_atomically(state: dict, path: str) -> None:
+    """``torch.save`` to a temporary file in the same directory, then rename (never a half-written file)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    os.close(handle)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+# -- training ----------------------------------------------------------------------------------------------
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay,
+                           nesterov=True)
+
+
+def _learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    if config.schedule == "constant":
+        return config.lr
+    return 0.5 * config.lr * (1 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+def _epoch_plan(config: TrainConfig, epoch: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sample order and D4 augmentation of ``epoch``: a function of (seed, epoch) alone."""
+    rng = np.random.default_rng([config.seed, epoch])
+    order = rng.permutation(size)
+    turns = rng.integers(0, 4, size) if config.augment else np.zeros(size, dtype=np.int64)
+    flips = rng.integers(0, 2, size) if config.augment else np.zeros(size, dtype=np.int64)
+    return order, turns, flips
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, split: PCamSplit, normalizer: Normalizer, batch_size: int, device: str,
+                  processes: Distributed, description: str = "valid", show: bool = True) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (shared out over the processes)."""
+    model.eval()
+    positions = np.arange(len(split))[processes.rank::processes.world_size]
+    loss_sum = correct = 0.0
+    progress = Progress(math.ceil(len(positions) / batch_size), description, show and processes.main)
+    for start in range(0, len(positions), batch_size):
+        images, labels = split.batch(positions[start:start + batch_size])
+        logits = model(normalizer(images.to(device)))
+        labels = labels.to(device)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        progress.update()
+    loss_sum, correct, count = processes.sum([loss_sum, correct, float(len(positions))])
+    return loss_sum / count, correct / count
+
+
+def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, normalizer: Normalizer,
+          config: TrainConfig, run_dir: str, resume: bool = False, device: str = "cpu",
+          processes: Distributed | None = None, identity: dict | None = None, log=print) -> dict:
+    """Train ``model`` (in place); return ``{"best_state", "best_epoch", "best_valid_loss", "history"}``.
+
+    After every epoch, ``run_dir/last.pt`` (everything needed to continue) is written atomically by rank 0;
+    with ``resume=True`` a run continues after the last finished epoch of ``run_dir/last.pt``. ``identity``
+    (model and data description) is stored and must match on resume. The weights with the lowest validation
+    loss are kept (``best_state``, also in the checkpoint).
+    """
+    config.validate()
+    processes = processes or Distributed()
+    if config.batch_size % processes.world_size:
+        raise UsageError(f"--batch-size: {config.batch_size} does not split evenly over "
+                         f"{processes.world_size} processes")
+    identity = {"config": asdict(config), **(identity or {})}
+    path = os.path.join(run_dir, "last.pt")
+    torch.manual_seed(config.seed)
+    model.to(device)
+    optimizer = _optimizer(model, config)
+    history: list[dict] = []
+    best = {"valid_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    start_epoch = 1
+    if resume and os.path.exists(path):
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        if checkpoint["identity"] != identity:
+            raise UsageError(f"--resume: {path} belongs to another run (settings {checkpoint['identity']}); "
+                             "use another --runs directory or drop --resume")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+        history, best = checkpoint["history"], checkpoint["best"]
+        start_epoch = checkpoint["epoch"] + 1
+        log(f"resumed {run_dir} after epoch {checkpoint['epoch']}")
+    elif resume:
+        log(f"resume: no checkpoint in {run_dir}; starting from scratch")
+
+    network: nn.Module = model
+    if processes.world_size > 1:
+        network = nn.parallel.DistributedDataParallel(convert_batchnorm(model, device),
+                                                      device_ids=[processes.local_rank] if device == "cuda" else None)
+    steps_per_epoch = len(train_split) // config.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size: {config.batch_size} is larger than the training set ({len(train_split)})")
+    local = config.batch_size // processes.world_size
+    for epoch in range(start_epoch, config.epochs + 1):
+        network.train()
+        order, turns, flips = _epoch_plan(config, epoch, len(train_split))
+        progress = Progress(steps_per_epoch, f"epoch {epoch}/{config.epochs} train", processes.main)
+        loss_sum = correct = 0.0
+        for step in range(steps_per_epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step,
+                                             config.epochs * steps_per_epoch)
+            chosen = slice(step * config.batch_size + processes.rank * local,
+                           step * config.batch_size + (processes.rank + 1) * local)
+            images, labels = train_split.batch(order[chosen])
+            images = augment_batch(images, torch.from_numpy(turns[order[chosen]]),
+                                   torch.from_numpy(flips[order[chosen]]))
+            logits = network(normalizer(images.to(device)))
+            labels = labels.to(device)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum().item()
+            progress.update(loss=loss.item())
+        loss_sum, correct = processes.sum([loss_sum, correct])
+        seen = steps_per_epoch * config.batch_size
+        valid_loss, valid_accuracy = evaluate_loss(model, valid_split, normalizer, config.batch_size * 2,
+                                                   device, processes, f"epoch {epoch}/{config.epochs} valid")
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                  "valid_loss": valid_loss, "valid_accuracy": valid_accuracy}
+        history.append(record)
+        if valid_loss < best["valid_loss"]:
+            best = {"valid_loss": valid_loss, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        if processes.main:
+            log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f} acc "
+                f"{record['train_accuracy']:.3f} | valid loss {valid_loss:.4f} acc {valid_accuracy:.3f}"
+                f"{' (best)' if best['epoch'] == epoch else ''}")
+            save_atomically({"identity": identity, "epoch": epoch, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                             "history": history, "best": best}, path)
+        processes.barrier()
+    return {"best_state": best["state"], "best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
+            "history": history}
+
