@@ -175,7 +175,7 @@ def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     second = min(size - first, by_class[1].size)
     first = min(size - second, by_class[0].size)
     chosen = [rng.choice(members, count, replace=False) for members, count in zip(by_class, (first, second))]
-    return np.sort(np.concatenate(chosen))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 class Normalizer:

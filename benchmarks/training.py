@@ -112,16 +112,19 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn import all_reduce
+        from torch.distributed.nn import all_reduce  # differentiable: the backward pass all-reduces too
 
         dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = all_reduce(stats)
         channels = x.shape[1]
-        total = stats[-1]
-        mean = stats[:channels] / total
-        var = stats[channels:2 * channels] / total - mean * mean
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        # two passes (mean, then centred squares), accumulated in float64 as torch's CPU batch norm does
+        count = torch.tensor([x.numel() / channels], dtype=torch.float64)
+        sums = all_reduce(torch.cat([x.sum(dims, dtype=torch.float64), count]))
+        total = sums[-1]
+        mean = sums[:channels] / total
+        centred = x - mean.to(x.dtype).reshape(shape)
+        var = all_reduce((centred * centred).sum(dims, dtype=torch.float64)) / total
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -129,8 +132,7 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
                 unbiased = var * total / (total - 1).clamp_min(1)
                 self.running_mean.mul_(1 - momentum).add_(momentum * mean)
                 self.running_var.mul_(1 - momentum).add_(momentum * unbiased)
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        out = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        out = centred * torch.rsqrt(var.reshape(shape) + self.eps)
         if self.affine:
             out = out * self.weight.reshape(shape) + self.bias.reshape(shape)
         return out
@@ -142,8 +144,10 @@ def convert_batchnorm(model: nn.Module, device: str) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossProcessBatchNorm):
+            reference = module.running_mean if module.running_mean is not None else module.weight
             replacement = CrossProcessBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                                module.track_running_stats)
+                                                module.track_running_stats, device=reference.device,
+                                                dtype=reference.dtype)
             replacement.load_state_dict(module.state_dict())
             replacement.train(module.training)
             parent, _, child = name.rpartition(".")
@@ -256,6 +260,8 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
     path = os.path.join(run_dir, "last.pt")
     torch.manual_seed(config.seed)
     model.to(device)
+    if processes.world_size > 1:  # before the optimizer is made: the conversion creates new parameters
+        convert_batchnorm(model, device)
     optimizer = _optimizer(model, config)
     history: list[dict] = []
     best = {"valid_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
@@ -276,8 +282,7 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
 
     network: nn.Module = model
     if processes.world_size > 1:
-        network = nn.parallel.DistributedDataParallel(convert_batchnorm(model, device),
-                                                      device_ids=[processes.local_rank] if device == "cuda" else None)
+        network = nn.parallel.DistributedDataParallel(model, device_ids=[processes.local_rank] if device == "cuda" else None)
     steps_per_epoch = len(train_split) // config.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size: {config.batch_size} is larger than the training set ({len(train_split)})")
@@ -304,7 +309,7 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
             optimizer.step()
             loss_sum += loss.item() * labels.numel()
             correct += (logits.argmax(1) == labels).sum().item()
-            progress.update(loss=loss.item())
+            progress.update(loss=loss.item(), acc=correct / ((step + 1) * local))
         loss_sum, correct = processes.sum([loss_sum, correct])
         seen = steps_per_epoch * config.batch_size
         valid_loss, valid_accuracy = evaluate_loss(model, valid_split, normalizer, config.batch_size * 2,
