@@ -50,10 +50,10 @@ PAPER = {
 PROFILES = {
     # 2 CPU cores, both models, one seed: under 10 minutes
     "quick": {"train_size": 2048, "valid_size": 512, "test_size": 1024, "epochs": 5, "batch_size": 32,
-              "lr": 1e-3, "stability_samples": 192, "seeds": [0]},
+              "lr": 1e-3, "stability_samples": 192, "seeds": [0], "simulated_int8": False},
     # the paper's setting: full PCam (262,144 / 32,768 / 32,768), for a GPU
     "paper": {"train_size": None, "valid_size": None, "test_size": None, "epochs": 300, "batch_size": 128,
-              "lr": 1e-3, "stability_samples": None, "seeds": [0, 1, 2, 3, 4]},
+              "lr": 1e-3, "stability_samples": None, "seeds": [0, 1, 2, 3, 4], "simulated_int8": True},
 }
 MODELS = ("conventional", "equivariant")
 
@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV2 width multiplier (1.0)")
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
+    parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="asymmetric",
+                        help="INT8 weights: per-tensor asymmetric (DFQ, default) or symmetric (faster on x86)")
+    parser.add_argument("--simulated-int8", action=argparse.BooleanOptionalAction,
+                        help="also measure simulated INT8 accuracy (default: paper profile only)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--runs", default=os.path.join("runs", "pcam"), help="checkpoint directory (runs/pcam)")
@@ -94,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> dict:
     """Profile defaults overridden by the given options; validated (UsageError names the option)."""
     profile = dict(PROFILES[args.profile])
-    for key in ("train_size", "valid_size", "test_size", "epochs", "batch_size", "lr", "stability_samples", "seeds"):
+    for key in ("train_size", "valid_size", "test_size", "epochs", "batch_size", "lr", "stability_samples", "seeds",
+                "simulated_int8"):
         if getattr(args, key) is not None:
             profile[key] = getattr(args, key)
     for key in ("train_size", "valid_size", "test_size", "stability_samples"):
@@ -182,18 +187,21 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCamSpli
     fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
     plain = model.export().cpu()
     fields = args.group_order if name == "equivariant" else None
-    options = {"fields": fields, "backend": args.backend, "input_range": normalizer.value_range()}
+    options = {"fields": fields, "backend": args.backend, "input_range": normalizer.value_range(),
+               "weight_scheme": args.weight_scheme}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
         int8 = quant.dfq(plain, mode="int8", **options)
-        simulated = quant.dfq(plain, mode="simulated", **options)
     int8_accuracy = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({args.backend})")
-    simulated_accuracy = accuracy(simulated, test, normalizer, batch, "cpu", "test INT8 (simulated)")
+    simulated_accuracy = None
+    if settings["simulated_int8"]:
+        simulated = quant.dfq(plain, mode="simulated", **options)
+        simulated_accuracy = accuracy(simulated, test, normalizer, batch, "cpu", "test INT8 (simulated)")
     int8_stability = stability(int8, test, normalizer, count, batch, "cpu", "rotation stability INT8")
     counts = mobilenet.summary(model.cpu())
     model.to(device)
-    log(f"{name}: test FP32 {100 * fp32_accuracy:.2f}% INT8 {100 * int8_accuracy:.2f}% "
-        f"(simulated {100 * simulated_accuracy:.2f}%)")
+    log(f"{name}: test FP32 {100 * fp32_accuracy:.2f}% INT8 {100 * int8_accuracy:.2f}%"
+        + (f" (simulated {100 * simulated_accuracy:.2f}%)" if simulated_accuracy is not None else ""))
     return {
         "fp32_accuracy": fp32_accuracy,
         "int8_accuracy": int8_accuracy,
@@ -222,7 +230,9 @@ def summarize(runs: list[dict]) -> dict:
         if not chosen:
             continue
         summary[name] = {key: _mean_std([run[key] for run in chosen])
-                         for key in ("fp32_accuracy", "int8_accuracy", "int8_simulated_accuracy", "relative_drop")}
+                         for key in ("fp32_accuracy", "int8_accuracy", "relative_drop")}
+        if all(run["int8_simulated_accuracy"] is not None for run in chosen):
+            summary[name]["int8_simulated_accuracy"] = _mean_std([run["int8_simulated_accuracy"] for run in chosen])
         for precision in ("fp32", "int8"):
             for angle in ("90", "30"):
                 summary[name][f"stability_{angle}_{precision}"] = _mean_std(
@@ -255,7 +265,8 @@ def format_table(results: dict) -> str:
     sizes = results["data_sizes"]
     lines.append(f"Data: {results['data']} (train {sizes['train']:,} / valid {sizes['valid']:,} / test "
                  f"{sizes['test']:,} patches); {results['settings']['epochs']} epochs; seeds {seeds}; "
-                 f"INT8: DFQ on {results['settings']['backend']} int8 kernels.")
+                 f"INT8: DFQ, {results['settings']['weight_scheme']} per-tensor weights, on "
+                 f"{results['settings']['backend']} int8 kernels.")
     lines.append("")
     lines.append("| model | FP32 test acc (%) | INT8 test acc (%) | relative drop (%) | paper FP32 | paper INT8 "
                  "| params | MACs | INT8 size | stable 4x90° FP32 / INT8 (%) | stable 12x30° FP32 / INT8 (%) |")
@@ -342,6 +353,7 @@ def run(args: argparse.Namespace) -> dict | None:
                      "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
                      "optimizer": config.optimizer, "schedule": config.schedule, "augment": config.augment,
                      "width_mult": args.width_mult, "dropout": args.dropout, "backend": args.backend,
+                     "weight_scheme": args.weight_scheme,
                      "stability_samples": settings["stability_samples"], "processes": processes.world_size,
                      "device": args.device, "threads": torch.get_num_threads()},
         "runs": runs,

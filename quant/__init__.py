@@ -14,20 +14,21 @@ from typing import Iterable
 import torch.fx as fx
 import torch.nn as nn
 
-from .dfq import absorb_high_bias, correct_bias, equalize, fake_quantize_tensor, fold_batchnorm, replace_relu6
+from .dfq import (absorb_high_bias, correct_bias, equalize, fake_quantize_tensor, fake_quantize_weight, fold_batchnorm,
+                  replace_relu6)
 from .int8 import BACKENDS, Int8Model, convert_int8
 from .quantize import FakeQuantize, QuantPlan, plan_quantization, simulate
 
 __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias", "quantize", "dfq",
            "plan_quantization", "simulate", "convert_int8", "Int8Model", "QuantPlan", "FakeQuantize",
-           "fake_quantize_tensor"]
+           "fake_quantize_tensor", "fake_quantize_weight"]
 
 _MODES = ("simulated", "int8")
 
 
 def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
              backend: str = "x86", calibration: Iterable | None = None,
-             input_range: tuple[float, float] = (-3.0, 3.0)) -> nn.Module:
+             input_range: tuple[float, float] = (-3.0, 3.0), weight_scheme: str = "asymmetric") -> nn.Module:
     """Quantize a BN-folded network: per-tensor asymmetric weights and activations.
 
     Args:
@@ -39,6 +40,9 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
         calibration: optional iterable of input batches (or (input, label) pairs) to measure activation
             ranges; without it ranges come data-free from the BN statistics.
         input_range: the range of the network input used when no calibration is given.
+        weight_scheme: ``"asymmetric"`` (per-tensor [min, max] with a zero point, as DFQ) or ``"symmetric"``
+            (zero point 0). On x86/fbgemm, depthwise convs with a non-zero weight zero point fall back to a
+            generic kernel 10-100x slower than the depthwise one: use ``"symmetric"`` for speed there.
     """
     if mode not in _MODES:
         raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
@@ -49,7 +53,8 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
     # x86/fbgemm kernels without VNNI sum pairs of u8*s8 products in saturating int16: 7-bit activations
     # (as torch.ao's default qconfig) make that rarer. The simulation follows the same plan as the kernels.
     reduce_range = backend in ("x86", "fbgemm")
-    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range, reduce_range=reduce_range)
+    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range, reduce_range=reduce_range,
+                             weight_scheme=weight_scheme)
     if mode == "simulated":
         return simulate(plan)
     return convert_int8(plan, backend)
@@ -63,5 +68,6 @@ def dfq(model: nn.Module, fields: int | None = None, bias_correction: bool = Tru
     prepared = equalize(prepared, fields=fields)
     prepared = absorb_high_bias(prepared)
     if bias_correction:
-        prepared = correct_bias(prepared, quantize_kwargs.get("weight_bits", 8))
+        prepared = correct_bias(prepared, quantize_kwargs.get("weight_bits", 8),
+                                quantize_kwargs.get("weight_scheme", "asymmetric"))
     return quantize(prepared, **quantize_kwargs)

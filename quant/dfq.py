@@ -17,7 +17,7 @@ import torch.nn as nn
 from .graph import ConvPair, conv_pairs, module_of, remove_identities, set_module, trace
 
 __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias",
-           "fake_quantize_tensor"]
+           "fake_quantize_tensor", "fake_quantize_weight", "weight_quantization_parameters", "WEIGHT_SCHEMES"]
 
 
 @torch.no_grad()
@@ -176,6 +176,29 @@ def quantization_parameters(low: float, high: float, bits: int, signed: bool = F
     return scale, zero_point, qmin, qmax
 
 
+WEIGHT_SCHEMES = ("asymmetric", "symmetric")
+
+
+def weight_quantization_parameters(weight: torch.Tensor, bits: int, scheme: str = "asymmetric"
+                                   ) -> tuple[float, int, int, int]:
+    """(scale, zero_point, qmin, qmax) of per-tensor signed weights. ``"asymmetric"`` spans [min, max] with a
+    zero point; ``"symmetric"`` spans [-max|w|, max|w|] with zero point 0 and range [-(2^(b-1) - 1), 2^(b-1) - 1]
+    (what the fast depthwise kernels of fbgemm need)."""
+    if scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"weight_scheme: expected one of {WEIGHT_SCHEMES}, got {scheme!r}")
+    if scheme == "asymmetric":
+        return quantization_parameters(weight.min().item(), weight.max().item(), bits, signed=True)
+    qmax = 2 ** (bits - 1) - 1
+    scale = float(torch.tensor(max(weight.abs().max().item() / qmax, 1e-12), dtype=torch.float32))
+    return scale, 0, -qmax, qmax
+
+
+def fake_quantize_weight(weight: torch.Tensor, bits: int, scheme: str = "asymmetric") -> torch.Tensor:
+    """Per-tensor quantize-dequantize of a weight tensor (see :func:`weight_quantization_parameters`)."""
+    scale, zero_point, qmin, qmax = weight_quantization_parameters(weight, bits, scheme)
+    return (torch.clamp(torch.round(weight / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
 def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """E[relu(z)] for z ~ N(beta, gamma^2), elementwise."""
     gamma = gamma.clamp_min(1e-12)
@@ -186,7 +209,7 @@ def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, weight_bits: int = 8) -> fx.GraphModule:
+def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "asymmetric") -> fx.GraphModule:
     """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
     input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract
     it from the bias. Applies to convs fed by conv -> ReLU; others are left as they are."""
@@ -197,7 +220,7 @@ def correct_bias(model: nn.Module, weight_bits: int = 8) -> fx.GraphModule:
             continue
         expected_input = _expected_relu(first.dfq_beta, first.dfq_gamma)
         weight = second.weight
-        error = fake_quantize_tensor(weight, weight.min().item(), weight.max().item(), weight_bits, signed=True) - weight
+        error = fake_quantize_weight(weight, weight_bits, weight_scheme) - weight
         if second.groups == 1:
             shift = error.sum(dim=(2, 3)) @ expected_input
         else:

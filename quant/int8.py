@@ -55,8 +55,8 @@ class IntegerMaskedGlobalAvgPool(nn.Module):
     -> ``(B, C)`` float.
 
     The pooling weights are rounded to multiples of ``2**-WEIGHT_BITS`` (a relative change below 1e-6) and
-    the products ``(q - zero_point) * weight`` summed in int64, which is exact and so independent of the
-    summation order: when the int8 feature map of a rotated input is the rotated feature map (and the
+    the products ``q * weight`` (integers) summed in float64, which is exact for integers below 2^53 and so
+    independent of the summation order: when the int8 feature map of a rotated input is the rotated feature map (and the
     weights are rotation-symmetric, as a disc is under quarter turns), the pooled features are bit-identical.
     A float sum would differ in the last bits, because a rotation changes the order of the terms.
     """
@@ -67,13 +67,15 @@ class IntegerMaskedGlobalAvgPool(nn.Module):
         super().__init__()
         if pool.size is None:
             raise ValueError("model: int8 needs MaskedGlobalAvgPool(size=...) (fixed input size)")
-        weights = pool.pool_weights.double() * 2**self.WEIGHT_BITS
-        self.register_buffer("integer_weights", torch.round(weights).long())
+        integer = torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS)
+        self.register_buffer("integer_weights", integer.flatten())
+        self.weight_sum = float(integer.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x.int_repr().long() - x.q_zero_point()
-        total = (centred * self.integer_weights).sum(dim=(-2, -1))
-        return (total.double() * (x.q_scale() / 2**self.WEIGHT_BITS)).float()
+        # q * w < 2^32 and the sums of <= 2^20 such terms stay below 2^53: float64 adds these integers exactly
+        values = x.int_repr().flatten(2).double()
+        total = values @ self.integer_weights - x.q_zero_point() * self.weight_sum
+        return (total * (x.q_scale() / 2**self.WEIGHT_BITS)).float()
 
 
 class Int8Model(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .dfq import fake_quantize_tensor, quantization_parameters
+from .dfq import WEIGHT_SCHEMES, fake_quantize_weight, quantization_parameters, weight_quantization_parameters
 from .graph import is_activation, is_add, is_conv, module_of, trace
 
 __all__ = ["QuantPlan", "plan_quantization", "FakeQuantize", "simulate"]
@@ -44,6 +44,7 @@ class QuantPlan:
     weight_bits: int
     act_bits: int
     reduce_range: bool
+    weight_scheme: str = "asymmetric"
 
     def activation_qparams(self, name: str) -> tuple[float, int, int, int]:
         low, high = self.points[name]
@@ -51,7 +52,7 @@ class QuantPlan:
         return quantization_parameters(low, high, bits, signed=False)
 
     def weight_qparams(self, weight: torch.Tensor) -> tuple[float, int, int, int]:
-        return quantization_parameters(weight.min().item(), weight.max().item(), self.weight_bits, signed=True)
+        return weight_quantization_parameters(weight, self.weight_bits, self.weight_scheme)
 
 
 class _Recorder(fx.Interpreter):
@@ -70,11 +71,13 @@ class _Recorder(fx.Interpreter):
 
 def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
                       calibration: Iterable | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
-                      reduce_range: bool = False) -> QuantPlan:
+                      reduce_range: bool = False, weight_scheme: str = "asymmetric") -> QuantPlan:
     """Trace ``model`` (BN folded: see :func:`quant.fold_batchnorm`) and choose quantization points/ranges."""
     for value, name in ((weight_bits, "weight_bits"), (act_bits, "act_bits")):
         if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
             raise ValueError(f"{name}: expected an integer from 2 to 8, got {value!r}")
+    if weight_scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"weight_scheme: expected one of {WEIGHT_SCHEMES}, got {weight_scheme!r}")
     graph_module = trace(model).eval()
     if any(isinstance(m, nn.BatchNorm2d) for m in graph_module.modules()):
         raise ValueError("model: fold the batch norms first (quant.fold_batchnorm)")
@@ -118,7 +121,7 @@ def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
     missing = [name for name, value in points.items() if value is None]
     if missing:
         raise ValueError(f"calibration: no BN statistics for {missing[:3]}...; pass a calibration loader")
-    return QuantPlan(graph_module, points, fused, inputs, weight_bits, act_bits, reduce_range)
+    return QuantPlan(graph_module, points, fused, inputs, weight_bits, act_bits, reduce_range, weight_scheme)
 
 
 def _data_free_range(conv: nn.Conv2d, relu: bool) -> tuple[float, float] | None:
@@ -161,8 +164,7 @@ def simulate(plan: QuantPlan) -> fx.GraphModule:
     for node in list(graph_module.graph.nodes):
         if is_conv(graph_module, node):
             conv = module_of(graph_module, node)
-            low, high = conv.weight.min().item(), conv.weight.max().item()
-            conv.weight.copy_(fake_quantize_tensor(conv.weight, low, high, plan.weight_bits, signed=True))
+            conv.weight.copy_(fake_quantize_weight(conv.weight, plan.weight_bits, plan.weight_scheme))
     for index, node in enumerate(list(graph_module.graph.nodes)):
         if node.name in plan.points:
             scale, zero_point, qmin, qmax = plan.activation_qparams(node.name)

@@ -38,7 +38,7 @@ def run_cli(args, **kwargs):
 def test_end_to_end_report_has_every_field(tiny_data, tmp_path):
     out = tmp_path / "results.json"
     code = pcam.main(["--data", tiny_data, "--epochs", "2", "--runs", str(tmp_path / "runs"), "--out", str(out),
-                      *TINY])
+                      "--simulated-int8", *TINY])
     assert code == 0
     results = json.loads(out.read_text())
     assert results["synthetic"] is False  # --data was given (these happen to be generated files)

@@ -1,0 +1,245 @@
+"""The cost of equivariance, measured side by side: rotconv layers and models against plain torch, INT8 against
+FP32.
+
+    python -m benchmarks.speed [--quick] [--threads T] [--out speed.json]
+
+Every comparison runs its two candidates interleaved in one process (A, B, A, B, ...) after warm-up and
+reports the median time of each and the median of the per-pair ratios, so drifts of the machine's speed
+affect both alike. Layers (C_12, batch 32, 47x47): a train step (forward + backward of a mean-square loss,
+filter expansion from the coefficients included) and an eval forward (expanded filter cached) against
+``nn.Conv2d`` with the same channel counts. Models (95x95): conventional vs C_12 MobileNetV2 (train step,
+inference), the exported C_12 network vs the conventional one, INT8 (DFQ, real int8 kernels) vs FP32 at
+batch 1 and 32, serialised size.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import mobilenet
+import quant
+import rotconv
+
+__all__ = ["compare", "layer_benchmarks", "model_benchmarks", "main"]
+
+
+def _timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def compare(first: Callable[[], object], second: Callable[[], object], repeats: int, warmup: int = 2) -> dict:
+    """Interleaved timing of two callables: medians (seconds) and the median of per-pair ratios first/second."""
+    for _ in range(warmup):
+        first()
+        second()
+    pairs = []
+    for index in range(repeats):
+        if index % 2:  # alternate which one runs first
+            b = _timed(second)
+            a = _timed(first)
+        else:
+            a = _timed(first)
+            b = _timed(second)
+        pairs.append((a, b))
+    return {"first_s": statistics.median(a for a, _ in pairs), "second_s": statistics.median(b for _, b in pairs),
+            "ratio": statistics.median(a / b for a, b in pairs), "repeats": repeats}
+
+
+def _train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    module.train()
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).square().mean().backward()
+
+    return step
+
+
+def _inference(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    module.eval()
+
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return forward
+
+
+def _plain_twin(layer: nn.Module) -> nn.Conv2d:
+    """``nn.Conv2d`` with the channel counts, kernel, stride, padding and groups of a rotconv conv."""
+    exported = layer.export(47)
+    conv = exported[-1] if isinstance(exported, nn.Sequential) else exported
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     groups=conv.groups, bias=conv.bias is not None)
+
+
+def layer_cases(group: rotconv.CyclicGroup, quick: bool) -> dict[str, nn.Module]:
+    fields = 4 if quick else 8  # 48 / 96 channels with N = 12
+    return {
+        "LiftingConv2d k5 (3 -> %d fields)" % fields: rotconv.LiftingConv2d(3, fields, 5, group),
+        "GroupConv2d k1 (%d -> %d fields)" % (2 * fields, 2 * fields): rotconv.GroupConv2d(2 * fields, 2 * fields, 1, group),
+        "GroupConv2d k3 (%d -> %d fields)" % (fields, fields): rotconv.GroupConv2d(fields, fields, 3, group),
+        "GroupConv2d k5 (%d -> %d fields)" % (fields, fields): rotconv.GroupConv2d(fields, fields, 5, group),
+        "DepthwiseGroupConv2d k3 (%d fields)" % (4 * fields): rotconv.DepthwiseGroupConv2d(4 * fields, 3, group),
+    }
+
+
+def layer_benchmarks(quick: bool, repeats: int, batch: int = 32, size: int = 47) -> list[dict]:
+    group = rotconv.CyclicGroup(12)
+    rows = []
+    for name, layer in layer_cases(group, quick).items():
+        plain = _plain_twin(layer)
+        x = torch.randn(batch, layer.in_channels, size, size)
+        train = compare(_train_step(layer, x), _train_step(plain, x), repeats)
+        evaluate = compare(_inference(layer, x), _inference(plain, x), repeats)
+        rows.append({"layer": name, "channels": f"{layer.in_channels} -> {layer.out_channels}",
+                     "train": train, "eval": evaluate})
+        print(f"  {name}: train {train['ratio']:.3f}x, eval {evaluate['ratio']:.3f}x", file=sys.stderr)
+    return rows
+
+
+def construction_cost(fields: int = 32, kernel_size: int = 5, N: int = 12) -> dict:
+    """Time and memory to build ``GroupConv2d(fields, fields, kernel_size, C_N)``: cold (basis not cached
+    yet) and warm, its parameters and buffers, and one filter expansion."""
+    from rotconv import basis as basis_module
+
+    basis_module._build.cache_clear()
+    basis_module._group_basis.cache_clear()
+    group = rotconv.CyclicGroup(N)
+    tracemalloc.start()
+    cold = _timed(lambda: rotconv.GroupConv2d(fields, fields, kernel_size, group))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    warm = statistics.median(_timed(lambda: rotconv.GroupConv2d(fields, fields, kernel_size, group)) for _ in range(5))
+    layer = rotconv.GroupConv2d(fields, fields, kernel_size, group)
+    with torch.no_grad():
+        expansion = statistics.median(_timed(layer.expand_filter) for _ in range(5))
+    return {"layer": f"GroupConv2d({fields}, {fields}, {kernel_size}, C_{N})", "cold_s": cold, "warm_s": warm,
+            "python_peak_bytes": peak, "parameter_bytes": sum(p.numel() * p.element_size() for p in layer.parameters()),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in layer.buffers()),
+            "expanded_filter_bytes": layer.out_channels * layer.in_channels * kernel_size**2 * 4,
+            "filter_expansion_s": expansion}
+
+
+def _calibrated(model: nn.Module, size: int = 95) -> nn.Module:
+    """BN statistics from a few random batches (a stand-in for training: DFQ needs them)."""
+    with torch.no_grad():
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, size, size))
+    return model.eval()
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return len(buffer.getvalue())
+
+
+def model_benchmarks(repeats: int, backend: str) -> dict:
+    torch.manual_seed(0)
+    conventional = _calibrated(mobilenet.mobilenet_v2())
+    equivariant = _calibrated(mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(12)))
+    exported = equivariant.export().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = {scheme: quant.dfq(exported, fields=12, mode="int8", backend=backend, weight_scheme=scheme)
+                for scheme in ("symmetric", "asymmetric")}
+    result: dict = {}
+    x32 = torch.randn(32, 3, 95, 95)
+    x1 = torch.randn(1, 3, 95, 95)
+    result["train_step_b32"] = compare(_train_step(equivariant, x32), _train_step(conventional, x32), repeats)
+    print(f"  train step: {result['train_step_b32']['ratio']:.3f}x", file=sys.stderr)
+    result["inference_b32"] = compare(_inference(equivariant, x32), _inference(conventional, x32), repeats)
+    result["exported_inference_b32"] = compare(_inference(exported, x32), _inference(conventional, x32), repeats)
+    print(f"  inference: {result['inference_b32']['ratio']:.3f}x, exported {result['exported_inference_b32']['ratio']:.3f}x",
+          file=sys.stderr)
+    for scheme, network in int8.items():
+        for batch, x in ((1, x1), (32, x32)):
+            key = f"int8_{scheme}_vs_fp32_b{batch}"
+            result[key] = compare(_inference(network, x), _inference(exported, x), repeats * (4 if batch == 1 else 1))
+            print(f"  INT8 ({scheme} weights) / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
+    result["size"] = {"fp32_bytes": serialized_bytes(exported), "int8_bytes": serialized_bytes(int8["symmetric"])}
+    result["macs"] = {"conventional": mobilenet.summary(conventional).macs, "equivariant": mobilenet.summary(equivariant).macs}
+    return result
+
+
+def format_tables(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}, {results['threads']} threads, torch {results['torch']}; "
+             "time ratios are medians of interleaved pairs (lower is faster for rotconv).", "",
+             "| layer (C_12, batch 32, 47x47) | channels | train step vs nn.Conv2d | eval forward vs nn.Conv2d |",
+             "|---|---|---|---|"]
+    for row in results["layers"]:
+        lines.append(f"| {row['layer']} | {row['channels']} | {row['train']['ratio']:.3f}x "
+                     f"({1e3 * row['train']['first_s']:.1f} vs {1e3 * row['train']['second_s']:.1f} ms) | "
+                     f"{row['eval']['ratio']:.3f}x ({1e3 * row['eval']['first_s']:.1f} vs "
+                     f"{1e3 * row['eval']['second_s']:.1f} ms) |")
+    built = results["construction"]
+    lines += ["", f"Construction of {built['layer']}: {1e3 * built['cold_s']:.1f} ms cold (basis built), "
+              f"{1e3 * built['warm_s']:.2f} ms warm; parameters {built['parameter_bytes'] / 1024:.0f} KiB, buffers "
+              f"{built['buffer_bytes'] / 1024:.0f} KiB, expanded filter {built['expanded_filter_bytes'] / 2**20:.2f} MiB, "
+              f"expansion {1e3 * built['filter_expansion_s']:.1f} ms.", ""]
+    models = results["models"]
+    lines += ["| MobileNetV2 at 95x95 | time | ratio |", "|---|---|---|"]
+    labels = [("train_step_b32", "C_12 vs conventional, train step, batch 32"),
+              ("inference_b32", "C_12 vs conventional, inference, batch 32"),
+              ("exported_inference_b32", "exported C_12 vs conventional, inference, batch 32"),
+              *[(f"int8_{scheme}_vs_fp32_b{batch}",
+                 f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported C_12, batch {batch}")
+                for scheme in ("symmetric", "asymmetric") for batch in (1, 32)]]
+    for key, label in labels:
+        row = models[key]
+        lines.append(f"| {label} | {1e3 * row['first_s']:.1f} vs {1e3 * row['second_s']:.1f} ms | {row['ratio']:.3f}x |")
+    size = models["size"]
+    lines.append(f"| INT8 vs FP32 size (serialised state dict) | {size['int8_bytes'] / 2**20:.2f} vs "
+                 f"{size['fp32_bytes'] / 2**20:.2f} MiB | {size['int8_bytes'] / size['fp32_bytes']:.3f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and narrower layers (< 2 minutes)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, help="timed pairs per comparison (default 7, quick 5)")
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads: expected >= 1")
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (5 if args.quick else 7)
+    if repeats < 1:
+        parser.error("--repeats: expected >= 1")
+    print("layers ...", file=sys.stderr)
+    results = {"machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "backend": args.backend,
+               "quick": args.quick, "layers": layer_benchmarks(args.quick, repeats),
+               "construction": construction_cost()}
+    print("models ...", file=sys.stderr)
+    results["models"] = model_benchmarks(max(3, repeats // 2) if args.quick else repeats, args.backend)
+    results["table"] = format_tables(results)
+    print(results["table"])
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
