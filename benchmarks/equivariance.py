@@ -1,16 +1,31 @@
 """Equivariance errors, measured.
 
-``python -m benchmarks.equivariance --stack`` runs the e2cnn comparison test: a C_12 net (lifting k5 -> 4
-fields, BN, ReLU, k5, BN, ReLU, k3) on 65x65 Gaussian-smoothed noise, disc-masked, rotated by 30 degrees
-with cubic interpolation; full-field relative L2 error inside the disc (e2cnn measures 6.6% at smoothing
-sigma 1 px and 2.7% at 2 px).
+``python -m benchmarks.equivariance`` sweeps the rotation angle from 0 to 360 degrees (5-degree steps) and
+measures, for each angle:
+
+* every layer type (C_12, random weights, float64; each followed by max pooling over the rotations, which
+  makes the output a stack of scalar maps that any rotation acts on): relative L2 error
+  ``||P f(R x) - R P f(x)|| / ||R P f(x)||`` inside the central disc, on smooth disc-masked noise and on
+  PCam-like patches; ``nn.Conv2d`` with random filters as the reference;
+* the whole MobileNetV2, equivariant (C_12) and conventional, FP32 and INT8 (DFQ, real int8 kernels):
+  relative change of the logits ``||f(R x) - f(x)|| / ||f(x)||`` and prediction stability (fraction of
+  patches whose class is unchanged). Trained weights come from ``--runs`` (the checkpoints of
+  ``python -m benchmarks.pcam``); without them the models have random weights and calibrated batch norms.
+
+Writes JSON (``--out``) and, when matplotlib is installed (extra ``plot``), one PNG per curve family
+(``--plots DIR``). ``--stack`` runs the e2cnn comparison test instead: a C_12 net (lifting k5 -> 4 fields,
+BN, ReLU, k5, BN, ReLU, k3) on 65x65 Gaussian-smoothed noise, disc-masked, rotated by 30 degrees with cubic
+interpolation; full-field relative L2 error inside the disc (e2cnn measures 6.6% at smoothing sigma 1 px and
+2.7% at 2 px).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -54,16 +69,232 @@ def stack_errors(sigmas=(1.0, 2.0), seeds=range(5), size: int = 65, element: int
     return results
 
 
+# -- angle sweep -------------------------------------------------------------------------------------------
+def angles_degrees(step: float) -> list[float]:
+    count = int(round(360 / step))
+    return [step * index for index in range(count + 1)]
+
+
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected).clamp_min(1e-30)).item()
+
+
+def layer_types(group: rotconv.CyclicGroup, seed: int) -> dict[str, nn.Module]:
+    """Each layer type after a lifting layer (so its input is a regular field), then pooled over rotations."""
+    torch.manual_seed(seed)
+    pool = rotconv.GroupPool(group, "max")
+    lift = lambda: rotconv.LiftingConv2d(3, 4, 5, group)  # noqa: E731
+    return {
+        "LiftingConv2d k5": nn.Sequential(lift(), pool),
+        "+ GroupConv2d k1": nn.Sequential(lift(), nn.ReLU(), rotconv.GroupConv2d(4, 4, 1, group), pool),
+        "+ GroupConv2d k3": nn.Sequential(lift(), nn.ReLU(), rotconv.GroupConv2d(4, 4, 3, group), pool),
+        "+ GroupConv2d k5": nn.Sequential(lift(), nn.ReLU(), rotconv.GroupConv2d(4, 4, 5, group), pool),
+        "+ DepthwiseGroupConv2d k3": nn.Sequential(lift(), nn.ReLU(), rotconv.DepthwiseGroupConv2d(4, 3, group), pool),
+        "+ DepthwiseGroupConv2d k3 stride 2": nn.Sequential(lift(), nn.ReLU(),
+                                                            rotconv.DepthwiseGroupConv2d(4, 3, group, stride=2), pool),
+        "nn.Conv2d k5 (reference, not equivariant)": nn.Sequential(nn.Conv2d(3, 4, 5, padding=2)),
+    }
+
+
+@torch.no_grad()
+def layer_sweep(inputs: dict[str, torch.Tensor], degrees: list[float], seed: int = 0) -> dict:
+    """Relative error of every layer type per angle, for every input family (float64)."""
+    group = rotconv.CyclicGroup(12)
+    results: dict = {}
+    for name, layer in layer_types(group, seed).items():
+        layer = layer.double().eval()
+        results[name] = {}
+        for family, x in inputs.items():
+            reference = layer(x)
+            mask = rotconv.disc_mask(reference.shape[-2], reference.shape[-1], (reference.shape[-1] - 1) / 2 - 1,
+                                     edge_width=0, dtype=x.dtype)
+            errors = []
+            for degree in degrees:
+                angle = math.radians(degree)
+                expected = rotconv.rotate_image(reference, angle) * mask
+                errors.append(_relative(layer(rotconv.rotate_image(x, angle)) * mask, expected))
+            results[name][family] = errors
+    return results
+
+
+def _calibrate(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    with torch.no_grad():
+        model.train()
+        model(images)
+    return model.eval()
+
+
+def load_models(runs: str | None, images: torch.Tensor, seed: int = 0) -> tuple[dict[str, nn.Module], bool]:
+    """Conventional and C_12 MobileNetV2: best weights from ``runs`` where there, else random + calibrated BN."""
+    import mobilenet
+
+    models, trained = {}, True
+    for name, group in (("equivariant", rotconv.CyclicGroup(12)), ("conventional", None)):
+        torch.manual_seed(seed)
+        model = mobilenet.mobilenet_v2(group=group)
+        path = os.path.join(runs, f"{name}-seed{seed}", "last.pt") if runs else None
+        if path and os.path.exists(path):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            model.load_state_dict(checkpoint["best"]["state"])
+            model.eval()
+        else:
+            if runs:
+                print(f"{path}: not found; using random weights", file=sys.stderr)
+            trained = False
+            _calibrate(model, images)
+        models[name] = model
+    return models, trained
+
+
+@torch.no_grad()
+def model_sweep(models: dict[str, nn.Module], images: torch.Tensor, degrees: list[float], input_range) -> dict:
+    """Logit error and prediction stability per angle for FP32 and INT8 versions of each model."""
+    import quant
+
+    results: dict = {}
+    for name, model in models.items():
+        plain = model.export().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            int8 = quant.dfq(plain, fields=12 if name == "equivariant" else None, mode="int8",
+                             input_range=input_range)
+        for precision, network in (("FP32", model.eval()), ("INT8", int8)):
+            reference = network(images)
+            classes = reference.argmax(1)
+            errors, stable = [], []
+            for degree in degrees:
+                logits = network(rotconv.rotate_image(images, math.radians(degree)))
+                errors.append(_relative(logits, reference))
+                stable.append((logits.argmax(1) == classes).float().mean().item())
+            results[f"{name} {precision}"] = {"logit_error": errors, "stability": stable}
+            print(f"  {name} {precision}: mean logit error {np.mean(errors):.4f}, "
+                  f"mean stability {np.mean(stable):.3f}", file=sys.stderr)
+    return results
+
+
+def patch_inputs(count: int, data: str | None, seed: int = 0) -> tuple[torch.Tensor, str, tuple[float, float]]:
+    """``count`` normalised 95x95 patches: the first of ``data``'s test split, else synthetic PCam-like ones."""
+    from .data import Normalizer, PCamSplit
+    from .synthetic import generate_patch
+
+    if data:
+        split = PCamSplit(data, "test")
+        images = split.read(np.arange(min(count, len(split))))
+        source = f"{data} (test split)"
+    else:
+        rng = np.random.default_rng(seed)
+        patches = np.stack([generate_patch(rng, bool(i % 2)) for i in range(count)])[:, :95, :95]
+        images = torch.from_numpy(patches).permute(0, 3, 1, 2).contiguous()
+        source = "synthetic PCam-like patches"
+    pixels = images.float().div(255).permute(1, 0, 2, 3).reshape(3, -1)
+    normalizer = Normalizer(pixels.mean(1).tolist(), pixels.std(1).tolist())
+    return normalizer(images), source, normalizer.value_range()
+
+
+def plot(results: dict, directory: str) -> list[str]:
+    """One PNG per curve family (needs matplotlib); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    degrees = results["degrees"]
+    written = []
+    figures = [(f"layers_{family}", f"layer error vs angle ({family})", "relative error",
+                {name: curves[family] for name, curves in results["layers"].items()})
+               for family in next(iter(results["layers"].values()))]
+    figures.append(("models_logits", "MobileNetV2: relative change of the logits", "relative error",
+                    {name: value["logit_error"] for name, value in results["models"].items()}))
+    figures.append(("models_stability", "MobileNetV2: prediction stability", "fraction with unchanged class",
+                    {name: value["stability"] for name, value in results["models"].items()}))
+    for filename, title, ylabel, curves in figures:
+        figure, axis = plt.subplots(figsize=(8, 4.5))
+        for label, values in curves.items():
+            axis.plot(degrees, values, label=label, marker=".")
+        axis.set_xlabel("rotation angle (degrees)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.set_xticks(range(0, 361, 30))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        path = os.path.join(directory, filename.replace(" ", "_") + ".png")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def sweep(step: float, patches: int, data: str | None, runs: str | None) -> dict:
+    degrees = angles_degrees(step)
+    images, source, input_range = patch_inputs(patches, data)
+    smooth = smooth_noise(4, 3, 33, 2.0, 0)
+    centre = (images.shape[-1] - 33) // 2
+    print("layers ...", file=sys.stderr)
+    layers = layer_sweep({"smooth noise": smooth,
+                          "PCam-like patches": (images[:4, :, centre:centre + 33, centre:centre + 33].double()
+                                                * rotconv.disc_mask(33, 33, dtype=torch.float64))}, degrees)
+    print("models ...", file=sys.stderr)
+    models, trained = load_models(runs, images)
+    return {"degrees": degrees, "inputs": source, "trained_models": trained, "layers": layers,
+            "models": model_sweep(models, images, degrees, input_range)}
+
+
+def format_sweep(results: dict) -> str:
+    degrees = results["degrees"]
+    shown = [d for d in (5, 30, 45, 90, 135, 180) if d in degrees]
+    lines = [f"Inputs: {results['inputs']}; models {'trained (from --runs)' if results['trained_models'] else 'with RANDOM weights'}.",
+             "", "| layer type (C_12, float64) | input | " + " | ".join(f"{d:g}°" for d in shown) + " | mean |",
+             "|---|---|" + "---|" * (len(shown) + 1)]
+    for name, families in results["layers"].items():
+        for family, errors in families.items():
+            values = [errors[degrees.index(d)] for d in shown]
+            lines.append(f"| {name} | {family} | " + " | ".join(f"{100 * v:.2f}%" for v in values)
+                         + f" | {100 * np.mean(errors):.2f}% |")
+    lines += ["", "| MobileNetV2 | " + " | ".join(f"{d:g}°" for d in shown) + " | mean | stability (mean over angles) |",
+              "|---|" + "---|" * (len(shown) + 2)]
+    for name, value in results["models"].items():
+        errors = value["logit_error"]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * errors[degrees.index(d)]:.2f}%" for d in shown)
+                     + f" | {100 * np.mean(errors):.2f}% | {100 * np.mean(value['stability']):.1f}% |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stack", action="store_true", help="run the e2cnn comparison test")
-    parser.add_argument("--seeds", type=int, default=10, help="seeds to average over (default 10)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.equivariance", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stack", action="store_true", help="run the e2cnn comparison test instead of the sweep")
+    parser.add_argument("--seeds", type=int, default=10, help="--stack: seeds to average over (default 10)")
+    parser.add_argument("--step", type=float, default=5.0, help="angle step in degrees (default 5)")
+    parser.add_argument("--patches", type=int, default=32, help="patches for the model sweep (default 32)")
+    parser.add_argument("--quick", action="store_true", help="15-degree steps, 8 patches")
+    parser.add_argument("--data", help="PCam directory: real test patches instead of synthetic ones")
+    parser.add_argument("--runs", help="benchmarks.pcam checkpoint directory with trained models (e.g. runs/pcam)")
+    parser.add_argument("--plots", help="directory for PNG plots (needs matplotlib)")
     parser.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds: expected at least 1")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not 0 < args.step <= 360 or abs(360 / args.step - round(360 / args.step)) > 1e-9:
+        parser.error(f"--step: expected a divisor of 360 degrees, got {args.step}")
+    if args.patches < 1:
+        parser.error("--patches: expected at least 1")
+    if args.data and not os.path.isdir(args.data):
+        parser.error(f"--data: {args.data} is not a directory")
     results = {}
+    if not args.stack:
+        step, patches = (15.0, 8) if args.quick else (args.step, args.patches)
+        results = sweep(step, patches, args.data, args.runs)
+        results["table"] = format_sweep(results)
+        print(results["table"])
+        if args.plots:
+            try:
+                written = plot(results, args.plots)
+                print("plots: " + ", ".join(written))
+            except ImportError:
+                print("--plots: matplotlib is not installed (pip install 'rotconv[plot]'); no plots written",
+                      file=sys.stderr)
     if args.stack:
         results["e2cnn_test_30deg"] = stack_errors(seeds=range(args.seeds))
         print(f"| smoothing | rotconv error at 30 deg, mean +- std ({args.seeds} seeds) | median | e2cnn |")

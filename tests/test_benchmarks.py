@@ -1,0 +1,72 @@
+"""benchmarks.equivariance (angle sweep) and benchmarks.speed on small settings: structure and the exact
+properties the sweep must show (not timings)."""
+import pytest
+import torch
+
+import rotconv
+from benchmarks import equivariance, speed
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return equivariance.sweep(step=45.0, patches=4, data=None, runs=None)
+
+
+def test_sweep_angles_and_layer_curves(sweep):
+    assert sweep["degrees"] == [0, 45, 90, 135, 180, 225, 270, 315, 360]
+    quarter = [i for i, d in enumerate(sweep["degrees"]) if d % 90 == 0]
+    for name, families in sweep["layers"].items():
+        for family, errors in families.items():
+            assert len(errors) == len(sweep["degrees"])
+            if "reference" in name:
+                # random filters are not equivariant: clearly visible even at 90 degrees
+                assert min(errors[i] for i in quarter if sweep["degrees"][i] % 360) > 0.05, (name, family)
+            else:
+                # float64 and exact grid rotations: equivariant to rounding
+                assert max(errors[i] for i in quarter) < 1e-10, (name, family)
+                # other angles: approximately (band-limited filters, interpolated inputs)
+                assert 0 < max(errors) < 0.5, (name, family)
+
+
+def test_sweep_models_int8_exact_at_quarter_turns(sweep):
+    quarter = [i for i, d in enumerate(sweep["degrees"]) if d % 90 == 0]
+    models = sweep["models"]
+    assert set(models) == {"equivariant FP32", "equivariant INT8", "conventional FP32", "conventional INT8"}
+    assert all(models["equivariant INT8"]["logit_error"][i] == 0.0 for i in quarter)
+    assert all(models["equivariant FP32"]["logit_error"][i] < 1e-5 for i in quarter)
+    assert all(models["equivariant FP32"]["stability"][i] == 1.0 for i in quarter)
+    assert max(models["conventional FP32"]["logit_error"][i] for i in quarter) > 1e-3
+    table = equivariance.format_sweep(sweep)
+    assert "RANDOM weights" in table and "90°" in table
+
+
+def test_sweep_plots_are_written(sweep, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (extra 'plot') not installed: plots are optional")
+    written = equivariance.plot(sweep, str(tmp_path))
+    assert len(written) == len(next(iter(sweep["layers"].values()))) + 2
+    for path in written:
+        with open(path, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equivariance_cli_rejects_a_bad_step(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        equivariance.main(["--step", "7"])
+    assert exit_info.value.code == 2 and "--step" in capsys.readouterr().err
+
+
+def test_compare_interleaves_and_reports_medians():
+    calls = []
+    result = speed.compare(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
+    assert set(result) == {"first_s", "second_s", "ratio", "repeats"} and result["repeats"] == 4
+    assert result["first_s"] >= 0 and result["ratio"] > 0
+
+
+def test_plain_twins_do_the_same_work():
+    # the nn.Conv2d each layer is timed against: same filter bank shape, groups and output shape
+    for name, layer in speed.layer_cases(rotconv.CyclicGroup(12), quick=True).items():
+        twin = speed._plain_twin(layer)
+        x = torch.randn(1, layer.in_channels, 47, 47)
+        assert twin(x).shape == layer(x).shape, name
+        assert twin.weight.shape == layer.expand_filter().shape and twin.groups == layer.groups, name
