@@ -7,7 +7,8 @@ measures, for each angle:
   makes the output a stack of scalar maps that any rotation acts on): relative L2 error
   ``||P f(R x) - R P f(x)|| / ||R P f(x)||`` inside the central disc, on smooth disc-masked noise and on
   PCam-like patches; ``nn.Conv2d`` with random filters as the reference;
-* the whole MobileNetV2, equivariant (C_12) and conventional, FP32 and INT8 (DFQ, real int8 kernels):
+* the whole MobileNetV2, equivariant (C_12) and conventional, FP32 and INT8 (DFQ, x86 int8 kernels,
+  symmetric weights):
   relative change of the logits ``||f(R x) - f(x)|| / ||f(x)||`` and prediction stability (fraction of
   patches whose class is unchanged). Trained weights come from ``--runs`` (the checkpoints of
   ``python -m benchmarks.pcam``); without them the models have random weights and calibrated batch norms.
@@ -118,7 +119,15 @@ def layer_sweep(inputs: dict[str, torch.Tensor], degrees: list[float], seed: int
 
 
 def _calibrate(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """A generic untrained network: random batch-norm affine parameters and statistics measured on
+    ``images``, unit-variance classifier weights (the default init gives near-constant, tiny logits)."""
     with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+                module.momentum = None
+        model.classifier[-1].weight.normal_()
         model.train()
         model(images)
     return model.eval()
@@ -157,7 +166,7 @@ def model_sweep(models: dict[str, nn.Module], images: torch.Tensor, degrees: lis
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             int8 = quant.dfq(plain, fields=12 if name == "equivariant" else None, mode="int8",
-                             input_range=input_range)
+                             input_range=input_range, backend="x86", weight_scheme="symmetric")
         for precision, network in (("FP32", model.eval()), ("INT8", int8)):
             reference = network(images)
             classes = reference.argmax(1)

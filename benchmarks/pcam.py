@@ -80,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV2 width multiplier (1.0)")
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
-    parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="asymmetric",
-                        help="INT8 weights: per-tensor asymmetric (DFQ, default) or symmetric (faster on x86)")
+    parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric",
+                        help="INT8 per-tensor weights: symmetric (default: fbgemm's fast depthwise kernels, "
+                             "bit-exact rotations on x86) or asymmetric (DFQ's choice)")
     parser.add_argument("--simulated-int8", action=argparse.BooleanOptionalAction,
                         help="also measure simulated INT8 accuracy (default: paper profile only)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -40,14 +40,25 @@ def quantized_engine(backend: str):
 
 
 class QuantizedAdd(nn.Module):
-    """int8 + int8 -> int8 with fixed output parameters."""
+    """int8 + int8 -> int8 with fixed output parameters, computed elementwise with one correctly rounded
+    float32 operation at a time (``(qa - za) sa + (qb - zb) sb``, divided by the output scale, rounded).
 
-    def __init__(self, scale: float, zero_point: int) -> None:
+    The backends' own ``quantized::add`` (fbgemm) rounds the vectorised body and the scalar tail of a
+    tensor differently, so an element's result depends on its position in memory, which a rotation
+    changes: its int8 sums were one step off at a few rotated positions (found by benchmarks.equivariance).
+    Separate eager ops give every element the same arithmetic wherever it lies.
+    """
+
+    def __init__(self, scale: float, zero_point: int, qmax: int = 255) -> None:
         super().__init__()
-        self.scale, self.zero_point = scale, zero_point
+        self.scale, self.zero_point, self.qmax = scale, zero_point, qmax
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.add(a, b, self.scale, self.zero_point)
+        first = (a.int_repr().float() - a.q_zero_point()) * a.q_scale()
+        second = (b.int_repr().float() - b.q_zero_point()) * b.q_scale()
+        q = torch.round((first + second) / self.scale) + self.zero_point
+        q = q.clamp_(0, self.qmax).to(torch.uint8)
+        return torch._make_per_tensor_quantized_tensor(q, self.scale, self.zero_point)
 
 
 class IntegerMaskedGlobalAvgPool(nn.Module):
@@ -100,7 +111,7 @@ def _quantized_conv(conv: nn.Conv2d, plan: QuantPlan, out_name: str, fuse_relu: 
     cls = _nniq.ConvReLU2d if fuse_relu else _nnq.Conv2d
     quantized = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                     dilation=conv.dilation, groups=conv.groups, bias=True)
-    w_scale, w_zero_point, _, _ = plan.weight_qparams(conv.weight)
+    w_scale, w_zero_point, _, _ = plan.weight_qparams(conv)
     weight = torch.quantize_per_tensor(conv.weight.detach().float(), w_scale, w_zero_point, torch.qint8)
     bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
     quantized.set_weight_bias(weight, bias)
@@ -143,9 +154,9 @@ def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
                     graph.erase_node(relu)
                 quantized_nodes.add(node.name)
             elif node.name in plan.points and is_add(node):  # residual add
-                scale, zero_point, _, _ = plan.activation_qparams(node.name)
+                scale, zero_point, _, qmax = plan.activation_qparams(node.name)
                 name = f"quantized_add_{index}"
-                graph_module.add_submodule(name, QuantizedAdd(scale, zero_point))
+                graph_module.add_submodule(name, QuantizedAdd(scale, zero_point, qmax))
                 with graph.inserting_after(node):
                     new = graph.call_module(name, tuple(node.args[:2]))
                 node.replace_all_uses_with(new)

@@ -33,8 +33,9 @@ class QuantPlan:
         points: node name -> (low, high) activation range for every quantization point.
         fused: conv node name -> activation node name fused into it.
         inputs: names of nodes whose (float) output is quantized on entry to the region.
-        weight_bits, act_bits, reduce_range: bit widths; ``reduce_range`` uses 7-bit activations (x86
-            kernels without VNNI can saturate 16-bit intermediate sums with 8 bits).
+        weight_bits, act_bits, reduce_range: bit widths; ``reduce_range`` (x86/fbgemm) uses 7-bit activations
+            (kernels without VNNI can saturate 16-bit intermediate sums with 8 bits) and 7-bit weights in
+            depthwise convs (see :meth:`weight_bits_of`).
     """
 
     graph_module: fx.GraphModule
@@ -51,8 +52,15 @@ class QuantPlan:
         bits = self.act_bits - 1 if self.reduce_range else self.act_bits
         return quantization_parameters(low, high, bits, signed=False)
 
-    def weight_qparams(self, weight: torch.Tensor) -> tuple[float, int, int, int]:
-        return weight_quantization_parameters(weight, self.weight_bits, self.weight_scheme)
+    def weight_bits_of(self, conv: nn.Conv2d) -> int:
+        """Bits of ``conv``'s weights: one less for depthwise convs with ``reduce_range`` (fbgemm's depthwise
+        kernels add pairs of u8 x s8 products in saturating int16: with 7-bit weights no pair can overflow,
+        whatever the activations; an overflow would depend on the pixel arrangement, breaking exactness)."""
+        depthwise = conv.groups > 1 and conv.groups == conv.in_channels
+        return self.weight_bits - 1 if self.reduce_range and depthwise else self.weight_bits
+
+    def weight_qparams(self, conv: nn.Conv2d) -> tuple[float, int, int, int]:
+        return weight_quantization_parameters(conv.weight, self.weight_bits_of(conv), self.weight_scheme)
 
 
 class _Recorder(fx.Interpreter):
@@ -164,7 +172,7 @@ def simulate(plan: QuantPlan) -> fx.GraphModule:
     for node in list(graph_module.graph.nodes):
         if is_conv(graph_module, node):
             conv = module_of(graph_module, node)
-            conv.weight.copy_(fake_quantize_weight(conv.weight, plan.weight_bits, plan.weight_scheme))
+            conv.weight.copy_(fake_quantize_weight(conv.weight, plan.weight_bits_of(conv), plan.weight_scheme))
     for index, node in enumerate(list(graph_module.graph.nodes)):
         if node.name in plan.points:
             scale, zero_point, qmin, qmax = plan.activation_qparams(node.name)

@@ -150,17 +150,22 @@ def test_int8_conv_stack_is_bit_exactly_equivariant(backend):
         assert torch.equal(int8(group.rotate(x, k, fields=False)), group.rotate(int8(x), k))
 
 
-@pytest.mark.parametrize("backend, weight_scheme", [("x86", "asymmetric"), ("x86", "symmetric"),
-                                                    ("qnnpack", "asymmetric")])
+@pytest.mark.parametrize("backend, weight_scheme", [("x86", "symmetric"), ("qnnpack", "asymmetric"),
+                                                    ("qnnpack", "symmetric")])
 @pytest.mark.parametrize("N", [4, 12])
 def test_int8_mobilenet_logits_are_bit_exactly_invariant_to_quarter_turns(exported, N, backend, weight_scheme):
     # int8 feature maps rotate bit-exactly (test above); the masked global pooling then sums the last int8
     # map in integers (order-independent, so exact), group max-pooling and the linear head see identical
-    # inputs: the logits are bit for bit the same.
+    # inputs: the logits are bit for bit the same. Not x86 with asymmetric weights: fbgemm's GEMMs requantize
+    # some rows (pixels) of a block differently when the weight zero point is not 0, so a rotated pixel can
+    # come out one step apart (found by benchmarks.equivariance on PCam-like patches).
     group = rotconv.CyclicGroup(N)
-    int8 = quant.dfq(exported[N], fields=N, mode="int8", backend=backend, weight_scheme=weight_scheme)
+    # inputs 3x wider than the declared input range: activations leave their planned ranges, the int8
+    # values use all 8 bits, and sums that could saturate int16 in fbgemm's depthwise kernels would appear
+    int8 = quant.dfq(exported[N], fields=N, mode="int8", backend=backend, weight_scheme=weight_scheme,
+                     input_range=(-1.0, 1.0))
     torch.manual_seed(N)
-    x = torch.randn(3, 3, 95, 95).clamp(-3, 3)
+    x = 3 * torch.randn(3, 3, 95, 95)
     logits = int8(x)
     assert logits.abs().max() > 0
     for k in group.exact_elements():
