@@ -82,7 +82,7 @@ class _RotatedFilterConv(nn.Module):
         self.groups = groups
         self.register_buffer("rotated_basis", group_basis(basis, self.group.N), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_fields)) if bias else None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     # -- filters -------------------------------------------------------------------------------------
     @property
@@ -129,14 +129,20 @@ class _RotatedFilterConv(nn.Module):
 
     def filter(self) -> torch.Tensor:
         """The expanded filter; cached in eval mode when no gradient to the coefficients is needed."""
+        return self._filter_and_bias()[0]
+
+    def _filter_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expanded filter and bias; in eval mode without gradients both come from a cache that is rebuilt
+        when a parameter changes (in-place updates bump ``_version``)."""
         if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
             self._cache = None
-            return self.expand_filter()
-        weight = self.weight
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.rotated_basis.data_ptr())
+            return self.expand_filter(), self.expanded_bias()
+        weight, bias = self.weight, self.bias
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.rotated_basis.data_ptr(),
+               None if bias is None else (bias._version, bias.data_ptr()))
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, self.expand_filter())
+                self._cache = (key, (self.expand_filter(), self.expanded_bias()))
         return self._cache[1]
 
     def train(self, mode: bool = True) -> "_RotatedFilterConv":
@@ -178,7 +184,8 @@ class _RotatedFilterConv(nn.Module):
         if self.padding_mode != "zeros" and (pad_h or pad_w):
             x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=self.padding_mode)
             pad_h = pad_w = 0
-        return F.conv2d(x, self.filter(), self.expanded_bias(), self.stride, (pad_h, pad_w), 1, self.groups)
+        weight, bias = self._filter_and_bias()
+        return F.conv2d(x, weight, bias, self.stride, (pad_h, pad_w), 1, self.groups)
 
     # -- export --------------------------------------------------------------------------------------
     def export(self, input_size: int | tuple[int, int] | None = None) -> nn.Module:

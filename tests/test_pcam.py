@@ -184,7 +184,7 @@ def test_two_process_gradients_equal_one_process_gradients(tmp_path, model):
     # norm uses the statistics of the whole global batch through CrossProcessBatchNorm) against the whole
     # batch in one process. Float64, so that only the summation order differs: 1e-8 relative. (Per-process
     # batch statistics would change the gradients at the 1e-1 level.)
-    from tests.ddp_worker import global_batch, tiny_model
+    from ddp_worker import global_batch, tiny_model
 
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
