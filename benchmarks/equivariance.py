@@ -22,7 +22,6 @@ interpolation; full-field relative L2 error inside the disc (e2cnn measures 6.6%
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -34,6 +33,8 @@ import torch.nn as nn
 from scipy import ndimage
 
 import rotconv
+
+from .common import untrained_but_generic, write_json
 
 
 def smooth_noise(batch: int, channels: int, size: int, sigma: float, seed: int) -> torch.Tensor:
@@ -118,21 +119,6 @@ def layer_sweep(inputs: dict[str, torch.Tensor], degrees: list[float], seed: int
     return results
 
 
-def _calibrate(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """A generic untrained network: random batch-norm affine parameters and statistics measured on
-    ``images``, unit-variance classifier weights (the default init gives near-constant, tiny logits)."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-                module.momentum = None
-        model.classifier[-1].weight.normal_()
-        model.train()
-        model(images)
-    return model.eval()
-
-
 def load_models(runs: str | None, images: torch.Tensor, seed: int = 0) -> tuple[dict[str, nn.Module], bool]:
     """Conventional and C_12 MobileNetV2: best weights from ``runs`` where there, else random + calibrated BN."""
     import mobilenet
@@ -150,7 +136,7 @@ def load_models(runs: str | None, images: torch.Tensor, seed: int = 0) -> tuple[
             if runs:
                 print(f"{path}: not found; using random weights", file=sys.stderr)
             trained = False
-            _calibrate(model, images)
+            untrained_but_generic(model, images)
         models[name] = model
     return models, trained
 
@@ -312,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {key} px | {100 * value['mean']:.2f}% +- {100 * value['std']:.2f}% | "
                   f"{100 * value['median']:.2f}% | {reference} |")
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(results, args.out)
     return 0
 
 

@@ -18,8 +18,6 @@ made from it says so. Exit code 2 for bad arguments or bad data files.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import math
 import os
 import sys
@@ -34,6 +32,7 @@ import mobilenet
 import quant
 import rotconv
 
+from .common import serialized_bytes, write_json
 from .data import Normalizer, PCamError, PCamSplit, open_pcam
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
 from .training import Distributed, Progress, TrainConfig, UsageError, train
@@ -171,12 +170,6 @@ def stability(model: nn.Module, split: PCamSplit, normalizer: Normalizer, count:
     return {"90": float((quarter == quarter[:1]).all(0).mean()), "30": float((predicted == predicted[:1]).all(0).mean())}
 
 
-def serialized_bytes(model: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return len(buffer.getvalue())
-
-
 def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCamSplit], normalizer: Normalizer,
              args: argparse.Namespace, settings: dict, log) -> dict:
     """FP32 and INT8 test accuracy, rotation stability, size and cost of a trained model."""
@@ -286,15 +279,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_json(data: dict, path: str) -> None:
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(temporary, path)
-
-
 # -- main --------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict | None:
     settings = _settings(args)
@@ -347,7 +331,7 @@ def run(args: argparse.Namespace) -> dict | None:
         return None
     results = {
         "synthetic": synthetic,
-        "data": "synthetic PCam-like (benchmarks.synthetic)" if synthetic else os.path.abspath(directory),
+        "data": "synthetic PCam-like (benchmarks.synthetic)" if synthetic else directory,
         "data_sizes": {split: len(splits[split]) for split in splits},
         "profile": args.profile,
         "settings": {"group_order": args.group_order, "seeds": settings["seeds"], "epochs": config.epochs,
@@ -365,7 +349,7 @@ def run(args: argparse.Namespace) -> dict | None:
     print()
     print(results["table"])
     out = args.out or os.path.join(args.runs, "results.json")
-    _write_json(results, out)
+    write_json(results, out)
     print(f"\nresults written to {out}")
     return results
 

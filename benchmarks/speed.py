@@ -14,8 +14,6 @@ batch 1 and 32, serialised size.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import platform
 import statistics
@@ -31,6 +29,8 @@ import torch.nn as nn
 import mobilenet
 import quant
 import rotconv
+
+from .common import serialized_bytes, untrained_but_generic, write_json
 
 __all__ = ["compare", "layer_benchmarks", "model_benchmarks", "main"]
 
@@ -135,25 +135,11 @@ def construction_cost(fields: int = 32, kernel_size: int = 5, N: int = 12) -> di
             "filter_expansion_s": expansion}
 
 
-def _calibrated(model: nn.Module, size: int = 95) -> nn.Module:
-    """BN statistics from a few random batches (a stand-in for training: DFQ needs them)."""
-    with torch.no_grad():
-        model.train()
-        for _ in range(2):
-            model(torch.randn(8, 3, size, size))
-    return model.eval()
-
-
-def serialized_bytes(model: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return len(buffer.getvalue())
-
-
 def model_benchmarks(repeats: int, backend: str) -> dict:
     torch.manual_seed(0)
-    conventional = _calibrated(mobilenet.mobilenet_v2())
-    equivariant = _calibrated(mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(12)))
+    images = torch.randn(8, 3, 95, 95)
+    conventional = untrained_but_generic(mobilenet.mobilenet_v2(), images)
+    equivariant = untrained_but_generic(mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(12)), images)
     exported = equivariant.export().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -236,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     results["table"] = format_tables(results)
     print(results["table"])
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(results, args.out)
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.fx import Proxy
-import torch.nn.functional as F
 
 from .group import CyclicGroup, as_group
 

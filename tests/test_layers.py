@@ -1,5 +1,4 @@
 """Property tests for the equivariant layers."""
-import math
 
 import pytest
 import torch
