@@ -76,9 +76,12 @@ class Distributed:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(dist.get_rank(), world_size, local_rank)
 
     @property
     def main(self) -> bool:
