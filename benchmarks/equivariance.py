@@ -227,9 +227,10 @@ def sweep(step: float, patches: int, data: str | None, runs: str | None) -> dict
     smooth = smooth_noise(4, 3, 33, 2.0, 0)
     centre = (images.shape[-1] - 33) // 2
     print("layers ...", file=sys.stderr)
+    patches_label = "PCam patches" if data else "PCam-like patches (synthetic)"
     layers = layer_sweep({"smooth noise": smooth,
-                          "PCam-like patches": (images[:4, :, centre:centre + 33, centre:centre + 33].double()
-                                                * rotconv.disc_mask(33, 33, dtype=torch.float64))}, degrees)
+                          patches_label: (images[:4, :, centre:centre + 33, centre:centre + 33].double()
+                                          * rotconv.disc_mask(33, 33, dtype=torch.float64))}, degrees)
     print("models ...", file=sys.stderr)
     models, trained = load_models(runs, images)
     return {"degrees": degrees, "inputs": source, "trained_models": trained, "layers": layers,
