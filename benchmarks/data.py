@@ -8,8 +8,8 @@ pixel) and normalised per channel.
 """
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -50,12 +50,8 @@ def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
     return handle, handle[name]
 
 
-@dataclass
-class _Checked:
-    length: int
-
-
-def _check_split(directory: str, split: str, check_labels: bool = True) -> _Checked:
+def _check_split(directory: str, split: str) -> int:
+    """Validate the x/y files of ``split`` (PCamError names the file and what was expected); their length."""
     x_path, y_path = split_paths(directory, split)
     x_file, x = _open_dataset(x_path, "x")
     y_file, y = _open_dataset(y_path, "y")
@@ -74,11 +70,10 @@ def _check_split(directory: str, split: str, check_labels: bool = True) -> _Chec
             x[-1]  # a truncated file fails on its last chunk
         except OSError as error:
             raise PCamError(f"{x_path}: could not read the data (truncated file?): {error}") from None
-        if check_labels:
-            bad = np.setdiff1d(np.unique(labels), [0, 1])
-            if bad.size:
-                raise PCamError(f"{y_path}: labels must be 0 or 1, found {bad[:5].tolist()}")
-        return _Checked(int(x.shape[0]))
+        bad = np.setdiff1d(np.unique(labels), [0, 1])
+        if bad.size:
+            raise PCamError(f"{y_path}: labels must be 0 or 1, found {bad[:5].tolist()}")
+        return int(x.shape[0])
     finally:
         x_file.close()
         y_file.close()
@@ -97,18 +92,29 @@ class PCamSplit(torch.utils.data.Dataset):
             raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
         self.directory, self.split = directory, split
         self.x_path, self.y_path = split_paths(directory, split)
-        checked = _check_split(directory, split)
-        self.total = checked.length
-        self.indices = np.arange(self.total) if indices is None else np.asarray(indices, dtype=np.int64)
-        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= self.total):
-            raise ValueError(f"indices: must lie in [0, {self.total}) for {self.x_path}")
+        self.total = _check_split(directory, split)
         with h5py.File(self.y_path, "r") as handle:
-            self.labels = torch.from_numpy(handle["y"][:].reshape(-1)[self.indices].astype(np.int64))
+            self.all_labels = handle["y"][:].reshape(-1)
         self._x: h5py.Dataset | None = None
         self._pid: int | None = None
         self._images: torch.Tensor | None = None
+        self._select(np.arange(self.total) if indices is None else indices, preload)
+
+    def _select(self, indices: np.ndarray, preload: bool) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= self.total):
+            raise ValueError(f"indices: must lie in [0, {self.total}) for {self.x_path}")
+        self.labels = torch.from_numpy(self.all_labels[self.indices].astype(np.int64))
+        self._images = None
         if preload:
             self._images = self.read(np.arange(len(self)))
+
+    def subset(self, indices: np.ndarray, preload: bool = False) -> "PCamSplit":
+        """The patches at ``indices`` (into the whole split) as a new split object, without re-validating."""
+        chosen = copy.copy(self)
+        chosen._x, chosen._pid = None, None
+        chosen._select(indices, preload)
+        return chosen
 
     def __len__(self) -> int:
         return int(self.indices.size)
@@ -155,15 +161,11 @@ def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed:
     limits = limits or {}
     splits = {}
     for split in SPLITS:
-        checked = _check_split(directory, split)
-        indices = None
+        whole = PCamSplit(directory, split)
         limit = limits.get(split)
-        if limit is not None and limit < checked.length:
-            with h5py.File(split_paths(directory, split)[1], "r") as handle:
-                labels = handle["y"][:].reshape(-1)
-            indices = balanced_subset(labels, limit, seed)
-        size = checked.length if indices is None else indices.size
-        splits[split] = PCamSplit(directory, split, indices, preload=size * CROP * CROP * 3 <= preload_bytes)
+        indices = balanced_subset(whole.all_labels, limit, seed) if limit is not None and limit < whole.total \
+            else np.arange(whole.total)
+        splits[split] = whole.subset(indices, preload=indices.size * CROP * CROP * 3 <= preload_bytes)
     return splits
 
 
