@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="also measure simulated INT8 accuracy (default: paper profile only)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="background processes that read and augment the next training batches (0)")
     parser.add_argument("--runs", default=os.path.join("runs", "pcam"), help="checkpoint directory (runs/pcam)")
     parser.add_argument("--resume", action="store_true", help="continue the runs in --runs after the last epoch")
     parser.add_argument("--out", help="JSON results file (default: RUNS/results.json)")
@@ -113,6 +115,8 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError(f"--width-mult: expected a positive number, got {args.width_mult}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda is not available on this machine")
+    if args.workers < 0:
+        raise UsageError(f"--workers: expected >= 0, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected >= 1, got {args.threads}")
     config = TrainConfig(epochs=profile["epochs"], batch_size=profile["batch_size"], lr=profile["lr"],
@@ -316,7 +320,7 @@ def run(args: argparse.Namespace) -> dict | None:
             log(f"== {model_label(name, args.group_order)}, seed {seed} ==")
             started = time.time()
             trained = train(model, splits["train"], splits["valid"], normalizer, seed_config, run_dir, args.resume,
-                            device, processes, identity, log)
+                            device, processes, identity, log, workers=args.workers)
             train_seconds = time.time() - started
             if not processes.main:
                 continue

@@ -225,6 +225,26 @@ def _epoch_plan(config: TrainConfig, epoch: int, size: int) -> tuple[np.ndarray,
     return order, turns, flips
 
 
+class _EpochBatches(torch.utils.data.Dataset):
+    """Item ``step`` = this process's share of global batch ``step`` of an epoch, read and augmented: a
+    DataLoader with workers prepares the next batches while the current one trains (the same batches,
+    in the same order, whatever the number of workers)."""
+
+    def __init__(self, split: PCamSplit, order: np.ndarray, turns: np.ndarray, flips: np.ndarray,
+                 batch_size: int, rank: int, local: int, steps: int) -> None:
+        self.split, self.order, self.turns, self.flips = split, order, turns, flips
+        self.batch_size, self.rank, self.local, self.steps = batch_size, rank, local, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = step * self.batch_size + self.rank * self.local
+        chosen = self.order[start:start + self.local]
+        images, labels = self.split.batch(chosen)
+        return augment_batch(images, torch.from_numpy(self.turns[chosen]), torch.from_numpy(self.flips[chosen])), labels
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, split: PCamSplit, normalizer: Normalizer, batch_size: int, device: str,
                   processes: Distributed, description: str = "valid", show: bool = True) -> tuple[float, float]:
@@ -246,7 +266,7 @@ def evaluate_loss(model: nn.Module, split: PCamSplit, normalizer: Normalizer, ba
 
 def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, normalizer: Normalizer,
           config: TrainConfig, run_dir: str, resume: bool = False, device: str = "cpu",
-          processes: Distributed | None = None, identity: dict | None = None, log=print) -> dict:
+          processes: Distributed | None = None, identity: dict | None = None, log=print, workers: int = 0) -> dict:
     """Train ``model`` (in place); return ``{"best_state", "best_epoch", "best_valid_loss", "history"}``.
 
     After every epoch, ``run_dir/last.pt`` (everything needed to continue) is written atomically by rank 0;
@@ -295,15 +315,14 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
         order, turns, flips = _epoch_plan(config, epoch, len(train_split))
         progress = Progress(steps_per_epoch, f"epoch {epoch}/{config.epochs} train", processes.main)
         loss_sum = correct = 0.0
-        for step in range(steps_per_epoch):
+        batches = _EpochBatches(train_split, order, turns, flips, config.batch_size, processes.rank, local,
+                                steps_per_epoch)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                             pin_memory=device.startswith("cuda"))
+        for step, (images, labels) in enumerate(loader):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step,
                                              config.epochs * steps_per_epoch)
-            chosen = slice(step * config.batch_size + processes.rank * local,
-                           step * config.batch_size + (processes.rank + 1) * local)
-            images, labels = train_split.batch(order[chosen])
-            images = augment_batch(images, torch.from_numpy(turns[order[chosen]]),
-                                   torch.from_numpy(flips[order[chosen]]))
             logits = network(normalizer(images.to(device)))
             labels = labels.to(device)
             loss = F.cross_entropy(logits, labels)

@@ -284,3 +284,14 @@ def test_synthetic_data_is_deterministic_and_balanced(tmp_path):
         with h5py.File(split_paths(a, split)[1]) as handle:
             labels = handle["y"][:].reshape(-1)
         assert labels.sum() * 2 == labels.size
+
+
+def test_background_workers_feed_the_same_batches(tiny_data, tmp_path):
+    # batches are a function of (seed, epoch, step) alone: reading them in 2 worker processes changes nothing
+    histories = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}.json"
+        assert pcam.main(["--data", tiny_data, "--models", "conventional", "--epochs", "1", "--workers", workers,
+                          "--runs", str(tmp_path / f"runs{workers}"), "--out", str(out), *TINY]) == 0
+        histories.append(json.loads(out.read_text())["runs"][0]["history"])
+    assert histories[0] == histories[1]
