@@ -24,6 +24,8 @@ __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "c
            "fake_quantize_tensor", "fake_quantize_weight"]
 
 _MODES = ("simulated", "int8")
+#: Engines whose kernels add u8 x s8 products in saturating int16: 7-bit activations, 7-bit depthwise weights.
+REDUCED_RANGE_BACKENDS = ("x86", "fbgemm")
 
 
 def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
@@ -52,7 +54,7 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     # x86/fbgemm kernels without VNNI sum pairs of u8*s8 products in saturating int16: 7-bit activations
     # (as torch.ao's default qconfig) make that rarer. The simulation follows the same plan as the kernels.
-    reduce_range = backend in ("x86", "fbgemm")
+    reduce_range = backend in REDUCED_RANGE_BACKENDS
     plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range, reduce_range=reduce_range,
                              weight_scheme=weight_scheme)
     if mode == "simulated":
@@ -68,6 +70,8 @@ def dfq(model: nn.Module, fields: int | None = None, bias_correction: bool = Tru
     prepared = equalize(prepared, fields=fields)
     prepared = absorb_high_bias(prepared)
     if bias_correction:
-        prepared = correct_bias(prepared, quantize_kwargs.get("weight_bits", 8),
-                                quantize_kwargs.get("weight_scheme", "asymmetric"))
+        weight_bits = quantize_kwargs.get("weight_bits", 8)
+        reduced = quantize_kwargs.get("backend", "x86") in REDUCED_RANGE_BACKENDS
+        prepared = correct_bias(prepared, weight_bits, quantize_kwargs.get("weight_scheme", "asymmetric"),
+                                weight_bits - 1 if reduced else weight_bits)
     return quantize(prepared, **quantize_kwargs)

@@ -209,10 +209,12 @@ def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "asymmetric") -> fx.GraphModule:
+def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "asymmetric",
+                 depthwise_weight_bits: int | None = None) -> fx.GraphModule:
     """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
     input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract
-    it from the bias. Applies to convs fed by conv -> ReLU; others are left as they are."""
+    it from the bias. Applies to convs fed by conv -> ReLU; others are left as they are.
+    ``depthwise_weight_bits`` (default ``weight_bits``): the bits the quantizer will give depthwise convs."""
     graph_module = trace(model)
     for pair in conv_pairs(graph_module):
         first, second = pair.first, pair.second
@@ -220,7 +222,9 @@ def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "a
             continue
         expected_input = _expected_relu(first.dfq_beta, first.dfq_gamma)
         weight = second.weight
-        error = fake_quantize_weight(weight, weight_bits, weight_scheme) - weight
+        depthwise = second.groups > 1 and second.groups == second.in_channels
+        bits = depthwise_weight_bits if depthwise and depthwise_weight_bits is not None else weight_bits
+        error = fake_quantize_weight(weight, bits, weight_scheme) - weight
         if second.groups == 1:
             shift = error.sum(dim=(2, 3)) @ expected_input
         else:
