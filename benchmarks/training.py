@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.nn import all_reduce  # differentiable: the backward pass all-reduces too
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -115,8 +116,6 @@ class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
             return super().forward(x)
-        from torch.distributed.nn import all_reduce  # differentiable: the backward pass all-reduces too
-
         dims = [0] + list(range(2, x.dim()))
         channels = x.shape[1]
         shape = [1, channels] + [1] * (x.dim() - 2)
