@@ -35,7 +35,7 @@ import rotconv
 from .common import serialized_bytes, write_json
 from .data import Normalizer, PCamError, PCamSplit, open_pcam
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
-from .training import Distributed, Progress, TrainConfig, UsageError, train
+from .training import PRECISIONS, Distributed, Progress, TrainConfig, UsageError, resolve_precision, train
 
 __all__ = ["main", "PAPER", "PROFILES", "format_table"]
 
@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="training precision: bf16 autocast where the device supports it (auto), or fp32")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="train in channels_last memory layout (default: on; faster on CPU and GPU)")
     parser.add_argument("--train-size", type=int, help="balanced random subset of the train split")
     parser.add_argument("--valid-size", type=int)
     parser.add_argument("--test-size", type=int)
@@ -121,7 +125,7 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError(f"--threads: expected >= 1, got {args.threads}")
     config = TrainConfig(epochs=profile["epochs"], batch_size=profile["batch_size"], lr=profile["lr"],
                          weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
-                         augment=not args.no_augment)
+                         augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last)
     try:
         config.validate()
     except ValueError as error:
@@ -341,6 +345,8 @@ def run(args: argparse.Namespace) -> dict | None:
         "settings": {"group_order": args.group_order, "seeds": settings["seeds"], "epochs": config.epochs,
                      "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
                      "optimizer": config.optimizer, "schedule": config.schedule, "augment": config.augment,
+                     "precision": resolve_precision(config.precision, args.device, lambda *a, **k: None),
+                     "channels_last": config.channels_last,
                      "width_mult": args.width_mult, "dropout": args.dropout, "backend": args.backend,
                      "weight_scheme": args.weight_scheme,
                      "stability_samples": settings["stability_samples"], "processes": processes.world_size,

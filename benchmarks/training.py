@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .data import Normalizer, PCamSplit, augment_batch
 
-__all__ = ["UsageError", "TrainConfig", "Distributed", "CrossProcessBatchNorm", "train", "save_atomically", "Progress",
+__all__ = ["UsageError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision", "Distributed", "CrossProcessBatchNorm", "train", "save_atomically", "Progress",
            "evaluate_loss"]
 
 
@@ -46,6 +46,8 @@ class TrainConfig:
     schedule: str = "cosine"
     augment: bool = True
     seed: int = 0
+    precision: str = "auto"
+    channels_last: bool = True
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -60,6 +62,32 @@ class TrainConfig:
             raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule: expected 'cosine' or 'constant', got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
+
+
+#: Training precisions: "bf16" runs forward and backward under bfloat16 autocast (batch-norm statistics, the
+#: loss, the optimizer and checkpoints stay float32); "auto" is bf16 where the device has bf16 kernels.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bf16_supported(device: str) -> bool:
+    """Whether ``device`` has fast bfloat16 kernels (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: str, log=print) -> str:
+    """``"bf16"`` or ``"fp32"``: ``"auto"`` picks bf16 where supported; an explicit ``"bf16"`` on a device
+    without bf16 kernels falls back to fp32 with a one-line notice."""
+    if precision == "fp32":
+        return "fp32"
+    if bf16_supported(device):
+        return "bf16"
+    if precision == "bf16":
+        log(f"notice: {device} has no fast bfloat16 kernels; training in fp32")
+    return "fp32"
 
 
 # -- processes ---------------------------------------------------------------------------------------------
@@ -278,10 +306,13 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
     if config.batch_size % processes.world_size:
         raise UsageError(f"--batch-size: {config.batch_size} does not split evenly over "
                          f"{processes.world_size} processes")
+    config = replace(config, precision=resolve_precision(config.precision, device, log if processes.main else
+                                                                  (lambda *a, **k: None)))
     identity = {"config": asdict(config), **(identity or {})}
     path = os.path.join(run_dir, "last.pt")
     torch.manual_seed(config.seed)
-    model.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
     if processes.world_size > 1:  # before the optimizer is made: the conversion creates new parameters
         convert_batchnorm(model, device)
     optimizer = _optimizer(model, config)
@@ -322,8 +353,10 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step,
                                              config.epochs * steps_per_epoch)
-            logits = network(normalizer(images.to(device)))
-            labels = labels.to(device)
+            inputs = normalizer(images.to(device)).contiguous(memory_format=memory_format)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                logits = network(inputs)
+            logits, labels = logits.float(), labels.to(device)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

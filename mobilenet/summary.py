@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import rotconv
-from rotconv.layers import _RotatedFilterConv
+from rotconv import SteerableConv2d
 
 __all__ = ["ModelSummary", "summary"]
 
@@ -41,7 +41,7 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
 
     def conv_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal macs
-        if isinstance(module, _RotatedFilterConv):
+        if isinstance(module, SteerableConv2d):
             per_output = module.in_channels // module.groups * module.kernel_size**2
         else:
             per_output = module.in_channels // module.groups * module.weight[0, 0].numel()
@@ -61,11 +61,11 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
     for module in model.modules():
         if id(module) in inner_norms:  # counted as its GroupBatchNorm2d
             continue
-        if isinstance(module, (nn.Conv2d, _RotatedFilterConv)):
+        if isinstance(module, (nn.Conv2d, SteerableConv2d)):
             hooks.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(linear_hook))
-        is_leaf = not any(True for _ in module.children()) or isinstance(module, (_RotatedFilterConv,
+        is_leaf = not any(True for _ in module.children()) or isinstance(module, (SteerableConv2d,
                                                                                  rotconv.GroupBatchNorm2d))
         if is_leaf and not isinstance(module, nn.Dropout):
             hooks.append(module.register_forward_hook(leaf_hook))
@@ -80,7 +80,7 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
             hook.remove()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     exported = params
-    if any(isinstance(m, (_RotatedFilterConv, rotconv.GroupBatchNorm2d)) for m in model.modules()):
+    if any(isinstance(m, (SteerableConv2d, rotconv.GroupBatchNorm2d)) for m in model.modules()):
         plain = model.export() if hasattr(model, "export") else rotconv.export(
             model, torch.zeros(1, in_channels, input_size, input_size))
         exported = sum(p.numel() for p in plain.parameters())

@@ -29,7 +29,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, fx.GraphModule):
         return copy.deepcopy(model)
-    if any(isinstance(m, rotconv.layers._RotatedFilterConv) for m in model.modules()):
+    if any(isinstance(m, rotconv.SteerableConv2d) for m in model.modules()):
         raise ValueError("model: export the network to plain torch.nn first (model.export() or rotconv.export)")
     try:
         graph = _Tracer().trace(model)

@@ -16,7 +16,7 @@ from .checks import equivariance_error
 from .export import export
 from .grid import equivariant_output_size, equivariant_padding
 from .group import CyclicGroup, rotate_image
-from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d
+from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableConv2d
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
 
@@ -27,6 +27,7 @@ __all__ = [
     "rotate_image",
     "SteerableBasis",
     "steerable_basis",
+    "SteerableConv2d",
     "LiftingConv2d",
     "GroupConv2d",
     "DepthwiseGroupConv2d",

@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .layers import _RotatedFilterConv
+from .layers import SteerableConv2d
 from .norm import GroupBatchNorm2d
 
 __all__ = ["export"]
@@ -15,7 +15,7 @@ __all__ = ["export"]
 def _strided_equivariant_convs(model: nn.Module) -> list[nn.Module]:
     return [
         m for m in model.modules()
-        if isinstance(m, _RotatedFilterConv) and m.padding == "equivariant" and m.stride > 1
+        if isinstance(m, SteerableConv2d) and m.padding == "equivariant" and m.stride > 1
     ]
 
 
@@ -56,7 +56,7 @@ def export(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Mo
         sizes = _record_input_sizes(model, example_input)
 
     def convert(module: nn.Module) -> nn.Module | None:
-        if isinstance(module, _RotatedFilterConv):
+        if isinstance(module, SteerableConv2d):
             return module.export(sizes.get(id(module)))
         if isinstance(module, GroupBatchNorm2d):
             return module.export()

@@ -11,8 +11,13 @@ grid (multiples of 90 degrees) and band-limited-approximately for the others. Wh
 first quarter of the rotations is computed from coefficients; the rest are exact ``torch.rot90`` copies, so
 the expanded filter bank is bit-exactly symmetric (what makes INT8 models bit-exactly invariant).
 
-Each conv expands its filter on every forward in training mode (gradients flow to the coefficients) and
-caches it in eval mode when no gradient is needed; ``export()`` returns a plain :class:`torch.nn.Conv2d`.
+Expansion is two ops per layer: one contraction of the coefficients with the rotated basis (skipped for
+``kernel_size=1``, whose basis is the constant 1) and one gather with a precomputed index that places every
+entry of the full bank (quarter completion, cyclic offsets, and the memory layout: contiguous or
+channels_last, following the input). Each conv expands its filter on every forward in training mode
+(gradients flow to the coefficients) and caches it in eval mode when no gradient is needed; the cache is
+checked against the coefficients' values on every call, so it never goes stale. ``export()`` returns a plain
+:class:`torch.nn.Conv2d`.
 """
 from __future__ import annotations
 
@@ -28,20 +33,57 @@ from .basis import SteerableBasis, group_basis, steerable_basis
 from .grid import equivariant_padding
 from .group import CyclicGroup, as_group
 
-__all__ = ["LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d"]
+__all__ = ["SteerableConv2d", "LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d", "check_positive_int"]
 
 Padding = Union[str, int]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-def _check_positive_int(value: object, name: str) -> int:
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` if it is an integer >= 1 (bools excluded), else a ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     return value
 
 
-class _RotatedFilterConv(nn.Module):
-    """Shared machinery: argument checks, padding policy, filter cache, export."""
+class _FilterCache:
+    """An expanded filter and bias with the coefficient values they were computed from."""
+
+    def __init__(self, parameters: tuple[torch.Tensor | None, ...], memory_format: torch.memory_format,
+                 filter: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.snapshot = tuple(None if p is None else p.detach().clone() for p in parameters)
+        self.memory_format = memory_format
+        self.inference = torch.is_inference_mode_enabled()
+        self.filter, self.bias = filter, bias
+
+    def matches(self, parameters: tuple[torch.Tensor | None, ...], memory_format: torch.memory_format) -> bool:
+        """True when the coefficients still hold the values the cache was built from (whatever way they were
+        changed: optimizer steps, ``.data`` edits, ``load_state_dict``) and the cached tensors may be used
+        here (an inference tensor cannot enter a later autograd graph)."""
+        if memory_format != self.memory_format or (self.inference and not torch.is_inference_mode_enabled()):
+            return False
+        for current, kept in zip(parameters, self.snapshot):
+            if (current is None) != (kept is None):
+                return False
+            if current is not None and (current.dtype != kept.dtype or current.device != kept.device
+                                        or not torch.equal(current, kept)):
+                return False
+        return True
+
+
+class SteerableConv2d(nn.Module):
+    """Base class of the convs whose filter bank is expanded from steerable coefficients
+    (:class:`LiftingConv2d`, :class:`GroupConv2d`, :class:`DepthwiseGroupConv2d`).
+
+    Shared machinery: argument checks, the odd-grid padding policy, filter expansion (one contraction of the
+    coefficients with the rotated basis, one index gather), the eval-mode filter cache, export.
+
+    Attributes:
+        weight: the steerable coefficients ``(*coefficient_shape, basis_size)``.
+        bias: one bias per output field, or None.
+        in_channels, out_channels, out_fields, groups, kernel_size, stride, padding, padding_mode, group:
+            as their names say; ``out_channels = out_fields * N``.
+    """
 
     weight: nn.Parameter
 
@@ -60,8 +102,8 @@ class _RotatedFilterConv(nn.Module):
     ) -> None:
         super().__init__()
         self.group = as_group(group)
-        self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
-        self.stride = _check_positive_int(stride, "stride")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        self.stride = check_positive_int(stride, "stride")
         if padding == "equivariant":
             if kernel_size % 2 == 0:
                 raise ValueError(f"kernel_size: padding='equivariant' needs an odd kernel size, got {kernel_size}")
@@ -80,9 +122,14 @@ class _RotatedFilterConv(nn.Module):
         self.out_fields = out_fields
         self.out_channels = out_fields * self.group.N
         self.groups = groups
-        self.register_buffer("rotated_basis", group_basis(basis, self.group.N), persistent=False)
+        rotated = group_basis(basis, self.group.N)  # (Q, B, k, k)
+        self.register_buffer("rotated_basis", rotated, persistent=False)
+        # A constant basis (kernel_size 1) is exactly 1 for every rotation: the coefficients are the filter.
+        self._constant_basis = bool(basis.size == 1 and kernel_size == 1 and torch.all(rotated == 1.0))
+        basis_matrix = None if self._constant_basis else rotated.permute(1, 0, 2, 3).reshape(basis.size, -1)
+        self.register_buffer("_basis_matrix", basis_matrix, persistent=False)  # (B, Q*k*k)
         self.bias = nn.Parameter(torch.zeros(out_fields)) if bias else None
-        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._cache: _FilterCache | None = None
 
     # -- filters -------------------------------------------------------------------------------------
     @property
@@ -99,15 +146,32 @@ class _RotatedFilterConv(nn.Module):
             self.weight.normal_(0.0, std)
             if self.bias is not None:
                 self.bias.zero_()
+        self._cache = None
 
-    def expand_filter(self) -> torch.Tensor:
-        """The full filter bank ``(out_channels, in_channels // groups, k, k)`` (differentiable)."""
+    def _place(self, ids: torch.Tensor) -> torch.Tensor:
+        """Where every entry of the full bank comes from: given the positions ``ids`` of the contracted
+        coefficients, laid out ``(*coefficient_shape, Q, k, k)`` (Q: the rotations computed by
+        interpolation), return ``(out_channels, in_channels // groups, k, k)`` positions."""
         raise NotImplementedError
+
+    def _build_expansion_index(self) -> None:
+        """Precompute the gather index of :meth:`expand_filter` (called once the weight exists)."""
+        coefficients = tuple(self.weight.shape[:-1])
+        quarter, k = self.rotated_basis.shape[0], self.kernel_size
+        computed = 1 if self._constant_basis else quarter
+        ids = torch.arange(math.prod(coefficients) * computed * k * k).view(*coefficients, computed, k, k)
+        full = self._place(ids.expand(*coefficients, quarter, k, k))
+        dtype = torch.int32 if full.numel() < 2**31 else torch.int64
+        identity = torch.equal(full.reshape(-1), torch.arange(full.numel()))
+        self.register_buffer("_index", None if identity else full.reshape(-1).to(dtype), persistent=False)
+        channels_last = full.permute(0, 2, 3, 1).reshape(-1).to(dtype) if k > 1 else None
+        self.register_buffer("_index_channels_last", channels_last, persistent=False)
 
     def _complete_quarters(self, first_quarter: torch.Tensor, roll_dim: int | None) -> torch.Tensor:
         """From filters for rotations ``0..Q-1`` (dim 1) build all N by exact rot90 (+ roll of ``roll_dim``).
 
-        ``first_quarter``: ``(F, Q, ..., k, k)``; returns ``(F, N, ..., k, k)``.
+        ``first_quarter``: ``(F, Q, ..., k, k)``; returns ``(F, N, ..., k, k)``. Applied once, to positions,
+        when the expansion index is built.
         """
         N = self.group.N
         if N % 4 != 0:
@@ -121,33 +185,57 @@ class _RotatedFilterConv(nn.Module):
             parts.append(part)
         return torch.cat(parts, dim=1)
 
+    def expand_filter(self, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """The full filter bank ``(out_channels, in_channels // groups, k, k)`` (differentiable), laid out
+        contiguously or ``torch.channels_last``."""
+        weight = self.weight
+        if self._constant_basis:
+            contracted = weight.reshape(-1)
+        else:
+            contracted = (weight.reshape(-1, self.basis_size) @ self._basis_matrix.to(weight.dtype)).reshape(-1)
+        k = self.kernel_size
+        shape = (self.out_channels, self.in_channels // self.groups, k, k)
+        if memory_format == torch.channels_last and self._index_channels_last is not None:
+            gathered = contracted.index_select(0, self._index_channels_last)
+            return gathered.view(shape[0], k, k, shape[1]).permute(0, 3, 1, 2)
+        if self._index is None:
+            return contracted.view(shape)
+        return contracted.index_select(0, self._index).view(shape)
+
     def expanded_bias(self) -> torch.Tensor | None:
         """``(out_channels,)``: the field bias repeated over the N rotations, or None."""
         if self.bias is None:
             return None
         return self.bias.repeat_interleave(self.group.N)
 
-    def filter(self) -> torch.Tensor:
+    def filter(self, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """The expanded filter; cached in eval mode when no gradient to the coefficients is needed."""
-        return self._filter_and_bias()[0]
+        return self._filter_and_bias(memory_format)[0]
 
-    def _filter_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Expanded filter and bias; in eval mode without gradients both come from a cache that is rebuilt
-        when a parameter changes (in-place updates bump ``_version``)."""
-        if self.training or (torch.is_grad_enabled() and self.weight.requires_grad):
+    def _filter_and_bias(self, memory_format: torch.memory_format = torch.contiguous_format
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expanded filter and bias; in eval mode without gradients to the coefficients both come from a
+        cache that is rebuilt whenever the coefficients' values differ from those it was built from."""
+        parameters = (self.weight, self.bias)
+        needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in parameters)
+        if self.training or needs_grad:
             self._cache = None
-            return self.expand_filter(), self.expanded_bias()
-        weight, bias = self.weight, self.bias
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.rotated_basis.data_ptr(),
-               None if bias is None else (bias._version, bias.data_ptr()))
-        if self._cache is None or self._cache[0] != key:
+            return self.expand_filter(memory_format), self.expanded_bias()
+        cache = self._cache
+        if cache is None or not cache.matches(parameters, memory_format):
             with torch.no_grad():
-                self._cache = (key, (self.expand_filter(), self.expanded_bias()))
-        return self._cache[1]
+                cache = _FilterCache(parameters, memory_format, self.expand_filter(memory_format),
+                                     self.expanded_bias())
+            self._cache = cache
+        return cache.filter, cache.bias
 
-    def train(self, mode: bool = True) -> "_RotatedFilterConv":
+    def train(self, mode: bool = True) -> "SteerableConv2d":
         self._cache = None
         return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cache = None  # .to(), .half(), .cuda(): the cached tensors belong to the old ones
+        return super()._apply(fn, recurse)
 
     # -- padding -------------------------------------------------------------------------------------
     def output_size(self, input_size: int) -> int:
@@ -184,7 +272,8 @@ class _RotatedFilterConv(nn.Module):
         if self.padding_mode != "zeros" and (pad_h or pad_w):
             x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode=self.padding_mode)
             pad_h = pad_w = 0
-        weight, bias = self._filter_and_bias()
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        weight, bias = self._filter_and_bias(torch.channels_last if channels_last else torch.contiguous_format)
         return F.conv2d(x, weight, bias, self.stride, (pad_h, pad_w), 1, self.groups)
 
     # -- export --------------------------------------------------------------------------------------
@@ -236,7 +325,7 @@ class _RotatedFilterConv(nn.Module):
         return f"in_channels={self.in_channels}"
 
 
-class LiftingConv2d(_RotatedFilterConv):
+class LiftingConv2d(SteerableConv2d):
     """Scalar channels -> regular fields (the first layer of a C_N-equivariant network).
 
     Output rotation ``i`` of field ``f`` correlates the input with the field's filters rotated by
@@ -266,20 +355,19 @@ class LiftingConv2d(_RotatedFilterConv):
         padding_mode: str = "zeros",
         basis: SteerableBasis | None = None,
     ) -> None:
-        _check_positive_int(in_channels, "in_channels")
-        _check_positive_int(out_fields, "out_fields")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(out_fields, "out_fields")
         super().__init__(in_channels, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1, basis)
         self.weight = nn.Parameter(torch.empty(out_fields, in_channels, self.basis_size))
+        self._build_expansion_index()
         self.reset_parameters()
 
-    def expand_filter(self) -> torch.Tensor:
-        quarter = torch.einsum("fcb,qbxy->fqcxy", self.weight, self.rotated_basis)
-        full = self._complete_quarters(quarter, roll_dim=None)
-        k = self.kernel_size
-        return full.reshape(self.out_channels, self.in_channels, k, k)
+    def _place(self, ids: torch.Tensor) -> torch.Tensor:
+        # (F, C, Q, k, k) -> (F, Q, C, k, k) -> all N rotations -> (F*N, C, k, k)
+        full = self._complete_quarters(ids.permute(0, 2, 1, 3, 4), roll_dim=None)
+        return full.reshape(self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
 
-
-class GroupConv2d(_RotatedFilterConv):
+class GroupConv2d(SteerableConv2d):
     """Regular fields -> regular fields (group convolution on C_N).
 
     The filter from input rotation ``j`` to output rotation ``i`` is ``rotate_i(Psi_{(j-i) mod N})`` with N
@@ -305,8 +393,8 @@ class GroupConv2d(_RotatedFilterConv):
         padding_mode: str = "zeros",
         basis: SteerableBasis | None = None,
     ) -> None:
-        _check_positive_int(in_fields, "in_fields")
-        _check_positive_int(out_fields, "out_fields")
+        check_positive_int(in_fields, "in_fields")
+        check_positive_int(out_fields, "out_fields")
         group = as_group(group)
         super().__init__(
             in_fields * group.N, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1, basis
@@ -314,18 +402,17 @@ class GroupConv2d(_RotatedFilterConv):
         self.in_fields = in_fields
         N = group.N
         self.weight = nn.Parameter(torch.empty(out_fields, in_fields, N, self.basis_size))
-        quarter = self.rotated_basis.shape[0]
-        rows = torch.arange(quarter)[:, None]
-        cols = torch.arange(N)[None, :]
-        self.register_buffer("_offset_index", (cols - rows) % N, persistent=False)  # (Q, N): j - i
+        self._build_expansion_index()
         self.reset_parameters()
 
-    def expand_filter(self) -> torch.Tensor:
-        gathered = self.weight[:, :, self._offset_index]  # (Fo, Fi, Q, N, B)
-        quarter = torch.einsum("oiqjb,qbxy->oqijxy", gathered, self.rotated_basis)
-        full = self._complete_quarters(quarter, roll_dim=3)
-        k = self.kernel_size
-        return full.reshape(self.out_channels, self.in_channels, k, k)
+    def _place(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids (Fo, Fi, D, Q, k, k): filter Psi_d rotated by element r. Output rotation r, input rotation j
+        # takes Psi_{(j - r) mod N} rotated by r; the other quarters are exact rot90 copies, rolled along j.
+        N = self.group.N
+        by_rotation = ids.permute(0, 3, 1, 2, 4, 5)  # (Fo, Q, Fi, D, k, k)
+        offsets = [by_rotation[:, r][:, :, (torch.arange(N) - r) % N] for r in range(by_rotation.shape[1])]
+        full = self._complete_quarters(torch.stack(offsets, dim=1), roll_dim=3)  # (Fo, N, Fi, N, k, k)
+        return full.reshape(self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
 
     def _channel_description(self) -> str:
         return f"{self.in_channels} channels (in_fields={self.in_fields} x N={self.group.N})"
@@ -334,7 +421,7 @@ class GroupConv2d(_RotatedFilterConv):
         return f"in_fields={self.in_fields}"
 
 
-class DepthwiseGroupConv2d(_RotatedFilterConv):
+class DepthwiseGroupConv2d(SteerableConv2d):
     """Equivariant depthwise conv: each channel filtered on its own, with exactly the FLOPs of
     ``nn.Conv2d(F*N, F*N, k, groups=F*N)``.
 
@@ -358,20 +445,19 @@ class DepthwiseGroupConv2d(_RotatedFilterConv):
         padding_mode: str = "zeros",
         basis: SteerableBasis | None = None,
     ) -> None:
-        _check_positive_int(fields, "fields")
+        check_positive_int(fields, "fields")
         group = as_group(group)
         channels = fields * group.N
         super().__init__(channels, fields, kernel_size, group, stride, padding, padding_mode, bias, channels, basis)
         self.fields = fields
         self.in_fields = fields
         self.weight = nn.Parameter(torch.empty(fields, self.basis_size))
+        self._build_expansion_index()
         self.reset_parameters()
 
-    def expand_filter(self) -> torch.Tensor:
-        quarter = torch.einsum("fb,qbxy->fqxy", self.weight, self.rotated_basis)
-        full = self._complete_quarters(quarter, roll_dim=None)
-        k = self.kernel_size
-        return full.reshape(self.out_channels, 1, k, k)
+    def _place(self, ids: torch.Tensor) -> torch.Tensor:
+        full = self._complete_quarters(ids, roll_dim=None)  # (F, Q, k, k) -> (F, N, k, k)
+        return full.reshape(self.out_channels, 1, self.kernel_size, self.kernel_size)
 
     def _channel_description(self) -> str:
         return f"{self.in_channels} channels (fields={self.fields} x N={self.group.N})"

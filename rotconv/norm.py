@@ -52,7 +52,15 @@ class GroupBatchNorm2d(nn.Module):
                 f"input: GroupBatchNorm2d expects (B, {self.num_channels}, H, W) "
                 f"(fields={self.fields} x N={self.group.N}), got {shape}"
             )
-        return self.norm(x.flatten(2).unflatten(1, (self.fields, -1)).flatten(2)).view_as(x)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            if self.training and type(self.norm) is nn.BatchNorm1d and self.norm.track_running_stats:
+                return _FieldBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, self.group.N)
+            # eval, or a converted (cross-process) norm: channels_last memory is (B, H, W, fields, N)
+            batch, channels, height, width = x.shape
+            fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, self.group.N)
+            return self.norm(fields).view(batch, height, width, channels).permute(0, 3, 1, 2)
+        # contiguous memory is (B, fields, N*H*W)
+        return self.norm(x.reshape(x.shape[0], self.fields, -1)).view_as(x)
 
     def export(self) -> nn.BatchNorm2d:
         """A plain ``nn.BatchNorm2d(fields*N)`` with the statistics and parameters repeated per rotation."""
@@ -73,3 +81,66 @@ class GroupBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"fields={self.fields}, group={self.group!r}"
+
+
+class _FieldBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm with statistics shared by the N channels of each field, for channels_last
+    inputs, built on torch's fast per-channel kernels (a field is not contiguous in channels_last memory,
+    so the field view of the contiguous path would cost copies).
+
+    Forward: per-channel mean and variance (``torch.native_batch_norm``), combined per field without
+    cancellation (``var_f = mean(var_c) + mean((mean_c - mean_f)^2)``), then one per-channel affine pass.
+    Backward: torch's kernel with the field statistics held constant, plus the statistics' share of the
+    gradient (a per-channel affine function of x) from field sums of its per-channel sums.
+    Running statistics of ``norm`` (a BatchNorm1d over fields) are updated as BatchNorm1d would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                norm: nn.BatchNorm1d, N: int) -> torch.Tensor:
+        _, mean_c, invstd_c = torch.native_batch_norm(x, None, None, None, None, True, 0.0, norm.eps)
+        var_c = (invstd_c.double().pow(-2) - norm.eps).clamp_min(0.0)
+        mean_c = mean_c.double().view(-1, N)
+        mean_f = mean_c.mean(1)
+        var_f = var_c.view(-1, N).mean(1) + (mean_c - mean_f[:, None]).pow(2).mean(1)
+        count = x.numel() // x.shape[1] * N
+        with torch.no_grad():
+            momentum = norm.momentum
+            if norm.num_batches_tracked is not None:
+                norm.num_batches_tracked.add_(1)
+                if momentum is None:
+                    momentum = 1.0 / float(norm.num_batches_tracked)
+            unbiased = var_f * count / max(count - 1, 1)
+            norm.running_mean.mul_(1 - momentum).add_(momentum * mean_f.to(norm.running_mean.dtype))
+            norm.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(norm.running_var.dtype))
+        mean_f, var_f = mean_f.to(norm.running_mean.dtype), var_f.to(norm.running_mean.dtype)
+        invstd_f = torch.rsqrt(var_f + norm.eps)
+        repeat = lambda t: None if t is None else t.repeat_interleave(N)  # noqa: E731
+        y = torch.nn.functional.batch_norm(x, repeat(mean_f), repeat(var_f), repeat(weight), repeat(bias), False,
+                                           0.0, norm.eps)
+        ctx.save_for_backward(x, mean_f, invstd_f, weight)
+        ctx.N, ctx.count, ctx.eps = N, count, norm.eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, mean_f, invstd_f, weight = ctx.saved_tensors
+        N, count = ctx.N, ctx.count
+        repeat = lambda t: t.repeat_interleave(N)  # noqa: E731
+        var_f = invstd_f.pow(-2) - ctx.eps
+        weight_c = repeat(weight) if weight is not None else None
+        # torch's kernel with the field statistics as constants: dx0 = w * invstd * dy, and per-channel sums
+        # sum(dy * xhat), sum(dy) (its weight and bias gradients), combined here per field
+        grad_input, sum_dy_xhat_c, sum_dy_c = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight_c, repeat(mean_f), repeat(var_f), None, None, False, ctx.eps, [True, True, True])
+        sum_dy = sum_dy_c.view(-1, N).sum(1)
+        sum_dy_xhat = sum_dy_xhat_c.view(-1, N).sum(1)
+        scale = invstd_f if weight is None else weight * invstd_f
+        # the statistics' share: dx = dx0 - scale * (sum_dy + xhat * sum_dy_xhat) / count = dx0 + b*x + c
+        b = -scale * invstd_f * sum_dy_xhat / count
+        c = -scale * sum_dy / count - b * mean_f
+        channel = lambda t: repeat(t).view(1, -1, 1, 1).to(x.dtype)  # noqa: E731
+        grad_input = grad_input.add_(channel(c)).addcmul_(x, channel(b))
+        grad_weight = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_dy if ctx.needs_input_grad[2] else None
+        return grad_input, grad_weight, grad_bias, None, None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import rotconv
 from conftest import smooth_masked_input
@@ -164,8 +164,8 @@ def test_eval_cache_matches_train_mode_and_follows_parameter_changes():
     layer.eval()
     with torch.no_grad():
         first = layer(x)
-        cached = layer._cache[1]
-        assert torch.equal(layer(x), first) and layer._cache[1] is cached  # reused
+        cached = layer._cache.filter
+        assert torch.equal(layer(x), first) and layer._cache.filter is cached  # reused
     assert torch.allclose(first, train_out, atol=1e-6)
     assert set(layer.state_dict()) == {"weight", "bias"}
     optimiser = torch.optim.SGD(layer.parameters(), lr=0.1)
@@ -255,3 +255,84 @@ def test_bad_inputs_raise_clear_errors(layer, x, message):
 def test_repr_documents_the_layer():
     text = repr(rotconv.GroupConv2d(2, 3, 5, rotconv.CyclicGroup(12), stride=2, bias=False))
     assert "in_fields=2" in text and "out_fields=3" in text and "CyclicGroup(12)" in text and "bias=False" in text
+
+
+@pytest.mark.parametrize("edit", ["data", "load_state_dict", "copy_under_no_grad", "bias_data"])
+def test_eval_cache_never_goes_stale(edit):
+    # .data edits do not bump a parameter's version counter: the cache must notice the new values anyway
+    torch.manual_seed(0)
+    layer = rotconv.GroupConv2d(2, 2, 3, rotconv.CyclicGroup(4)).eval()
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        before = layer(x)
+        if edit == "data":
+            layer.weight.data.mul_(2)
+        elif edit == "load_state_dict":
+            layer.load_state_dict({"weight": layer.weight * 3, "bias": layer.bias})
+        elif edit == "copy_under_no_grad":
+            layer.weight.copy_(torch.randn_like(layer.weight))
+        else:
+            layer.bias.data.add_(1.0)
+        after = layer(x)
+    fresh = rotconv.GroupConv2d(2, 2, 3, rotconv.CyclicGroup(4)).eval()
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(after, before)
+        assert torch.equal(after, fresh(x))
+
+
+def test_cache_built_under_inference_mode_does_not_leak_into_autograd():
+    torch.manual_seed(0)
+    layer = rotconv.DepthwiseGroupConv2d(2, 3, rotconv.CyclicGroup(4)).eval().requires_grad_(False)
+    with torch.inference_mode():
+        expected = layer(torch.ones(1, 8, 7, 7))
+    x = torch.ones(1, 8, 7, 7, requires_grad=True)
+    out = layer(x)  # frozen weights, input needs a gradient (saliency maps): conv saves the filter
+    out.sum().backward()
+    assert x.grad is not None and torch.equal(out.detach(), expected)
+
+
+def _reference_filter(layer) -> torch.Tensor:
+    """The expanded filter from its definition, one (output rotation, input rotation) pair at a time:
+    LiftingConv2d/DepthwiseGroupConv2d: rotation i of field f is the field's filter rotated by i;
+    GroupConv2d: the filter from input rotation j to output rotation i is Psi_{(j - i) mod N} rotated by i.
+    Rotations by multiples of 90 degrees are exact rot90 of the interpolated first quarter."""
+    from rotconv.basis import group_basis
+    N, k = layer.group.N, layer.kernel_size
+    quarter_basis = group_basis(layer.basis, N).double()
+    Q = quarter_basis.shape[0]
+
+    def rotated(coefficients: torch.Tensor, i: int) -> torch.Tensor:  # coefficients (..., B) -> (..., k, k)
+        spatial = torch.einsum("...b,bxy->...xy", coefficients.double(), quarter_basis[i % Q])
+        return torch.rot90(spatial, i // Q, dims=(-2, -1)) if Q < N else spatial
+
+    weight = layer.weight.detach()
+    if isinstance(layer, rotconv.GroupConv2d):
+        out = torch.empty(layer.out_fields, N, layer.in_fields, N, k, k, dtype=torch.float64)
+        for i in range(N):
+            for j in range(N):
+                out[:, i, :, j] = rotated(weight[:, :, (j - i) % N], i)
+    else:
+        out = torch.stack([rotated(weight, i) for i in range(N)], dim=1)  # (F, N, [C,] k, k)
+    return out.reshape(layer.out_channels, -1, k, k)
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(["lifting", "group", "depthwise"]), N=st.integers(1, 12), kernel_size=KERNELS,
+       fields=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_expansion_matches_its_definition_in_both_layouts(kind, N, kernel_size, fields, seed):
+    torch.manual_seed(seed)
+    group = rotconv.CyclicGroup(N)
+    layer = {"lifting": lambda: rotconv.LiftingConv2d(3, fields, kernel_size, group),
+             "group": lambda: rotconv.GroupConv2d(fields, 2, kernel_size, group),
+             "depthwise": lambda: rotconv.DepthwiseGroupConv2d(fields, kernel_size, group)}[kind]()
+    expected = _reference_filter(layer)
+    contiguous = layer.expand_filter()
+    channels_last = layer.expand_filter(torch.channels_last)
+    # float32 contraction of <= 7 basis terms against a float64 reference: a few ulps of the largest entry
+    assert torch.allclose(contiguous.double(), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    assert torch.equal(contiguous, channels_last)  # same numbers, different memory order
+    if kernel_size > 1:
+        assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    if kernel_size == 1:  # constant basis (exactly 1): the coefficients themselves, copied, no rounding
+        assert torch.equal(contiguous.double(), expected)

@@ -70,7 +70,7 @@ def test_export_matches_model_and_is_plain(models, N):
     model = models[N]
     plain = model.export()
     kinds = {type(m) for m in plain.modules()}
-    assert not any(issubclass(k, (rotconv.layers._RotatedFilterConv, rotconv.GroupBatchNorm2d)) for k in kinds)
+    assert not any(issubclass(k, (rotconv.SteerableConv2d, rotconv.GroupBatchNorm2d)) for k in kinds)
     x = torch.randn(2, 3, 95, 95)
     with torch.no_grad():
         assert torch.allclose(plain(x), model(x), atol=1e-5, rtol=1e-4)

@@ -210,7 +210,7 @@ def test_torchrun_two_processes_train_like_one(tiny_data, tmp_path):
     # a freshly initialised network amplifies rounding: a 1e-7 relative perturbation of the weights changes
     # some batch-norm updates by more than 100% within 3 steps (measured), so weights are not compared; the
     # losses over one epoch (2 steps) agree to 1e-3.
-    common = ["--data", tiny_data, "--models", "conventional", "--epochs", "1", "--dropout", "0", "--optimizer",
+    common = ["--data", tiny_data, "--models", "conventional", "--epochs", "1", "--dropout", "0", "--precision", "fp32", "--optimizer",
               "sgd", "--lr", "0.01", *TINY]
     single = run_cli([*common, "--runs", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")], timeout=600)
     assert single.returncode == 0, single.stderr
