@@ -15,7 +15,9 @@ import h5py
 import numpy as np
 import torch
 
-__all__ = ["SPLITS", "PCamError", "PCamSplit", "split_paths", "open_pcam", "Normalizer", "augment_batch",
+from .common import file_fingerprint
+
+__all__ = ["SPLITS", "PCamError", "PCamSplit", "split_paths", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch",
            "CROP"]
 
 SPLITS = ("train", "valid", "test")
@@ -34,11 +36,15 @@ def split_paths(directory: str, split: str) -> tuple[str, str]:
 
 
 def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
-    if not os.path.exists(path):
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         if os.path.exists(path + ".gz"):
             raise PCamError(f"{path}: only the compressed {os.path.basename(path)}.gz is there; "
-                            f"decompress it first: gunzip -k {path}.gz")
-        raise PCamError(f"{path}: file not found (expected the official PCam HDF5 file)")
+                            f"decompress it first: gunzip -k {path}.gz") from None
+        raise PCamError(f"{path}: file not found (expected the official PCam HDF5 file)") from None
+    except OSError as error:  # permission denied, a symlink loop, ...
+        raise PCamError(f"{path}: cannot be read ({error.strerror})") from None
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
@@ -149,6 +155,13 @@ class PCamSplit(torch.utils.data.Dataset):
         return self.read(positions), self.labels[torch.as_tensor(np.asarray(positions, dtype=np.int64))]
 
 
+def data_fingerprint(directory: str) -> dict:
+    """Size and sampled content hash of every split file (see :func:`benchmarks.common.file_fingerprint`):
+    what identifies a data set for resuming, wherever it lies (symlinked, moved, copied)."""
+    return {os.path.basename(path).replace("camelyonpatch_level_2_split_", ""): file_fingerprint(path)
+            for split in SPLITS for path in split_paths(directory, split) if os.path.isfile(path)}
+
+
 def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed: int = 0,
               preload_bytes: int = 2 * 2**30) -> dict[str, PCamSplit]:
     """Open the three splits of ``directory`` (each validated; :class:`PCamError` names a bad file).
@@ -158,6 +171,8 @@ def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed:
     """
     if not os.path.isdir(directory):
         raise PCamError(f"{directory}: not a directory (expected the PCam HDF5 files in it)")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise PCamError(f"{directory}: the directory cannot be read (permission denied)")
     limits = limits or {}
     splits = {}
     for split in SPLITS:

@@ -32,10 +32,11 @@ import mobilenet
 import quant
 import rotconv
 
-from .common import serialized_bytes, write_json
-from .data import Normalizer, PCamError, PCamSplit, open_pcam
+from .common import OutputError, RunLock, check_writable, serialized_bytes, write_json
+from .data import Normalizer, PCamError, PCamSplit, data_fingerprint, open_pcam
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
-from .training import PRECISIONS, Distributed, Progress, TrainConfig, UsageError, resolve_precision, train
+from .training import (PRECISIONS, Distributed, DivergedError, Progress, TrainConfig, UsageError,
+                       resolve_precision, train)
 
 __all__ = ["main", "PAPER", "PROFILES", "format_table"]
 
@@ -94,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="background processes that read and augment the next training batches (0)")
     parser.add_argument("--runs", default=os.path.join("runs", "pcam"), help="checkpoint directory (runs/pcam)")
     parser.add_argument("--resume", action="store_true", help="continue the runs in --runs after the last epoch")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoints already in --runs (without it, a fresh run refuses to)")
     parser.add_argument("--out", help="JSON results file (default: RUNS/results.json)")
     parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
                                                                 "synthetic-pcam"),
@@ -108,9 +111,17 @@ def _settings(args: argparse.Namespace) -> dict:
                 "simulated_int8"):
         if getattr(args, key) is not None:
             profile[key] = getattr(args, key)
-    for key in ("train_size", "valid_size", "test_size", "stability_samples"):
+    for key in ("train_size", "valid_size", "test_size", "stability_samples", "epochs", "batch_size"):
         if profile[key] is not None and profile[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')}: expected a positive count, got {profile[key]}")
+    for name, value in (("lr", profile["lr"]), ("weight-decay", args.weight_decay), ("width-mult", args.width_mult),
+                        ("dropout", args.dropout)):
+        if not math.isfinite(value):
+            raise UsageError(f"--{name}: expected a finite number, got {value}")
+    if any(seed < 0 for seed in profile["seeds"]):
+        raise UsageError(f"--seeds: expected integers >= 0, got {profile['seeds']}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite: choose one (continue the runs, or replace them)")
     if args.group_order < 1:
         raise UsageError(f"--group-order: expected N >= 1, got {args.group_order}")
     if not 0 <= args.dropout < 1:
@@ -289,10 +300,20 @@ def format_table(results: dict) -> str:
 
 # -- main --------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict | None:
+    """Validate the arguments and the outputs, take the run directory's lock, then train and evaluate."""
     settings = _settings(args)
+    processes = Distributed.from_environment(args.device)
+    if not processes.main:
+        return _run(args, settings, processes)
+    out = args.out or os.path.join(args.runs, "results.json")
+    check_writable(out)  # before hours of training, not after
+    with RunLock(args.runs):
+        return _run(args, settings, processes)
+
+
+def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    processes = Distributed.from_environment(args.device)
     device = args.device if args.device == "cpu" else f"cuda:{processes.local_rank}"
     log = print if processes.main else (lambda *a, **k: None)
     synthetic = args.data is None
@@ -311,6 +332,7 @@ def run(args: argparse.Namespace) -> dict | None:
         processes.barrier()
     splits = open_pcam(directory, {s: settings[f"{s}_size"] for s in ("train", "valid", "test")})
     normalizer = Normalizer.fit(splits["train"])
+    fingerprint = data_fingerprint(directory)  # the data's content, not its path, identifies a resumable run
     config: TrainConfig = settings["config"]
     runs = []
     for name in args.models:
@@ -319,12 +341,12 @@ def run(args: argparse.Namespace) -> dict | None:
             seed_config = TrainConfig(**{**config.__dict__, "seed": seed})
             model = build_model(name, args, seed)
             identity = {"model": name, "group_order": args.group_order, "width_mult": args.width_mult,
-                        "dropout": args.dropout, "data": os.path.abspath(directory),
+                        "dropout": args.dropout, "data": fingerprint,
                         "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
             log(f"== {model_label(name, args.group_order)}, seed {seed} ==")
             started = time.time()
             trained = train(model, splits["train"], splits["valid"], normalizer, seed_config, run_dir, args.resume,
-                            device, processes, identity, log, workers=args.workers)
+                            device, processes, identity, log, workers=args.workers, overwrite=args.overwrite)
             train_seconds = time.time() - started
             if not processes.main:
                 continue
@@ -368,9 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         run(args)
-    except (PCamError, UsageError) as error:
+    except (PCamError, UsageError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DivergedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: finished epochs are in the checkpoints; continue with --resume", file=sys.stderr)
         return 130

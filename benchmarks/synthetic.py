@@ -11,12 +11,12 @@ real PCam reads it too.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import h5py
 import numpy as np
 from scipy import ndimage
 
+from .common import atomic_write
 from .data import SPLITS, split_paths
 
 __all__ = ["generate_patch", "write_synthetic_pcam", "DEFAULT_SIZES"]
@@ -98,17 +98,11 @@ def generate_patch(rng: np.random.Generator, tumour: bool) -> np.ndarray:
 
 
 def _write_atomically(path: str, name: str, data: np.ndarray) -> None:
-    directory = os.path.dirname(path) or "."
-    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(handle)
-    try:
-        with h5py.File(temporary, "w") as out:
-            chunks = (min(64, data.shape[0]),) + data.shape[1:]
-            out.create_dataset(name, data=data, chunks=chunks)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    def write(handle) -> None:
+        with h5py.File(handle, "w") as out:
+            out.create_dataset(name, data=data, chunks=(min(64, data.shape[0]),) + data.shape[1:])
+
+    atomic_write(path, write)
 
 
 def write_synthetic_pcam(directory: str, sizes: dict[str, int] | None = None, seed: int = 0,

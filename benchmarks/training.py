@@ -13,7 +13,6 @@ import copy
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -24,9 +23,10 @@ from torch.distributed.nn import all_reduce  # differentiable: the backward pass
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import Normalizer, PCamSplit, augment_batch
+from .common import atomic_write, clean_temporary_files, differences
+from .data import Normalizer, PCamError, PCamSplit, augment_batch
 
-__all__ = ["UsageError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision", "Distributed", "CrossProcessBatchNorm", "train", "save_atomically", "Progress",
+__all__ = ["UsageError", "DivergedError", "load_checkpoint", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision", "Distributed", "CrossProcessBatchNorm", "train", "save_atomically", "Progress",
            "evaluate_loss"]
 
 
@@ -215,18 +215,8 @@ class Progress:
 
 
 def save_atomically(state: dict, path: str) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename (never a half-written file)."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
-    os.close(handle)
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    """``torch.save`` through :func:`benchmarks.common.atomic_write` (never a half-written file)."""
+    atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 # -- training ----------------------------------------------------------------------------------------------
@@ -265,10 +255,13 @@ class _EpochBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | str:
         start = step * self.batch_size + self.rank * self.local
         chosen = self.order[start:start + self.local]
-        images, labels = self.split.batch(chosen)
+        try:
+            images, labels = self.split.batch(chosen)
+        except PCamError as error:  # returned, not raised: a worker's exception would carry its traceback text
+            return str(error)
         return augment_batch(images, torch.from_numpy(self.turns[chosen]), torch.from_numpy(self.flips[chosen])), labels
 
 
@@ -291,25 +284,109 @@ def evaluate_loss(model: nn.Module, split: PCamSplit, normalizer: Normalizer, ba
     return loss_sum / count, correct / count
 
 
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, or never produced a model better than its initialisation."""
+
+
+CHECKPOINT_KEYS = ("identity", "epoch", "model", "optimizer", "rng", "history", "best")
+
+
+def load_checkpoint(path: str, device: str = "cpu") -> dict:
+    """Read a training checkpoint written by :func:`train`; every failure is a :class:`UsageError` naming
+    ``path`` (missing, a directory, empty, truncated, not a checkpoint, or another program's file)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: checkpoint not found") from None
+    except Exception as error:  # torch.load raises EOFError, UnpicklingError, RuntimeError, ... for bad files
+        kind = "empty" if os.path.getsize(path) == 0 else "truncated or not a checkpoint"
+        raise UsageError(f"{path}: unreadable checkpoint ({kind}: {type(error).__name__}); delete it or start "
+                         "the run with --overwrite") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise UsageError(f"{path}: not a checkpoint of this trainer (missing {', '.join(missing)}); delete it or "
+                         "start the run with --overwrite")
+    return checkpoint
+
+
+def _restore(checkpoint: dict, path: str, identity: dict, model: nn.Module,
+             optimizer: torch.optim.Optimizer) -> None:
+    changed = differences(checkpoint["identity"], identity)
+    if changed:
+        raise UsageError(f"--resume: {path} belongs to another run; what differs (checkpoint -> this run): "
+                         + "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
+                         + ". Use another --runs directory, or --overwrite to start afresh")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng"])
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise UsageError(f"{path}: the checkpoint does not fit this model ({str(error).splitlines()[0]})") from None
+
+
+def _train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, batches: torch.utils.data.Dataset,
+                 normalizer: Normalizer, config: TrainConfig, epoch: int, steps_per_epoch: int, device: str,
+                 workers: int, progress: Progress) -> tuple[float, float]:
+    """One epoch of optimizer steps; returns this process's (loss sum, correct count). A non-finite loss
+    stops training (:class:`DivergedError`)."""
+    network.train()
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                         pin_memory=device.startswith("cuda"))
+    loss_sum = correct = seen = 0.0
+    for step, item in enumerate(loader):
+        if isinstance(item, str):  # a data error in a worker, passed on as its message
+            raise PCamError(item)
+        images, labels = item
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step, config.epochs * steps_per_epoch)
+        inputs = normalizer(images.to(device)).contiguous(memory_format=memory_format)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            logits = network(inputs)
+        logits, labels = logits.float(), labels.to(device)
+        loss = F.cross_entropy(logits, labels)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"training diverged: loss {loss.item()} at epoch {epoch}, step {step + 1} (lr "
+                                f"{config.lr:g}); lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.numel()
+        progress.update(loss=loss.item(), acc=correct / seen)
+    return loss_sum, correct
+
+
 def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, normalizer: Normalizer,
           config: TrainConfig, run_dir: str, resume: bool = False, device: str = "cpu",
-          processes: Distributed | None = None, identity: dict | None = None, log=print, workers: int = 0) -> dict:
+          processes: Distributed | None = None, identity: dict | None = None, log=print, workers: int = 0,
+          overwrite: bool = False) -> dict:
     """Train ``model`` (in place); return ``{"best_state", "best_epoch", "best_valid_loss", "history"}``.
 
     After every epoch, ``run_dir/last.pt`` (everything needed to continue) is written atomically by rank 0;
     with ``resume=True`` a run continues after the last finished epoch of ``run_dir/last.pt``. ``identity``
-    (model and data description) is stored and must match on resume. The weights with the lowest validation
-    loss are kept (``best_state``, also in the checkpoint).
+    (model and data description) is stored and must match on resume. Without ``resume`` an existing
+    checkpoint is refused unless ``overwrite=True``. The weights with the lowest validation loss are kept
+    (``best_state``, also in the checkpoint). A non-finite loss, or a run in which no epoch improved on the
+    untrained model's validation loss, raises :class:`DivergedError`.
     """
     config.validate()
     processes = processes or Distributed()
     if config.batch_size % processes.world_size:
         raise UsageError(f"--batch-size: {config.batch_size} does not split evenly over "
                          f"{processes.world_size} processes")
-    config = replace(config, precision=resolve_precision(config.precision, device, log if processes.main else
-                                                                  (lambda *a, **k: None)))
+    quiet = log if processes.main else (lambda *a, **k: None)
+    config = replace(config, precision=resolve_precision(config.precision, device, quiet))
     identity = {"config": asdict(config), **(identity or {})}
     path = os.path.join(run_dir, "last.pt")
+    if processes.main and os.path.isdir(run_dir):
+        clean_temporary_files(run_dir)  # left by a run killed while writing a checkpoint
+    if not resume and not overwrite and os.path.exists(path):
+        raise UsageError(f"--runs: {path} already holds a run; pass --resume to continue it or --overwrite to "
+                         "replace it")
     torch.manual_seed(config.seed)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
@@ -320,18 +397,13 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
     best = {"valid_loss": math.inf, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     start_epoch = 1
     if resume and os.path.exists(path):
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-        if checkpoint["identity"] != identity:
-            raise UsageError(f"--resume: {path} belongs to another run (settings {checkpoint['identity']}); "
-                             "use another --runs directory or drop --resume")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"])
+        checkpoint = load_checkpoint(path, device)
+        _restore(checkpoint, path, identity, model, optimizer)
         history, best = checkpoint["history"], checkpoint["best"]
         start_epoch = checkpoint["epoch"] + 1
-        log(f"resumed {run_dir} after epoch {checkpoint['epoch']}")
+        quiet(f"resumed {run_dir} after epoch {checkpoint['epoch']}")
     elif resume:
-        log(f"resume: no checkpoint in {run_dir}; starting from scratch")
+        quiet(f"resume: no checkpoint in {run_dir}; starting from scratch")
 
     network: nn.Module = model
     if processes.world_size > 1:
@@ -341,29 +413,12 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
         raise UsageError(f"--batch-size: {config.batch_size} is larger than the training set ({len(train_split)})")
     local = config.batch_size // processes.world_size
     for epoch in range(start_epoch, config.epochs + 1):
-        network.train()
         order, turns, flips = _epoch_plan(config, epoch, len(train_split))
-        progress = Progress(steps_per_epoch, f"epoch {epoch}/{config.epochs} train", processes.main)
-        loss_sum = correct = 0.0
         batches = _EpochBatches(train_split, order, turns, flips, config.batch_size, processes.rank, local,
                                 steps_per_epoch)
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                             pin_memory=device.startswith("cuda"))
-        for step, (images, labels) in enumerate(loader):
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step,
-                                             config.epochs * steps_per_epoch)
-            inputs = normalizer(images.to(device)).contiguous(memory_format=memory_format)
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                logits = network(inputs)
-            logits, labels = logits.float(), labels.to(device)
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * labels.numel()
-            correct += (logits.argmax(1) == labels).sum().item()
-            progress.update(loss=loss.item(), acc=correct / ((step + 1) * local))
+        progress = Progress(steps_per_epoch, f"epoch {epoch}/{config.epochs} train", processes.main)
+        loss_sum, correct = _train_epoch(network, optimizer, batches, normalizer, config, epoch, steps_per_epoch,
+                                         device, workers, progress)
         loss_sum, correct = processes.sum([loss_sum, correct])
         seen = steps_per_epoch * config.batch_size
         valid_loss, valid_accuracy = evaluate_loss(model, valid_split, normalizer, config.batch_size * 2,
@@ -381,6 +436,8 @@ def train(model: nn.Module, train_split: PCamSplit, valid_split: PCamSplit, norm
                              "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                              "history": history, "best": best}, path)
         processes.barrier()
+    if best["epoch"] == 0:
+        raise DivergedError(f"training never produced a finite validation loss (last: "
+                            f"{history[-1]['valid_loss'] if history else 'none'}); nothing to evaluate")
     return {"best_state": best["state"], "best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
             "history": history}
-

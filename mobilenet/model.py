@@ -9,7 +9,6 @@ global pooling. The equivariant network uses the same table with ``round(c / N)`
 one) where the conventional one has ``c`` channels, and an invariant head: masked global average pooling,
 max pooling over the N rotations, linear classifier.
 """
-from __future__ import annotations
 
 import torch
 import torch.nn as nn

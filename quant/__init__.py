@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -62,9 +63,25 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
     return convert_int8(plan, backend)
 
 
+def _check_float_model(model: nn.Module) -> None:
+    """Refuse what DFQ cannot start from: an already quantized model, non-finite weights or statistics."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if isinstance(module, (FakeQuantize, Int8Model)) or type(module).__module__.startswith("torch.ao.nn.quantized") \
+                or type(module).__module__.startswith("torch.ao.nn.intrinsic.quantized"):
+            raise ValueError(f"model: already quantized ({name or 'the model'} is {type(module).__name__}); "
+                             "pass the float model")
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"model: {name} has NaN or infinite values; a diverged or corrupt model cannot be "
+                             "quantized")
+
+
 def dfq(model: nn.Module, fields: int | None = None, bias_correction: bool = True, **quantize_kwargs) -> nn.Module:
     """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared with ``fields=N``), absorb high
     biases, correct biases, quantize (``quantize_kwargs`` go to :func:`quantize`)."""
+    _check_float_model(model)
     prepared: fx.GraphModule = fold_batchnorm(model)
     prepared = replace_relu6(prepared)
     prepared = equalize(prepared, fields=fields)

@@ -35,6 +35,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as error:  # torch.fx raises many types; name what failed
         raise ValueError(f"model: could not be traced by torch.fx ({error})") from error
+    for node in graph.nodes:  # string annotations (from __future__ import annotations) would not pickle
+        if isinstance(node.type, str):
+            node.type = None
     module = fx.GraphModule(copy.deepcopy(model), graph)
     module.train(model.training)
     return module

@@ -90,7 +90,13 @@ class IntegerMaskedGlobalAvgPool(nn.Module):
 
 
 class Int8Model(nn.Module):
-    """Float in, float out; runs ``graph_module`` (int8 kernels inside) under the quantized ``backend``."""
+    """Float in, float out; runs ``graph_module`` (int8 kernels inside) under the quantized ``backend``.
+
+    Inputs must be finite: a NaN or infinity would be clamped by the first quantization to a valid int8 value
+    and give a confident, meaningless prediction, so it is refused with a ValueError. Save it as TorchScript
+    (``torch.jit.save(torch.jit.trace(model, example), path)``; ``torch.jit.load``): torch.ao's quantized
+    modules do not unpickle, so ``torch.save`` of the whole model raises a TypeError saying so.
+    """
 
     def __init__(self, graph_module: fx.GraphModule, backend: str) -> None:
         super().__init__()
@@ -98,8 +104,18 @@ class Int8Model(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            raise ValueError("input: contains NaN or infinite values; an INT8 model would clamp them into range and "
+                             "answer confidently (the FP32 model gives NaN)")
         with quantized_engine(self.backend), torch.no_grad():
             return self.graph_module(x)
+
+    def __reduce__(self):
+        # torch.ao's quantized modules cannot be unpickled in torch 2.13 (their state is restored after the
+        # module tree is walked: AttributeError deep inside torch.load). Refuse with the way that works.
+        raise TypeError("Int8Model cannot be pickled whole (torch.ao quantized modules do not unpickle); save "
+                        "it as TorchScript: torch.jit.save(torch.jit.trace(model, example_input), path), load it "
+                        "with torch.jit.load(path); or save the float model and rerun quant.dfq (it is data-free)")
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"

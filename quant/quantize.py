@@ -87,8 +87,13 @@ def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
     if weight_scheme not in WEIGHT_SCHEMES:
         raise ValueError(f"weight_scheme: expected one of {WEIGHT_SCHEMES}, got {weight_scheme!r}")
     graph_module = trace(model).eval()
-    if any(isinstance(m, nn.BatchNorm2d) for m in graph_module.modules()):
-        raise ValueError("model: fold the batch norms first (quant.fold_batchnorm)")
+    for node in graph_module.graph.nodes:
+        if isinstance(module_of(graph_module, node), nn.BatchNorm2d):
+            source = node.args[0]
+            if is_conv(graph_module, source) and len(source.users) == 1:
+                raise ValueError(f"model: fold the batch norms first (quant.fold_batchnorm); {node.target} is not")
+            raise ValueError(f"model: batch norm {node.target} follows {source.target} ({source.op}), not a Conv2d "
+                             "whose only user it is; DFQ folds conv -> batch norm pairs only")
     fused: dict[str, str] = {}
     producers: dict[str, str] = {}  # node name -> quant point name that carries its value
     inputs: list[str] = []

@@ -1,0 +1,278 @@
+"""Failure behaviour (issue 14): nothing silent, nothing lost. Each test drives one failure and checks the
+documented outcome: exit code, a one-line message naming the path or option, nothing half-written."""
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import mobilenet
+import quant
+import rotconv
+from benchmarks import pcam
+from benchmarks.common import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
+from benchmarks.data import PCamError, split_paths
+from benchmarks.synthetic import write_synthetic_pcam
+from benchmarks.training import _EpochBatches, _train_epoch, Progress, TrainConfig
+
+SIZES = {"train": 32, "valid": 16, "test": 16}
+TINY = ["--width-mult", "0.25", "--group-order", "4", "--batch-size", "16", "--stability-samples", "4",
+        "--threads", "1", "--epochs", "1", "--models", "conventional"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_synthetic_pcam(str(tmp_path_factory.mktemp("pcam")), SIZES, seed=1)
+
+
+def run(args, capsys):
+    code = pcam.main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+# -- run directories ---------------------------------------------------------------------------------------
+def test_a_second_run_on_a_held_directory_is_refused_and_a_stale_lock_taken_over(tiny_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    with RunLock(str(runs)):  # this process holds it, as a concurrent run would
+        code, err = run(["--data", tiny_data, "--runs", str(runs), *TINY], capsys)
+        assert code == 2 and "another run holds it" in err and f"pid {os.getpid()}" in err
+    assert not (runs / "conventional-seed0").exists()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (runs / ".lock").write_text(f"{os.uname().nodename} {finished.stdout.strip()}")  # its owner has exited
+    assert run(["--data", tiny_data, "--runs", str(runs), *TINY], capsys)[0] == 0
+    assert not (runs / ".lock").exists()  # released at the end
+
+
+def test_a_fresh_run_does_not_overwrite_finished_checkpoints(tiny_data, tmp_path, capsys):
+    args = ["--data", tiny_data, "--runs", str(tmp_path / "runs"), *TINY]
+    assert run(args, capsys)[0] == 0
+    checkpoint = tmp_path / "runs" / "conventional-seed0" / "last.pt"
+    before = checkpoint.read_bytes()
+    code, err = run(args, capsys)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert checkpoint.read_bytes() == before
+    assert run([*args, "--overwrite"], capsys)[0] == 0
+    code, err = run([*args, "--overwrite", "--resume"], capsys)
+    assert code == 2 and "choose one" in err
+
+
+# -- divergence --------------------------------------------------------------------------------------------
+def test_a_diverged_run_exits_3_and_is_not_reported(tiny_data, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code, err = run(["--data", tiny_data, "--runs", str(tmp_path / "runs"), "--out", str(out), "--lr", "1e30",
+                     *TINY], capsys)
+    assert code == 3 and "diverged" in err
+    assert not out.exists()
+
+
+def test_results_json_is_strict():
+    # NaN and Infinity are not JSON: they are written as null, and a strict parser reads the file
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"strict-{os.getpid()}.json")
+    write_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}}, path)
+    text = open(path).read()
+    os.unlink(path)
+    parsed = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict constant {name}"))
+    assert parsed == {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "directory", "foreign"])
+def test_a_damaged_checkpoint_is_named_and_exits_2(tiny_data, tmp_path, capsys, damage):
+    args = ["--data", tiny_data, "--runs", str(tmp_path / "runs"), *TINY]
+    assert run(args, capsys)[0] == 0
+    checkpoint = tmp_path / "runs" / "conventional-seed0" / "last.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.unlink()
+    if damage == "empty":
+        checkpoint.write_bytes(b"")
+    elif damage == "truncated":
+        checkpoint.write_bytes(data[: len(data) // 2])
+    elif damage == "text":
+        checkpoint.write_text("not a checkpoint\n")
+    elif damage == "directory":
+        checkpoint.mkdir()
+    else:
+        torch.save({"weights": torch.zeros(3)}, checkpoint)
+    stale = tmp_path / "runs" / "conventional-seed0" / ".tmp-killed-last.pt"
+    stale.write_bytes(b"partial")
+    code, err = run([*args, "--resume"], capsys)
+    assert code == 2 and str(checkpoint) in err
+    assert not stale.exists()  # temporary files of a killed write are removed on start
+
+
+# -- outputs -----------------------------------------------------------------------------------------------
+def test_an_unwritable_output_is_found_before_training(tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, err = run(["--data", tiny_data, "--runs", str(tmp_path / "runs"), "--out",
+                     str(blocker / "results.json"), *TINY], capsys)
+    assert code == 2 and str(blocker / "results.json") in err
+    assert not (tmp_path / "runs" / "conventional-seed0").exists()  # refused before any training
+    code, err = run(["--data", tiny_data, "--runs", str(blocker / "runs"), *TINY], capsys)
+    assert code == 2 and str(blocker / "runs") in err
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+def test_a_failed_write_names_the_path_and_leaves_nothing_behind(tmp_path, error):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def write(handle):
+        handle.write(b"partial")
+        raise OSError(error, os.strerror(error))
+
+    with pytest.raises(OutputError) as raised:
+        atomic_write(str(target), write)
+    assert str(target) in str(raised.value) and "\n" not in str(raised.value)
+    assert ("disk full" in str(raised.value)) == (error == errno.ENOSPC)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+# -- resume identity ---------------------------------------------------------------------------------------
+def test_resume_identity_is_the_data_content_not_its_path(tmp_path, capsys):
+    data = write_synthetic_pcam(str(tmp_path / "data"), SIZES, seed=2)
+    args = ["--runs", str(tmp_path / "runs"), *TINY]
+    assert run(["--data", data, *args], capsys)[0] == 0
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    os.symlink(moved, tmp_path / "link")
+    # the same files through a symlink of a moved directory: accepted (nothing left to train: 1 epoch done)
+    code, _ = run(["--data", str(tmp_path / "link"), *args, "--resume"], capsys)
+    assert code == 0
+    _, y_path = split_paths(str(moved), "train")
+    with h5py.File(y_path, "r+") as handle:
+        handle["y"][...] = 1 - handle["y"][...]  # labels flipped in place
+    code, err = run(["--data", str(moved), *args, "--resume"], capsys)
+    assert code == 2 and "what differs" in err and "train_y.h5.sha256_sampled" in err
+
+
+@pytest.mark.parametrize("size", [10, 2**21 + 17])
+def test_fingerprint_sees_an_in_place_edit_and_not_the_path(tmp_path, size):
+    first, second = tmp_path / "a", tmp_path / "b"
+    content = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    first.write_bytes(content)
+    second.write_bytes(content)
+    assert file_fingerprint(str(first)) == file_fingerprint(str(second))
+    edited = bytearray(content)
+    edited[-1] ^= 0xFF  # the last byte is always sampled
+    second.write_bytes(bytes(edited))
+    assert file_fingerprint(str(first)) != file_fingerprint(str(second))
+
+
+def test_differences_name_the_fields():
+    assert differences({"a": 1, "b": {"c": 2, "d": 3}}, {"a": 1, "b": {"c": 5}, "e": 0}) == [
+        "b.c: 2 -> 5", "b.d: 3 -> (absent)", "e: (absent) -> 0"]
+
+
+# -- arguments ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value", [("--weight-decay", "nan"), ("--width-mult", "nan"), ("--width-mult", "inf"),
+                                           ("--seeds", "-1"), ("--lr", "inf"), ("--dropout", "nan")])
+def test_bad_numbers_exit_2_naming_the_option(tmp_path, capsys, option, value):
+    code, err = run(["--runs", str(tmp_path / "runs"), option, value], capsys)
+    assert code == 2 and option in err
+
+
+# -- data errors in workers ---------------------------------------------------------------------------------
+class _FailingSplit:
+    def batch(self, positions):
+        raise PCamError("/data/x.h5: could not read patches (truncated file?)")
+
+
+def test_a_data_error_in_a_worker_arrives_as_its_own_message():
+    batches = _EpochBatches(_FailingSplit(), np.arange(4), np.zeros(4, np.int64), np.zeros(4, np.int64), 2, 0, 2, 2)
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(PCamError) as raised:
+        _train_epoch(model, optimizer, batches, lambda x: x, TrainConfig(precision="fp32"), 1, 2, "cpu", 1,
+                     Progress(2, "test", enabled=False))
+    assert str(raised.value) == "/data/x.h5: could not read patches (truncated file?)"
+
+
+def test_unreadable_files_are_not_called_missing(tmp_path):
+    from benchmarks.data import open_pcam
+    directory = write_synthetic_pcam(str(tmp_path / "data"), SIZES, seed=3)
+    x_path, _ = split_paths(directory, "valid")
+    os.unlink(x_path)
+    os.symlink(x_path, x_path)  # a symlink loop
+    with pytest.raises(PCamError) as raised:
+        open_pcam(directory)
+    assert x_path in str(raised.value) and "not found" not in str(raised.value)
+
+
+# -- INT8 --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def int8_model():
+    torch.manual_seed(0)
+    model = mobilenet.mobilenet_v2(width_mult=0.25, group=rotconv.CyclicGroup(4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return quant.dfq(model.export(), fields=4, mode="int8", weight_scheme="symmetric")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_refuses_non_finite_input(int8_model, bad):
+    x = torch.zeros(1, 3, 95, 95)
+    x[0, 1, 40, 40] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        int8_model(x)
+
+
+def test_int8_model_saves_as_torchscript_and_says_so_when_pickled(int8_model):
+    with pytest.raises(TypeError, match="torch.jit.save"):
+        torch.save(int8_model, io.BytesIO())
+    x = torch.randn(2, 3, 95, 95)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer notes the input check it cannot record
+        torch.jit.save(torch.jit.trace(int8_model, x), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    assert torch.equal(loaded(x), int8_model(x))
+    assert torch.equal(loaded(torch.rot90(x, 1, (2, 3))), loaded(x))  # still bit-exactly invariant
+
+
+def test_traced_mobilenet_pickles():
+    model = mobilenet.mobilenet_v2(width_mult=0.25).eval()
+    traced = torch.fx.symbolic_trace(model)
+    buffer = io.BytesIO()
+    torch.save(traced, buffer)
+    buffer.seek(0)
+    x = torch.randn(1, 3, 95, 95)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), model(x))
+
+
+def _conv_bn(channels_in, channels_out):
+    return [nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.BatchNorm2d(channels_out)]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bn_after_relu", "follows"),
+    ("nan_weight", "NaN or infinite"),
+    ("already_simulated", "already quantized"),
+    ("already_int8", "already quantized"),
+])
+def test_dfq_names_what_it_cannot_start_from(case, message):
+    model = nn.Sequential(*_conv_bn(3, 4), nn.ReLU(), *_conv_bn(4, 2)).eval()
+    if case == "bn_after_relu":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), *_conv_bn(4, 2)).eval()
+    elif case == "nan_weight":
+        model[0].weight.data[0, 0, 0, 0] = float("nan")
+    elif case == "already_simulated":
+        model = quant.dfq(model)
+    elif case == "already_int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = quant.dfq(model, mode="int8")
+    with pytest.raises(ValueError, match=message):
+        quant.dfq(model)
