@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .common import atomic_write, clean_temporary_files, differences
 from .data import Normalizer, PCamError, PCamSplit, augment_batch
 
-__all__ = ["UsageError", "DivergedError", "load_checkpoint", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision", "Distributed", "CrossProcessBatchNorm", "train", "save_atomically", "Progress",
+__all__ = ["UsageError", "DivergedError", "load_checkpoint", "training_step", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision", "Distributed", "CrossProcessBatchNorm", "train", "save_atomically", "Progress",
            "evaluate_loss"]
 
 
@@ -326,6 +326,22 @@ def _restore(checkpoint: dict, path: str, identity: dict, model: nn.Module,
         raise UsageError(f"{path}: the checkpoint does not fit this model ({str(error).splitlines()[0]})") from None
 
 
+def training_step(network: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
+                  precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch; forward and backward under bf16 autocast for ``precision="bf16"``
+    (loss and optimizer in float32). Returns the (float32) loss and logits. A non-finite loss is returned
+    without a step, so the weights stay as they were."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = network(inputs)
+    logits = logits.float()
+    loss = F.cross_entropy(logits, labels)
+    if torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss, logits
+
+
 def _train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, batches: torch.utils.data.Dataset,
                  normalizer: Normalizer, config: TrainConfig, epoch: int, steps_per_epoch: int, device: str,
                  workers: int, progress: Progress) -> tuple[float, float]:
@@ -343,16 +359,11 @@ def _train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, batches: 
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step, config.epochs * steps_per_epoch)
         inputs = normalizer(images.to(device)).contiguous(memory_format=memory_format)
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            logits = network(inputs)
-        logits, labels = logits.float(), labels.to(device)
-        loss = F.cross_entropy(logits, labels)
+        labels = labels.to(device)
+        loss, logits = training_step(network, optimizer, inputs, labels, config.precision)
         if not torch.isfinite(loss):
             raise DivergedError(f"training diverged: loss {loss.item()} at epoch {epoch}, step {step + 1} (lr "
                                 f"{config.lr:g}); lower --lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
         loss_sum += loss.item() * labels.numel()
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.numel()
