@@ -151,7 +151,7 @@ def model_sweep(models: dict[str, nn.Module], images: torch.Tensor, degrees: lis
         plain = model.export().eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            int8 = quant.dfq(plain, fields=12 if name == "equivariant" else None, mode="int8",
+            int8 = quant.dfq(plain, group=12 if name == "equivariant" else None, mode="int8",
                              input_range=input_range, backend="x86", weight_scheme="symmetric")
         for precision, network in (("FP32", model.eval()), ("INT8", int8)):
             reference = network(images)

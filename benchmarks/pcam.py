@@ -199,8 +199,8 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCamSpli
     fp32_accuracy = accuracy(model, test, normalizer, batch, device, "test FP32")
     fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
     plain = model.export().cpu()
-    fields = args.group_order if name == "equivariant" else None
-    options = {"fields": fields, "backend": args.backend, "input_range": normalizer.value_range(),
+    group = args.group_order if name == "equivariant" else None
+    options = {"group": group, "backend": args.backend, "input_range": normalizer.value_range(),
                "weight_scheme": args.weight_scheme}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices

@@ -144,7 +144,7 @@ def model_benchmarks(repeats: int, backend: str) -> dict:
     exported = equivariant.export().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        int8 = {scheme: quant.dfq(exported, fields=12, mode="int8", backend=backend, weight_scheme=scheme)
+        int8 = {scheme: quant.dfq(exported, group=12, mode="int8", backend=backend, weight_scheme=scheme)
                 for scheme in ("symmetric", "asymmetric")}
     result: dict = {}
     x32 = torch.randn(32, 3, 95, 95)

@@ -2,93 +2,24 @@
 
 Typical use on an exported equivariant MobileNetV2 (``model.export()``)::
 
-    int8_model = quant.dfq(plain_model, fields=12, mode="int8")
+    int8_model = quant.dfq(plain_model, group=12, mode="int8")
 
-Steps: :func:`fold_batchnorm`, :func:`replace_relu6`, :func:`equalize` (field-shared with ``fields=N``),
-:func:`absorb_high_bias`, optionally :func:`correct_bias`, then :func:`quantize`.
+Steps (:mod:`quant.transforms`): :func:`fold_batchnorm`, :func:`replace_relu6`, :func:`equalize`
+(field-shared for ``group=N``), :func:`absorb_high_bias`, :func:`correct_bias`; then :func:`quantize`
+(:mod:`quant.plan` chooses the quantization points, :mod:`quant.int8` builds the int8 network,
+:mod:`quant.arithmetic` holds the scale/zero-point rules, :mod:`quant.registry` what quant knows about
+other modules). Patterns it cannot quantize correctly raise ValueError naming the node.
 """
-from __future__ import annotations
-
-from typing import Iterable
-
-import torch
-import torch.fx as fx
-import torch.nn as nn
-
-from .dfq import (absorb_high_bias, correct_bias, equalize, fake_quantize_tensor, fake_quantize_weight, fold_batchnorm,
-                  replace_relu6)
+from .arithmetic import (REDUCED_RANGE_BACKENDS, WEIGHT_SCHEMES, fake_quantize_tensor, fake_quantize_weight,
+                         quantization_parameters, weight_bits_for, weight_quantization_parameters)
 from .int8 import BACKENDS, Int8Model, convert_int8
-from .quantize import FakeQuantize, QuantPlan, plan_quantization, simulate
+from .pipeline import MODES, dfq, quantize
+from .plan import FakeQuantize, QuantPlan, plan_quantization, simulate
+from .registry import ModuleRule, register_module
+from .transforms import absorb_high_bias, correct_bias, equalize, fold_batchnorm, replace_relu6
 
 __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias", "quantize", "dfq",
            "plan_quantization", "simulate", "convert_int8", "Int8Model", "QuantPlan", "FakeQuantize",
-           "fake_quantize_tensor", "fake_quantize_weight"]
-
-_MODES = ("simulated", "int8")
-#: Engines whose kernels add u8 x s8 products in saturating int16: 7-bit activations, 7-bit depthwise weights.
-REDUCED_RANGE_BACKENDS = ("x86", "fbgemm")
-
-
-def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
-             backend: str = "x86", calibration: Iterable | None = None,
-             input_range: tuple[float, float] = (-3.0, 3.0), weight_scheme: str = "asymmetric") -> nn.Module:
-    """Quantize a BN-folded network: per-tensor asymmetric weights and activations.
-
-    Args:
-        model: plain network with batch norms folded (:func:`fold_batchnorm`) and ReLU6 replaced.
-        weight_bits, act_bits: bit widths (2..8; ``mode="int8"`` needs 8).
-        mode: ``"simulated"`` (float arithmetic with quantize-dequantize: the reference) or ``"int8"``
-            (real int8 kernels through torch.ao's quantized modules; float in, float out).
-        backend: int8 engine, ``"x86"`` (also the fbgemm kernels) or ``"qnnpack"``.
-        calibration: optional iterable of input batches (or (input, label) pairs) to measure activation
-            ranges; without it ranges come data-free from the BN statistics.
-        input_range: the range of the network input used when no calibration is given.
-        weight_scheme: ``"asymmetric"`` (per-tensor [min, max] with a zero point, as DFQ) or ``"symmetric"``
-            (zero point 0). On x86/fbgemm, depthwise convs with a non-zero weight zero point fall back to a
-            generic kernel 10-100x slower than the depthwise one: use ``"symmetric"`` for speed there.
-    """
-    if mode not in _MODES:
-        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
-    if mode == "int8" and (weight_bits != 8 or act_bits != 8):
-        raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    # x86/fbgemm kernels without VNNI sum pairs of u8*s8 products in saturating int16: 7-bit activations
-    # (as torch.ao's default qconfig) make that rarer. The simulation follows the same plan as the kernels.
-    reduce_range = backend in REDUCED_RANGE_BACKENDS
-    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range, reduce_range=reduce_range,
-                             weight_scheme=weight_scheme)
-    if mode == "simulated":
-        return simulate(plan)
-    return convert_int8(plan, backend)
-
-
-def _check_float_model(model: nn.Module) -> None:
-    """Refuse what DFQ cannot start from: an already quantized model, non-finite weights or statistics."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    for name, module in model.named_modules():
-        if isinstance(module, (FakeQuantize, Int8Model)) or type(module).__module__.startswith("torch.ao.nn.quantized") \
-                or type(module).__module__.startswith("torch.ao.nn.intrinsic.quantized"):
-            raise ValueError(f"model: already quantized ({name or 'the model'} is {type(module).__name__}); "
-                             "pass the float model")
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"model: {name} has NaN or infinite values; a diverged or corrupt model cannot be "
-                             "quantized")
-
-
-def dfq(model: nn.Module, fields: int | None = None, bias_correction: bool = True, **quantize_kwargs) -> nn.Module:
-    """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared with ``fields=N``), absorb high
-    biases, correct biases, quantize (``quantize_kwargs`` go to :func:`quantize`)."""
-    _check_float_model(model)
-    prepared: fx.GraphModule = fold_batchnorm(model)
-    prepared = replace_relu6(prepared)
-    prepared = equalize(prepared, fields=fields)
-    prepared = absorb_high_bias(prepared)
-    if bias_correction:
-        weight_bits = quantize_kwargs.get("weight_bits", 8)
-        reduced = quantize_kwargs.get("backend", "x86") in REDUCED_RANGE_BACKENDS
-        prepared = correct_bias(prepared, weight_bits, quantize_kwargs.get("weight_scheme", "asymmetric"),
-                                weight_bits - 1 if reduced else weight_bits)
-    return quantize(prepared, **quantize_kwargs)
+           "fake_quantize_tensor", "fake_quantize_weight", "quantization_parameters", "weight_quantization_parameters",
+           "weight_bits_for", "register_module", "ModuleRule", "BACKENDS", "MODES", "WEIGHT_SCHEMES",
+           "REDUCED_RANGE_BACKENDS"]

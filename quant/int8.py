@@ -16,8 +16,9 @@ import torch.nn as nn
 
 import rotconv
 
-from .graph import is_add, is_conv, module_of, set_module
-from .quantize import QuantPlan
+from .graph import is_add, is_conv, module_of
+from .plan import QuantPlan
+from .registry import register_module, rule_for
 
 __all__ = ["Int8Model", "convert_int8", "BACKENDS", "IntegerMaskedGlobalAvgPool"]
 
@@ -136,66 +137,93 @@ def _quantized_conv(conv: nn.Conv2d, plan: QuantPlan, out_name: str, fuse_relu: 
     return quantized
 
 
+def _quantize_entries(graph_module: fx.GraphModule, plan: QuantPlan) -> set[str]:
+    """Pass 1: a Quantize module after every float value that enters the region (for its conv users)."""
+    graph, added = graph_module.graph, set()
+    for index, node in enumerate(list(graph.nodes)):
+        if node.name not in plan.inputs:
+            continue
+        scale, zero_point, _, _ = plan.activation_qparams(node.name)
+        name = f"quantize_{index}"
+        graph_module.add_submodule(name, _nnq.Quantize(scale, zero_point, torch.quint8))
+        with graph.inserting_after(node):
+            new = graph.call_module(name, (node,))
+        for user in list(node.users):
+            if user is not new and is_conv(graph_module, user):
+                user.replace_input_with(node, new)
+        added.add(new.name)
+    return added
+
+
+def _quantize_operations(graph_module: fx.GraphModule, plan: QuantPlan) -> set[str]:
+    """Pass 2: every conv (with its fused ReLU) and every planned residual add on int8 kernels."""
+    graph, quantized = graph_module.graph, set()
+    for index, node in enumerate(list(graph.nodes)):
+        if is_conv(graph_module, node):
+            relu_name = plan.fused.get(node.name)
+            conv = module_of(graph_module, node)
+            graph_module.set_submodule(node.target, _quantized_conv(conv, plan, relu_name or node.name,
+                                                                    relu_name is not None))
+            if relu_name is not None:
+                relu = next(u for u in node.users if u.name == relu_name)
+                relu.replace_all_uses_with(node)
+                graph.erase_node(relu)
+            quantized.add(node.name)
+        elif node.name in plan.points and is_add(node):
+            scale, zero_point, _, qmax = plan.activation_qparams(node.name)
+            name = f"quantized_add_{index}"
+            graph_module.add_submodule(name, QuantizedAdd(scale, zero_point, qmax))
+            with graph.inserting_after(node):
+                new = graph.call_module(name, tuple(node.args[:2]))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            quantized.add(new.name)
+    return quantized
+
+
+def _dequantize_exits(graph_module: fx.GraphModule, quantized: set[str]) -> None:
+    """Pass 3: where a float op reads an int8 value, a DeQuantize in between, unless the op has a registered
+    int8 reader (:mod:`quant.registry`), which then replaces it and reads the int8 tensor itself."""
+    graph = graph_module.graph
+    for index, node in enumerate(list(graph.nodes)):
+        if node.name not in quantized:
+            continue
+        float_users = []
+        for user in node.users:
+            if user.name in quantized or isinstance(module_of(graph_module, user), QuantizedAdd):
+                continue
+            rule = rule_for(module_of(graph_module, user))
+            if rule is not None and rule.int8_reader is not None and len(user.args) == 1:
+                graph_module.set_submodule(user.target, rule.int8_reader(module_of(graph_module, user)))
+            else:
+                float_users.append(user)
+        if not float_users:
+            continue
+        name = f"dequantize_{index}"
+        graph_module.add_submodule(name, _nnq.DeQuantize())
+        with graph.inserting_after(node):
+            new = graph.call_module(name, (node,))
+        for user in float_users:
+            user.replace_input_with(node, new)
+
+
 def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
-    """Build the int8 network for ``plan`` on ``backend`` ('x86', 'fbgemm' or 'qnnpack')."""
+    """Build the int8 network for ``plan`` on ``backend`` ('x86', 'fbgemm' or 'qnnpack'): quantize the
+    entries, swap convs and adds for int8 ones, dequantize the exits."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend not in torch.backends.quantized.supported_engines:
         raise ValueError(f"backend: {backend!r} is not supported by this torch build "
                          f"(supported: {torch.backends.quantized.supported_engines})")
     graph_module = copy.deepcopy(plan.graph_module)
-    graph = graph_module.graph
-    quantized_nodes: set[str] = set()
     with quantized_engine(backend), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for index, node in enumerate(list(graph.nodes)):
-            if node.name in plan.inputs:
-                scale, zero_point, _, _ = plan.activation_qparams(node.name)
-                name = f"quantize_{index}"
-                graph_module.add_submodule(name, _nnq.Quantize(scale, zero_point, torch.quint8))
-                with graph.inserting_after(node):
-                    new = graph.call_module(name, (node,))
-                for user in list(node.users):
-                    if user is not new and is_conv(graph_module, user):
-                        user.replace_input_with(node, new)
-                quantized_nodes.add(new.name)
-            elif is_conv(graph_module, node):
-                relu_name = plan.fused.get(node.name)
-                out_name = relu_name or node.name
-                conv = module_of(graph_module, node)
-                set_module(graph_module, node.target, _quantized_conv(conv, plan, out_name, relu_name is not None))
-                if relu_name is not None:
-                    relu = next(u for u in node.users if u.name == relu_name)
-                    relu.replace_all_uses_with(node)
-                    graph.erase_node(relu)
-                quantized_nodes.add(node.name)
-            elif node.name in plan.points and is_add(node):  # residual add
-                scale, zero_point, _, qmax = plan.activation_qparams(node.name)
-                name = f"quantized_add_{index}"
-                graph_module.add_submodule(name, QuantizedAdd(scale, zero_point, qmax))
-                with graph.inserting_after(node):
-                    new = graph.call_module(name, tuple(node.args[:2]))
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-                quantized_nodes.add(new.name)
-        # dequantize where a float op reads an int8 value
-        for index, node in enumerate(list(graph.nodes)):
-            if node.name not in quantized_nodes:
-                continue
-            float_users = [u for u in node.users
-                           if u.name not in quantized_nodes and not (u.op == "call_module" and
-                                                                   isinstance(module_of(graph_module, u), QuantizedAdd))]
-            for user in [u for u in float_users if isinstance(module_of(graph_module, u), rotconv.MaskedGlobalAvgPool)]:
-                set_module(graph_module, user.target, IntegerMaskedGlobalAvgPool(module_of(graph_module, user)))
-                float_users.remove(user)  # reads the int8 tensor itself
-            if not float_users:
-                continue
-            name = f"dequantize_{index}"
-            graph_module.add_submodule(name, _nnq.DeQuantize())
-            with graph.inserting_after(node):
-                new = graph.call_module(name, (node,))
-            for user in float_users:
-                user.replace_input_with(node, new)
-        graph.lint()
+        quantized = _quantize_entries(graph_module, plan)
+        quantized |= _quantize_operations(graph_module, plan)
+        _dequantize_exits(graph_module, quantized)
+        graph_module.graph.lint()
         graph_module.recompile()
     return Int8Model(graph_module, backend)
+
+
+register_module(rotconv.MaskedGlobalAvgPool, keeps_range=True, int8_reader=IntegerMaskedGlobalAvgPool)

@@ -1,5 +1,4 @@
 import copy
-import importlib
 import io
 
 import pytest
@@ -51,7 +50,7 @@ def test_fold_relu_equalize_absorb_preserve_the_function(exported, N):
         assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
         assert relative(folded(x), reference) < 1e-10
         relu = quant.replace_relu6(folded)
-        equalized = quant.equalize(relu, fields=N)
+        equalized = quant.equalize(relu, group=N)
         assert relative(equalized(x), relu(x)) < 1e-10
         absorbed = quant.absorb_high_bias(equalized)
         assert relative(absorbed(x), equalized(x)) < 1e-10
@@ -59,7 +58,7 @@ def test_fold_relu_equalize_absorb_preserve_the_function(exported, N):
 
 def test_equalized_ranges_are_equal(exported):
     equalized = quant.equalize(quant.replace_relu6(quant.fold_batchnorm(exported[4])))
-    dfq_steps = importlib.import_module("quant.dfq")
+    dfq_steps = quant.transforms
     pairs = quant.graph.conv_pairs(equalized)
     assert len(pairs) > 10
     for pair in pairs:
@@ -119,7 +118,7 @@ def test_field_shared_equalization_keeps_exact_equivariance(exported, N):
     group = rotconv.CyclicGroup(N)
     prepared = quant.replace_relu6(quant.fold_batchnorm(exported[N]))
     x = torch.randn(2, 3, 95, 95)
-    shared = quant.equalize(prepared, fields=N)
+    shared = quant.equalize(prepared, group=N)
     assert rotconv.equivariance_error(shared, group, x, N // 4, out_fields=False) < 1e-5
     # the scales really are shared: the factor by which each output channel's filter norm changed is the
     # same for the N channels of a field (rows of a field are rotated/permuted copies of each other)
@@ -145,7 +144,7 @@ def test_int8_conv_stack_is_bit_exactly_equivariant(backend):
                           nn.ReLU(), rotconv.GroupConv2d(2, 3, 1, group), rotconv.GroupBatchNorm2d(3, group))
     x = torch.randn(2, 3, 31, 31)
     stack = calibrated(stack, shape=(8, 3, 31, 31))
-    int8 = quant.dfq(rotconv.export(stack, x), fields=8, mode="int8", backend=backend)
+    int8 = quant.dfq(rotconv.export(stack, x), group=8, mode="int8", backend=backend)
     for k in group.exact_elements():
         assert torch.equal(int8(group.rotate(x, k, fields=False)), group.rotate(int8(x), k))
 
@@ -162,7 +161,7 @@ def test_int8_mobilenet_logits_are_bit_exactly_invariant_to_quarter_turns(export
     group = rotconv.CyclicGroup(N)
     # inputs 3x wider than the declared input range: activations leave their planned ranges, the int8
     # values use all 8 bits, and sums that could saturate int16 in fbgemm's depthwise kernels would appear
-    int8 = quant.dfq(exported[N], fields=N, mode="int8", backend=backend, weight_scheme=weight_scheme,
+    int8 = quant.dfq(exported[N], group=N, mode="int8", backend=backend, weight_scheme=weight_scheme,
                      input_range=(-1.0, 1.0))
     torch.manual_seed(N)
     x = 3 * torch.randn(3, 3, 95, 95)
@@ -200,7 +199,7 @@ def test_int8_matches_simulation(backend):
 
 def test_int8_model_is_four_times_smaller(exported):
     model = exported[12]
-    int8 = quant.dfq(model, fields=12, mode="int8", backend="qnnpack")
+    int8 = quant.dfq(model, group=12, mode="int8", backend="qnnpack")
     sizes = []
     for network in (model, int8):
         buffer = io.BytesIO()
@@ -213,7 +212,7 @@ def test_int8_model_is_four_times_smaller(exported):
     (lambda m: quant.quantize(m, mode="fp16"), "mode"),
     (lambda m: quant.quantize(m, backend="onednn"), "backend"),
     (lambda m: quant.quantize(m, weight_bits=1), "weight_bits"),
-    (lambda m: quant.equalize(m, fields=0), "fields"),
+    (lambda m: quant.equalize(m, group=0), "group"),
     (lambda m: quant.dfq(m, weight_scheme="per-channel"), "weight_scheme"),
     (lambda m: quant.quantize(m), "fold the batch norms"),
 ])

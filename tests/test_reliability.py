@@ -217,7 +217,7 @@ def int8_model():
     model = mobilenet.mobilenet_v2(width_mult=0.25, group=rotconv.CyclicGroup(4)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return quant.dfq(model.export(), fields=4, mode="int8", weight_scheme="symmetric")
+        return quant.dfq(model.export(), group=4, mode="int8", weight_scheme="symmetric")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

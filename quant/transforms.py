@@ -9,15 +9,16 @@ data-free activation ranges need.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .graph import ConvPair, conv_pairs, module_of, remove_identities, set_module, trace
+from .arithmetic import fake_quantize_weight, weight_bits_for
+from .graph import ConvPair, conv_pairs, module_of, remove_identities, trace
 
-__all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias",
-           "fake_quantize_tensor", "fake_quantize_weight", "weight_quantization_parameters", "WEIGHT_SCHEMES"]
+__all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias", "field_size"]
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         conv.bias = nn.Parameter((bias - bn.running_mean) * scale + shift)
         conv.register_buffer("dfq_gamma", (bn.weight if bn.affine else torch.ones_like(scale)).abs().clone())
         conv.register_buffer("dfq_beta", shift.clone())
-        set_module(graph_module, node.target, nn.Identity())
+        graph_module.set_submodule(node.target, nn.Identity())
     remove_identities(graph_module)
     return graph_module
 
@@ -51,7 +52,7 @@ def replace_relu6(model: nn.Module) -> fx.GraphModule:
     graph_module = trace(model)
     for name, module in list(graph_module.named_modules()):
         if isinstance(module, nn.ReLU6):
-            set_module(graph_module, name, nn.ReLU())
+            graph_module.set_submodule(name, nn.ReLU())
     graph_module.recompile()
     return graph_module
 
@@ -67,12 +68,29 @@ def _input_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return weight.flatten(1).amax(dim=1)  # depthwise: input channel i is output channel i
 
 
-def _share_over_fields(values: torch.Tensor, fields: int | None) -> torch.Tensor:
-    if fields is None:
+def field_size(group: object = None, fields: object = None, caller: str = "equalize") -> int | None:
+    """The channels of one regular field for ``group`` (an int N or a group object with ``order``), or
+    None for a network without group structure. ``fields`` is the old name of ``group`` (deprecated)."""
+    if fields is not None:
+        warnings.warn(f"{caller}(fields=N) is deprecated: pass group=N (fields counts fields elsewhere)",
+                      DeprecationWarning, stacklevel=3)
+        if group is not None:
+            raise ValueError("group: pass group=N only (fields= is its deprecated old name)")
+        group = fields
+    if group is None:
+        return None
+    order = getattr(group, "order", group)
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise ValueError(f"group: expected None, an int N >= 1 or a rotconv group, got {group!r}")
+    return order
+
+
+def _share_over_fields(values: torch.Tensor, size: int | None, name: str) -> torch.Tensor:
+    if size is None:
         return values
-    if values.numel() % fields != 0:
-        raise ValueError(f"fields: a layer has {values.numel()} channels, not a multiple of N={fields}")
-    return values.reshape(-1, fields).amax(dim=1).repeat_interleave(fields)
+    if values.numel() % size != 0:
+        raise ValueError(f"group: {name} has {values.numel()} channels, not a multiple of the group order {size}")
+    return values.reshape(-1, size).amax(dim=1).repeat_interleave(size)
 
 
 @torch.no_grad()
@@ -92,30 +110,30 @@ def _scale_pair(pair: ConvPair, scale: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def equalize(model: nn.Module, fields: int | None = None, max_iterations: int = 100,
-             tolerance: float = 1e-6) -> fx.GraphModule:
+def equalize(model: nn.Module, group: object = None, max_iterations: int = 100, tolerance: float = 1e-6,
+             *, fields: int | None = None) -> fx.GraphModule:
     """Cross-layer range equalization of every conv -> ReLU -> conv pair, iterated until the scales
     converge (the depthwise-separable chains share convs between pairs).
 
     For output channel i of the first conv (range ``r1_i``) and input channel i of the second (``r2_i``),
     ``s_i = sqrt(r1_i * r2_i) / r2_i``; afterwards both ranges equal ``sqrt(r1_i * r2_i)``. ReLU is
     positively homogeneous, so the function is unchanged (ReLU6 is not: call :func:`replace_relu6` first).
-    With ``fields=N`` the ranges and scales are shared by the N channels of every regular field (maximum
-    over the field), so an equivariant network stays exactly equivariant: a rotation permutes channels
-    within fields, and the scaling is the same for all of them.
+    With ``group`` (an int N or a rotconv group of order N) the ranges and scales are shared by the N
+    channels of every regular field (maximum over the field), so an equivariant network stays exactly
+    equivariant: a group element permutes channels within fields, and the scaling is the same for all of
+    them. Chains through other activations (SiLU, ...) are left unequalized with a warning naming them.
     """
-    if fields is not None and (isinstance(fields, bool) or not isinstance(fields, int) or fields < 1):
-        raise ValueError(f"fields: expected None or the group order N >= 1, got {fields!r}")
+    size = field_size(group, fields)
     graph_module = trace(model)
-    pairs = conv_pairs(graph_module)
+    pairs = conv_pairs(graph_module, warn=True)
     for pair in pairs:
         if isinstance(pair.activation, nn.ReLU6):
             raise ValueError(f"model: {pair.first_name} -> ReLU6 -> {pair.second_name}: call replace_relu6 first")
     for _ in range(max_iterations):
         largest_change = 0.0
         for pair in pairs:
-            r1 = _share_over_fields(_output_ranges(pair.first), fields)
-            r2 = _share_over_fields(_input_ranges(pair.second), fields)
+            r1 = _share_over_fields(_output_ranges(pair.first), size, pair.first_name)
+            r2 = _share_over_fields(_input_ranges(pair.second), size, pair.second_name)
             valid = (r1 > 0) & (r2 > 0)
             scale = torch.where(valid, torch.sqrt(r1 * r2) / r2.clamp_min(1e-30), torch.ones_like(r1))
             largest_change = max(largest_change, (scale.log().abs().max().item()))
@@ -157,48 +175,6 @@ def absorb_high_bias(model: nn.Module, sigmas: float = 3.0, padded: bool = False
     return graph_module
 
 
-def fake_quantize_tensor(x: torch.Tensor, low: float, high: float, bits: int, signed: bool = False) -> torch.Tensor:
-    """Asymmetric per-tensor quantize-dequantize of ``x`` to ``bits`` over the range [low, high] (widened to
-    include 0, so that zero is exact)."""
-    scale, zero_point, qmin, qmax = quantization_parameters(low, high, bits, signed)
-    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale
-
-
-def quantization_parameters(low: float, high: float, bits: int, signed: bool = False) -> tuple[float, int, int, int]:
-    """(scale, zero_point, qmin, qmax) of asymmetric quantization of [low, high] (0 always representable)."""
-    low, high = min(float(low), 0.0), max(float(high), 0.0)
-    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    scale = max((high - low) / (qmax - qmin), 1e-12)
-    zero_point = int(min(max(qmin - round(low / scale), qmin), qmax))
-    # float32 scale, as the int8 kernels store it
-    scale = float(torch.tensor(scale, dtype=torch.float32))
-    return scale, zero_point, qmin, qmax
-
-
-WEIGHT_SCHEMES = ("asymmetric", "symmetric")
-
-
-def weight_quantization_parameters(weight: torch.Tensor, bits: int, scheme: str = "asymmetric"
-                                   ) -> tuple[float, int, int, int]:
-    """(scale, zero_point, qmin, qmax) of per-tensor signed weights. ``"asymmetric"`` spans [min, max] with a
-    zero point; ``"symmetric"`` spans [-max|w|, max|w|] with zero point 0 and range [-(2^(b-1) - 1), 2^(b-1) - 1]
-    (what the fast depthwise kernels of fbgemm need)."""
-    if scheme not in WEIGHT_SCHEMES:
-        raise ValueError(f"weight_scheme: expected one of {WEIGHT_SCHEMES}, got {scheme!r}")
-    if scheme == "asymmetric":
-        return quantization_parameters(weight.min().item(), weight.max().item(), bits, signed=True)
-    qmax = 2 ** (bits - 1) - 1
-    scale = float(torch.tensor(max(weight.abs().max().item() / qmax, 1e-12), dtype=torch.float32))
-    return scale, 0, -qmax, qmax
-
-
-def fake_quantize_weight(weight: torch.Tensor, bits: int, scheme: str = "asymmetric") -> torch.Tensor:
-    """Per-tensor quantize-dequantize of a weight tensor (see :func:`weight_quantization_parameters`)."""
-    scale, zero_point, qmin, qmax = weight_quantization_parameters(weight, bits, scheme)
-    return (torch.clamp(torch.round(weight / scale) + zero_point, qmin, qmax) - zero_point) * scale
-
-
 def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """E[relu(z)] for z ~ N(beta, gamma^2), elementwise."""
     gamma = gamma.clamp_min(1e-12)
@@ -210,11 +186,12 @@ def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "asymmetric",
-                 depthwise_weight_bits: int | None = None) -> fx.GraphModule:
+                 reduce_range: bool = False) -> fx.GraphModule:
     """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
     input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract
-    it from the bias. Applies to convs fed by conv -> ReLU; others are left as they are.
-    ``depthwise_weight_bits`` (default ``weight_bits``): the bits the quantizer will give depthwise convs."""
+    it from the bias. Applies to convs fed by conv -> ReLU; others are left as they are. ``weight_bits``,
+    ``weight_scheme`` and ``reduce_range`` must be those the quantizer will use (the bits of each conv follow
+    :func:`quant.arithmetic.weight_bits_for`, as in the quantizer)."""
     graph_module = trace(model)
     for pair in conv_pairs(graph_module):
         first, second = pair.first, pair.second
@@ -222,9 +199,7 @@ def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "a
             continue
         expected_input = _expected_relu(first.dfq_beta, first.dfq_gamma)
         weight = second.weight
-        depthwise = second.groups > 1 and second.groups == second.in_channels
-        bits = depthwise_weight_bits if depthwise and depthwise_weight_bits is not None else weight_bits
-        error = fake_quantize_weight(weight, bits, weight_scheme) - weight
+        error = fake_quantize_weight(weight, weight_bits_for(second, weight_bits, reduce_range), weight_scheme) - weight
         if second.groups == 1:
             shift = error.sum(dim=(2, 3)) @ expected_input
         else:

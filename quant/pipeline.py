@@ -1,0 +1,84 @@
+"""The two entry points: :func:`quantize` (a BN-folded network -> simulated or int8) and :func:`dfq` (the
+whole data-free pipeline on a float network)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .arithmetic import reduces_range
+from .int8 import BACKENDS, Int8Model, convert_int8
+from .plan import FakeQuantize, plan_quantization, simulate
+from .transforms import absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, replace_relu6
+
+__all__ = ["quantize", "dfq", "MODES"]
+
+MODES = ("simulated", "int8")
+
+
+def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
+             backend: str = "x86", calibration: Iterable | None = None,
+             input_range: tuple[float, float] = (-3.0, 3.0), weight_scheme: str = "asymmetric") -> nn.Module:
+    """Quantize a BN-folded network: per-tensor weights and activations.
+
+    Args:
+        model: plain network with batch norms folded (:func:`fold_batchnorm`) and ReLU6 replaced.
+        weight_bits, act_bits: bit widths (2..8; ``mode="int8"`` needs 8).
+        mode: ``"simulated"`` (float arithmetic with quantize-dequantize: the reference) or ``"int8"``
+            (real int8 kernels through torch.ao's quantized modules; float in, float out).
+        backend: int8 engine, ``"x86"`` (also the fbgemm kernels) or ``"qnnpack"``. The simulation follows
+            the backend's plan too (x86/fbgemm: 7-bit activations and 7-bit depthwise weights).
+        calibration: optional iterable of input batches (or (input, label) pairs) to measure activation
+            ranges; without it ranges come data-free from the BN statistics, and a conv fed by anything
+            whose range is not data-free (SiLU, Linear, ...) raises ValueError.
+        input_range: the range of the network input used when no calibration is given.
+        weight_scheme: ``"asymmetric"`` (per-tensor [min, max] with a zero point, as DFQ) or ``"symmetric"``
+            (zero point 0). On x86/fbgemm, depthwise convs with a non-zero weight zero point fall back to a
+            generic kernel 10-100x slower than the depthwise one: use ``"symmetric"`` for speed there.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode == "int8" and (weight_bits != 8 or act_bits != 8):
+        raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range,
+                             reduce_range=reduces_range(backend), weight_scheme=weight_scheme)
+    if mode == "simulated":
+        return simulate(plan)
+    return convert_int8(plan, backend)
+
+
+def _check_float_model(model: nn.Module) -> None:
+    """Refuse what DFQ cannot start from: an already quantized model, non-finite weights or statistics."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if isinstance(module, (FakeQuantize, Int8Model)) or type(module).__module__.startswith("torch.ao.nn.quantized") \
+                or type(module).__module__.startswith("torch.ao.nn.intrinsic.quantized"):
+            raise ValueError(f"model: already quantized ({name or 'the model'} is {type(module).__name__}); "
+                             "pass the float model")
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"model: {name} has NaN or infinite values; a diverged or corrupt model cannot be "
+                             "quantized")
+
+
+def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *, fields: int | None = None,
+        **quantize_kwargs) -> nn.Module:
+    """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: an int N or a
+    rotconv group, as the network was built with), absorb high biases, correct biases, quantize
+    (``quantize_kwargs`` go to :func:`quantize`). ``fields=N`` is the deprecated old name of ``group``."""
+    _check_float_model(model)
+    size = field_size(group, fields, caller="dfq")
+    prepared: fx.GraphModule = fold_batchnorm(model)
+    prepared = replace_relu6(prepared)
+    prepared = equalize(prepared, group=size)
+    prepared = absorb_high_bias(prepared)
+    if bias_correction:
+        prepared = correct_bias(prepared, quantize_kwargs.get("weight_bits", 8),
+                                quantize_kwargs.get("weight_scheme", "asymmetric"),
+                                reduce_range=reduces_range(quantize_kwargs.get("backend", "x86")))
+    return quantize(prepared, **quantize_kwargs)
