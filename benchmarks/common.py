@@ -16,6 +16,8 @@ from typing import Callable, IO
 import torch
 import torch.nn as nn
 
+import rotconv
+
 __all__ = ["serialized_bytes", "write_json", "untrained_but_generic", "atomic_write", "clean_temporary_files",
            "check_writable", "strict_json", "file_fingerprint", "differences", "RunLock", "OutputError"]
 
@@ -199,12 +201,5 @@ def untrained_but_generic(model: nn.Module, images: torch.Tensor) -> nn.Module:
     """A MobileNetV2 stand-in for a trained one: random batch-norm affine parameters, statistics measured on
     ``images``, unit-variance classifier weights (the default init gives near-constant, tiny logits, which
     would look trivially invariant). Returned in eval mode."""
-    for module in model.modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            module.weight.uniform_(0.5, 1.5)
-            module.bias.uniform_(-0.2, 0.2)
-            module.momentum = None  # cumulative average over the calibration batch
     model.classifier[-1].weight.normal_()
-    model.train()
-    model(images)
-    return model.eval()
+    return rotconv.randomize_batchnorm(model, images)

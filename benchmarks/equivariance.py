@@ -30,19 +30,10 @@ import warnings
 import numpy as np
 import torch
 import torch.nn as nn
-from scipy import ndimage
 
 import rotconv
 
 from .common import untrained_but_generic, write_json
-
-
-def smooth_noise(batch: int, channels: int, size: int, sigma: float, seed: int) -> torch.Tensor:
-    """Gaussian-smoothed white noise (unit std), multiplied by the disc mask; float64."""
-    rng = np.random.default_rng(seed)
-    x = ndimage.gaussian_filter(rng.standard_normal((batch, channels, size, size)), (0, 0, sigma, sigma))
-    x = torch.from_numpy(x / x.std())
-    return x * rotconv.disc_mask(size, size, dtype=torch.float64)
 
 
 def e2cnn_test_net(group: rotconv.CyclicGroup, seed: int, basis_options: dict | None = None) -> nn.Module:
@@ -64,7 +55,7 @@ def stack_errors(sigmas=(1.0, 2.0), seeds=range(5), size: int = 65, element: int
     results = {}
     for sigma in sigmas:
         errors = [rotconv.equivariance_error(e2cnn_test_net(group, seed), group,
-                                             smooth_noise(4, 3, size, sigma, seed), element)
+                                             rotconv.smooth_noise(4, 3, size, sigma, seed), element)
                   for seed in seeds]
         results[f"sigma={sigma:g}"] = {"mean": float(np.mean(errors)), "std": float(np.std(errors)),
                                        "median": float(np.median(errors)), "errors": [float(e) for e in errors]}
@@ -224,7 +215,7 @@ def plot(results: dict, directory: str) -> list[str]:
 def sweep(step: float, patches: int, data: str | None, runs: str | None) -> dict:
     degrees = angles_degrees(step)
     images, source, input_range = patch_inputs(patches, data)
-    smooth = smooth_noise(4, 3, 33, 2.0, 0)
+    smooth = rotconv.smooth_noise(4, 3, 33, 2.0, 0)
     centre = (images.shape[-1] - 33) // 2
     print("layers ...", file=sys.stderr)
     patches_label = "PCam patches" if data else "PCam-like patches (synthetic)"

@@ -23,6 +23,8 @@ from torch.distributed.nn import all_reduce  # differentiable: the backward pass
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rotconv.validation import check_positive_int
+
 from .common import atomic_write, clean_temporary_files, differences
 from .data import Normalizer, PCamError, PCamSplit, augment_batch
 
@@ -51,9 +53,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
         if self.weight_decay < 0:

@@ -12,10 +12,11 @@ max pooling over the N rotations, linear classifier.
 
 import torch
 import torch.nn as nn
-from torch.fx import Proxy
 
 import rotconv
 from rotconv.grid import equivariant_padding
+from rotconv.group import as_group
+from rotconv.validation import check_int, check_positive_int, is_symbolic, shape_of
 
 __all__ = ["MobileNetV2", "mobilenet_v2", "INVERTED_RESIDUAL_SETTING", "STEM_CHANNELS", "LAST_CHANNELS"]
 
@@ -135,17 +136,14 @@ class MobileNetV2(nn.Module):
     Shapes: ``(B, 3, input_size, input_size) -> (B, num_classes)`` logits.
     """
 
-    def __init__(self, num_classes: int = 2, group: rotconv.CyclicGroup | None = None, width_mult: float = 1.0,
+    def __init__(self, num_classes: int = 2, group: rotconv.CyclicGroup | int | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: expected an integer >= 1, got {num_classes!r}")
-        if group is not None and not isinstance(group, rotconv.CyclicGroup):
-            raise ValueError(f"group: expected None or a rotconv.CyclicGroup, got {type(group).__name__}")
+        check_positive_int(num_classes, "num_classes")
+        group = None if group is None else as_group(group)
         if not isinstance(width_mult, (int, float)) or width_mult <= 0:
             raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 15 or input_size % 2 == 0:
-            raise ValueError(f"input_size: expected an odd integer >= 15 (e.g. 95), got {input_size!r}")
+        check_int(input_size, "input_size", minimum=15, odd=True)
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.group = group
@@ -195,17 +193,21 @@ class MobileNetV2(nn.Module):
                 nn.init.normal_(module.weight, 0, 0.01)
                 nn.init.zeros_(module.bias)
 
+    @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        if isinstance(x, Proxy):
+        if is_symbolic(x):
             return
         expected = (3, self.input_size, self.input_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            shape = shape_of(x)
             hint = " (crop 96x96 PCam patches to 95x95)" if isinstance(x, torch.Tensor) and x.shape[-1] == 96 else ""
             raise ValueError(f"input: expected (B, 3, {self.input_size}, {self.input_size}), got {shape}{hint}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        """``(B, 3, input_size, input_size) -> (B, num_classes)``; ``torch.jit.script`` works on
+        :meth:`export`'s result (and on the conventional model)."""
+        if not torch.jit.is_scripting():
+            self._check_input(x)
         x = self.features(self.input_mask(x))
         return self.classifier(self.pool_rotations(self.pool(x)))
 
@@ -222,14 +224,14 @@ class MobileNetV2(nn.Module):
         return f"{group}, input_size={self.input_size}, num_classes={self.num_classes}"
 
 
-def mobilenet_v2(num_classes: int = 2, group: rotconv.CyclicGroup | None = None, width_mult: float = 1.0,
+def mobilenet_v2(num_classes: int = 2, group: rotconv.CyclicGroup | int | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> MobileNetV2:
     """Build MobileNetV2 for PCam.
 
     Args:
         num_classes: classifier outputs (2 for PCam).
-        group: ``None`` for the conventional network (plain ``nn.Conv2d``), or a
-            :class:`rotconv.CyclicGroup` for the equivariant one (the paper uses ``CyclicGroup(12)``).
+        group: ``None`` for the conventional network (plain ``nn.Conv2d``), or the rotation group of the
+            equivariant one: a :class:`rotconv.CyclicGroup` or its order N (the paper uses ``group=12``).
         width_mult: channel multiplier (as torchvision).
         input_size: odd side of the square input (95 for PCam's 96x96 patches cropped by one pixel).
         activation: ``"relu6"`` (MobileNetV2) or ``"relu"``.

@@ -18,6 +18,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from rotconv.validation import check_int
+
 from .arithmetic import (WEIGHT_SCHEMES, fake_quantize_weight, quantization_parameters, weight_bits_for,
                          weight_quantization_parameters)
 from .graph import describe, is_activation, is_add, is_conv, module_of, trace
@@ -79,9 +81,8 @@ class _Recorder(fx.Interpreter):
 
 
 def _check_arguments(weight_bits: int, act_bits: int, weight_scheme: str) -> None:
-    for value, name in ((weight_bits, "weight_bits"), (act_bits, "act_bits")):
-        if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
-            raise ValueError(f"{name}: expected an integer from 2 to 8, got {value!r}")
+    check_int(weight_bits, "weight_bits", minimum=2, maximum=8)
+    check_int(act_bits, "act_bits", minimum=2, maximum=8)
     if weight_scheme not in WEIGHT_SCHEMES:
         raise ValueError(f"weight_scheme: expected one of {WEIGHT_SCHEMES}, got {weight_scheme!r}")
 

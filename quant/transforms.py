@@ -15,6 +15,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from rotconv.validation import check_positive_int
+
 from .arithmetic import fake_quantize_weight, weight_bits_for
 from .graph import ConvPair, conv_pairs, module_of, remove_identities, trace
 
@@ -80,9 +82,7 @@ def field_size(group: object = None, fields: object = None, caller: str = "equal
     if group is None:
         return None
     order = getattr(group, "order", group)
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise ValueError(f"group: expected None, an int N >= 1 or a rotconv group, got {group!r}")
-    return order
+    return check_positive_int(order, "group")
 
 
 def _share_over_fields(values: torch.Tensor, size: int | None, name: str) -> torch.Tensor:

@@ -9,16 +9,20 @@ Public API::
     GroupPool, CircularMask, MaskedGlobalAvgPool, disc_mask   pooling/masks   (rotconv.pooling)
     equivariant_padding, equivariant_output_size  odd-grid stride policy      (rotconv.grid)
     export                                        to plain torch.nn           (rotconv.export)
-    equivariance_error                            numerical checks            (rotconv.checks)
+    equivariance_error, smooth_noise, randomize_batchnorm   numerical checks (rotconv.checks)
+    summary, ModelSummary                         params / MACs / memory      (rotconv.summary)
+    check_int, check_positive_int                 argument checks             (rotconv.validation)
 """
 from .basis import SteerableBasis, steerable_basis
-from .checks import equivariance_error
+from .checks import equivariance_error, randomize_batchnorm, smooth_noise
 from .export import export
 from .grid import equivariant_output_size, equivariant_padding
 from .group import CyclicGroup, rotate_image
 from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableConv2d
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
+from .summary import ModelSummary, summary
+from .validation import check_int, check_positive_int
 
 __version__ = "0.1.0"
 
@@ -40,4 +44,10 @@ __all__ = [
     "equivariant_output_size",
     "export",
     "equivariance_error",
+    "smooth_noise",
+    "randomize_batchnorm",
+    "summary",
+    "ModelSummary",
+    "check_int",
+    "check_positive_int",
 ]

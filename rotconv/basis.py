@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .validation import check_int, check_positive_int
+
 __all__ = ["SteerableBasis", "steerable_basis", "default_rings", "default_sigmas", "default_max_frequency"]
 
 #: Frequency cutoff factor: an inner ring of radius r carries harmonics m <= floor(DEFAULT_FREQUENCY_FACTOR * r);
@@ -199,10 +201,8 @@ def steerable_basis(
     Returns:
         :class:`SteerableBasis`; identical arguments return the same (cached) object.
     """
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size: steerable bases need an odd kernel size >= 1, got {kernel_size!r}")
-    if isinstance(supersample, bool) or not isinstance(supersample, int) or supersample < 1:
-        raise ValueError(f"supersample: expected an integer >= 1, got {supersample!r}")
+    check_int(kernel_size, "kernel_size", minimum=1, odd=True)  # steerable bases need a centre pixel
+    check_positive_int(supersample, "supersample")
     radii = default_rings(kernel_size) if rings is None else tuple(float(r) for r in rings)
     if len(radii) == 0 or any(r < 0 for r in radii):
         raise ValueError(f"rings: expected non-negative radii, got {rings!r}")

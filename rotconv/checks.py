@@ -1,13 +1,16 @@
-"""Numerical equivariance checks."""
+"""Numerical equivariance checks, and the inputs and networks they are best run on."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
+from scipy import ndimage
 
 from .group import CyclicGroup, as_group
 from .pooling import disc_mask
+from .validation import renamed_flag
 
-__all__ = ["equivariance_error"]
+__all__ = ["equivariance_error", "smooth_noise", "randomize_batchnorm"]
 
 
 @torch.no_grad()
@@ -16,9 +19,12 @@ def equivariance_error(
     group: CyclicGroup,
     x: torch.Tensor,
     k: int,
-    in_fields: bool = False,
-    out_fields: bool = True,
+    input_regular: bool = False,
+    output_regular: bool = True,
     mask: bool | None = None,
+    *,
+    in_fields: bool | None = None,
+    out_fields: bool | None = None,
 ) -> float:
     """Relative error ``||module(g x) - g module(x)|| / ||g module(x)||`` for the group element ``k``.
 
@@ -27,8 +33,8 @@ def equivariance_error(
         group: the :class:`~rotconv.CyclicGroup` acting on input and output.
         x: input, ``(B, C, H, W)``.
         k: group element (angle ``2*pi*k/N``).
-        in_fields: whether the input channels are regular fields (else scalars, e.g. RGB).
-        out_fields: whether the output channels are regular fields (else scalars/invariant).
+        input_regular: whether the input channels are regular fields (else scalars, e.g. RGB).
+        output_regular: whether the output channels are regular fields (else scalars/invariant).
         mask: compare only inside the centred disc of the output grid, where a rotation by any angle keeps
             the pixels on the grid. Default (None): masked exactly when the rotation is not a multiple of 90
             degrees and the output is spatial.
@@ -36,8 +42,10 @@ def equivariance_error(
         the relative L2 error as a Python float (0 for an exactly equivariant module).
     """
     group = as_group(group)
-    expected = group.rotate(module(x), k, fields=out_fields)
-    actual = module(group.rotate(x, k, fields=in_fields))
+    input_regular = renamed_flag(input_regular, in_fields, "in_fields", "input_regular", default=False)
+    output_regular = renamed_flag(output_regular, out_fields, "out_fields", "output_regular", default=True)
+    expected = group.rotate(module(x), k, regular=output_regular)
+    actual = module(group.rotate(x, k, regular=input_regular))
     if actual.shape != expected.shape:
         raise ValueError(f"module: output shapes differ under rotation: {tuple(actual.shape)} vs {tuple(expected.shape)}")
     if mask is None:
@@ -52,3 +60,36 @@ def equivariance_error(
     denominator = torch.linalg.vector_norm(expected).item()
     numerator = torch.linalg.vector_norm(actual - expected).item()
     return numerator / max(denominator, torch.finfo(expected.dtype).tiny)
+
+
+def smooth_noise(batch: int, channels: int, size: int, sigma: float, seed: int,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``(batch, channels, size, size)`` Gaussian-smoothed white noise (std ``sigma`` pixels), scaled to unit
+    std and multiplied by the disc mask: band-limited and rotatable by any angle, the input on which
+    equivariance errors of non-90-degree rotations measure the layers rather than the interpolation."""
+    rng = np.random.default_rng(seed)
+    x = ndimage.gaussian_filter(rng.standard_normal((batch, channels, size, size)), (0, 0, sigma, sigma))
+    x = torch.from_numpy(x / x.std())
+    return (x * disc_mask(size, size, dtype=torch.float64)).to(dtype)
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, inputs: torch.Tensor | list[torch.Tensor],
+                        weight: tuple[float, float] = (0.5, 1.5), bias: tuple[float, float] = (-0.2, 0.2),
+                        seed: int | None = None) -> nn.Module:
+    """Make an untrained ``model`` a generic function for checks: batch-norm scales and shifts drawn uniformly
+    from ``weight`` and ``bias``, running statistics measured on ``inputs`` (one batch or a list; a
+    cumulative average). Untrained statistics would make eval-mode networks near-constant, which looks
+    trivially invariant. Returns ``model`` in eval mode."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+            if module.affine:
+                module.weight.copy_(torch.empty_like(module.weight, device="cpu").uniform_(*weight, generator=generator))
+                module.bias.copy_(torch.empty_like(module.bias, device="cpu").uniform_(*bias, generator=generator))
+    model.train()
+    for batch in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+        model(batch)
+    return model.eval()

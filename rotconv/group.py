@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .validation import check_positive_int, renamed_flag
+
 __all__ = ["CyclicGroup", "rotate_image"]
 
 
@@ -62,8 +64,7 @@ class CyclicGroup:
     """
 
     def __init__(self, N: int) -> None:
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"N: the group order must be an integer >= 1, got {N!r}")
+        check_positive_int(N, "N")
         self.N = N
 
     @property
@@ -87,29 +88,31 @@ class CyclicGroup:
         eye = torch.eye(self.N)
         return torch.roll(eye, shifts=k % self.N, dims=0)
 
-    def rotate(self, x: torch.Tensor, k: int, fields: bool = True) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, k: int, regular: bool = True, *, fields: bool | None = None) -> torch.Tensor:
         """Act with element ``k`` on a feature tensor.
 
         Args:
             x: ``(B, C, H, W)`` (or ``(B, C)`` with no spatial dims, e.g. pooled features). With
-                ``fields=True`` ``C`` must be a multiple of N (regular fields, layout ``f*N + i``).
+                ``regular=True`` ``C`` must be a multiple of N (regular fields, layout ``f*N + i``).
             k: group element; its angle is ``2*pi*k/N`` counter-clockwise.
-            fields: ``True`` for regular fields (spatial rotation + cyclic shift of every field's N
+            regular: ``True`` for regular fields (spatial rotation + cyclic shift of every field's N
                 channels), ``False`` for scalar channels (spatial rotation only, e.g. RGB).
+            fields: deprecated name of ``regular``.
         Returns:
             tensor of the same shape.
         """
+        regular = renamed_flag(regular, fields, "fields", "regular", default=True)
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             raise ValueError("x: expected a tensor of shape (B, C, H, W) or (B, C)")
         if x.dim() >= 4:
             out = rotate_image(x, self.angle(k))
         else:
             out = x
-        if fields:
+        if regular:
             channels = x.shape[1]
             if channels % self.N != 0:
                 raise ValueError(
-                    f"x: with fields=True the channel count must be a multiple of N={self.N}, got {channels}"
+                    f"x: with regular=True the channel count must be a multiple of N={self.N}, got {channels}"
                 )
             shape = out.shape
             out = out.reshape(shape[0], channels // self.N, self.N, *shape[2:])
@@ -131,5 +134,5 @@ def as_group(group: CyclicGroup | int, name: str = "group") -> CyclicGroup:
     if isinstance(group, CyclicGroup):
         return group
     if isinstance(group, int) and not isinstance(group, bool):
-        return CyclicGroup(group)
-    raise ValueError(f"{name}: expected a rotconv.CyclicGroup, got {type(group).__name__}")
+        return CyclicGroup(check_positive_int(group, name))
+    raise ValueError(f"{name}: expected a rotconv.CyclicGroup or its order N (an int), got {type(group).__name__}")

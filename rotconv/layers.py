@@ -26,24 +26,17 @@ from typing import Union
 
 import torch
 import torch.nn as nn
-from torch.fx import Proxy
 import torch.nn.functional as F
 
 from .basis import SteerableBasis, group_basis, steerable_basis
 from .grid import equivariant_padding
 from .group import CyclicGroup, as_group
+from .validation import check_positive_int, is_symbolic, shape_of
 
-__all__ = ["SteerableConv2d", "LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d", "check_positive_int"]
+__all__ = ["SteerableConv2d", "LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d"]
 
 Padding = Union[str, int]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def check_positive_int(value: object, name: str) -> int:
-    """``value`` if it is an integer >= 1 (bools excluded), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
 
 
 class _FilterCache:
@@ -107,7 +100,7 @@ class SteerableConv2d(nn.Module):
         if padding == "equivariant":
             if kernel_size % 2 == 0:
                 raise ValueError(f"kernel_size: padding='equivariant' needs an odd kernel size, got {kernel_size}")
-        elif isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        elif isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:  # a str is not an int
             raise ValueError(f"padding: expected 'equivariant' or an integer >= 0, got {padding!r}")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(f"padding_mode: expected one of {_PADDING_MODES}, got {padding_mode!r}")
@@ -249,11 +242,10 @@ class SteerableConv2d(nn.Module):
         return int(self.padding)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if isinstance(x, Proxy):  # symbolic tracing: shapes are not known
+        if is_symbolic(x):  # symbolic tracing: shapes are not known
             return
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input: {type(self).__name__} expects (B, C, H, W), got {shape}")
+            raise ValueError(f"input: {type(self).__name__} expects (B, C, H, W), got {shape_of(x)}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input: {type(self).__name__} expects {self._channel_description()}, got {x.shape[1]}")
 

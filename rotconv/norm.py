@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.fx import Proxy
 
 from .group import CyclicGroup, as_group
+from .validation import check_positive_int, is_symbolic, shape_of
 
 __all__ = ["GroupBatchNorm2d"]
 
@@ -32,8 +32,7 @@ class GroupBatchNorm2d(nn.Module):
         track_running_stats: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(fields, bool) or not isinstance(fields, int) or fields < 1:
-            raise ValueError(f"fields: expected an integer >= 1, got {fields!r}")
+        check_positive_int(fields, "fields")
         self.group = as_group(group)
         self.fields = fields
         # The per-field statistics are those of an ordinary BatchNorm over (B, fields, N*H*W).
@@ -44,14 +43,14 @@ class GroupBatchNorm2d(nn.Module):
     def num_channels(self) -> int:
         return self.fields * self.group.N
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not is_symbolic(x) and (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.num_channels):
+            raise ValueError(f"input: GroupBatchNorm2d expects (B, {self.num_channels}, H, W) "
+                             f"(fields={self.fields} x N={self.group.N}), got {shape_of(x)}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, Proxy) and (not isinstance(x, torch.Tensor) or x.dim() != 4
-                                         or x.shape[1] != self.num_channels):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
-                f"input: GroupBatchNorm2d expects (B, {self.num_channels}, H, W) "
-                f"(fields={self.fields} x N={self.group.N}), got {shape}"
-            )
+        """``(B, fields*N, H, W) -> same`` (export to ``nn.BatchNorm2d`` for TorchScript)."""
+        self._check_input(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             if self.training and type(self.norm) is nn.BatchNorm1d and self.norm.track_running_stats:
                 return _FieldBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, self.group.N)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.fx import Proxy
 
 from .group import CyclicGroup, as_group
+from .validation import is_symbolic, shape_of
+from .validation import check_positive_int
 
 __all__ = ["GroupPool", "CircularMask", "MaskedGlobalAvgPool", "disc_mask"]
 
@@ -43,14 +44,20 @@ class GroupPool(nn.Module):
         if mode not in ("max", "mean"):
             raise ValueError(f"mode: expected 'max' or 'mean', got {mode!r}")
         self.group = as_group(group)
+        self.order: int = self.group.N
         self.mode = mode
 
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        if is_symbolic(x):
+            return
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] % self.order != 0:
+            raise ValueError(f"input: GroupPool expects (B, F*{self.order}, ...) channels, got {shape_of(x)}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N = self.group.N
-        if not isinstance(x, Proxy) and (not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] % N != 0):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input: GroupPool expects (B, F*{N}, ...) channels, got {shape}")
-        fields = x.unflatten(1, (-1, N))
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        fields = x.unflatten(1, (-1, self.order))
         return fields.amax(dim=2) if self.mode == "max" else fields.mean(dim=2)
 
     def extra_repr(self) -> str:
@@ -66,19 +73,22 @@ class CircularMask(nn.Module):
 
     def __init__(self, size: int, radius: float | None = None, edge_width: float = 1.0) -> None:
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size: expected an integer >= 1, got {size!r}")
+        check_positive_int(size, "size")
         self.size = size
         self.radius = (size - 1) / 2 if radius is None else float(radius)
         self.edge_width = edge_width
         self.register_buffer("mask", disc_mask(size, size, self.radius, edge_width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, Proxy):
-            return x * self.mask
+    @torch.jit.unused
+    def _check_input(self, x: torch.Tensor) -> None:
+        if is_symbolic(x):
+            return
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-2:] != (self.size, self.size):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input: CircularMask expects (B, C, {self.size}, {self.size}), got {shape}")
+            raise ValueError(f"input: CircularMask expects (B, C, {self.size}, {self.size}), got {shape_of(x)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._check_input(x)
         return x * self.mask
 
     def extra_repr(self) -> str:
@@ -100,11 +110,11 @@ class MaskedGlobalAvgPool(nn.Module):
         self._masks: dict[tuple, torch.Tensor] = {}
         if size is not None:
             # A fixed input size stores the weights as a buffer (traceable by torch.fx / torch.export).
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"size: expected an integer >= 1 or None, got {size!r}")
+            check_positive_int(size, "size")
             mask = disc_mask(size, size, radius, edge_width, dtype=torch.float64)
             self.register_buffer("pool_weights", (mask / mask.sum()).float())
 
+    @torch.jit.unused
     def weights(self, height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``(H, W)`` pooling weights summing to 1 (cached per size, dtype and device)."""
         key = (height, width, dtype, device)
@@ -113,19 +123,27 @@ class MaskedGlobalAvgPool(nn.Module):
             self._masks[key] = (mask / mask.sum()).to(dtype=dtype, device=device)
         return self._masks[key]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, Proxy) and self.size is not None:
-            return (x * self.pool_weights).sum(dim=(-2, -1))
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input: MaskedGlobalAvgPool expects (B, C, H, W), got {shape}")
-        if self.size is not None:
-            if x.shape[-2:] != (self.size, self.size):
+    @torch.jit.unused
+    def _weights_for(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` and return its pooling weights (eager and torch.fx; TorchScript uses the buffer)."""
+        if not is_symbolic(x):
+            if not isinstance(x, torch.Tensor) or x.dim() != 4:
+                raise ValueError(f"input: MaskedGlobalAvgPool expects (B, C, H, W), got {shape_of(x)}")
+            if self.size is not None and x.shape[-2:] != (self.size, self.size):
                 raise ValueError(f"input: MaskedGlobalAvgPool(size={self.size}) expects (B, C, {self.size}, "
                                  f"{self.size}), got {tuple(x.shape)}")
+        if self.size is not None:
+            return self.pool_weights
+        if is_symbolic(x):
+            raise ValueError("model: MaskedGlobalAvgPool without size= cannot be traced; give it size=")
+        return self.weights(x.shape[-2], x.shape[-1], x.dtype, x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W) -> (B, C)``. TorchScript needs ``size=`` (the weights are then a buffer)."""
+        if torch.jit.is_scripting():
             weights = self.pool_weights
         else:
-            weights = self.weights(x.shape[-2], x.shape[-1], x.dtype, x.device)
+            weights = self._weights_for(x)
         return (x * weights).sum(dim=(-2, -1))
 
     def extra_repr(self) -> str:

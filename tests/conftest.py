@@ -1,9 +1,7 @@
 import os
 
-import numpy as np
 import torch
 from hypothesis import settings
-from scipy import ndimage
 
 settings.register_profile("default", max_examples=25, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=300, deadline=None)
@@ -15,8 +13,5 @@ def smooth_masked_input(batch: int, channels: int, size: int, sigma: float, seed
     """Gaussian-smoothed white noise, unit std, multiplied by the disc mask (band-limited and rotatable)."""
     import rotconv
 
-    rng = np.random.default_rng(seed)
-    x = ndimage.gaussian_filter(rng.standard_normal((batch, channels, size, size)), (0, 0, sigma, sigma))
-    x = torch.from_numpy(x / x.std())
-    return (x * rotconv.disc_mask(size, size, dtype=torch.float64)).to(dtype)
+    return rotconv.smooth_noise(batch, channels, size, sigma, seed, dtype)
 

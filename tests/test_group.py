@@ -18,7 +18,7 @@ def test_rotate_exact_elements_are_rot90_and_shift(N, fields, k, size):
     expected = torch.rot90(x, quarter_turns, dims=(-2, -1)).reshape(2, fields, N, size, size)
     expected = torch.roll(expected, k % N, dims=2).reshape(x.shape)
     assert torch.equal(group.rotate(x, k), expected)
-    assert torch.equal(group.rotate(x, k, fields=False), torch.rot90(x, quarter_turns, dims=(-2, -1)))
+    assert torch.equal(group.rotate(x, k, regular=False), torch.rot90(x, quarter_turns, dims=(-2, -1)))
 
 
 @given(N=st.integers(1, 16), a=st.integers(0, 15), b=st.integers(0, 15))

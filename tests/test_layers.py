@@ -47,7 +47,7 @@ def test_exact_equivariance_for_grid_rotations(kind, N, in_fields, out_fields, k
     x = torch.randn(2, layer.in_channels, size, size, dtype=dtype)
     tolerance = 1e-10 if double else 1e-5
     for k in group.exact_elements():
-        error = rotconv.equivariance_error(layer, group, x, k, in_fields=(kind != "lifting"))
+        error = rotconv.equivariance_error(layer, group, x, k, input_regular=(kind != "lifting"))
         assert error < tolerance, (k, error)
 
 
@@ -71,7 +71,7 @@ def test_exact_equivariance_of_random_stacks(N, depth, fields, kernels, strides,
     # and the invariant head: masked pooling + group pooling gives rotation-invariant features
     head = nn.Sequential(stack, rotconv.MaskedGlobalAvgPool(), rotconv.GroupPool(group, "max"))
     for k in group.exact_elements():
-        assert rotconv.equivariance_error(head, group, x, k, out_fields=False) < 1e-10
+        assert rotconv.equivariance_error(head, group, x, k, output_regular=False) < 1e-10
 
 
 @given(kind=LAYER_KINDS, kernel_size=st.sampled_from([3, 5]), seed=st.integers(0, 2**16))
@@ -89,7 +89,7 @@ def test_bounded_error_for_other_angles(kind, kernel_size, seed):
         x = x.reshape(2, -1, 12, 41, 41)
     x = x.reshape(2, layer.in_channels, 41, 41)
     for k in (1, 2, 4, 5):
-        error = rotconv.equivariance_error(layer, group, x, k, in_fields=(kind != "lifting"))
+        error = rotconv.equivariance_error(layer, group, x, k, input_regular=(kind != "lifting"))
         assert error < 0.08, (k, error)
 
 
@@ -215,7 +215,7 @@ def test_group_batch_norm_shares_statistics_within_fields():
     assert torch.allclose(y.mean(dim=(0, 2)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(y.var(dim=(0, 2), unbiased=False), torch.ones(3), atol=1e-3)
     # train-mode statistics are invariant, so train mode is equivariant too
-    assert rotconv.equivariance_error(norm, group, x, 1, in_fields=True) < 1e-6
+    assert rotconv.equivariance_error(norm, group, x, 1, input_regular=True) < 1e-6
     norm.eval()
     with torch.no_grad():
         assert torch.allclose(norm.export()(x), norm(x), atol=1e-6)
@@ -224,7 +224,8 @@ def test_group_batch_norm_shares_statistics_within_fields():
 @pytest.mark.parametrize("build, name", [
     (lambda: rotconv.GroupConv2d(2, 2, 4, rotconv.CyclicGroup(4)), "kernel_size"),
     (lambda: rotconv.LiftingConv2d(3, 2, 2, rotconv.CyclicGroup(4), stride=2), "kernel_size"),
-    (lambda: rotconv.GroupConv2d(2, 2, 3, 0), "N"),
+    (lambda: rotconv.GroupConv2d(2, 2, 3, 0), "group"),
+    (lambda: rotconv.CyclicGroup(0), "N"),
     (lambda: rotconv.GroupConv2d(0, 2, 3, rotconv.CyclicGroup(4)), "in_fields"),
     (lambda: rotconv.DepthwiseGroupConv2d(2, 3, rotconv.CyclicGroup(4), stride=0), "stride"),
     (lambda: rotconv.GroupConv2d(2, 2, 3, rotconv.CyclicGroup(4), padding="same"), "padding"),

@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import pytest
 import torch
@@ -20,16 +21,8 @@ def models():
         # network is a generic, input-dependent function (not saturated to a constant, which would be
         # trivially invariant).
         with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.uniform_(-0.2, 0.2)
-                    module.momentum = None  # cumulative average
             model.classifier[1].weight.normal_()
-            model.train()
-            for _ in range(2):
-                model(torch.randn(8, 3, 95, 95))
-        model.eval()
+        rotconv.randomize_batchnorm(model, [torch.randn(8, 3, 95, 95) for _ in range(2)])
         with torch.no_grad():
             logits = model(torch.randn(8, 3, 95, 95))
         assert logits.std(dim=0).min() > 1e-3 * logits.abs().max(), "degenerate test network"
@@ -43,26 +36,24 @@ def test_logits_invariant_to_quarter_turns(models, N):
     group = rotconv.CyclicGroup(N)
     x = torch.randn(2, 3, 95, 95)
     for k in group.exact_elements():
-        assert rotconv.equivariance_error(models[N], group, x, k, out_fields=False) < 1e-5
+        assert rotconv.equivariance_error(models[N], group, x, k, output_regular=False) < 1e-5
 
 
 def test_conventional_model_is_not_invariant(models):
     group = rotconv.CyclicGroup(4)
     x = torch.randn(2, 3, 95, 95)
-    assert rotconv.equivariance_error(models[None], group, x, 1, out_fields=False) > 1e-2
+    assert rotconv.equivariance_error(models[None], group, x, 1, output_regular=False) > 1e-2
 
 
 def test_thirty_degree_error_is_bounded_on_smooth_masked_inputs(models):
     # 30 degrees is not a grid symmetry: interpolation of the input (~1% at 2 px smoothing) and filter
     # aliasing (about 3% for a 3-layer stack, docs/theory.md) compound over ~50 layers of a random network.
-    # Measured on random weights: 12-14% (default init), 27% (this fixture's random BN affines); the
-    # conventional network: 40-110%. Bound: 35%, and at most half the conventional model's error.
+    # Measured on random networks (rotconv.randomize_batchnorm, seeds 0-3): 10-32% for C_12. Bound: 35%.
+    # (The conventional network is no reference here: an untrained one with a disc-masked average pool
+    # gives 11-43% on the same inputs, so no ordering between the two holds for every random draw.)
     group = rotconv.CyclicGroup(12)
     x = smooth_masked_input(4, 3, 95, sigma=2.0, seed=0, dtype=torch.float32)
-    equivariant = rotconv.equivariance_error(models[12], group, x, 1, out_fields=False)
-    conventional = rotconv.equivariance_error(models[None], group, x, 1, out_fields=False)
-    assert equivariant < 0.35
-    assert equivariant < conventional / 2
+    assert rotconv.equivariance_error(models[12], group, x, 1, output_regular=False) < 0.35
 
 
 @pytest.mark.parametrize("N", [None, 12])
@@ -128,11 +119,41 @@ def test_wrong_inputs_raise(models, shape, message):
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(input_size=96), "input_size"), (dict(num_classes=0), "num_classes"),
-    (dict(activation="gelu"), "activation"), (dict(group=12), "group"), (dict(width_mult=0), "width_mult"),
+    (dict(activation="gelu"), "activation"), (dict(group="C12"), "group"), (dict(group=0), "group"),
+    (dict(width_mult=0), "width_mult"),
 ])
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         mobilenet.mobilenet_v2(**kwargs)
+
+
+def test_group_may_be_given_as_its_order():
+    torch.manual_seed(0)
+    by_order = mobilenet.mobilenet_v2(group=4, width_mult=0.35)
+    torch.manual_seed(0)
+    by_object = mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(4), width_mult=0.35)
+    assert by_order.group == rotconv.CyclicGroup(4)
+    for (name, a), (_, b) in zip(by_order.state_dict().items(), by_object.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("N", [None, 12])
+def test_exported_model_is_scriptable(models, N):
+    # torch.jit.script compiles the exported network (no torch.fx checks on the scripted path); the scripted
+    # module computes the same logits bit for bit (same kernels, same order) and saves/loads.
+    plain = models[N].export().eval()
+    scripted = torch.jit.script(plain)
+    x = torch.randn(2, 3, 95, 95)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), plain(x))
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load's deprecation notice
+        loaded = torch.jit.load(buffer)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), plain(x))
 
 
 @given(N=st.sampled_from([4, 12]), input_size=st.sampled_from([31, 47, 63]))
@@ -141,4 +162,4 @@ def test_other_odd_input_sizes_stay_invariant(N, input_size):
     group = rotconv.CyclicGroup(N)
     model = mobilenet.mobilenet_v2(group=group, input_size=input_size, width_mult=0.35).eval()
     x = torch.randn(1, 3, input_size, input_size)
-    assert rotconv.equivariance_error(model, group, x, N // 4, out_fields=False) < 1e-5
+    assert rotconv.equivariance_error(model, group, x, N // 4, output_regular=False) < 1e-5

@@ -15,15 +15,7 @@ import rotconv
 def calibrated(model: nn.Module, shape=(16, 3, 95, 95), seed: int = 0) -> nn.Module:
     """Random affine BN parameters, BN statistics measured on random inputs, eval mode."""
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.3, 0.5)
-                module.momentum = None
-        model.train()
-        model(torch.randn(*shape))
-    return model.eval()
+    return rotconv.randomize_batchnorm(model, torch.randn(*shape), bias=(-0.3, 0.5))
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,14 +73,17 @@ def test_high_bias_absorption_is_exact_above_the_threshold():
         assert relative(absorbed(x), model(x)) < 1e-5
 
 
-def test_dfq_rescues_a_network_that_breaks_naive_int8():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dfq_rescues_a_network_that_breaks_naive_int8(seed):
     # One channel's weights x100, compensated in the next layer: the FP32 function is unchanged, but
     # per-tensor INT8 ranges are then set by that channel and the others quantize to almost nothing.
-    torch.manual_seed(0)
+    # Measured as the relative logit error (argmax accuracy depends on how varied a random network's
+    # predictions happen to be). Seeds 0-4: naive 17-75%, DFQ 0.2-0.8% (the same as on the unscaled network).
+    torch.manual_seed(seed)
     model = calibrated(nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)), shape=(64, 3, 15, 15))
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)), shape=(64, 3, 15, 15), seed=seed)
     folded = quant.replace_relu6(quant.fold_batchnorm(model))
     convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
@@ -99,18 +94,14 @@ def test_dfq_rescues_a_network_that_breaks_naive_int8():
         convs[1].weight[:, 0] /= 100
     x = torch.randn(512, 3, 15, 15)
     with torch.no_grad():
-        labels = model(x).argmax(1)
-        assert relative(folded(x), model(x)) < 1e-5
-
-        def accuracy(network):
-            return (network(x).argmax(1) == labels).float().mean().item()
-
-        naive = accuracy(quant.quantize(folded, mode="simulated"))
-        rescued = accuracy(quant.dfq(folded, mode="simulated"))
-        reference = accuracy(quant.dfq(quant.fold_batchnorm(model), mode="simulated"))  # unscaled network
-    assert naive < 0.6
-    assert rescued >= reference - 0.01
-    assert rescued > 0.9
+        expected = model(x)
+        assert relative(folded(x), expected) < 1e-5
+        naive = relative(quant.quantize(folded, mode="simulated")(x), expected)
+        rescued = relative(quant.dfq(folded, mode="simulated")(x), expected)
+        reference = relative(quant.dfq(quant.fold_batchnorm(model), mode="simulated")(x), expected)
+    assert rescued < 0.02  # 8-bit per-tensor error of a well-conditioned 2-layer net: ~0.5%
+    assert rescued <= 1.5 * reference  # equalization undid the x100 (both nets equalize to the same ranges)
+    assert naive > 10 * rescued
 
 
 @pytest.mark.parametrize("N", [4, 12])
@@ -119,7 +110,7 @@ def test_field_shared_equalization_keeps_exact_equivariance(exported, N):
     prepared = quant.replace_relu6(quant.fold_batchnorm(exported[N]))
     x = torch.randn(2, 3, 95, 95)
     shared = quant.equalize(prepared, group=N)
-    assert rotconv.equivariance_error(shared, group, x, N // 4, out_fields=False) < 1e-5
+    assert rotconv.equivariance_error(shared, group, x, N // 4, output_regular=False) < 1e-5
     # the scales really are shared: the factor by which each output channel's filter norm changed is the
     # same for the N channels of a field (rows of a field are rotated/permuted copies of each other)
     before = dict(prepared.named_modules())
@@ -146,7 +137,7 @@ def test_int8_conv_stack_is_bit_exactly_equivariant(backend):
     stack = calibrated(stack, shape=(8, 3, 31, 31))
     int8 = quant.dfq(rotconv.export(stack, x), group=8, mode="int8", backend=backend)
     for k in group.exact_elements():
-        assert torch.equal(int8(group.rotate(x, k, fields=False)), group.rotate(int8(x), k))
+        assert torch.equal(int8(group.rotate(x, k, regular=False)), group.rotate(int8(x), k))
 
 
 @pytest.mark.parametrize("backend, weight_scheme", [("x86", "symmetric"), ("qnnpack", "asymmetric"),
@@ -168,7 +159,7 @@ def test_int8_mobilenet_logits_are_bit_exactly_invariant_to_quarter_turns(export
     logits = int8(x)
     assert logits.abs().max() > 0
     for k in group.exact_elements():
-        assert torch.equal(int8(group.rotate(x, k, fields=False)), logits), k
+        assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k
 
 
 class _Residual(nn.Module):

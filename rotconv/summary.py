@@ -1,4 +1,5 @@
-"""Parameter, multiply-accumulate and activation-memory counts."""
+"""Parameter, multiply-accumulate and activation-memory counts of networks built from rotconv layers (and
+plain torch.nn ones): a steerable conv costs what its expanded ``nn.Conv2d`` costs at inference."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-import rotconv
-from rotconv import SteerableConv2d
+from .export import export
+from .layers import SteerableConv2d
+from .norm import GroupBatchNorm2d
 
 __all__ = ["ModelSummary", "summary"]
 
@@ -35,7 +37,8 @@ class ModelSummary:
 
 @torch.no_grad()
 def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> ModelSummary:
-    """Count params, MACs and activation memory of ``model`` on one ``(1, in_channels, s, s)`` input."""
+    """Count params, MACs and activation memory of ``model`` on one ``(1, in_channels, s, s)`` input
+    (``model.export()`` is used for the exported parameter count where the model has it)."""
     macs = 0
     activation_elements = 0
 
@@ -57,7 +60,7 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
             activation_elements += output.numel()
 
     hooks = []
-    inner_norms = {id(m.norm) for m in model.modules() if isinstance(m, rotconv.GroupBatchNorm2d)}
+    inner_norms = {id(m.norm) for m in model.modules() if isinstance(m, GroupBatchNorm2d)}
     for module in model.modules():
         if id(module) in inner_norms:  # counted as its GroupBatchNorm2d
             continue
@@ -66,7 +69,7 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(linear_hook))
         is_leaf = not any(True for _ in module.children()) or isinstance(module, (SteerableConv2d,
-                                                                                 rotconv.GroupBatchNorm2d))
+                                                                                 GroupBatchNorm2d))
         if is_leaf and not isinstance(module, nn.Dropout):
             hooks.append(module.register_forward_hook(leaf_hook))
     was_training = model.training
@@ -80,8 +83,8 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
             hook.remove()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     exported = params
-    if any(isinstance(m, (SteerableConv2d, rotconv.GroupBatchNorm2d)) for m in model.modules()):
-        plain = model.export() if hasattr(model, "export") else rotconv.export(
+    if any(isinstance(m, (SteerableConv2d, GroupBatchNorm2d)) for m in model.modules()):
+        plain = model.export() if hasattr(model, "export") else export(
             model, torch.zeros(1, in_channels, input_size, input_size))
         exported = sum(p.numel() for p in plain.parameters())
     return ModelSummary(params=params, exported_params=exported, macs=macs, activation_bytes=4 * activation_elements)

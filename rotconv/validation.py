@@ -1,0 +1,50 @@
+"""Argument checks shared by every package: a ValueError that names the argument, raised up front."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx
+
+__all__ = ["check_int", "check_positive_int", "renamed_flag", "is_symbolic", "shape_of"]
+
+
+def is_symbolic(x: object) -> bool:
+    """Whether ``x`` is a torch.fx tracing placeholder (shapes unknown: input checks are skipped)."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def shape_of(x: object) -> object:
+    """The shape of a tensor as a tuple, or the type name of anything else (for error messages)."""
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_int(value: object, name: str, minimum: int | None = 1, maximum: int | None = None,
+              odd: bool = False) -> int:
+    """``value`` if it is an integer (bools excluded) in ``[minimum, maximum]`` (odd, with ``odd=True``),
+    else a ValueError naming ``name`` and what was expected."""
+    valid = isinstance(value, int) and not isinstance(value, bool)
+    valid = valid and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    valid = valid and (not odd or value % 2 == 1)
+    if not valid:
+        bounds = (f" from {minimum} to {maximum}" if minimum is not None and maximum is not None
+                  else f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else "")
+        raise ValueError(f"{name}: expected {'an odd' if odd else 'an'} integer{bounds}, got {value!r}")
+    return value
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` if it is an integer >= 1 (bools excluded), else a ValueError naming ``name``."""
+    return check_int(value, name, minimum=1)
+
+
+def renamed_flag(value: bool, old_value: bool | None, old: str, new: str, default: bool) -> bool:
+    """The value of a keyword renamed from ``old`` to ``new``: ``old_value`` (with a DeprecationWarning) when
+    the caller used the old name, else ``value``. Both given: ValueError."""
+    if old_value is None:
+        return value
+    warnings.warn(f"{old}= is deprecated here, use {new}= ('fields' only counts fields)", DeprecationWarning,
+                  stacklevel=3)
+    if value is not default:
+        raise ValueError(f"{new}: pass {new}= only ({old}= is its deprecated old name)")
+    return old_value
