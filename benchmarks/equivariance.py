@@ -118,11 +118,9 @@ def load_models(runs: str | None, images: torch.Tensor, seed: int = 0) -> tuple[
     for name, group in (("equivariant", rotconv.CyclicGroup(12)), ("conventional", None)):
         torch.manual_seed(seed)
         model = mobilenet.mobilenet_v2(group=group)
-        path = os.path.join(runs, f"{name}-seed{seed}", "last.pt") if runs else None
+        path = os.path.join(runs, f"{name}-seed{seed}", "model.pt") if runs else None
         if path and os.path.exists(path):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            model.load_state_dict(checkpoint["best"]["state"])
-            model.eval()
+            model = mobilenet.load(path)  # the best weights of the run (written by benchmarks.pcam)
         else:
             if runs:
                 print(f"{path}: not found; using random weights", file=sys.stderr)
@@ -160,11 +158,11 @@ def model_sweep(models: dict[str, nn.Module], images: torch.Tensor, degrees: lis
 
 def patch_inputs(count: int, data: str | None, seed: int = 0) -> tuple[torch.Tensor, str, tuple[float, float]]:
     """``count`` normalised 95x95 patches: the first of ``data``'s test split, else synthetic PCam-like ones."""
-    from .data import Normalizer, PCamSplit
+    from mobilenet.pcam import Normalizer, PCam
     from .synthetic import generate_patch
 
     if data:
-        split = PCamSplit(data, "test")
+        split = PCam(data, "test")
         images = split.read(np.arange(min(count, len(split))))
         source = f"{data} (test split)"
     else:

@@ -32,11 +32,12 @@ import mobilenet
 import quant
 import rotconv
 
+from mobilenet.distributed import Distributed
+from mobilenet.pcam import Normalizer, PCam, PCamError, data_fingerprint, open_pcam
+from mobilenet.training import PRECISIONS, DivergedError, Progress, TrainConfig, UsageError, resolve_precision, train
+
 from .common import OutputError, RunLock, check_writable, serialized_bytes, write_json
-from .data import Normalizer, PCamError, PCamSplit, data_fingerprint, open_pcam
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
-from .training import (PRECISIONS, Distributed, DivergedError, Progress, TrainConfig, UsageError,
-                       resolve_precision, train)
 
 __all__ = ["main", "PAPER", "PROFILES", "format_table"]
 
@@ -113,40 +114,37 @@ def _settings(args: argparse.Namespace) -> dict:
             profile[key] = getattr(args, key)
     for key in ("train_size", "valid_size", "test_size", "stability_samples", "epochs", "batch_size"):
         if profile[key] is not None and profile[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')}: expected a positive count, got {profile[key]}")
+            raise UsageError(f"--{key.replace('_', '-')}", f"expected a positive count, got {profile[key]}")
     for name, value in (("lr", profile["lr"]), ("weight-decay", args.weight_decay), ("width-mult", args.width_mult),
                         ("dropout", args.dropout)):
         if not math.isfinite(value):
-            raise UsageError(f"--{name}: expected a finite number, got {value}")
+            raise UsageError(f"--{name}", f"expected a finite number, got {value}")
     if any(seed < 0 for seed in profile["seeds"]):
-        raise UsageError(f"--seeds: expected integers >= 0, got {profile['seeds']}")
+        raise UsageError("--seeds", f"expected integers >= 0, got {profile['seeds']}")
     if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite: choose one (continue the runs, or replace them)")
+        raise UsageError("--resume and --overwrite", "choose one (continue the runs, or replace them)")
     if args.group_order < 1:
-        raise UsageError(f"--group-order: expected N >= 1, got {args.group_order}")
+        raise UsageError("--group-order", f"expected N >= 1, got {args.group_order}")
     if not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout: expected a probability in [0, 1), got {args.dropout}")
+        raise UsageError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
     if args.width_mult <= 0:
-        raise UsageError(f"--width-mult: expected a positive number, got {args.width_mult}")
+        raise UsageError("--width-mult", f"expected a positive number, got {args.width_mult}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: cuda is not available on this machine")
+        raise UsageError("--device", "cuda is not available on this machine")
     if args.workers < 0:
-        raise UsageError(f"--workers: expected >= 0, got {args.workers}")
+        raise UsageError("--workers", f"expected >= 0, got {args.workers}")
     if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads: expected >= 1, got {args.threads}")
+        raise UsageError("--threads", f"expected >= 1, got {args.threads}")
     config = TrainConfig(epochs=profile["epochs"], batch_size=profile["batch_size"], lr=profile["lr"],
                          weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                          augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last)
-    try:
-        config.validate()
-    except ValueError as error:
-        raise UsageError("--" + str(error).replace("_", "-")) from None
+    config.validate()  # a UsageError naming config.<field>; main() shows it as the option
     return {**profile, "config": config}
 
 
 def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.MobileNetV2:
     torch.manual_seed(seed)
-    group = rotconv.CyclicGroup(args.group_order) if name == "equivariant" else None
+    group = args.group_order if name == "equivariant" else None
     return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout)
 
 
@@ -156,7 +154,7 @@ def model_label(name: str, group_order: int) -> str:
 
 # -- evaluation --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predictions(model: nn.Module, split: PCamSplit, normalizer: Normalizer, count: int, angles: list[float],
+def predictions(model: nn.Module, split: PCam, normalizer: Normalizer, count: int, angles: list[float],
                 batch_size: int, device: str, description: str) -> np.ndarray:
     """Predicted classes ``(len(angles), count)`` of the first ``count`` patches, each input rotated by every
     angle (radians; multiples of 90 degrees exact, others bicubic about the centre pixel)."""
@@ -173,13 +171,13 @@ def predictions(model: nn.Module, split: PCamSplit, normalizer: Normalizer, coun
     return result
 
 
-def accuracy(model: nn.Module, split: PCamSplit, normalizer: Normalizer, batch_size: int, device: str,
+def accuracy(model: nn.Module, split: PCam, normalizer: Normalizer, batch_size: int, device: str,
              description: str) -> float:
     predicted = predictions(model, split, normalizer, len(split), [0.0], batch_size, device, description)[0]
     return float((predicted == split.labels.numpy()).mean())
 
 
-def stability(model: nn.Module, split: PCamSplit, normalizer: Normalizer, count: int, batch_size: int,
+def stability(model: nn.Module, split: PCam, normalizer: Normalizer, count: int, batch_size: int,
               device: str, description: str) -> dict[str, float]:
     """Fraction of patches whose predicted class is the same under all 4 rotations by 90 degrees, and under
     all 12 rotations by 30 degrees."""
@@ -189,7 +187,7 @@ def stability(model: nn.Module, split: PCamSplit, normalizer: Normalizer, count:
     return {"90": float((quarter == quarter[:1]).all(0).mean()), "30": float((predicted == predicted[:1]).all(0).mean())}
 
 
-def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCamSplit], normalizer: Normalizer,
+def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], normalizer: Normalizer,
              args: argparse.Namespace, settings: dict, log) -> dict:
     """FP32 and INT8 test accuracy, rotation stability, size and cost of a trained model."""
     device, batch = args.device, 128
@@ -267,6 +265,10 @@ def _paper(values: tuple[float, float | None] | None) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def format_table(results: dict) -> str:
     """The Markdown report of a results dict (as written to JSON)."""
     summary, group_order = results["summary"], results["settings"]["group_order"]
@@ -277,7 +279,7 @@ def format_table(results: dict) -> str:
                      "nothing about PCam; pass --data for real files.")
     sizes = results["data_sizes"]
     lines.append(f"Data: {results['data']} (train {sizes['train']:,} / valid {sizes['valid']:,} / test "
-                 f"{sizes['test']:,} patches); {results['settings']['epochs']} epochs; seeds {seeds}; "
+                 f"{sizes['test']:,} patches); {_count(results['settings']['epochs'], 'epoch')}; seeds {seeds}; "
                  f"INT8: DFQ, {results['settings']['weight_scheme']} per-tensor weights, on "
                  f"{results['settings']['backend']} int8 kernels.")
     lines.append("")
@@ -345,13 +347,18 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
                         "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
             log(f"== {model_label(name, args.group_order)}, seed {seed} ==")
             started = time.time()
-            trained = train(model, splits["train"], splits["valid"], normalizer, seed_config, run_dir, args.resume,
-                            device, processes, identity, log, workers=args.workers, overwrite=args.overwrite)
+            trained = train(model, splits["train"], splits["valid"], seed_config, run_dir, preprocess=normalizer,
+                            resume=args.resume, overwrite=args.overwrite, device=device, processes=processes,
+                            identity=identity, log=log, workers=args.workers)
             train_seconds = time.time() - started
             if not processes.main:
                 continue
             best = build_model(name, args, seed)
             best.load_state_dict(trained["best_state"])
+            model_file = os.path.join(run_dir, "model.pt")  # what inference needs: mobilenet.load(model_file)
+            mobilenet.save(best, model_file, normalizer, metadata={"model": name, "seed": seed,
+                                                                   "best_epoch": trained["best_epoch"]})
+            log(f"model written to {model_file}")
             best.to(device)
             result = evaluate(name, best, splits, normalizer, args, settings, log)
             runs.append({"model": name, "seed": seed, **result, "best_epoch": trained["best_epoch"],
@@ -386,12 +393,27 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
     return results
 
 
+#: How the library's names for settings read on this command line.
+OPTIONS = {"config.epochs": "--epochs", "config.batch_size": "--batch-size", "config.lr": "--lr",
+           "config.weight_decay": "--weight-decay", "config.optimizer": "--optimizer", "config.schedule": "--schedule",
+           "config.precision": "--precision", "config.seed": "--seeds", "run_dir": "--runs", "resume=True": "--resume",
+           "overwrite=True": "--overwrite", "resume:": "--resume:"}
+
+
+def command_line_message(error: Exception) -> str:
+    """``error``'s message with the library's setting names replaced by this command's options."""
+    text = str(error)
+    for name, option in OPTIONS.items():
+        text = text.replace(name, option)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         run(args)
     except (PCamError, UsageError, OutputError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {command_line_message(error)}", file=sys.stderr)
         return 2
     except DivergedError as error:
         print(f"error: {error}", file=sys.stderr)

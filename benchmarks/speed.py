@@ -31,7 +31,7 @@ import quant
 import rotconv
 
 from .common import serialized_bytes, untrained_but_generic, write_json
-from .training import bf16_supported, training_step
+from mobilenet.training import bf16_supported, training_step
 
 __all__ = ["compare", "layer_benchmarks", "model_benchmarks", "training_throughput", "main"]
 

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from .common import atomic_write
-from .data import SPLITS, split_paths
+from mobilenet.pcam import SPLITS, split_paths
 
 __all__ = ["generate_patch", "write_synthetic_pcam", "DEFAULT_SIZES"]
 

@@ -144,6 +144,8 @@ class MobileNetV2(nn.Module):
         if not isinstance(width_mult, (int, float)) or width_mult <= 0:
             raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
         check_int(input_size, "input_size", minimum=15, odd=True)
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.group = group
@@ -151,6 +153,7 @@ class MobileNetV2(nn.Module):
         self.num_classes = num_classes
         self.width_mult = width_mult
         self.activation = activation
+        self.dropout = dropout
         layers = _PlainLayers() if group is None else _EquivariantLayers(group)
         act = _ACTIVATIONS[activation]
 
@@ -218,6 +221,13 @@ class MobileNetV2(nn.Module):
             return rotconv.export(self)
         example = torch.zeros(1, 3, self.input_size, self.input_size, device=next(self.parameters()).device)
         return rotconv.export(self, example_input=example)
+
+    def arguments(self) -> dict:
+        """The :func:`mobilenet_v2` arguments that rebuild this architecture (what :func:`mobilenet.save`
+        stores)."""
+        return {"num_classes": self.num_classes, "group": None if self.group is None else self.group.N,
+                "width_mult": self.width_mult, "input_size": self.input_size, "activation": self.activation,
+                "dropout": self.dropout}
 
     def extra_repr(self) -> str:
         group = "conventional" if self.group is None else f"group={self.group!r}"

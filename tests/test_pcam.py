@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks import pcam
-from benchmarks.data import Normalizer, PCamSplit, augment_batch, balanced_subset, open_pcam, split_paths
+from benchmarks import pcam, predict
+from mobilenet.pcam import Normalizer, PCam, augment_batch, balanced_subset, open_pcam, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +65,21 @@ def test_end_to_end_report_has_every_field(tiny_data, tmp_path):
     assert equivariant["stability"]["int8"]["90"] == 1.0
     assert equivariant["params"] < next(r for r in results["runs"] if r["model"] == "conventional")["params"]
     assert "MobileNetV2, C_4-equivariant" in results["table"] and "84.67" in results["table"]
-    assert "SYNTHETIC" not in results["table"]
+    assert "SYNTHETIC" not in results["table"] and "2 epochs" in results["table"]
+    # beside each checkpoint, a model-only file: the best weights with their preprocessing, and the
+    # prediction command on the test file gives the reported FP32 test accuracy
+    x_path, y_path = split_paths(tiny_data, "test")
+    with h5py.File(y_path, "r") as handle:
+        labels = handle["y"][:].reshape(-1)
+    for run in results["runs"]:
+        model_file = tmp_path / "runs" / f"{run['model']}-seed0" / "model.pt"
+        assert model_file.stat().st_size < (tmp_path / "runs" / f"{run['model']}-seed0" / "last.pt").stat().st_size / 2
+        csv_path = tmp_path / f"{run['model']}.csv"
+        assert predict.main([str(model_file), x_path, "--out", str(csv_path)]) == 0
+        rows = csv_path.read_text().splitlines()[1:]
+        predicted = np.array([int(row.split(",")[-1]) for row in rows])
+        assert len(rows) == SIZES["test"]
+        assert (predicted == labels).mean() == pytest.approx(run["fp32_accuracy"])
 
 
 def test_without_data_the_report_says_synthetic(tmp_path):
@@ -260,7 +274,7 @@ def test_reader_crops_to_95_and_normalizes(tiny_data):
     splits = open_pcam(tiny_data, {"train": 10})
     assert [len(splits[s]) for s in ("train", "valid", "test")] == [10, 16, 16]
     assert splits["train"].labels.sum().item() == 5
-    lazy = PCamSplit(tiny_data, "test")
+    lazy = PCam(tiny_data, "test")
     images, labels = lazy.batch(np.array([5, 2, 5]))
     with h5py.File(split_paths(tiny_data, "test")[0]) as handle:
         raw = handle["x"][[2, 5]]

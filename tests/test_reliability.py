@@ -19,10 +19,11 @@ import mobilenet
 import quant
 import rotconv
 from benchmarks import pcam
-from benchmarks.common import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
-from benchmarks.data import PCamError, split_paths
+from mobilenet.files import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
+from mobilenet.pcam import PCamError, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
-from benchmarks.training import _EpochBatches, _train_epoch, Progress, TrainConfig
+from mobilenet.distributed import Distributed
+from mobilenet.training import Progress, TrainConfig, _train_batches, _train_epoch
 
 SIZES = {"train": 32, "valid": 16, "test": 16}
 TINY = ["--width-mult", "0.25", "--group-order", "4", "--batch-size", "16", "--stability-samples", "4",
@@ -184,23 +185,30 @@ def test_bad_numbers_exit_2_naming_the_option(tmp_path, capsys, option, value):
 
 
 # -- data errors in workers ---------------------------------------------------------------------------------
-class _FailingSplit:
+class _FailingSplit(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, position):
+        raise AssertionError("the trainer reads PCam-like data through batch()")
+
     def batch(self, positions):
         raise PCamError("/data/x.h5: could not read patches (truncated file?)")
 
 
 def test_a_data_error_in_a_worker_arrives_as_its_own_message():
-    batches = _EpochBatches(_FailingSplit(), np.arange(4), np.zeros(4, np.int64), np.zeros(4, np.int64), 2, 0, 2, 2)
+    config = TrainConfig(precision="fp32", batch_size=2)
+    batches, steps = _train_batches(_FailingSplit(), config, 1, Distributed(), workers=1, device="cpu")
     model = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with pytest.raises(PCamError) as raised:
-        _train_epoch(model, optimizer, batches, lambda x: x, TrainConfig(precision="fp32"), 1, 2, "cpu", 1,
-                     Progress(2, "test", enabled=False))
+        _train_epoch(model, optimizer, batches, steps, lambda x: x, config, 1, "cpu",
+                     Progress(steps, "test", enabled=False))
     assert str(raised.value) == "/data/x.h5: could not read patches (truncated file?)"
 
 
 def test_unreadable_files_are_not_called_missing(tmp_path):
-    from benchmarks.data import open_pcam
+    from mobilenet.pcam import open_pcam
     directory = write_synthetic_pcam(str(tmp_path / "data"), SIZES, seed=3)
     x_path, _ = split_paths(directory, "valid")
     os.unlink(x_path)

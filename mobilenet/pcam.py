@@ -1,26 +1,34 @@
-"""PatchCamelyon (PCam) in its official HDF5 layout: validation, lazy reading, cropping, normalisation.
+"""PatchCamelyon (PCam) as a ``torch.utils.data.Dataset``: validation, lazy reading, cropping, normalisation.
 
-A PCam directory holds ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5``; each ``x`` file has a
-dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y`` file a dataset ``y`` of shape
-``(N, 1, 1, 1)`` uint8 (label 1 = tumour tissue in the central 32x32). Patches are read lazily with h5py
-(the official train split is 7 GB), cropped to 95x95 (last row and column dropped, so the grid has a centre
-pixel) and normalised per channel.
+A PCam root holds ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5`` (the official layout), or
+keeps them in ``root/pcam/`` (torchvision's ``PCAM`` layout, whose split is called ``"val"``: both names
+work). Each ``x`` file has a dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y``
+file a dataset ``y`` of shape ``(N, 1, 1, 1)`` uint8 (label 1 = tumour tissue in the central 32x32).
+Patches are read lazily with h5py (the official train split is 7 GB) and cropped to 95x95 (last row and
+column dropped, so the grid has a centre pixel); :class:`Normalizer` normalises batches per channel.
+
+    train = PCam("/data/pcam", "train")          # items: (uint8 tensor (3, 95, 95), int label)
+    valid = PCam("/data/pcam", "val", transform=Normalizer.fit(train))
 """
 from __future__ import annotations
 
 import copy
 import os
 
+from typing import Callable
+
 import h5py
 import numpy as np
 import torch
+import torch.nn as nn
 
-from .common import file_fingerprint
+from .files import file_fingerprint
 
-__all__ = ["SPLITS", "PCamError", "PCamSplit", "split_paths", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch",
-           "CROP"]
+__all__ = ["SPLITS", "PCamError", "PCam", "split_paths", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch",
+           "balanced_subset", "CROP"]
 
 SPLITS = ("train", "valid", "test")
+_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 PATCH_SHAPE = (96, 96, 3)
 CROP = 95
 
@@ -29,10 +37,28 @@ class PCamError(ValueError):
     """A PCam file is missing, unreadable or not in the official layout (the message names the file)."""
 
 
-def split_paths(directory: str, split: str) -> tuple[str, str]:
-    """The ``(x, y)`` file paths of ``split`` in ``directory``."""
+def split_name(split: str) -> str:
+    """The official name of ``split`` (``"val"``, torchvision's name, is ``"valid"``); ValueError otherwise."""
+    name = _SPLIT_ALIASES.get(split, split)
+    if name not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS} (or 'val'), got {split!r}")
+    return name
+
+
+def _files(directory: str, split: str) -> tuple[str, str]:
     stem = os.path.join(directory, f"camelyonpatch_level_2_split_{split}")
     return f"{stem}_x.h5", f"{stem}_y.h5"
+
+
+def split_paths(root: str, split: str) -> tuple[str, str]:
+    """The ``(x, y)`` file paths of ``split`` under ``root``: in ``root`` itself (official layout) or, when
+    they are not there but in ``root/pcam``, there (torchvision's layout)."""
+    split = split_name(split)
+    official = _files(root, split)
+    torchvision = _files(os.path.join(root, "pcam"), split)
+    if not os.path.exists(official[0]) and os.path.exists(torchvision[0]):
+        return torchvision
+    return official
 
 
 def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
@@ -42,7 +68,8 @@ def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
         if os.path.exists(path + ".gz"):
             raise PCamError(f"{path}: only the compressed {os.path.basename(path)}.gz is there; "
                             f"decompress it first: gunzip -k {path}.gz") from None
-        raise PCamError(f"{path}: file not found (expected the official PCam HDF5 file)") from None
+        raise PCamError(f"{path}: file not found (expected the official PCam HDF5 file here, or in a pcam/ "
+                        "subdirectory as torchvision keeps it)") from None
     except OSError as error:  # permission denied, a symlink loop, ...
         raise PCamError(f"{path}: cannot be read ({error.strerror})") from None
     try:
@@ -56,9 +83,8 @@ def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
     return handle, handle[name]
 
 
-def _check_split(directory: str, split: str) -> int:
-    """Validate the x/y files of ``split`` (PCamError names the file and what was expected); their length."""
-    x_path, y_path = split_paths(directory, split)
+def _check_split(x_path: str, y_path: str) -> int:
+    """Validate the x/y files of a split (PCamError names the file and what was expected); their length."""
     x_file, x = _open_dataset(x_path, "x")
     y_file, y = _open_dataset(y_path, "y")
     try:
@@ -85,20 +111,33 @@ def _check_split(directory: str, split: str) -> int:
         y_file.close()
 
 
-class PCamSplit(torch.utils.data.Dataset):
-    """One split of a PCam directory, read lazily (or preloaded with ``preload=True``).
+class PCam(torch.utils.data.Dataset):
+    """One split of PCam, read lazily (or preloaded with ``preload=True``).
 
-    ``indices`` selects a subset (default: all patches). Items are ``(uint8 tensor (3, 95, 95), int label)``;
-    use :class:`Normalizer` on batches. The HDF5 files are opened on first access in each process, so the
-    dataset works with DataLoader workers.
+    Args:
+        root: the directory with the HDF5 files (official layout, or torchvision's ``root/pcam/``).
+        split: ``"train"``, ``"valid"`` (or ``"val"``) or ``"test"``.
+        transform: applied to each item's image (e.g. a :class:`Normalizer`); None keeps uint8.
+        indices: a subset of the split (default: all patches).
+        preload: read the (subset's) patches into memory once.
+
+    Items are ``(image, label)``: ``transform(uint8 tensor (3, 95, 95))`` and an int. :meth:`batch` reads many
+    patches at once (uint8, no transform), which the trainer uses. Files are validated on construction
+    (:class:`PCamError` names a bad file) and opened on first access in each process, so the dataset works
+    with DataLoader workers.
     """
 
-    def __init__(self, directory: str, split: str, indices: np.ndarray | None = None, preload: bool = False):
-        if split not in SPLITS:
-            raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-        self.directory, self.split = directory, split
-        self.x_path, self.y_path = split_paths(directory, split)
-        self.total = _check_split(directory, split)
+    def __init__(self, root: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 indices: np.ndarray | None = None, preload: bool = False):
+        self.split = split_name(split)
+        self.root = root
+        if not os.path.isdir(root):
+            raise PCamError(f"{root}: not a directory (expected the PCam HDF5 files in it)")
+        if transform is not None and not callable(transform):
+            raise ValueError(f"transform: expected a callable or None, got {type(transform).__name__}")
+        self.transform = transform
+        self.x_path, self.y_path = split_paths(root, self.split)
+        self.total = _check_split(self.x_path, self.y_path)
         with h5py.File(self.y_path, "r") as handle:
             self.all_labels = handle["y"][:].reshape(-1)
         self._x: h5py.Dataset | None = None
@@ -115,7 +154,7 @@ class PCamSplit(torch.utils.data.Dataset):
         if preload:
             self._images = self.read(np.arange(len(self)))
 
-    def subset(self, indices: np.ndarray, preload: bool = False) -> "PCamSplit":
+    def subset(self, indices: np.ndarray, preload: bool = False) -> "PCam":
         """The patches at ``indices`` (into the whole split) as a new split object, without re-validating."""
         chosen = copy.copy(self)
         chosen._x, chosen._pid = None, None
@@ -148,22 +187,25 @@ class PCamSplit(torch.utils.data.Dataset):
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
-        return self.read(np.array([position]))[0], int(self.labels[position])
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"position {position} out of range for {len(self)} patches")
+        image = self.read(np.array([position % len(self)]))[0]
+        return (image if self.transform is None else self.transform(image)), int(self.labels[position])
 
     def batch(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(uint8 (B, 3, 95, 95), int64 (B,))`` for ``positions``."""
         return self.read(positions), self.labels[torch.as_tensor(np.asarray(positions, dtype=np.int64))]
 
 
-def data_fingerprint(directory: str) -> dict:
-    """Size and sampled content hash of every split file (see :func:`benchmarks.common.file_fingerprint`):
+def data_fingerprint(root: str) -> dict:
+    """Size and sampled content hash of every split file (see :func:`mobilenet.files.file_fingerprint`):
     what identifies a data set for resuming, wherever it lies (symlinked, moved, copied)."""
     return {os.path.basename(path).replace("camelyonpatch_level_2_split_", ""): file_fingerprint(path)
-            for split in SPLITS for path in split_paths(directory, split) if os.path.isfile(path)}
+            for split in SPLITS for path in split_paths(root, split) if os.path.isfile(path)}
 
 
 def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed: int = 0,
-              preload_bytes: int = 2 * 2**30) -> dict[str, PCamSplit]:
+              preload_bytes: int = 2 * 2**30) -> dict[str, PCam]:
     """Open the three splits of ``directory`` (each validated; :class:`PCamError` names a bad file).
 
     ``limits`` maps a split to a maximum number of patches: a class-balanced random subset (seeded) is taken.
@@ -176,7 +218,7 @@ def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed:
     limits = limits or {}
     splits = {}
     for split in SPLITS:
-        whole = PCamSplit(directory, split)
+        whole = PCam(directory, split)
         limit = limits.get(split)
         indices = balanced_subset(whole.all_labels, limit, seed) if limit is not None and limit < whole.total \
             else np.arange(whole.total)
@@ -195,23 +237,36 @@ def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-class Normalizer:
-    """Per-channel ``(x / 255 - mean) / std`` for uint8 batches ``(B, 3, H, W)`` -> float32."""
+class Normalizer(nn.Module):
+    """Per-channel ``(x / 255 - mean) / std``: uint8 ``(B, 3, H, W)`` or ``(3, H, W)`` -> float32.
+
+    A module (mean and std are buffers), so it can lead an ``nn.Sequential`` and travels with ``.to()``.
+    """
 
     def __init__(self, mean: list[float], std: list[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+            raise ValueError(f"mean/std: expected 3 values each, std > 0; got {mean!r}, {std!r}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1))
 
     @classmethod
-    def fit(cls, split: PCamSplit, samples: int = 1024, seed: int = 0) -> "Normalizer":
-        """Mean and std of up to ``samples`` patches of ``split``."""
+    def fit(cls, dataset: torch.utils.data.Dataset, samples: int = 1024, seed: int = 0) -> "Normalizer":
+        """Mean and std of up to ``samples`` uint8 images of ``dataset`` (``read`` is used where it has one)."""
         rng = np.random.default_rng(seed)
-        positions = np.sort(rng.choice(len(split), min(samples, len(split)), replace=False))
-        pixels = split.read(positions).float().div_(255).permute(1, 0, 2, 3).reshape(3, -1)
+        positions = np.sort(rng.choice(len(dataset), min(samples, len(dataset)), replace=False))
+        if hasattr(dataset, "read"):
+            images = dataset.read(positions)
+        else:
+            images = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in positions])
+        pixels = images.float().div_(255).transpose(0, 1).reshape(3, -1)
         return cls(pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist())
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return (batch.float().div_(255) - self.mean.to(batch.device)) / self.std.to(batch.device)
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return (batch.float() / 255 - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={[round(v, 4) for v in self.mean.flatten().tolist()]}, std={[round(v, 4) for v in self.std.flatten().tolist()]}"
 
     def value_range(self) -> tuple[float, float]:
         """The range of normalised values (what a data-free quantizer needs for the network input)."""

@@ -1,0 +1,108 @@
+"""Using a trained model: a model-only file (architecture, preprocessing, weights), loading it ready for
+evaluation, and class probabilities for raw PCam-style patches.
+
+    mobilenet.save(model, "model.pt", normalizer=normalizer)     # ~9 MB; no optimizer state
+    model = mobilenet.load("model.pt")                           # eval mode, model.normalizer attached
+    probabilities = mobilenet.predict(model, patches)            # uint8 (N, 96, 96, 3) -> (N, 2)
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+import rotconv
+
+from .files import atomic_write
+from .model import MobileNetV2, mobilenet_v2
+from .pcam import Normalizer
+
+__all__ = ["save", "load", "predict", "MODEL_FORMAT"]
+
+MODEL_FORMAT = "rotconv-mobilenet-v2/1"
+
+
+def save(model: MobileNetV2, path: str, normalizer: Normalizer | None = None, metadata: dict | None = None) -> None:
+    """Write ``model``'s architecture arguments, ``normalizer`` (the input preprocessing; default: the
+    ``model.normalizer`` that :func:`load` attaches) and weights to ``path`` atomically. ``metadata`` (plain values: numbers, strings, lists, dicts) is stored beside them."""
+    if not isinstance(model, MobileNetV2):
+        raise ValueError(f"model: expected a mobilenet.MobileNetV2, got {type(model).__name__}")
+    if model.group is not None and not any(isinstance(m, rotconv.SteerableConv2d) for m in model.modules()):
+        raise ValueError("model: an exported equivariant model cannot be rebuilt from its arguments; save the "
+                         "model before export() (load(...).export() gives the plain network again)")
+    normalizer = normalizer if normalizer is not None else getattr(model, "normalizer", None)
+    if normalizer is not None and not isinstance(normalizer, Normalizer):
+        raise ValueError(f"normalizer: expected a mobilenet.Normalizer or None, got {type(normalizer).__name__}")
+    content = {
+        "format": MODEL_FORMAT,
+        "architecture": model.arguments(),
+        "normalizer": None if normalizer is None else normalizer.state(),
+        "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()
+                       if not name.startswith("normalizer.")},
+        "metadata": metadata or {},
+    }
+    atomic_write(path, lambda handle: torch.save(content, handle))
+
+
+def load(path: str, device: str | torch.device = "cpu") -> MobileNetV2:
+    """The model saved by :func:`save`, on ``device`` in eval mode, with its preprocessing as
+    ``model.normalizer`` (a :class:`Normalizer`, or None) and ``model.metadata``. A file that is missing,
+    unreadable or of another kind raises ValueError naming ``path``."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: model file not found")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a bad file
+        raise ValueError(f"{path}: not a readable model file ({type(error).__name__}); a training checkpoint "
+                         "(last.pt) is not a model file: use model.pt beside it") from None
+    if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not a model file written by mobilenet.save (format "
+                         f"{content.get('format') if isinstance(content, dict) else type(content).__name__!r})")
+    model = mobilenet_v2(**content["architecture"])
+    try:
+        model.load_state_dict(content["state_dict"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: the weights do not fit the stored architecture "
+                         f"({str(error).splitlines()[0]})") from None
+    normalizer = None if content["normalizer"] is None else Normalizer(**content["normalizer"])
+    model.normalizer = normalizer.to(device) if normalizer is not None else None
+    model.metadata = content["metadata"]
+    return model.to(device).eval()
+
+
+def _as_batch(images, input_size: int) -> torch.Tensor:
+    """``(N, H, W, 3)`` or ``(N, 3, H, W)`` (a single image without N too), numpy or tensor -> ``(N, 3, s, s)``
+    cropped to the model's input size from the top-left corner, as PCam's 96x96 patches are cropped to 95."""
+    batch = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if batch.dim() == 3:
+        batch = batch.unsqueeze(0)
+    if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
+        raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(batch.shape)}")
+    if batch.shape[1] != 3:
+        batch = batch.permute(0, 3, 1, 2)
+    if batch.shape[-2] < input_size or batch.shape[-1] < input_size:
+        raise ValueError(f"images: expected at least {input_size}x{input_size} pixels, got "
+                         f"{batch.shape[-2]}x{batch.shape[-1]}")
+    return batch[:, :, :input_size, :input_size]
+
+
+@torch.no_grad()
+def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
+    """Class probabilities ``(N, num_classes)`` of ``images`` (uint8 PCam patches, ``(N, 96, 96, 3)`` as in
+    the HDF5 files, or ``(N, 3, H, W)``): cropped, normalised with ``model.normalizer``, softmax of the logits.
+    Without a normalizer the images must already be float and normalised."""
+    rotconv.check_positive_int(batch_size, "batch_size")
+    batch = _as_batch(images, model.input_size)
+    normalizer = getattr(model, "normalizer", None)
+    if normalizer is None and not batch.is_floating_point():
+        raise ValueError("images: uint8 images need the model's normalizer (load the model with mobilenet.load, "
+                         "or pass float images normalised as in training)")
+    device = next(model.parameters()).device
+    model.eval()
+    outputs = []
+    for start in range(0, batch.shape[0], batch_size):
+        chunk = batch[start:start + batch_size].to(device)
+        inputs = normalizer(chunk) if normalizer is not None else chunk.float()
+        outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0, model.num_classes)

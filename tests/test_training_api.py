@@ -1,0 +1,160 @@
+"""The reusable pieces without the CLI: the PCam Dataset (official and torchvision layouts), the trainer on
+any dataset or DataLoader with errors that name config fields, model files, prediction."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import mobilenet
+from benchmarks import predict
+from benchmarks.synthetic import write_synthetic_pcam
+from mobilenet.pcam import split_paths
+
+SIZES = {"train": 16, "valid": 8, "test": 8}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_pcam(str(tmp_path_factory.mktemp("pcam")), SIZES, seed=2)
+
+
+def test_dataset_items_follow_torchvision_conventions(data):
+    normalizer = mobilenet.Normalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    raw = mobilenet.PCam(data, "train")
+    transformed = mobilenet.PCam(data, "train", transform=normalizer)
+    assert len(raw) == SIZES["train"]
+    image, label = raw[3]
+    assert image.dtype == torch.uint8 and image.shape == (3, 95, 95) and label in (0, 1)
+    normalized, same_label = transformed[3]
+    assert same_label == label and torch.equal(normalized, normalizer(image))
+    assert torch.equal(raw[-1][0], raw[len(raw) - 1][0])
+    with pytest.raises(IndexError):
+        raw[len(raw)]
+    with pytest.raises(ValueError, match="split"):
+        mobilenet.PCam(data, "training")
+    with pytest.raises(mobilenet.PCamError, match="not a directory"):
+        mobilenet.PCam(os.path.join(data, "missing"), "train")
+
+
+def test_torchvision_layout_and_val_split_name(data, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(data, root / "pcam")
+    official = mobilenet.PCam(data, "valid")
+    torchvision = mobilenet.PCam(str(root), "val")
+    assert len(torchvision) == len(official)
+    assert torch.equal(torchvision[0][0], official[0][0])
+    with pytest.raises(mobilenet.PCamError, match="pcam/ subdirectory"):
+        mobilenet.PCam(str(tmp_path), "train")
+
+
+def _tensor_data(count: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, 15, 15, generator=generator)
+    labels = (images[:, 0].mean((1, 2)) > 0).long()  # learnable: the sign of channel 0's mean
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("as_loader", [False, True])
+def test_trainer_takes_any_dataset_or_loader(tmp_path, as_loader):
+    train_data, valid_data = _tensor_data(64, 0), _tensor_data(32, 1)
+    if as_loader:
+        train_data = torch.utils.data.DataLoader(train_data, batch_size=16, shuffle=True)
+        valid_data = torch.utils.data.DataLoader(valid_data, batch_size=16)
+    config = mobilenet.TrainConfig(epochs=3, batch_size=16, lr=1e-2, precision="fp32", augment=False)
+    model = _small_net()
+    before = mobilenet.evaluate_loss(model, valid_data, None, 16, show=False)[0]
+    result = mobilenet.train(model, train_data, valid_data, config, str(tmp_path / "run"), log=lambda *a: None)
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert result["best_valid_loss"] < before  # it learned something (the labels are a simple function)
+    assert os.path.exists(tmp_path / "run" / "last.pt")
+    model.load_state_dict(result["best_state"])
+    assert mobilenet.evaluate_loss(model, valid_data, None, 16, show=False)[0] == pytest.approx(result["best_valid_loss"])
+
+
+@pytest.mark.parametrize("change, argument", [
+    (dict(batch_size=0), "config.batch_size"), (dict(lr=float("nan")), "config.lr"),
+    (dict(optimizer="lion"), "config.optimizer"), (dict(seed=-1), "config.seed"),
+    (dict(batch_size=1000), "config.batch_size"),
+])
+def test_trainer_errors_name_the_config_field(change, argument):
+    config = mobilenet.TrainConfig(epochs=1, precision="fp32", **change)
+    with pytest.raises(mobilenet.UsageError) as raised:
+        mobilenet.train(_small_net(), _tensor_data(64, 0), _tensor_data(8, 1), config, log=lambda *a: None)
+    assert raised.value.argument == argument and str(raised.value).startswith(argument)
+    assert "--" not in str(raised.value)  # no command-line options in the library's messages
+
+
+def test_trainer_errors_name_the_argument(tmp_path):
+    config = mobilenet.TrainConfig(epochs=1, batch_size=8, precision="fp32")
+    uint8 = torch.utils.data.TensorDataset(torch.zeros(16, 3, 15, 15, dtype=torch.uint8), torch.zeros(16).long())
+    cases = [((_tensor_data(16, 0), [1, 2, 3]), "valid_data"), ((uint8, uint8), "preprocess"),
+             ((_tensor_data(16, 0), torch.utils.data.TensorDataset(torch.zeros(0, 3))), "valid_data")]
+    for (train_data, valid_data), argument in cases:
+        with pytest.raises(mobilenet.UsageError) as raised:
+            mobilenet.train(_small_net(), train_data, valid_data, config, log=lambda *a: None)
+        assert raised.value.argument == argument, str(raised.value)
+    run_dir = str(tmp_path / "run")
+    mobilenet.train(_small_net(), _tensor_data(16, 0), _tensor_data(8, 1), config, run_dir, log=lambda *a: None)
+    with pytest.raises(mobilenet.UsageError, match=r"run_dir: .*resume=True.*overwrite=True"):
+        mobilenet.train(_small_net(), _tensor_data(16, 0), _tensor_data(8, 1), config, run_dir, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("group", [None, 4])
+def test_model_file_round_trip_and_prediction(data, tmp_path, group):
+    torch.manual_seed(0)
+    model = mobilenet.mobilenet_v2(group=group, width_mult=0.25).eval()
+    train = mobilenet.PCam(data, "train")
+    normalizer = mobilenet.Normalizer.fit(train)
+    path = str(tmp_path / "model.pt")
+    mobilenet.save(model, path, normalizer, metadata={"note": "test"})
+    loaded = mobilenet.load(path)
+    assert not loaded.training and loaded.metadata == {"note": "test"} and loaded.arguments() == model.arguments()
+    images = train.read(np.arange(4))
+    with torch.no_grad():
+        expected = torch.softmax(model(normalizer(images)), 1)
+    x_path, _ = split_paths(data, "train")
+    import h5py
+    with h5py.File(x_path, "r") as handle:
+        raw = handle["x"][:4]  # uint8 (4, 96, 96, 3), as in PCam's files
+    assert torch.allclose(mobilenet.predict(loaded, raw), expected, atol=1e-6)
+    mobilenet.save(loaded, str(tmp_path / "again.pt"))  # the attached normalizer is kept
+    assert torch.allclose(mobilenet.predict(mobilenet.load(str(tmp_path / "again.pt")), raw), expected, atol=1e-6)
+
+
+def test_model_file_errors_name_the_file(tmp_path):
+    model = mobilenet.mobilenet_v2(group=4, width_mult=0.25)
+    with pytest.raises(ValueError, match="exported"):
+        mobilenet.save(model.export(), str(tmp_path / "m.pt"))
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "optimizer": {}}, checkpoint)
+    with pytest.raises(ValueError, match=f"{checkpoint}: not a model file"):
+        mobilenet.load(str(checkpoint))
+    with pytest.raises(ValueError, match="not found"):
+        mobilenet.load(str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="images"):
+        mobilenet.predict(model, torch.zeros(2, 95, 95))
+
+
+def test_predict_command_names_bad_inputs(data, tmp_path, capsys):
+    torch.manual_seed(0)
+    path = str(tmp_path / "model.pt")
+    mobilenet.save(mobilenet.mobilenet_v2(width_mult=0.25), path, mobilenet.Normalizer([0.5] * 3, [0.2] * 3))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for bad, message in ((str(text), "unknown kind"), (str(tmp_path / "none.h5"), "not found"),
+                         (split_paths(data, "train")[1], "expected a dataset named 'x'")):
+        assert predict.main([path, bad]) == 2
+        assert message in capsys.readouterr().err
+    np.save(tmp_path / "patches.npy", np.zeros((3, 96, 96, 3), np.uint8))
+    assert predict.main([path, str(tmp_path / "patches.npy")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "source,index,probability_tumour,predicted" and len(out) == 4
