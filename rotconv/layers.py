@@ -36,6 +36,7 @@ from .validation import check_positive_int, is_symbolic, shape_of
 __all__ = ["SteerableConv2d", "LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d"]
 
 Padding = Union[str, int]
+Device = Union[torch.device, str, None]
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -123,6 +124,15 @@ class SteerableConv2d(nn.Module):
         self.register_buffer("_basis_matrix", basis_matrix, persistent=False)  # (B, Q*k*k)
         self.bias = nn.Parameter(torch.zeros(out_fields)) if bias else None
         self._cache: _FilterCache | None = None
+
+    def _create_weight(self, shape: tuple[int, ...], device: Device, dtype: torch.dtype | None) -> None:
+        """The coefficient parameter, the expansion index, He initialisation; then everything on ``device``
+        in ``dtype`` (torch's factory arguments)."""
+        self.weight = nn.Parameter(torch.empty(shape))
+        self._build_expansion_index()
+        self.reset_parameters()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     # -- filters -------------------------------------------------------------------------------------
     @property
@@ -329,30 +339,20 @@ class LiftingConv2d(SteerableConv2d):
         in_channels: scalar input channels (e.g. 3 for RGB).
         out_fields: regular output fields (``out_fields * N`` channels).
         kernel_size: odd filter size.
-        group: :class:`~rotconv.CyclicGroup`.
+        group: :class:`~rotconv.CyclicGroup`, or its order N.
         stride, padding, padding_mode, bias: as :class:`torch.nn.Conv2d`; ``padding='equivariant'`` (default)
             applies the odd-grid stride policy of :mod:`rotconv.grid`.
         basis: a :class:`~rotconv.SteerableBasis` to use instead of the default one.
+        device, dtype: where and in which floating type parameters and buffers are made (as torch's layers).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_fields: int,
-        kernel_size: int,
-        group: CyclicGroup,
-        stride: int = 1,
-        padding: Padding = "equivariant",
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        basis: SteerableBasis | None = None,
-    ) -> None:
+    def __init__(self, in_channels: int, out_fields: int, kernel_size: int, group: CyclicGroup | int, stride: int = 1,
+                 padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
+                 basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
         check_positive_int(in_channels, "in_channels")
         check_positive_int(out_fields, "out_fields")
         super().__init__(in_channels, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1, basis)
-        self.weight = nn.Parameter(torch.empty(out_fields, in_channels, self.basis_size))
-        self._build_expansion_index()
-        self.reset_parameters()
+        self._create_weight((out_fields, in_channels, self.basis_size), device, dtype)
 
     def _place(self, ids: torch.Tensor) -> torch.Tensor:
         # (F, C, Q, k, k) -> (F, Q, C, k, k) -> all N rotations -> (F*N, C, k, k)
@@ -370,32 +370,19 @@ class GroupConv2d(SteerableConv2d):
 
     Args:
         in_fields, out_fields: regular fields on each side.
-        kernel_size, group, stride, padding, bias, padding_mode, basis: as :class:`LiftingConv2d`.
+        kernel_size, group, stride, padding, bias, padding_mode, basis, device, dtype: as :class:`LiftingConv2d`.
     """
 
-    def __init__(
-        self,
-        in_fields: int,
-        out_fields: int,
-        kernel_size: int,
-        group: CyclicGroup,
-        stride: int = 1,
-        padding: Padding = "equivariant",
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        basis: SteerableBasis | None = None,
-    ) -> None:
+    def __init__(self, in_fields: int, out_fields: int, kernel_size: int, group: CyclicGroup | int, stride: int = 1,
+                 padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
+                 basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
         check_positive_int(in_fields, "in_fields")
         check_positive_int(out_fields, "out_fields")
         group = as_group(group)
-        super().__init__(
-            in_fields * group.N, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1, basis
-        )
+        super().__init__(in_fields * group.N, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1,
+                         basis)
         self.in_fields = in_fields
-        N = group.N
-        self.weight = nn.Parameter(torch.empty(out_fields, in_fields, N, self.basis_size))
-        self._build_expansion_index()
-        self.reset_parameters()
+        self._create_weight((out_fields, in_fields, group.N, self.basis_size), device, dtype)
 
     def _place(self, ids: torch.Tensor) -> torch.Tensor:
         # ids (Fo, Fi, D, Q, k, k): filter Psi_d rotated by element r. Output rotation r, input rotation j
@@ -423,29 +410,19 @@ class DepthwiseGroupConv2d(SteerableConv2d):
 
     Args:
         fields: regular fields in and out.
-        kernel_size, group, stride, padding, bias, padding_mode, basis: as :class:`LiftingConv2d`.
+        kernel_size, group, stride, padding, bias, padding_mode, basis, device, dtype: as :class:`LiftingConv2d`.
     """
 
-    def __init__(
-        self,
-        fields: int,
-        kernel_size: int,
-        group: CyclicGroup,
-        stride: int = 1,
-        padding: Padding = "equivariant",
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        basis: SteerableBasis | None = None,
-    ) -> None:
+    def __init__(self, fields: int, kernel_size: int, group: CyclicGroup | int, stride: int = 1,
+                 padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
+                 basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
         check_positive_int(fields, "fields")
         group = as_group(group)
         channels = fields * group.N
         super().__init__(channels, fields, kernel_size, group, stride, padding, padding_mode, bias, channels, basis)
         self.fields = fields
         self.in_fields = fields
-        self.weight = nn.Parameter(torch.empty(fields, self.basis_size))
-        self._build_expansion_index()
-        self.reset_parameters()
+        self._create_weight((fields, self.basis_size), device, dtype)
 
     def _place(self, ids: torch.Tensor) -> torch.Tensor:
         full = self._complete_quarters(ids, roll_dim=None)  # (F, Q, k, k) -> (F, N, k, k)

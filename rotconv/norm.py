@@ -18,26 +18,20 @@ class GroupBatchNorm2d(nn.Module):
 
     Args:
         fields: number of regular fields.
-        group: :class:`~rotconv.CyclicGroup`.
-        eps, momentum, affine, track_running_stats: as :class:`torch.nn.BatchNorm2d`.
+        group: :class:`~rotconv.CyclicGroup`, or its order N.
+        eps, momentum, affine, track_running_stats, device, dtype: as :class:`torch.nn.BatchNorm2d`.
     """
 
-    def __init__(
-        self,
-        fields: int,
-        group: CyclicGroup,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-    ) -> None:
+    def __init__(self, fields: int, group: CyclicGroup | int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         check_positive_int(fields, "fields")
         self.group = as_group(group)
         self.fields = fields
         # The per-field statistics are those of an ordinary BatchNorm over (B, fields, N*H*W).
         self.norm = nn.BatchNorm1d(fields, eps=eps, momentum=momentum, affine=affine,
-                                   track_running_stats=track_running_stats)
+                                   track_running_stats=track_running_stats, device=device, dtype=dtype)
 
     @property
     def num_channels(self) -> int:

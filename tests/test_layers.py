@@ -337,3 +337,21 @@ def test_expansion_matches_its_definition_in_both_layouts(kind, N, kernel_size, 
         assert channels_last.is_contiguous(memory_format=torch.channels_last)
     if kernel_size == 1:  # constant basis (exactly 1): the coefficients themselves, copied, no rounding
         assert torch.equal(contiguous.double(), expected)
+
+
+@pytest.mark.parametrize("build", [
+    lambda **factory: rotconv.LiftingConv2d(3, 2, 3, 4, **factory),
+    lambda **factory: rotconv.GroupConv2d(2, 3, 5, 4, **factory),
+    lambda **factory: rotconv.DepthwiseGroupConv2d(2, 3, 4, **factory),
+    lambda **factory: rotconv.GroupBatchNorm2d(2, 4, **factory),
+])
+def test_factory_arguments_set_dtype_like_torch_layers(build):
+    # As torch's layers: parameters and floating buffers are made in the requested dtype; index buffers keep
+    # their integer type. The same seed gives the same values as a float32 layer cast afterwards.
+    torch.manual_seed(0)
+    made = build(dtype=torch.float64)
+    torch.manual_seed(0)
+    cast = build().double()
+    for (name, a), (_, b) in zip(made.state_dict().items(), cast.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert all(p.dtype == torch.float64 for p in made.parameters())
