@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -313,15 +314,12 @@ def run(args: argparse.Namespace) -> dict | None:
         return _run(args, settings, processes)
 
 
-def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> dict | None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device if args.device == "cpu" else f"cuda:{processes.local_rank}"
-    log = print if processes.main else (lambda *a, **k: None)
+def _open_data(args: argparse.Namespace, settings: dict, processes: Distributed, log) -> tuple[dict, str, bool]:
+    """The three splits (the synthetic set generated first when no --data is given), the data's label for the
+    report, and whether it is synthetic."""
     synthetic = args.data is None
-    directory = args.data
+    directory = args.synthetic_dir if synthetic else args.data
     if synthetic:
-        directory = args.synthetic_dir
         if processes.main:
             log(f"no --data: generating the SYNTHETIC PCam-like set in {directory} (kept for later runs)")
             sizes = {split: max(DEFAULT_SIZES[split], settings.get(f"{split}_size") or 0) for split in DEFAULT_SIZES}
@@ -333,42 +331,46 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
             write_synthetic_pcam(directory, sizes, progress=show)
         processes.barrier()
     splits = open_pcam(directory, {s: settings[f"{s}_size"] for s in ("train", "valid", "test")})
-    normalizer = Normalizer.fit(splits["train"])
-    fingerprint = data_fingerprint(directory)  # the data's content, not its path, identifies a resumable run
-    config: TrainConfig = settings["config"]
-    runs = []
-    for name in args.models:
-        for seed in settings["seeds"]:
-            run_dir = os.path.join(args.runs, f"{name}-seed{seed}")
-            seed_config = TrainConfig(**{**config.__dict__, "seed": seed})
-            model = build_model(name, args, seed)
-            identity = {"model": name, "group_order": args.group_order, "width_mult": args.width_mult,
-                        "dropout": args.dropout, "data": fingerprint,
-                        "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
-            log(f"== {model_label(name, args.group_order)}, seed {seed} ==")
-            started = time.time()
-            trained = train(model, splits["train"], splits["valid"], seed_config, run_dir, preprocess=normalizer,
-                            resume=args.resume, overwrite=args.overwrite, device=device, processes=processes,
-                            identity=identity, log=log, workers=args.workers)
-            train_seconds = time.time() - started
-            if not processes.main:
-                continue
-            best = build_model(name, args, seed)
-            best.load_state_dict(trained["best_state"])
-            model_file = os.path.join(run_dir, "model.pt")  # what inference needs: mobilenet.load(model_file)
-            mobilenet.save(best, model_file, normalizer, metadata={"model": name, "seed": seed,
-                                                                   "best_epoch": trained["best_epoch"]})
-            log(f"model written to {model_file}")
-            best.to(device)
-            result = evaluate(name, best, splits, normalizer, args, settings, log)
-            runs.append({"model": name, "seed": seed, **result, "best_epoch": trained["best_epoch"],
-                         "best_valid_loss": trained["best_valid_loss"], "history": trained["history"],
-                         "train_seconds": train_seconds})
+    label = "synthetic PCam-like (benchmarks.synthetic)" if synthetic else directory
+    return {"splits": splits, "directory": directory}, label, synthetic
+
+
+def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: argparse.Namespace,
+               settings: dict, processes: Distributed, device: str, log) -> dict | None:
+    """Train one model and seed; on rank 0 write its model file and return its evaluation."""
+    splits = data["splits"]
+    run_dir = os.path.join(args.runs, f"{name}-seed{seed}")
+    config = replace(settings["config"], seed=seed)
+    identity = {"model": name, "group_order": args.group_order, "width_mult": args.width_mult,
+                "dropout": args.dropout, "data": data["fingerprint"],  # content, not path, identifies a run
+                "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
+    log(f"== {model_label(name, args.group_order)}, seed {seed} ==")
+    started = time.time()
+    trained = train(build_model(name, args, seed), splits["train"], splits["valid"], config, run_dir,
+                    preprocess=normalizer, resume=args.resume, overwrite=args.overwrite, device=device,
+                    processes=processes, identity=identity, log=log, workers=args.workers)
+    train_seconds = time.time() - started
     if not processes.main:
         return None
+    best = build_model(name, args, seed)
+    best.load_state_dict(trained["best_state"])
+    model_file = os.path.join(run_dir, "model.pt")  # what inference needs: mobilenet.load(model_file)
+    mobilenet.save(best, model_file, normalizer, metadata={"model": name, "seed": seed,
+                                                           "best_epoch": trained["best_epoch"]})
+    log(f"model written to {model_file}")
+    result = evaluate(name, best.to(device), splits, normalizer, args, settings, log)
+    return {"model": name, "seed": seed, **result, "best_epoch": trained["best_epoch"],
+            "best_valid_loss": trained["best_valid_loss"], "history": trained["history"],
+            "train_seconds": train_seconds}
+
+
+def _report(args: argparse.Namespace, settings: dict, data: dict, label: str, synthetic: bool, runs: list[dict],
+            processes: Distributed) -> dict:
+    config: TrainConfig = settings["config"]
+    splits = data["splits"]
     results = {
         "synthetic": synthetic,
-        "data": "synthetic PCam-like (benchmarks.synthetic)" if synthetic else directory,
+        "data": label,
         "data_sizes": {split: len(splits[split]) for split in splits},
         "profile": args.profile,
         "settings": {"group_order": args.group_order, "seeds": settings["seeds"], "epochs": config.epochs,
@@ -385,6 +387,22 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
         "paper": {name: {key: list(value) for key, value in values.items()} for name, values in PAPER.items()},
     }
     results["table"] = format_table(results)
+    return results
+
+
+def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> dict | None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device if args.device == "cpu" else f"cuda:{processes.local_rank}"
+    log = print if processes.main else (lambda *a, **k: None)
+    data, label, synthetic = _open_data(args, settings, processes, log)
+    normalizer = Normalizer.fit(data["splits"]["train"])
+    data["fingerprint"] = data_fingerprint(data["directory"])
+    runs = [_train_one(name, seed, data, normalizer, args, settings, processes, device, log)
+            for name in args.models for seed in settings["seeds"]]
+    if not processes.main:
+        return None
+    results = _report(args, settings, data, label, synthetic, runs, processes)
     print()
     print(results["table"])
     out = args.out or os.path.join(args.runs, "results.json")

@@ -116,10 +116,7 @@ def layer_benchmarks(quick: bool, repeats: int, batch: int = 32, size: int = 47)
 def construction_cost(fields: int = 32, kernel_size: int = 5, N: int = 12) -> dict:
     """Time and memory to build ``GroupConv2d(fields, fields, kernel_size, C_N)``: cold (basis not cached
     yet) and warm, its parameters and buffers, and one filter expansion."""
-    from rotconv import basis as basis_module
-
-    basis_module._build.cache_clear()
-    basis_module._group_basis.cache_clear()
+    rotconv.basis.clear_cache()
     group = rotconv.CyclicGroup(N)
     tracemalloc.start()
     cold = _timed(lambda: rotconv.GroupConv2d(fields, fields, kernel_size, group))

@@ -16,7 +16,7 @@ import torch.nn as nn
 import rotconv
 from rotconv.grid import equivariant_padding
 from rotconv.group import as_group
-from rotconv.validation import check_int, check_positive_int, is_symbolic, shape_of
+from rotconv.validation import check_choice, check_int, check_positive_int, is_symbolic, shape_of
 
 __all__ = ["MobileNetV2", "mobilenet_v2", "INVERTED_RESIDUAL_SETTING", "STEM_CHANNELS", "LAST_CHANNELS"]
 
@@ -146,8 +146,7 @@ class MobileNetV2(nn.Module):
         check_int(input_size, "input_size", minimum=15, odd=True)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        check_choice(activation, "activation", sorted(_ACTIVATIONS))
         self.group = group
         self.input_size = input_size
         self.num_classes = num_classes

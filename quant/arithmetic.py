@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from rotconv.validation import check_choice
+
 __all__ = ["WEIGHT_SCHEMES", "REDUCED_RANGE_BACKENDS", "quantization_parameters", "weight_quantization_parameters",
            "fake_quantize_tensor", "fake_quantize_weight", "is_depthwise", "weight_bits_for", "reduces_range"]
 
@@ -47,8 +49,7 @@ def weight_quantization_parameters(weight: torch.Tensor, bits: int, scheme: str 
     """(scale, zero_point, qmin, qmax) of per-tensor signed weights. ``"asymmetric"`` spans [min, max] with a
     zero point; ``"symmetric"`` spans [-max|w|, max|w|] with zero point 0 and range [-(2^(b-1) - 1), 2^(b-1) - 1]
     (what the fast depthwise kernels of fbgemm need)."""
-    if scheme not in WEIGHT_SCHEMES:
-        raise ValueError(f"weight_scheme: expected one of {WEIGHT_SCHEMES}, got {scheme!r}")
+    check_choice(scheme, "weight_scheme", WEIGHT_SCHEMES)
     if scheme == "asymmetric":
         return quantization_parameters(weight.min().item(), weight.max().item(), bits, signed=True)
     qmax = 2 ** (bits - 1) - 1

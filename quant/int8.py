@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import rotconv
+from rotconv.validation import check_choice
 
 from .graph import is_add, is_conv, module_of
 from .plan import QuantPlan
@@ -210,8 +211,7 @@ def _dequantize_exits(graph_module: fx.GraphModule, quantized: set[str]) -> None
 def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
     """Build the int8 network for ``plan`` on ``backend`` ('x86', 'fbgemm' or 'qnnpack'): quantize the
     entries, swap convs and adds for int8 ones, dequantize the exits."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_choice(backend, "backend", BACKENDS)
     if backend not in torch.backends.quantized.supported_engines:
         raise ValueError(f"backend: {backend!r} is not supported by this torch build "
                          f"(supported: {torch.backends.quantized.supported_engines})")

@@ -8,6 +8,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from rotconv.validation import check_choice
+
 from .arithmetic import reduces_range
 from .int8 import BACKENDS, Int8Model, convert_int8
 from .plan import FakeQuantize, plan_quantization, simulate
@@ -38,12 +40,10 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
             (zero point 0). On x86/fbgemm, depthwise convs with a non-zero weight zero point fall back to a
             generic kernel 10-100x slower than the depthwise one: use ``"symmetric"`` for speed there.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    check_choice(mode, "mode", MODES)
     if mode == "int8" and (weight_bits != 8 or act_bits != 8):
         raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    check_choice(backend, "backend", BACKENDS)
     plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range,
                              reduce_range=reduces_range(backend), weight_scheme=weight_scheme)
     if mode == "simulated":

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rotconv.validation import check_int
+from rotconv.validation import check_choice, check_int
 
 from .arithmetic import (WEIGHT_SCHEMES, fake_quantize_weight, quantization_parameters, weight_bits_for,
                          weight_quantization_parameters)
@@ -83,8 +83,7 @@ class _Recorder(fx.Interpreter):
 def _check_arguments(weight_bits: int, act_bits: int, weight_scheme: str) -> None:
     check_int(weight_bits, "weight_bits", minimum=2, maximum=8)
     check_int(act_bits, "act_bits", minimum=2, maximum=8)
-    if weight_scheme not in WEIGHT_SCHEMES:
-        raise ValueError(f"weight_scheme: expected one of {WEIGHT_SCHEMES}, got {weight_scheme!r}")
+    check_choice(weight_scheme, "weight_scheme", WEIGHT_SCHEMES)
 
 
 def _check_folded(graph_module: fx.GraphModule) -> None:

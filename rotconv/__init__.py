@@ -11,7 +11,7 @@ Public API::
     export                                        to plain torch.nn           (rotconv.export)
     equivariance_error, smooth_noise, randomize_batchnorm   numerical checks (rotconv.checks)
     summary, ModelSummary                         params / MACs / memory      (rotconv.summary)
-    check_int, check_positive_int                 argument checks             (rotconv.validation)
+    check_int, check_positive_int, check_choice   argument checks             (rotconv.validation)
 """
 from .basis import SteerableBasis, steerable_basis
 from .checks import equivariance_error, randomize_batchnorm, smooth_noise
@@ -22,7 +22,7 @@ from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableC
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
 from .summary import ModelSummary, summary
-from .validation import check_int, check_positive_int
+from .validation import check_choice, check_int, check_positive_int
 
 __version__ = "0.1.0"
 
@@ -50,4 +50,5 @@ __all__ = [
     "ModelSummary",
     "check_int",
     "check_positive_int",
+    "check_choice",
 ]

@@ -28,7 +28,7 @@ import torch
 
 from .validation import check_int, check_positive_int
 
-__all__ = ["SteerableBasis", "steerable_basis", "default_rings", "default_sigmas", "default_max_frequency"]
+__all__ = ["SteerableBasis", "steerable_basis", "clear_cache", "default_rings", "default_sigmas", "default_max_frequency"]
 
 #: Frequency cutoff factor: an inner ring of radius r carries harmonics m <= floor(DEFAULT_FREQUENCY_FACTOR * r);
 #: the outermost ring, which the square support truncates at the corners and samples most sparsely relative
@@ -241,3 +241,9 @@ def group_basis(basis: SteerableBasis, N: int) -> torch.Tensor:
     ``torch.rot90``), else ``Q = N``. Cached per (basis, N); do not modify the result in place.
     """
     return _group_basis(basis, N)
+
+
+def clear_cache() -> None:
+    """Forget every cached basis and rotated basis (the next layer builds its basis anew, e.g. to time it)."""
+    _build.cache_clear()
+    _group_basis.cache_clear()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .basis import SteerableBasis, group_basis, steerable_basis
 from .grid import equivariant_padding
 from .group import CyclicGroup, as_group
-from .validation import check_positive_int, is_symbolic, shape_of
+from .validation import check_choice, check_positive_int, is_symbolic, shape_of
 
 __all__ = ["SteerableConv2d", "LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d"]
 
@@ -103,8 +103,7 @@ class SteerableConv2d(nn.Module):
                 raise ValueError(f"kernel_size: padding='equivariant' needs an odd kernel size, got {kernel_size}")
         elif isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:  # a str is not an int
             raise ValueError(f"padding: expected 'equivariant' or an integer >= 0, got {padding!r}")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"padding_mode: expected one of {_PADDING_MODES}, got {padding_mode!r}")
+        check_choice(padding_mode, "padding_mode", _PADDING_MODES)
         if basis is None:
             basis = steerable_basis(kernel_size)
         elif not isinstance(basis, SteerableBasis) or basis.kernel_size != kernel_size:

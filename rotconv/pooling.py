@@ -5,8 +5,7 @@ import torch
 import torch.nn as nn
 
 from .group import CyclicGroup, as_group
-from .validation import is_symbolic, shape_of
-from .validation import check_positive_int
+from .validation import check_choice, check_positive_int, is_symbolic, shape_of
 
 __all__ = ["GroupPool", "CircularMask", "MaskedGlobalAvgPool", "disc_mask"]
 
@@ -41,8 +40,7 @@ class GroupPool(nn.Module):
 
     def __init__(self, group: CyclicGroup, mode: str = "max") -> None:
         super().__init__()
-        if mode not in ("max", "mean"):
-            raise ValueError(f"mode: expected 'max' or 'mean', got {mode!r}")
+        check_choice(mode, "mode", ("max", "mean"))
         self.group = as_group(group)
         self.order: int = self.group.N
         self.mode = mode

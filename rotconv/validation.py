@@ -6,7 +6,7 @@ import warnings
 import torch
 import torch.fx
 
-__all__ = ["check_int", "check_positive_int", "renamed_flag", "is_symbolic", "shape_of"]
+__all__ = ["check_int", "check_positive_int", "check_choice", "renamed_flag", "is_symbolic", "shape_of"]
 
 
 def is_symbolic(x: object) -> bool:
@@ -30,6 +30,13 @@ def check_int(value: object, name: str, minimum: int | None = 1, maximum: int | 
         bounds = (f" from {minimum} to {maximum}" if minimum is not None and maximum is not None
                   else f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else "")
         raise ValueError(f"{name}: expected {'an odd' if odd else 'an'} integer{bounds}, got {value!r}")
+    return value
+
+
+def check_choice(value: object, name: str, choices) -> object:
+    """``value`` if it is one of ``choices``, else a ValueError naming ``name`` and the choices."""
+    if value not in tuple(choices):
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
     return value
 
 
