@@ -72,7 +72,7 @@ def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
     rotconv group, as the network was built with), absorb high biases, correct biases, quantize
     (``quantize_kwargs`` go to :func:`quantize`). ``fields=N`` is the deprecated old name of ``group``."""
     _check_float_model(model)
-    size = field_size(group, fields, caller="dfq")
+    size = field_size(group, fields, caller="dfq", stacklevel=3)
     prepared: fx.GraphModule = fold_batchnorm(model)
     prepared = replace_relu6(prepared)
     prepared = equalize(prepared, group=size)

@@ -70,12 +70,12 @@ def _input_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return weight.flatten(1).amax(dim=1)  # depthwise: input channel i is output channel i
 
 
-def field_size(group: object = None, fields: object = None, caller: str = "equalize") -> int | None:
+def field_size(group: object = None, fields: object = None, caller: str = "equalize", stacklevel: int = 4) -> int | None:
     """The channels of one regular field for ``group`` (an int N or a group object with ``order``), or
     None for a network without group structure. ``fields`` is the old name of ``group`` (deprecated)."""
     if fields is not None:
         warnings.warn(f"{caller}(fields=N) is deprecated: pass group=N (fields counts fields elsewhere)",
-                      DeprecationWarning, stacklevel=3)
+                      DeprecationWarning, stacklevel=stacklevel)
         if group is not None:
             raise ValueError("group: pass group=N only (fields= is its deprecated old name)")
         group = fields
