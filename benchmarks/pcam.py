@@ -173,19 +173,41 @@ def predictions(model: nn.Module, split: PCam, normalizer: Normalizer, count: in
 
 
 def accuracy(model: nn.Module, split: PCam, normalizer: Normalizer, batch_size: int, device: str,
-             description: str) -> float:
+             description: str) -> tuple[float, str | None]:
+    """Accuracy on ``split`` and, for a degenerate model, why it is one (else None)."""
     predicted = predictions(model, split, normalizer, len(split), [0.0], batch_size, device, description)[0]
-    return float((predicted == split.labels.numpy()).mean())
+    labels = split.labels.numpy()
+    value = float((predicted == labels).mean())
+    return value, degenerate(predicted, labels, value)
+
+
+#: A model within this many accuracy points of always answering the majority class is flagged.
+CHANCE_MARGIN = 0.02
+
+
+def degenerate(predicted: np.ndarray, labels: np.ndarray, accuracy_value: float) -> str | None:
+    """Why a model's predictions carry no information (one class for every patch, or accuracy within
+    CHANCE_MARGIN of the majority-class rate), else None. Rotation stability means nothing for such a model."""
+    classes = np.unique(predicted)
+    if classes.size == 1:
+        return f"predicts class {int(classes[0])} for every patch"
+    chance = max(float((labels == c).mean()) for c in np.unique(labels))
+    if accuracy_value <= chance + CHANCE_MARGIN:
+        return f"accuracy {100 * accuracy_value:.1f}% is within {100 * CHANCE_MARGIN:.0f} points of chance ({100 * chance:.1f}%)"
+    return None
 
 
 def stability(model: nn.Module, split: PCam, normalizer: Normalizer, count: int, batch_size: int,
               device: str, description: str) -> dict[str, float]:
-    """Fraction of patches whose predicted class is the same under all 4 rotations by 90 degrees, and under
-    all 12 rotations by 30 degrees."""
+    """Fractions of the first ``count`` patches whose predicted class is the same under all 4 rotations by 90
+    degrees ("90") and all 12 by 30 degrees ("30"), and that are *correct* under all of them ("correct_90",
+    "correct_30"): stability alone would call a one-class model perfect."""
     angles = [2 * math.pi * k / 12 for k in range(12)]
     predicted = predictions(model, split, normalizer, count, angles, batch_size, device, description)
+    labels = split.labels[:count].numpy()
     quarter = predicted[::3]  # 0, 90, 180, 270 degrees
-    return {"90": float((quarter == quarter[:1]).all(0).mean()), "30": float((predicted == predicted[:1]).all(0).mean())}
+    return {"90": float((quarter == quarter[:1]).all(0).mean()), "30": float((predicted == predicted[:1]).all(0).mean()),
+            "correct_90": float((quarter == labels).all(0).mean()), "correct_30": float((predicted == labels).all(0).mean())}
 
 
 def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], normalizer: Normalizer,
@@ -195,7 +217,7 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     test = splits["test"]
     count = min(settings["stability_samples"] or len(test), len(test))
     model.eval()
-    fp32_accuracy = accuracy(model, test, normalizer, batch, device, "test FP32")
+    fp32_accuracy, fp32_degenerate = accuracy(model, test, normalizer, batch, device, "test FP32")
     fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
     plain = model.export().cpu()
     group = args.group_order if name == "equivariant" else None
@@ -204,16 +226,17 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
         int8 = quant.dfq(plain, mode="int8", **options)
-    int8_accuracy = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({args.backend})")
+    int8_accuracy, int8_degenerate = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({args.backend})")
     simulated_accuracy = None
     if settings["simulated_int8"]:
         simulated = quant.dfq(plain, mode="simulated", **options)
-        simulated_accuracy = accuracy(simulated, test, normalizer, batch, "cpu", "test INT8 (simulated)")
+        simulated_accuracy = accuracy(simulated, test, normalizer, batch, "cpu", "test INT8 (simulated)")[0]
     int8_stability = stability(int8, test, normalizer, count, batch, "cpu", "rotation stability INT8")
     counts = mobilenet.summary(model.cpu())
     model.to(device)
     log(f"{name}: test FP32 {100 * fp32_accuracy:.2f}% INT8 {100 * int8_accuracy:.2f}%"
-        + (f" (simulated {100 * simulated_accuracy:.2f}%)" if simulated_accuracy is not None else ""))
+        + (f" (simulated {100 * simulated_accuracy:.2f}%)" if simulated_accuracy is not None else "")
+        + (f"; DEGENERATE: {fp32_degenerate}" if fp32_degenerate else ""))
     return {
         "fp32_accuracy": fp32_accuracy,
         "int8_accuracy": int8_accuracy,
@@ -225,6 +248,7 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
         "fp32_bytes": serialized_bytes(plain),
         "int8_bytes": serialized_bytes(int8),
         "stability": {"fp32": fp32_stability, "int8": int8_stability, "samples": count},
+        "degenerate": {"fp32": fp32_degenerate, "int8": int8_degenerate},
     }
 
 
@@ -246,9 +270,12 @@ def summarize(runs: list[dict]) -> dict:
         if all(run["int8_simulated_accuracy"] is not None for run in chosen):
             summary[name]["int8_simulated_accuracy"] = _mean_std([run["int8_simulated_accuracy"] for run in chosen])
         for precision in ("fp32", "int8"):
-            for angle in ("90", "30"):
+            for angle in ("90", "30", "correct_90", "correct_30"):
                 summary[name][f"stability_{angle}_{precision}"] = _mean_std(
                     [run["stability"][precision][angle] for run in chosen])
+        summary[name]["degenerate_runs"] = [f"seed {run['seed']} {precision}: {run['degenerate'][precision]}"
+                                            for run in chosen for precision in ("fp32", "int8")
+                                            if run["degenerate"][precision]]
         for key in ("params", "exported_params", "macs", "fp32_bytes", "int8_bytes"):
             summary[name][key] = chosen[0][key]
     return summary
@@ -285,19 +312,29 @@ def format_table(results: dict) -> str:
                  f"{results['settings']['backend']} int8 kernels.")
     lines.append("")
     lines.append("| model | FP32 test acc (%) | INT8 test acc (%) | relative drop (%) | paper FP32 | paper INT8 "
-                 "| params | MACs | INT8 size | stable 4x90° FP32 / INT8 (%) | stable 12x30° FP32 / INT8 (%) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| params | MACs | INT8 size | stable 4x90° FP32 / INT8 (%) | correct under 4x90° FP32 / INT8 (%) "
+                 "| stable 12x30° FP32 / INT8 (%) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    flagged = []
     for name, stats in summary.items():
+        label = model_label(name, group_order)
+        if stats.get("degenerate_runs"):
+            label += " **(degenerate runs, see below)**"
+            flagged += [f"{model_label(name, group_order)}, {text}" for text in stats["degenerate_runs"]]
         lines.append(
-            f"| {model_label(name, group_order)} | {_percent(stats['fp32_accuracy'])} | "
+            f"| {label} | {_percent(stats['fp32_accuracy'])} | "
             f"{_percent(stats['int8_accuracy'])} | {_percent(stats['relative_drop'])} | "
             f"{_paper(PAPER[name]['fp32'])} | {_paper(PAPER[name]['int8'])} | {stats['params']:,} | "
             f"{stats['macs'] / 1e6:.1f} M | {stats['int8_bytes'] / 2**20:.2f} MiB "
             f"({stats['fp32_bytes'] / stats['int8_bytes']:.1f}x smaller) | "
             f"{_percent(stats['stability_90_fp32'])} / {_percent(stats['stability_90_int8'])} | "
+            f"{_percent(stats['stability_correct_90_fp32'])} / {_percent(stats['stability_correct_90_int8'])} | "
             f"{_percent(stats['stability_30_fp32'])} / {_percent(stats['stability_30_int8'])} |")
     lines.append(f"| P4M DenseNet (Veeling et al., paper only) | — | — | — | {_paper(PAPER['p4m_densenet']['fp32'])} "
-                 "| — | — | — | — | — | — |")
+                 "| — | — | — | — | — | — | — |")
+    if flagged:
+        lines.append("")
+        lines.append("**Degenerate models** (their rotation stability means nothing): " + "; ".join(flagged) + ".")
     return "\n".join(lines)
 
 

@@ -66,6 +66,9 @@ class TrainConfig:
         seed: seeds the initial RNG state, the sample order and the augmentation.
         precision: ``"bf16"`` autocast, ``"fp32"``, or ``"auto"`` (bf16 where the device has fast kernels).
         channels_last: train in channels_last memory layout.
+        steps_per_epoch: None: an epoch is one pass over the data; an int: an epoch is that many steps,
+            drawn from a continuing stream of shuffled passes (a fixed step budget whatever the data size;
+            validation and checkpoints still happen per epoch).
     """
 
     epochs: int = 6
@@ -78,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     channels_last: bool = True
+    steps_per_epoch: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`UsageError` naming the first field that is out of range."""
@@ -91,6 +95,11 @@ class TrainConfig:
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
                 and self.weight_decay >= 0):
             raise UsageError("config.weight_decay", f"expected a finite number >= 0, got {self.weight_decay!r}")
+        if self.steps_per_epoch is not None:
+            try:
+                check_positive_int(self.steps_per_epoch, "steps_per_epoch")
+            except ValueError as error:
+                raise UsageError("config.steps_per_epoch", str(error).split(": ", 1)[1]) from None
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "precision": PRECISIONS}
@@ -199,11 +208,21 @@ def _prepare(images: torch.Tensor, preprocess: Callable | None, device: str,
 
 
 def _epoch_plan(config: TrainConfig, epoch: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sample order and D4 augmentation of ``epoch``: a function of (seed, epoch) alone."""
+    """The sample order and D4 augmentation of ``epoch``: a function of (seed, epoch) alone. With
+    ``config.steps_per_epoch`` the order is this epoch's slice of a stream of shuffled passes."""
     rng = np.random.default_rng([config.seed, epoch])
-    order = rng.permutation(size)
-    turns = rng.integers(0, 4, size) if config.augment else np.zeros(size, dtype=np.int64)
-    flips = rng.integers(0, 2, size) if config.augment else np.zeros(size, dtype=np.int64)
+    if config.steps_per_epoch is None:
+        order = rng.permutation(size)
+    else:
+        needed = config.steps_per_epoch * config.batch_size
+        start = (epoch - 1) * needed
+        passes = range(start // size, (start + needed - 1) // size + 1)
+        stream = np.concatenate([np.random.default_rng([config.seed, 1 << 20, p]).permutation(size) for p in passes])
+        offset = start - passes[0] * size
+        order = stream[offset:offset + needed]
+    count = order.size
+    turns = rng.integers(0, 4, count) if config.augment else np.zeros(count, dtype=np.int64)
+    flips = rng.integers(0, 2, count) if config.augment else np.zeros(count, dtype=np.int64)
     return order, turns, flips
 
 
@@ -222,17 +241,19 @@ class _EpochBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | str:
         start = step * self.batch_size + self.rank * self.local
-        chosen = self.order[start:start + self.local]
+        positions = slice(start, start + self.local)  # into the epoch's order (and its augmentation)
         try:
-            images, labels = self.read(chosen)
+            images, labels = self.read(self.order[positions])
         except PCamError as error:  # returned, not raised: a worker's exception would carry its traceback text
             return str(error)
-        return augment_batch(images, torch.from_numpy(self.turns[chosen]), torch.from_numpy(self.flips[chosen])), labels
+        return augment_batch(images, torch.from_numpy(self.turns[positions]),
+                             torch.from_numpy(self.flips[positions])), labels
 
 
 def _train_batches(data, config: TrainConfig, epoch: int, processes: Distributed, workers: int,
                    device: str) -> tuple[Iterator, int]:
-    """This process's (augmented) training batches of ``epoch`` and their number."""
+    """This process's (augmented) training batches of ``epoch`` and their number (a DataLoader's own length;
+    ``config.steps_per_epoch`` applies to datasets)."""
     if isinstance(data, torch.utils.data.DataLoader):  # the loader decides order and batches; D4 is ours
         rng = np.random.default_rng([config.seed, epoch])
 
@@ -246,8 +267,8 @@ def _train_batches(data, config: TrainConfig, epoch: int, processes: Distributed
                 yield images, labels
 
         return loader_batches(), len(data)
-    steps = len(data) // config.batch_size
-    if steps == 0:
+    steps = config.steps_per_epoch or len(data) // config.batch_size
+    if len(data) < config.batch_size:
         raise UsageError("config.batch_size", f"{config.batch_size} is larger than the training set ({len(data)})")
     order, turns, flips = _epoch_plan(config, epoch, len(data))
     local = config.batch_size // processes.world_size

@@ -58,6 +58,9 @@ def test_end_to_end_report_has_every_field(tiny_data, tmp_path):
         for precision in ("fp32", "int8"):
             for angle in ("90", "30"):
                 assert 0.0 <= run["stability"][precision][angle] <= 1.0
+                # correct under every rotation implies the same class under every rotation
+                assert run["stability"][precision][f"correct_{angle}"] <= run["stability"][precision][angle]
+            assert run["degenerate"][precision] is None or isinstance(run["degenerate"][precision], str)
     equivariant = next(run for run in results["runs"] if run["model"] == "equivariant")
     # exact invariance to quarter turns: the predicted class never changes (FP32 logits agree to ~1e-7,
     # INT8 logits bit for bit)
@@ -309,3 +312,21 @@ def test_background_workers_feed_the_same_batches(tiny_data, tmp_path):
                           "--runs", str(tmp_path / f"runs{workers}"), "--out", str(out), *TINY]) == 0
         histories.append(json.loads(out.read_text())["runs"][0]["history"])
     assert histories[0] == histories[1]
+
+
+def test_degenerate_models_are_flagged():
+    labels = np.array([0, 1] * 8)
+    assert "predicts class 1 for every patch" == pcam.degenerate(np.ones(16, np.int64), labels, 0.5)
+    near_chance = labels.copy()
+    near_chance[:8] = 1 - near_chance[:8]  # half right: 50%, no better than the majority class
+    assert "chance" in pcam.degenerate(near_chance, labels, 0.5)
+    assert pcam.degenerate(labels, labels, 1.0) is None
+    table = pcam.format_table({"summary": {"conventional": {
+        **{key: {"mean": 0.5, "std": 0.0, "n": 1} for key in ("fp32_accuracy", "int8_accuracy", "relative_drop")},
+        **{f"stability_{a}_{p}": {"mean": 1.0, "std": 0.0, "n": 1} for a in ("90", "30", "correct_90", "correct_30")
+           for p in ("fp32", "int8")},
+        "params": 1, "macs": 1, "fp32_bytes": 4, "int8_bytes": 1,
+        "degenerate_runs": ["seed 0 fp32: predicts class 1 for every patch"]}},
+        "settings": {"group_order": 12, "seeds": [0], "epochs": 1, "weight_scheme": "symmetric", "backend": "x86"},
+        "synthetic": False, "data": "d", "data_sizes": {"train": 1, "valid": 1, "test": 1}})
+    assert "degenerate runs" in table and "predicts class 1 for every patch" in table and "1 epoch;" in table

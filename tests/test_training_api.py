@@ -158,3 +158,23 @@ def test_predict_command_names_bad_inputs(data, tmp_path, capsys):
     assert predict.main([path, str(tmp_path / "patches.npy")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "source,index,probability_tumour,predicted" and len(out) == 4
+
+
+from hypothesis import given, settings as hypothesis_settings, strategies as st  # noqa: E402
+
+from mobilenet.training import _epoch_plan  # noqa: E402
+
+
+@hypothesis_settings(max_examples=30)
+@given(size=st.integers(1, 50), steps=st.integers(1, 7), batch=st.integers(1, 9), epochs=st.integers(1, 5),
+       seed=st.integers(0, 1000))
+def test_fixed_step_epochs_stream_through_whole_passes(size, steps, batch, epochs, seed):
+    # With steps_per_epoch every epoch has exactly steps * batch samples, and the epochs together are a stream
+    # of complete shuffled passes: each aligned window of `size` samples is a permutation of the data.
+    config = mobilenet.TrainConfig(batch_size=batch, steps_per_epoch=steps, seed=seed)
+    orders = [_epoch_plan(config, epoch, size)[0] for epoch in range(1, epochs + 1)]
+    assert all(order.size == steps * batch for order in orders)
+    stream = np.concatenate(orders)
+    for start in range(0, stream.size - size + 1, size):
+        assert sorted(stream[start:start + size].tolist()) == list(range(size))
+    assert np.array_equal(orders[-1], _epoch_plan(config, epochs, size)[0])  # a function of (seed, epoch)

@@ -1,0 +1,271 @@
+"""Data efficiency: accuracy against training-set size, conventional vs C_N-equivariant MobileNetV2.
+
+For each training-set size (nested, class-balanced subsets of the train split: every smaller set is inside
+every larger one) and seed, both models train with the same recipe and the same budget in optimizer *steps*
+(``TrainConfig.steps_per_epoch``: a small set is passed over more often, with fresh augmentation, rather than
+trained for fewer steps), are selected on the
+validation split, and are evaluated on the test split in FP32 and INT8 (DFQ, data-free). Prints a Markdown
+table (mean ± std over seeds per size), writes JSON and, with --plots, a PNG of the curve.
+
+    python -m benchmarks.efficiency --data DIR                     # sizes 256 512 1024 2048 3000, seeds 0 1 2
+    python -m benchmarks.efficiency --data DIR --sizes 500 3000 --seeds 0 --steps 400
+    python -m benchmarks.efficiency --quick                        # seconds, synthetic data (tests)
+
+Every run keeps its checkpoint and its result in RUNS/size<S>-<model>-seed<k>/; --resume continues
+interrupted runs and skips finished ones. Exit codes as benchmarks.pcam (2 bad arguments or data, 3 diverged).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import mobilenet
+from mobilenet.files import OutputError, RunLock, check_writable, write_json
+from mobilenet.pcam import Normalizer, PCam, PCamError, open_pcam
+from mobilenet.training import PRECISIONS, DivergedError, TrainConfig, UsageError, train
+
+from . import pcam
+from .synthetic import write_synthetic_pcam
+
+__all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve"]
+
+DEFAULT_SIZES = [256, 512, 1024, 2048, 3000]
+QUICK = {"sizes": [16, 32], "seeds": [0], "steps": 4, "evaluations": 2, "batch_size": 8, "width_mult": 0.25,
+         "group_order": 4, "valid_size": 16, "test_size": 16, "stability_samples": 4}
+
+
+def nested_balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """An order of the indices of ``labels`` (binary) whose every prefix is as class-balanced as the data
+    allow: the classes, each shuffled, alternate until one runs out. Prefixes are the nested subsets."""
+    rng = np.random.default_rng(seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in (0, 1)]
+    common = min(len(by_class[0]), len(by_class[1]))
+    first = rng.integers(0, 2)  # which class leads, so neither is favoured at odd sizes
+    pairs = np.stack([by_class[first][:common], by_class[1 - first][:common]], axis=1).reshape(-1)
+    rest = by_class[0][common:] if len(by_class[0]) > common else by_class[1][common:]
+    return np.concatenate([pairs, rest]).astype(np.int64)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="directory with the PCam HDF5 files (default: synthetic data)")
+    parser.add_argument("--sizes", type=int, nargs="+", help=f"training-set sizes (default {DEFAULT_SIZES})")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run, the same for every size (default 600)")
+    parser.add_argument("--evaluations", type=int, help="validations per run (model selection points; default 8)")
+    parser.add_argument("--models", nargs="+", choices=pcam.MODELS, default=list(pcam.MODELS))
+    parser.add_argument("--group-order", type=int, help="N of C_N (default 12)")
+    parser.add_argument("--batch-size", type=int, help="default 32")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--width-mult", type=float, help="default 1.0")
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--valid-size", type=int, help="validation patches (default: all)")
+    parser.add_argument("--test-size", type=int, help="test patches (default: all)")
+    parser.add_argument("--stability-samples", type=int, help="test patches for rotation stability (default 128)")
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86")
+    parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--runs", default=os.path.join("runs", "efficiency"))
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs, skip finished ones")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--out", help="JSON file (default RUNS/efficiency.json)")
+    parser.add_argument("--plots", help="directory for the PNG curve (needs matplotlib)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for tests (seconds)")
+    parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
+                                                                "synthetic-pcam"))
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    defaults = {"sizes": DEFAULT_SIZES, "seeds": [0, 1, 2], "steps": 600, "evaluations": 8, "batch_size": 32,
+                "width_mult": 1.0, "group_order": 12, "valid_size": None, "test_size": None, "stability_samples": 128}
+    if args.quick:
+        defaults.update(QUICK)
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()}
+    for key in ("steps", "evaluations", "batch_size", "group_order"):
+        if settings[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')}", f"expected an integer >= 1, got {settings[key]}")
+    if any(size < 2 for size in settings["sizes"]):
+        raise UsageError("--sizes", f"expected sizes >= 2, got {settings['sizes']}")
+    if any(seed < 0 for seed in settings["seeds"]):
+        raise UsageError("--seeds", f"expected integers >= 0, got {settings['seeds']}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError("--lr", f"expected a finite positive number, got {args.lr}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite", "choose one")
+    settings["sizes"] = sorted(set(settings["sizes"]))
+    return settings
+
+
+def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse.Namespace, dict]:
+    """The arguments benchmarks.pcam.evaluate reads."""
+    namespace = argparse.Namespace(device="cpu", group_order=settings["group_order"], backend=args.backend,
+                                   weight_scheme=args.weight_scheme, width_mult=settings["width_mult"],
+                                   dropout=args.dropout)
+    return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
+
+
+def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, normalizer: Normalizer,
+             args: argparse.Namespace, settings: dict) -> dict:
+    run_dir = os.path.join(args.runs, f"size{size}-{name}-seed{seed}")
+    result_path = os.path.join(run_dir, "result.json")
+    if args.resume and os.path.exists(result_path):
+        with open(result_path) as handle:
+            return json.load(handle)
+    evaluation_args, evaluation_settings = _evaluation_args(args, settings)
+    per_evaluation = math.ceil(settings["steps"] / settings["evaluations"])
+    config = TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=args.lr,
+                         weight_decay=args.weight_decay, seed=seed, precision=args.precision,
+                         steps_per_epoch=per_evaluation)
+    model = pcam.build_model(name, evaluation_args, seed)
+    identity = {"benchmark": "efficiency", "size": size, "model": name, "group_order": settings["group_order"],
+                "width_mult": settings["width_mult"], "normalizer": normalizer.state()}
+    print(f"== size {size}, {pcam.model_label(name, settings['group_order'])}, seed {seed} "
+          f"({settings['evaluations']} x {per_evaluation} steps) ==", flush=True)
+    started = time.time()
+    trained = train(model, train_split, splits["valid"], config, run_dir, preprocess=normalizer,
+                    resume=args.resume, overwrite=args.overwrite, log=print)
+    model.load_state_dict(trained["best_state"])
+    result = pcam.evaluate(name, model, splits, normalizer, evaluation_args, evaluation_settings, print)
+    result.update({"size": size, "seed": seed, "model": name, "steps": settings["evaluations"] * per_evaluation,
+                   "best_epoch": trained["best_epoch"], "history": trained["history"],
+                   "train_seconds": time.time() - started})
+    write_json(result, result_path)
+    return result
+
+
+def summarize_curve(runs: list[dict]) -> dict:
+    """mean ± std per (size, model) of FP32/INT8 accuracy."""
+    curve: dict = {}
+    for run in runs:
+        curve.setdefault(str(run["size"]), {}).setdefault(run["model"], []).append(run)
+    return {size: {name: {key: pcam._mean_std([r[key] for r in chosen]) for key in ("fp32_accuracy", "int8_accuracy")}
+                   | {"degenerate_runs": [r["seed"] for r in chosen if r["degenerate"]["fp32"]]}
+                   for name, chosen in models.items()} for size, models in curve.items()}
+
+
+def format_curve(results: dict) -> str:
+    """Markdown table of the curve (rows: sizes)."""
+    group_order = results["settings"]["group_order"]
+    lines = []
+    if results["synthetic"]:
+        lines.append("**SYNTHETIC DATA**: these figures say nothing about PCam; pass --data for real files.")
+    lines.append(f"Data: {results['data']}; {results['settings']['steps']} optimizer steps per run (batch "
+                 f"{results['settings']['batch_size']}), seeds {results['settings']['seeds']}, selection on validation "
+                 f"loss; INT8: DFQ on {results['settings']['backend']} kernels.")
+    lines.append("")
+    names = [name for name in pcam.MODELS if any(name in models for models in results["curve"].values())]
+    header = " | ".join(f"{pcam.model_label(name, group_order)} FP32 / INT8 (%)" for name in names)
+    lines.append(f"| training patches | {header} |" + (" C_N - conventional FP32 (points) |" if len(names) == 2 else ""))
+    lines.append("|---" * (1 + len(names) + (len(names) == 2)) + "|")
+    for size in sorted(results["curve"], key=int):
+        models = results["curve"][size]
+        cells = []
+        for name in names:
+            stats = models.get(name)
+            cells.append("—" if stats is None else f"{pcam._percent(stats['fp32_accuracy'])} / "
+                         f"{pcam._percent(stats['int8_accuracy'])}" + (" (degenerate seeds "
+                         f"{stats['degenerate_runs']})" if stats["degenerate_runs"] else ""))
+        difference = ""
+        if len(names) == 2 and all(name in models for name in names):
+            gap = models["equivariant"]["fp32_accuracy"]["mean"] - models["conventional"]["fp32_accuracy"]["mean"]
+            difference = f" {100 * gap:+.2f} |"
+        lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |" + difference)
+    return "\n".join(lines)
+
+
+def plot_curve(results: dict, directory: str) -> str:
+    """One PNG: test accuracy against training-set size, both models, FP32 and INT8, ± std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    sizes = sorted(results["curve"], key=int)
+    for name in pcam.MODELS:
+        for precision, style in (("fp32", "-o"), ("int8", "--s")):
+            points = [(int(s), results["curve"][s][name][f"{precision}_accuracy"]) for s in sizes
+                      if name in results["curve"][s]]
+            if points:
+                axis.errorbar([p[0] for p in points], [100 * p[1]["mean"] for p in points],
+                              yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
+                              label=f"{pcam.model_label(name, results['settings']['group_order'])} {precision.upper()}")
+    axis.set_xscale("log")
+    axis.set_xlabel("training patches")
+    axis.set_ylabel("test accuracy (%)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "efficiency.png")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def run(args: argparse.Namespace) -> dict:
+    settings = _settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or os.path.join(args.runs, "efficiency.json")
+    check_writable(out)
+    with RunLock(args.runs):
+        synthetic = args.data is None
+        directory = args.synthetic_dir if synthetic else args.data
+        if synthetic:
+            write_synthetic_pcam(directory, {"train": max(settings["sizes"]), "valid": 64, "test": 64})
+        splits = open_pcam(directory, {"train": None, "valid": settings["valid_size"], "test": settings["test_size"]})
+        full_train = splits["train"]
+        if max(settings["sizes"]) > len(full_train):
+            raise UsageError("--sizes", f"{max(settings['sizes'])} is larger than the train split ({len(full_train)})")
+        order = nested_balanced_order(full_train.labels.numpy(), seed=0)  # one order: nested across sizes and seeds
+        normalizer = Normalizer.fit(full_train)
+        runs = []
+        for size in settings["sizes"]:
+            subset = full_train.subset(full_train.indices[np.sort(order[:size])], preload=True)
+            for seed in settings["seeds"]:
+                for name in args.models:
+                    runs.append(_run_one(size, seed, name, subset, splits, normalizer, args, settings))
+        results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
+                   "settings": {**settings, "lr": args.lr, "weight_decay": args.weight_decay, "backend": args.backend,
+                                "weight_scheme": args.weight_scheme, "models": args.models},
+                   "runs": runs, "curve": summarize_curve(runs)}
+        results["table"] = format_curve(results)
+        if args.plots:
+            results["plot"] = plot_curve(results, args.plots)
+        print()
+        print(results["table"])
+        write_json(results, out)
+        print(f"\nresults written to {out}")
+        return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (PCamError, UsageError, OutputError) as error:
+        print(f"error: {pcam.command_line_message(error)}", file=sys.stderr)
+        return 2
+    except DivergedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""benchmarks.efficiency: the nested balanced sampler (property test) and --quick end to end with resume."""
+import json
+import os
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks import efficiency
+from benchmarks.synthetic import write_synthetic_pcam
+
+
+@settings(max_examples=40)
+@given(zeros=st.integers(0, 40), ones=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_order_is_nested_and_balanced(zeros, ones, seed):
+    labels = np.array([0] * zeros + [1] * ones)
+    order = efficiency.nested_balanced_order(labels, seed)
+    assert sorted(order.tolist()) == list(range(labels.size))  # a permutation: every prefix is a subset
+    for size in range(1, labels.size + 1):
+        prefix = labels[order[:size]]
+        # as balanced as the data allow: the classes differ by at most one while both last
+        expected_minority = min(size // 2, zeros, ones)
+        assert min((prefix == 0).sum(), (prefix == 1).sum()) >= expected_minority
+    assert np.array_equal(order, efficiency.nested_balanced_order(labels, seed))  # seeded
+
+
+def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 32, "valid": 16, "test": 16}, seed=4)
+    out, plots, runs = tmp_path / "curve.json", tmp_path / "plots", tmp_path / "runs"
+    arguments = ["--quick", "--data", data, "--runs", str(runs), "--out", str(out), "--threads", "1"]
+    assert efficiency.main(arguments + ["--plots", str(plots)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["curve"]) == {"16", "32"}
+    for size, models in results["curve"].items():
+        assert set(models) == {"conventional", "equivariant"}
+        for stats in models.values():
+            assert 0.0 <= stats["fp32_accuracy"]["mean"] <= 1.0 and 0.0 <= stats["int8_accuracy"]["mean"] <= 1.0
+    steps = {run["steps"] for run in results["runs"]}
+    assert min(steps) >= 4 and len(steps) == 1  # the same step budget at every size
+    assert os.path.getsize(plots / "efficiency.png") > 1000
+    assert "| 16 |" in results["table"] and "| 32 |" in results["table"]
+    # a resumed run reuses every finished result (nothing retrains) and reports the same numbers
+    before = {(r["size"], r["model"]): r["fp32_accuracy"] for r in results["runs"]}
+    os.remove(runs / "size32-equivariant-seed0" / "result.json")  # as if killed after training, before the result
+    capsys.readouterr()
+    assert efficiency.main(arguments + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("== size") == 1  # only the run without a result ran again (from its checkpoint)
+    again = json.loads(out.read_text())
+    assert {(r["size"], r["model"]): r["fp32_accuracy"] for r in again["runs"]} == before
+
+
+def test_bad_sizes_exit_2(tmp_path, capsys):
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 8, "valid": 4, "test": 4}, seed=5)
+    assert efficiency.main(["--quick", "--data", data, "--sizes", "64", "--runs", str(tmp_path / "r")]) == 2
+    assert "--sizes" in capsys.readouterr().err
