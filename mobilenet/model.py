@@ -70,27 +70,27 @@ class _PlainLayers:
 class _EquivariantLayers:
     """Builds the C_N-equivariant layers; ``c`` conventional channels become ``max(1, round(c/N))`` fields."""
 
-    def __init__(self, group: rotconv.CyclicGroup) -> None:
+    def __init__(self, group: rotconv.Group) -> None:
         self.group = group
 
     def fields(self, channels: int) -> int:
-        return max(1, round(channels / self.group.N))
+        return max(1, round(channels / self.group.order))
 
     def width(self, channels: int) -> int:
-        return self.fields(channels) * self.group.N
+        return self.fields(channels) * self.group.order
 
     def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, size: int,
              lifting: bool = False) -> nn.Module:
-        N = self.group.N
+        N = self.group.order
         if lifting:
             return rotconv.LiftingConv2d(in_channels, out_channels // N, kernel_size, self.group, stride, bias=False)
         return rotconv.GroupConv2d(in_channels // N, out_channels // N, kernel_size, self.group, stride, bias=False)
 
     def depthwise(self, channels: int, kernel_size: int, stride: int, size: int) -> nn.Module:
-        return rotconv.DepthwiseGroupConv2d(channels // self.group.N, kernel_size, self.group, stride, bias=False)
+        return rotconv.DepthwiseGroupConv2d(channels // self.group.order, kernel_size, self.group, stride, bias=False)
 
     def norm(self, channels: int) -> nn.Module:
-        return rotconv.GroupBatchNorm2d(channels // self.group.N, self.group)
+        return rotconv.GroupBatchNorm2d(channels // self.group.order, self.group)
 
     def pool_rotations(self) -> nn.Module:
         return rotconv.GroupPool(self.group, "max")
@@ -136,7 +136,7 @@ class MobileNetV2(nn.Module):
     Shapes: ``(B, 3, input_size, input_size) -> (B, num_classes)`` logits.
     """
 
-    def __init__(self, num_classes: int = 2, group: rotconv.CyclicGroup | int | None = None, width_mult: float = 1.0,
+    def __init__(self, num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
@@ -180,7 +180,7 @@ class MobileNetV2(nn.Module):
         self.input_mask = rotconv.CircularMask(input_size)
         self.pool = rotconv.MaskedGlobalAvgPool(size=size)
         self.pool_rotations = layers.pool_rotations()
-        head_features = last if group is None else last // group.N
+        head_features = last if group is None else last // group.order
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(head_features, num_classes))
         self._init_weights()
 
@@ -224,7 +224,9 @@ class MobileNetV2(nn.Module):
     def arguments(self) -> dict:
         """The :func:`mobilenet_v2` arguments that rebuild this architecture (what :func:`mobilenet.save`
         stores)."""
-        return {"num_classes": self.num_classes, "group": None if self.group is None else self.group.N,
+        group = None if self.group is None else self.group.N if isinstance(self.group, rotconv.CyclicGroup) \
+            else str(self.group)
+        return {"num_classes": self.num_classes, "group": group,
                 "width_mult": self.width_mult, "input_size": self.input_size, "activation": self.activation,
                 "dropout": self.dropout}
 
@@ -233,14 +235,15 @@ class MobileNetV2(nn.Module):
         return f"{group}, input_size={self.input_size}, num_classes={self.num_classes}"
 
 
-def mobilenet_v2(num_classes: int = 2, group: rotconv.CyclicGroup | int | None = None, width_mult: float = 1.0,
+def mobilenet_v2(num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> MobileNetV2:
     """Build MobileNetV2 for PCam.
 
     Args:
         num_classes: classifier outputs (2 for PCam).
-        group: ``None`` for the conventional network (plain ``nn.Conv2d``), or the rotation group of the
-            equivariant one: a :class:`rotconv.CyclicGroup` or its order N (the paper uses ``group=12``).
+        group: ``None`` for the conventional network (plain ``nn.Conv2d``), or the group of the equivariant
+            one: a :class:`rotconv.CyclicGroup` or its order N (the paper uses ``group=12``), or a
+            :class:`rotconv.DihedralGroup` / ``"D12"`` for rotations and reflections.
         width_mult: channel multiplier (as torchvision).
         input_size: odd side of the square input (95 for PCam's 96x96 patches cropped by one pixel).
         activation: ``"relu6"`` (MobileNetV2) or ``"relu"``.

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rotconv.validation import check_positive_int
+from rotconv.group import as_group
 
 from .arithmetic import fake_quantize_weight, weight_bits_for
 from .graph import ConvPair, conv_pairs, module_of, remove_identities, trace
@@ -81,8 +81,7 @@ def field_size(group: object = None, fields: object = None, caller: str = "equal
         group = fields
     if group is None:
         return None
-    order = getattr(group, "order", group)
-    return check_positive_int(order, "group")
+    return as_group(group).order
 
 
 def _share_over_fields(values: torch.Tensor, size: int | None, name: str) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Public API::
 
-    CyclicGroup, rotate_image                     group and its action        (rotconv.group)
+    CyclicGroup, DihedralGroup, rotate_image      groups and their action     (rotconv.group)
     SteerableBasis, steerable_basis               band-limited filter bases   (rotconv.basis)
     LiftingConv2d, GroupConv2d, DepthwiseGroupConv2d   equivariant convs      (rotconv.layers)
     GroupBatchNorm2d                              field-wise batch norm       (rotconv.norm)
@@ -17,7 +17,7 @@ from .basis import SteerableBasis, steerable_basis
 from .checks import equivariance_error, randomize_batchnorm, smooth_noise
 from .export import export
 from .grid import equivariant_output_size, equivariant_padding
-from .group import CyclicGroup, rotate_image
+from .group import CyclicGroup, DihedralGroup, Group, as_group, mirror_image, rotate_image
 from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableConv2d
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
@@ -27,8 +27,12 @@ from .validation import check_choice, check_int, check_positive_int
 __version__ = "0.1.0"
 
 __all__ = [
+    "Group",
     "CyclicGroup",
+    "DihedralGroup",
+    "as_group",
     "rotate_image",
+    "mirror_image",
     "SteerableBasis",
     "steerable_basis",
     "SteerableConv2d",

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from scipy import ndimage
 
-from .group import CyclicGroup, as_group
+from .group import Group, as_group
 from .pooling import disc_mask
 from .validation import renamed_flag
 
@@ -16,7 +16,7 @@ __all__ = ["equivariance_error", "smooth_noise", "randomize_batchnorm"]
 @torch.no_grad()
 def equivariance_error(
     module: nn.Module,
-    group: CyclicGroup,
+    group: Group | int | str,
     x: torch.Tensor,
     k: int,
     input_regular: bool = False,
@@ -30,9 +30,9 @@ def equivariance_error(
 
     Args:
         module: maps ``x`` to ``(B, C, H, W)`` or ``(B, C)`` (e.g. logits).
-        group: the :class:`~rotconv.CyclicGroup` acting on input and output.
+        group: the group acting on input and output (:class:`~rotconv.CyclicGroup`, :class:`~rotconv.DihedralGroup`).
         x: input, ``(B, C, H, W)``.
-        k: group element (angle ``2*pi*k/N``).
+        k: group element (for C_N the rotation by ``2*pi*k/N``; for D_N see :mod:`rotconv.group`).
         input_regular: whether the input channels are regular fields (else scalars, e.g. RGB).
         output_regular: whether the output channels are regular fields (else scalars/invariant).
         mask: compare only inside the centred disc of the output grid, where a rotation by any angle keeps
@@ -44,8 +44,8 @@ def equivariance_error(
     group = as_group(group)
     input_regular = renamed_flag(input_regular, in_fields, "in_fields", "input_regular", default=False)
     output_regular = renamed_flag(output_regular, out_fields, "out_fields", "output_regular", default=True)
-    expected = group.rotate(module(x), k, regular=output_regular)
-    actual = module(group.rotate(x, k, regular=input_regular))
+    expected = group.act(module(x), k, regular=output_regular)
+    actual = module(group.act(x, k, regular=input_regular))
     if actual.shape != expected.shape:
         raise ValueError(f"module: output shapes differ under rotation: {tuple(actual.shape)} vs {tuple(expected.shape)}")
     if mask is None:

@@ -1,9 +1,14 @@
-"""The cyclic rotation group C_N and its action on feature tensors.
+"""The rotation group C_N, the rotation-and-reflection group D_N, and their action on feature tensors.
 
-Channel layout of a *regular* feature tensor: ``(B, F*N, H, W)``; channel ``f*N + i`` holds rotation ``i``
-of field ``f``. Rotating such a tensor by the group element ``k`` (angle ``2*pi*k/N``, counter-clockwise as
-displayed, i.e. the direction of ``torch.rot90(x, 1, dims=(-2, -1))``) rotates every channel spatially and
-shifts the N channels of every field cyclically by ``k``: new channel ``i`` is old channel ``i - k``.
+Elements are integers ``0 .. order-1``. In C_N element ``k`` is the rotation by ``2*pi*k/N``; in D_N element
+``m*N + k`` is ``R_k F^m``: first the mirror ``F`` (left-right, ``torch.flip(x, dims=(-1,))``) when
+``m = 1``, then the rotation ``R_k``. Rotations are counter-clockwise as displayed (the direction of
+``torch.rot90(x, 1, dims=(-2, -1))``).
+
+Channel layout of a *regular* feature tensor: ``(B, F*|G|, H, W)``; channel ``f*|G| + e`` belongs to element
+``e`` of field ``f`` (for D_N: the N rotations, then the N reflections). Acting with ``g`` transforms every
+channel spatially and permutes each field's channels: new channel ``h`` is old channel ``g^-1 h`` (for C_N a
+cyclic shift by ``k``).
 """
 from __future__ import annotations
 
@@ -14,7 +19,12 @@ import torch.nn.functional as F
 
 from .validation import check_positive_int, renamed_flag
 
-__all__ = ["CyclicGroup", "rotate_image"]
+__all__ = ["Group", "CyclicGroup", "DihedralGroup", "rotate_image", "mirror_image", "as_group"]
+
+
+def mirror_image(x: torch.Tensor) -> torch.Tensor:
+    """Mirror the last dim (left-right): the reflection ``F`` of D_N. Exact on any grid. ``(..., H, W)``."""
+    return torch.flip(x, dims=(-1,))
 
 
 def rotate_image(x: torch.Tensor, angle: float) -> torch.Tensor:
@@ -50,7 +60,94 @@ def rotate_image(x: torch.Tensor, angle: float) -> torch.Tensor:
     return out.reshape(shape)
 
 
-class CyclicGroup:
+class Group:
+    """Common interface of :class:`CyclicGroup` and :class:`DihedralGroup` (finite groups of isometries of the
+    square grid about its centre pixel). Subclasses define ``N`` (rotations), ``order``, :meth:`compose`,
+    :meth:`inverse` and :meth:`decompose`."""
+
+    N: int
+
+    @property
+    def order(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def has_reflections(self) -> bool:
+        return self.order != self.N
+
+    def compose(self, a: int, b: int) -> int:
+        """The element ``a b`` (apply ``b`` first)."""
+        raise NotImplementedError
+
+    def inverse(self, a: int) -> int:
+        raise NotImplementedError
+
+    def decompose(self, element: int) -> tuple[int, int]:
+        """``(k, m)`` with ``element = R_k F^m`` (``m = 0`` in C_N)."""
+        raise NotImplementedError
+
+    def angle(self, k: int) -> float:
+        """The rotation angle of element ``k`` (its rotation part ``R_k``) in radians."""
+        return 2.0 * math.pi * (self.decompose(k % self.order)[0]) / self.N
+
+    def is_exact(self, k: int) -> bool:
+        """Whether element ``k`` maps the pixel grid onto itself (its rotation part is a multiple of 90
+        degrees; mirrors are always exact)."""
+        rotation = self.decompose(k % self.order)[0]
+        return (4 * rotation) % self.N == 0
+
+    def exact_elements(self) -> list[int]:
+        """The elements that are exact symmetries of the grid."""
+        return [k for k in range(self.order) if self.is_exact(k)]
+
+    def permutation(self, g: int) -> torch.Tensor:
+        """``(order,)`` int64: new channel ``h`` of a field acted on by ``g`` is old channel ``permutation[h]``
+        (``= g^-1 h``)."""
+        g_inverse = self.inverse(g % self.order)
+        return torch.tensor([self.compose(g_inverse, h) for h in range(self.order)], dtype=torch.int64)
+
+    def regular_representation(self, k: int) -> torch.Tensor:
+        """The ``order x order`` permutation matrix P with ``(P v)[h] = v[k^-1 h]``."""
+        return torch.eye(self.order)[self.permutation(k)]
+
+    def transform_image(self, x: torch.Tensor, element: int) -> torch.Tensor:
+        """The spatial action of ``element`` on ``(..., H, W)``: mirror (if any), then rotate."""
+        k, m = self.decompose(element % self.order)
+        return rotate_image(mirror_image(x) if m else x, 2.0 * math.pi * k / self.N)
+
+    def act(self, x: torch.Tensor, element: int, regular: bool = True) -> torch.Tensor:
+        """Act with ``element`` on a feature tensor.
+
+        Args:
+            x: ``(B, C, H, W)`` (or ``(B, C)`` with no spatial dims, e.g. pooled features). With
+                ``regular=True`` ``C`` must be a multiple of the group order (regular fields).
+            element: group element (see the module docstring for the numbering).
+            regular: ``True`` for regular fields (spatial transform + permutation of every field's channels),
+                ``False`` for scalar channels (spatial transform only, e.g. RGB).
+        Returns:
+            tensor of the same shape.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("x: expected a tensor of shape (B, C, H, W) or (B, C)")
+        out = self.transform_image(x, element) if x.dim() >= 4 else x
+        if regular:
+            channels = x.shape[1]
+            if channels % self.order != 0:
+                raise ValueError(f"x: with regular=True the channel count must be a multiple of the group order "
+                                 f"{self.order}, got {channels}")
+            shape = out.shape
+            out = out.reshape(shape[0], channels // self.order, self.order, *shape[2:])
+            out = out.index_select(2, self.permutation(element).to(out.device)).reshape(shape)
+        return out
+
+    def rotate(self, x: torch.Tensor, k: int, regular: bool = True, *, fields: bool | None = None) -> torch.Tensor:
+        """Act with the rotation ``R_k`` (angle ``2*pi*k/N``); see :meth:`act`. ``fields``: deprecated name of
+        ``regular``."""
+        regular = renamed_flag(regular, fields, "fields", "regular", default=True)
+        return self.act(x, k % self.N, regular)
+
+
+class CyclicGroup(Group):
     """The rotation group C_N = {rotations by 2*pi*k/N : k = 0..N-1} and its regular representation.
 
     Args:
@@ -71,53 +168,14 @@ class CyclicGroup:
     def order(self) -> int:
         return self.N
 
-    def angle(self, k: int) -> float:
-        """The rotation angle of element ``k`` in radians."""
-        return 2.0 * math.pi * (k % self.N) / self.N
+    def compose(self, a: int, b: int) -> int:
+        return (a + b) % self.N
 
-    def is_exact(self, k: int) -> bool:
-        """Whether element ``k`` is a multiple of 90 degrees (an exact symmetry of the pixel grid)."""
-        return (4 * (k % self.N)) % self.N == 0
+    def inverse(self, a: int) -> int:
+        return (-a) % self.N
 
-    def exact_elements(self) -> list[int]:
-        """The elements that are multiples of 90 degrees."""
-        return [k for k in range(self.N) if self.is_exact(k)]
-
-    def regular_representation(self, k: int) -> torch.Tensor:
-        """The N x N permutation matrix P with ``(P v)[i] = v[i - k]``."""
-        eye = torch.eye(self.N)
-        return torch.roll(eye, shifts=k % self.N, dims=0)
-
-    def rotate(self, x: torch.Tensor, k: int, regular: bool = True, *, fields: bool | None = None) -> torch.Tensor:
-        """Act with element ``k`` on a feature tensor.
-
-        Args:
-            x: ``(B, C, H, W)`` (or ``(B, C)`` with no spatial dims, e.g. pooled features). With
-                ``regular=True`` ``C`` must be a multiple of N (regular fields, layout ``f*N + i``).
-            k: group element; its angle is ``2*pi*k/N`` counter-clockwise.
-            regular: ``True`` for regular fields (spatial rotation + cyclic shift of every field's N
-                channels), ``False`` for scalar channels (spatial rotation only, e.g. RGB).
-            fields: deprecated name of ``regular``.
-        Returns:
-            tensor of the same shape.
-        """
-        regular = renamed_flag(regular, fields, "fields", "regular", default=True)
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError("x: expected a tensor of shape (B, C, H, W) or (B, C)")
-        if x.dim() >= 4:
-            out = rotate_image(x, self.angle(k))
-        else:
-            out = x
-        if regular:
-            channels = x.shape[1]
-            if channels % self.N != 0:
-                raise ValueError(
-                    f"x: with regular=True the channel count must be a multiple of N={self.N}, got {channels}"
-                )
-            shape = out.shape
-            out = out.reshape(shape[0], channels // self.N, self.N, *shape[2:])
-            out = torch.roll(out, shifts=k % self.N, dims=2).reshape(shape)
-        return out
+    def decompose(self, element: int) -> tuple[int, int]:
+        return element % self.N, 0
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CyclicGroup) and other.N == self.N
@@ -128,11 +186,67 @@ class CyclicGroup:
     def __repr__(self) -> str:
         return f"CyclicGroup({self.N})"
 
+    def __str__(self) -> str:
+        return f"C{self.N}"
 
-def as_group(group: CyclicGroup | int, name: str = "group") -> CyclicGroup:
-    """Accept a :class:`CyclicGroup` (or an int N) and validate it."""
-    if isinstance(group, CyclicGroup):
+
+class DihedralGroup(Group):
+    """D_N: the N rotations by ``2*pi*k/N`` and the N reflections ``R_k F`` (``F`` mirrors left-right), order 2N.
+
+    Element ``m*N + k`` is ``R_k F^m``; composition follows ``F R_k = R_{-k} F``. When ``4 | N`` the 8
+    symmetries of the square (D_4 inside D_N) are exact on the pixel grid.
+
+    Example::
+
+        >>> g = DihedralGroup(12)
+        >>> y = g.act(x, 12)              # the mirror F, exact; x is (B, F*24, H, W)
+        >>> y = g.reflect(x)              # the same
+    """
+
+    def __init__(self, N: int) -> None:
+        check_positive_int(N, "N")
+        self.N = N
+
+    @property
+    def order(self) -> int:
+        return 2 * self.N
+
+    def decompose(self, element: int) -> tuple[int, int]:
+        element %= 2 * self.N
+        return element % self.N, element // self.N
+
+    def compose(self, a: int, b: int) -> int:
+        (k1, m1), (k2, m2) = self.decompose(a), self.decompose(b)
+        return ((m1 + m2) % 2) * self.N + (k1 + (-k2 if m1 else k2)) % self.N
+
+    def inverse(self, a: int) -> int:
+        k, m = self.decompose(a)
+        return a % (2 * self.N) if m else (-k) % self.N
+
+    def reflect(self, x: torch.Tensor, regular: bool = True) -> torch.Tensor:
+        """Act with the mirror ``F`` (element N); see :meth:`act`."""
+        return self.act(x, self.N, regular)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DihedralGroup) and other.N == self.N
+
+    def __hash__(self) -> int:
+        return hash(("DihedralGroup", self.N))
+
+    def __repr__(self) -> str:
+        return f"DihedralGroup({self.N})"
+
+    def __str__(self) -> str:
+        return f"D{self.N}"
+
+
+def as_group(group: Group | int | str, name: str = "group") -> Group:
+    """Accept a group, an int N (C_N) or a name such as ``"C12"`` / ``"D12"``, validated."""
+    if isinstance(group, Group):
         return group
     if isinstance(group, int) and not isinstance(group, bool):
         return CyclicGroup(check_positive_int(group, name))
-    raise ValueError(f"{name}: expected a rotconv.CyclicGroup or its order N (an int), got {type(group).__name__}")
+    if isinstance(group, str) and len(group) > 1 and group[0] in "CcDd" and group[1:].isdigit() and int(group[1:]) > 0:
+        return (CyclicGroup if group[0] in "Cc" else DihedralGroup)(int(group[1:]))
+    raise ValueError(f"{name}: expected a rotconv group (CyclicGroup, DihedralGroup), its name ('C12', 'D12') or "
+                     f"the order N of C_N (an int), got {group!r}")

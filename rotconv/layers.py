@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .basis import SteerableBasis, group_basis, steerable_basis
 from .grid import equivariant_padding
-from .group import CyclicGroup, as_group
+from .group import Group, as_group
 from .validation import check_choice, check_positive_int, is_symbolic, shape_of
 
 __all__ = ["SteerableConv2d", "LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d"]
@@ -86,7 +86,7 @@ class SteerableConv2d(nn.Module):
         in_channels: int,
         out_fields: int,
         kernel_size: int,
-        group: CyclicGroup,
+        group: Group,
         stride: int,
         padding: Padding,
         padding_mode: str,
@@ -113,9 +113,9 @@ class SteerableConv2d(nn.Module):
         self.basis = basis
         self.in_channels = in_channels
         self.out_fields = out_fields
-        self.out_channels = out_fields * self.group.N
+        self.out_channels = out_fields * self.group.order
         self.groups = groups
-        rotated = group_basis(basis, self.group.N)  # (Q, B, k, k)
+        rotated = group_basis(basis, self.group.N)  # (Q, B, k, k): the rotations computed by interpolation
         self.register_buffer("rotated_basis", rotated, persistent=False)
         # A constant basis (kernel_size 1) is exactly 1 for every rotation: the coefficients are the filter.
         self._constant_basis = bool(basis.size == 1 and kernel_size == 1 and torch.all(rotated == 1.0))
@@ -169,23 +169,19 @@ class SteerableConv2d(nn.Module):
         channels_last = full.permute(0, 2, 3, 1).reshape(-1).to(dtype) if k > 1 else None
         self.register_buffer("_index_channels_last", channels_last, persistent=False)
 
-    def _complete_quarters(self, first_quarter: torch.Tensor, roll_dim: int | None) -> torch.Tensor:
-        """From filters for rotations ``0..Q-1`` (dim 1) build all N by exact rot90 (+ roll of ``roll_dim``).
-
-        ``first_quarter``: ``(F, Q, ..., k, k)``; returns ``(F, N, ..., k, k)``. Applied once, to positions,
-        when the expansion index is built.
-        """
+    def _element_positions(self, computed: torch.Tensor) -> torch.Tensor:
+        """``T_e Psi`` for every group element ``e``: from positions ``(..., Q, k, k)`` of a filter rotated by
+        the Q computed rotations, positions ``(..., order, k, k)``. When 4 divides N the other rotations are
+        exact ``rot90`` copies of the first quarter; a reflection ``R_k F`` is the mirror of ``R_{-k}``
+        (``F R_{-k} = R_k F``), also exact. Applied once, to positions, when the index is built."""
         N = self.group.N
-        if N % 4 != 0:
-            return first_quarter
-        quarter = N // 4
-        parts = []
-        for q in range(4):
-            part = torch.rot90(first_quarter, q, dims=(-2, -1))
-            if roll_dim is not None and q:
-                part = torch.roll(part, shifts=q * quarter, dims=roll_dim)
-            parts.append(part)
-        return torch.cat(parts, dim=1)
+        # element q*N/4 + r (r < N/4) is rot90^q of the computed rotation r
+        rotations = torch.cat([torch.rot90(computed, q, dims=(-2, -1)) for q in range(4)], dim=-3) \
+            if N % 4 == 0 else computed
+        if not self.group.has_reflections:
+            return rotations
+        mirrored = torch.flip(rotations[..., [(-k) % N for k in range(N)], :, :], dims=(-1,))
+        return torch.cat([rotations, mirrored], dim=-3)
 
     def expand_filter(self, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """The full filter bank ``(out_channels, in_channels // groups, k, k)`` (differentiable), laid out
@@ -208,7 +204,7 @@ class SteerableConv2d(nn.Module):
         """``(out_channels,)``: the field bias repeated over the N rotations, or None."""
         if self.bias is None:
             return None
-        return self.bias.repeat_interleave(self.group.N)
+        return self.bias.repeat_interleave(self.group.order)
 
     def filter(self, memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """The expanded filter; cached in eval mode when no gradient to the coefficients is needed."""
@@ -338,14 +334,15 @@ class LiftingConv2d(SteerableConv2d):
         in_channels: scalar input channels (e.g. 3 for RGB).
         out_fields: regular output fields (``out_fields * N`` channels).
         kernel_size: odd filter size.
-        group: :class:`~rotconv.CyclicGroup`, or its order N.
+        group: :class:`~rotconv.CyclicGroup` or :class:`~rotconv.DihedralGroup`, its name (``"D12"``) or the
+            order N of C_N.
         stride, padding, padding_mode, bias: as :class:`torch.nn.Conv2d`; ``padding='equivariant'`` (default)
             applies the odd-grid stride policy of :mod:`rotconv.grid`.
         basis: a :class:`~rotconv.SteerableBasis` to use instead of the default one.
         device, dtype: where and in which floating type parameters and buffers are made (as torch's layers).
     """
 
-    def __init__(self, in_channels: int, out_fields: int, kernel_size: int, group: CyclicGroup | int, stride: int = 1,
+    def __init__(self, in_channels: int, out_fields: int, kernel_size: int, group: Group | int | str, stride: int = 1,
                  padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
                  basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
         check_positive_int(in_channels, "in_channels")
@@ -354,8 +351,8 @@ class LiftingConv2d(SteerableConv2d):
         self._create_weight((out_fields, in_channels, self.basis_size), device, dtype)
 
     def _place(self, ids: torch.Tensor) -> torch.Tensor:
-        # (F, C, Q, k, k) -> (F, Q, C, k, k) -> all N rotations -> (F*N, C, k, k)
-        full = self._complete_quarters(ids.permute(0, 2, 1, 3, 4), roll_dim=None)
+        # (F, C, Q, k, k) -> T_g Psi for every element g: (F, C, order, k, k) -> (F*order, C, k, k)
+        full = self._element_positions(ids).permute(0, 2, 1, 3, 4)
         return full.reshape(self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
 
 class GroupConv2d(SteerableConv2d):
@@ -372,28 +369,30 @@ class GroupConv2d(SteerableConv2d):
         kernel_size, group, stride, padding, bias, padding_mode, basis, device, dtype: as :class:`LiftingConv2d`.
     """
 
-    def __init__(self, in_fields: int, out_fields: int, kernel_size: int, group: CyclicGroup | int, stride: int = 1,
+    def __init__(self, in_fields: int, out_fields: int, kernel_size: int, group: Group | int | str, stride: int = 1,
                  padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
                  basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
         check_positive_int(in_fields, "in_fields")
         check_positive_int(out_fields, "out_fields")
         group = as_group(group)
-        super().__init__(in_fields * group.N, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1,
-                         basis)
+        super().__init__(in_fields * group.order, out_fields, kernel_size, group, stride, padding, padding_mode, bias,
+                         1, basis)
         self.in_fields = in_fields
-        self._create_weight((out_fields, in_fields, group.N, self.basis_size), device, dtype)
+        self._create_weight((out_fields, in_fields, group.order, self.basis_size), device, dtype)
 
     def _place(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids (Fo, Fi, D, Q, k, k): filter Psi_d rotated by element r. Output rotation r, input rotation j
-        # takes Psi_{(j - r) mod N} rotated by r; the other quarters are exact rot90 copies, rolled along j.
-        N = self.group.N
-        by_rotation = ids.permute(0, 3, 1, 2, 4, 5)  # (Fo, Q, Fi, D, k, k)
-        offsets = [by_rotation[:, r][:, :, (torch.arange(N) - r) % N] for r in range(by_rotation.shape[1])]
-        full = self._complete_quarters(torch.stack(offsets, dim=1), roll_dim=3)  # (Fo, N, Fi, N, k, k)
-        return full.reshape(self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
+        # ids (Fo, Fi, D, Q, k, k): free filter Psi_d (d a group element) rotated by the computed rotations.
+        # Output element g, input element h take T_g Psi_{g^-1 h}.
+        order = self.group.order
+        elements = self._element_positions(ids)  # (Fo, Fi, D, order, k, k): T_e Psi_d
+        g = torch.arange(order).view(-1, 1).expand(order, order)
+        d = torch.stack([self.group.permutation(int(element)) for element in range(order)])  # d[g, h] = g^-1 h
+        full = elements[:, :, d, g]  # (Fo, Fi, g, h, k, k)
+        return full.permute(0, 2, 1, 3, 4, 5).reshape(self.out_channels, self.in_channels, self.kernel_size,
+                                                      self.kernel_size)
 
     def _channel_description(self) -> str:
-        return f"{self.in_channels} channels (in_fields={self.in_fields} x N={self.group.N})"
+        return f"{self.in_channels} channels (in_fields={self.in_fields} x {self.group.order})"
 
     def _in_repr(self) -> str:
         return f"in_fields={self.in_fields}"
@@ -412,23 +411,23 @@ class DepthwiseGroupConv2d(SteerableConv2d):
         kernel_size, group, stride, padding, bias, padding_mode, basis, device, dtype: as :class:`LiftingConv2d`.
     """
 
-    def __init__(self, fields: int, kernel_size: int, group: CyclicGroup | int, stride: int = 1,
+    def __init__(self, fields: int, kernel_size: int, group: Group | int | str, stride: int = 1,
                  padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
                  basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
         check_positive_int(fields, "fields")
         group = as_group(group)
-        channels = fields * group.N
+        channels = fields * group.order
         super().__init__(channels, fields, kernel_size, group, stride, padding, padding_mode, bias, channels, basis)
         self.fields = fields
         self.in_fields = fields
         self._create_weight((fields, self.basis_size), device, dtype)
 
     def _place(self, ids: torch.Tensor) -> torch.Tensor:
-        full = self._complete_quarters(ids, roll_dim=None)  # (F, Q, k, k) -> (F, N, k, k)
+        full = self._element_positions(ids)  # (F, Q, k, k) -> (F, order, k, k)
         return full.reshape(self.out_channels, 1, self.kernel_size, self.kernel_size)
 
     def _channel_description(self) -> str:
-        return f"{self.in_channels} channels (fields={self.fields} x N={self.group.N})"
+        return f"{self.in_channels} channels (fields={self.fields} x {self.group.order})"
 
     def _in_repr(self) -> str:
         return f"fields={self.fields}"

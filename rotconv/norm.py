@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .group import CyclicGroup, as_group
+from .group import Group, as_group
 from .validation import check_positive_int, is_symbolic, shape_of
 
 __all__ = ["GroupBatchNorm2d"]
@@ -13,16 +13,16 @@ __all__ = ["GroupBatchNorm2d"]
 class GroupBatchNorm2d(nn.Module):
     """Batch norm whose statistics and affine parameters are shared by the N channels of a field.
 
-    Sharing over the rotations keeps the layer equivariant (a rotation permutes the N channels of a field,
+    Sharing over the group keeps the layer equivariant (a group element permutes the channels of a field,
     which leaves their joint statistics unchanged). Shapes: ``(B, fields*N, H, W) -> same``.
 
     Args:
         fields: number of regular fields.
-        group: :class:`~rotconv.CyclicGroup`, or its order N.
+        group: a rotconv group (C_N or D_N), its name or the order N of C_N.
         eps, momentum, affine, track_running_stats, device, dtype: as :class:`torch.nn.BatchNorm2d`.
     """
 
-    def __init__(self, fields: int, group: CyclicGroup | int, eps: float = 1e-5, momentum: float | None = 0.1,
+    def __init__(self, fields: int, group: Group | int | str, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -35,22 +35,22 @@ class GroupBatchNorm2d(nn.Module):
 
     @property
     def num_channels(self) -> int:
-        return self.fields * self.group.N
+        return self.fields * self.group.order
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not is_symbolic(x) and (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.num_channels):
             raise ValueError(f"input: GroupBatchNorm2d expects (B, {self.num_channels}, H, W) "
-                             f"(fields={self.fields} x N={self.group.N}), got {shape_of(x)}")
+                             f"(fields={self.fields} x {self.group.order}), got {shape_of(x)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, fields*N, H, W) -> same`` (export to ``nn.BatchNorm2d`` for TorchScript)."""
         self._check_input(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             if self.training and type(self.norm) is nn.BatchNorm1d and self.norm.track_running_stats:
-                return _FieldBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, self.group.N)
+                return _FieldBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, self.group.order)
             # eval, or a converted (cross-process) norm: channels_last memory is (B, H, W, fields, N)
             batch, channels, height, width = x.shape
-            fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, self.group.N)
+            fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, self.group.order)
             return self.norm(fields).view(batch, height, width, channels).permute(0, 3, 1, 2)
         # contiguous memory is (B, fields, N*H*W)
         return self.norm(x.reshape(x.shape[0], self.fields, -1)).view_as(x)
@@ -58,9 +58,12 @@ class GroupBatchNorm2d(nn.Module):
     def export(self) -> nn.BatchNorm2d:
         """A plain ``nn.BatchNorm2d(fields*N)`` with the statistics and parameters repeated per rotation."""
         src = self.norm
+        reference = src.running_mean if src.track_running_stats else src.weight
         bn = nn.BatchNorm2d(self.num_channels, eps=src.eps, momentum=src.momentum, affine=src.affine,
-                            track_running_stats=src.track_running_stats)
-        N = self.group.N
+                            track_running_stats=src.track_running_stats,
+                            device=None if reference is None else reference.device,
+                            dtype=None if reference is None else reference.dtype)
+        N = self.group.order
         with torch.no_grad():
             if src.affine:
                 bn.weight.copy_(src.weight.repeat_interleave(N))
@@ -70,7 +73,7 @@ class GroupBatchNorm2d(nn.Module):
                 bn.running_var.copy_(src.running_var.repeat_interleave(N))
                 bn.num_batches_tracked.copy_(src.num_batches_tracked)
         bn.train(self.training)
-        return bn.to(device=(src.running_mean if src.track_running_stats else src.weight).device)
+        return bn
 
     def extra_repr(self) -> str:
         return f"fields={self.fields}, group={self.group!r}"

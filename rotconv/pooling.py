@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .group import CyclicGroup, as_group
+from .group import Group, as_group
 from .validation import check_choice, check_positive_int, is_symbolic, shape_of
 
 __all__ = ["GroupPool", "CircularMask", "MaskedGlobalAvgPool", "disc_mask"]
@@ -32,17 +32,17 @@ def disc_mask(height: int, width: int, radius: float | None = None, edge_width: 
 
 
 class GroupPool(nn.Module):
-    """Pool each regular field over its N rotations: ``(B, F*N, *spatial) -> (B, F, *spatial)``.
+    """Pool each regular field over its group elements: ``(B, F*|G|, *spatial) -> (B, F, *spatial)``.
 
     The result is invariant under the channel permutation of the group action (so a rotation acts on it as
     on scalar channels). ``mode='max'`` or ``'mean'``.
     """
 
-    def __init__(self, group: CyclicGroup, mode: str = "max") -> None:
+    def __init__(self, group: Group | int | str, mode: str = "max") -> None:
         super().__init__()
         check_choice(mode, "mode", ("max", "mean"))
         self.group = as_group(group)
-        self.order: int = self.group.N
+        self.order: int = self.group.order
         self.mode = mode
 
     @torch.jit.unused

@@ -62,7 +62,7 @@ def test_every_public_name_is_documented_with_its_signature(package):
         exception = inspect.isclass(obj) and issubclass(obj, BaseException)
         if documented and signature is not None:
             assert signature in documented, f"{package}.{name}: docs say {documented}, code says {signature}"
-        elif callable(obj) and not exception:  # functions and classes are shown with their signature
+        elif callable(obj) and not exception and signature != "(*args, **kwargs)":  # shown with their signature
             assert documented, f"{package}.{name}: documented without its signature {signature}"
 
 
