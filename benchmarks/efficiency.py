@@ -38,7 +38,7 @@ __all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve"]
 
 DEFAULT_SIZES = [256, 512, 1024, 2048, 3000]
 QUICK = {"sizes": [16, 32], "seeds": [0], "steps": 4, "evaluations": 2, "batch_size": 8, "width_mult": 0.25,
-         "group_order": 4, "valid_size": 16, "test_size": 16, "stability_samples": 4}
+         "group": ["C4"], "valid_size": 16, "test_size": 16, "stability_samples": 4}
 
 
 def nested_balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimizer steps per run, the same for every size (default 600)")
     parser.add_argument("--evaluations", type=int, help="validations per run (model selection points; default 8)")
     parser.add_argument("--models", nargs="+", choices=pcam.MODELS, default=list(pcam.MODELS))
-    parser.add_argument("--group-order", type=int, help="N of C_N (default 12)")
+    parser.add_argument("--group", nargs="+", help="group(s) of the equivariant model(s), e.g. C12 D12 (default C12)")
     parser.add_argument("--batch-size", type=int, help="default 32")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -88,11 +88,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> dict:
     defaults = {"sizes": DEFAULT_SIZES, "seeds": [0, 1, 2], "steps": 600, "evaluations": 8, "batch_size": 32,
-                "width_mult": 1.0, "group_order": 12, "valid_size": None, "test_size": None, "stability_samples": 128}
+                "width_mult": 1.0, "group": None, "valid_size": None, "test_size": None, "stability_samples": 128}
     if args.quick:
         defaults.update(QUICK)
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()}
-    for key in ("steps", "evaluations", "batch_size", "group_order"):
+    settings["groups"] = pcam.parse_groups(settings.pop("group"))
+    for key in ("steps", "evaluations", "batch_size"):
         if settings[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')}", f"expected an integer >= 1, got {settings[key]}")
     if any(size < 2 for size in settings["sizes"]):
@@ -109,7 +110,7 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse.Namespace, dict]:
     """The arguments benchmarks.pcam.evaluate reads."""
-    namespace = argparse.Namespace(device="cpu", group_order=settings["group_order"], backend=args.backend,
+    namespace = argparse.Namespace(device="cpu", backend=args.backend,
                                    weight_scheme=args.weight_scheme, width_mult=settings["width_mult"],
                                    dropout=args.dropout)
     return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
@@ -128,9 +129,9 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
                          weight_decay=args.weight_decay, seed=seed, precision=args.precision,
                          steps_per_epoch=per_evaluation)
     model = pcam.build_model(name, evaluation_args, seed)
-    identity = {"benchmark": "efficiency", "size": size, "model": name, "group_order": settings["group_order"],
+    identity = {"benchmark": "efficiency", "size": size, "model": name,
                 "width_mult": settings["width_mult"], "normalizer": normalizer.state()}
-    print(f"== size {size}, {pcam.model_label(name, settings['group_order'])}, seed {seed} "
+    print(f"== size {size}, {pcam.model_label(name)}, seed {seed} "
           f"({settings['evaluations']} x {per_evaluation} steps) ==", flush=True)
     started = time.time()
     trained = train(model, train_split, splits["valid"], config, run_dir, preprocess=normalizer,
@@ -156,7 +157,6 @@ def summarize_curve(runs: list[dict]) -> dict:
 
 def format_curve(results: dict) -> str:
     """Markdown table of the curve (rows: sizes)."""
-    group_order = results["settings"]["group_order"]
     lines = []
     if results["synthetic"]:
         lines.append("**SYNTHETIC DATA**: these figures say nothing about PCam; pass --data for real files.")
@@ -164,10 +164,12 @@ def format_curve(results: dict) -> str:
                  f"{results['settings']['batch_size']}), seeds {results['settings']['seeds']}, selection on validation "
                  f"loss; INT8: DFQ on {results['settings']['backend']} kernels.")
     lines.append("")
-    names = [name for name in pcam.MODELS if any(name in models for models in results["curve"].values())]
-    header = " | ".join(f"{pcam.model_label(name, group_order)} FP32 / INT8 (%)" for name in names)
-    lines.append(f"| training patches | {header} |" + (" C_N - conventional FP32 (points) |" if len(names) == 2 else ""))
-    lines.append("|---" * (1 + len(names) + (len(names) == 2)) + "|")
+    names = list(dict.fromkeys(run["model"] for run in results["runs"]))
+    compared = [name for name in names if name != "conventional"] if "conventional" in names else []
+    header = " | ".join(f"{pcam.model_label(name)} FP32 / INT8 (%)" for name in names)
+    gaps = "".join(f" {name} - conventional FP32 (points) |" for name in compared)
+    lines.append(f"| training patches | {header} |{gaps}")
+    lines.append("|---" * (1 + len(names) + len(compared)) + "|")
     for size in sorted(results["curve"], key=int):
         models = results["curve"][size]
         cells = []
@@ -176,10 +178,9 @@ def format_curve(results: dict) -> str:
             cells.append("—" if stats is None else f"{pcam._percent(stats['fp32_accuracy'])} / "
                          f"{pcam._percent(stats['int8_accuracy'])}" + (" (degenerate seeds "
                          f"{stats['degenerate_runs']})" if stats["degenerate_runs"] else ""))
-        difference = ""
-        if len(names) == 2 and all(name in models for name in names):
-            gap = models["equivariant"]["fp32_accuracy"]["mean"] - models["conventional"]["fp32_accuracy"]["mean"]
-            difference = f" {100 * gap:+.2f} |"
+        difference = "".join(
+            f" {100 * (models[name]['fp32_accuracy']['mean'] - models['conventional']['fp32_accuracy']['mean']):+.2f} |"
+            if name in models and "conventional" in models else " — |" for name in compared)
         lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |" + difference)
     return "\n".join(lines)
 
@@ -193,14 +194,14 @@ def plot_curve(results: dict, directory: str) -> str:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     sizes = sorted(results["curve"], key=int)
-    for name in pcam.MODELS:
+    for name in dict.fromkeys(run["model"] for run in results["runs"]):
         for precision, style in (("fp32", "-o"), ("int8", "--s")):
             points = [(int(s), results["curve"][s][name][f"{precision}_accuracy"]) for s in sizes
                       if name in results["curve"][s]]
             if points:
                 axis.errorbar([p[0] for p in points], [100 * p[1]["mean"] for p in points],
                               yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
-                              label=f"{pcam.model_label(name, results['settings']['group_order'])} {precision.upper()}")
+                              label=f"{pcam.model_label(name)} {precision.upper()}")
     axis.set_xscale("log")
     axis.set_xlabel("training patches")
     axis.set_ylabel("test accuracy (%)")
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         for size in settings["sizes"]:
             subset = full_train.subset(full_train.indices[np.sort(order[:size])], preload=True)
             for seed in settings["seeds"]:
-                for name in args.models:
+                for name in pcam.model_names(args.models, settings["groups"]):
                     runs.append(_run_one(size, seed, name, subset, splits, normalizer, args, settings))
         results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
                    "settings": {**settings, "lr": args.lr, "weight_decay": args.weight_decay, "backend": args.backend,

@@ -115,7 +115,7 @@ def load_models(runs: str | None, images: torch.Tensor, seed: int = 0) -> tuple[
     import mobilenet
 
     models, trained = {}, True
-    for name, group in (("equivariant", rotconv.CyclicGroup(12)), ("conventional", None)):
+    for name, group in (("C12", rotconv.CyclicGroup(12)), ("conventional", None)):
         torch.manual_seed(seed)
         model = mobilenet.mobilenet_v2(group=group)
         path = os.path.join(runs, f"{name}-seed{seed}", "model.pt") if runs else None
@@ -140,7 +140,7 @@ def model_sweep(models: dict[str, nn.Module], images: torch.Tensor, degrees: lis
         plain = model.export().eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            int8 = quant.dfq(plain, group=12 if name == "equivariant" else None, mode="int8",
+            int8 = quant.dfq(plain, group=None if name == "conventional" else name, mode="int8",
                              input_range=input_range, backend="x86", weight_scheme="symmetric")
         for precision, network in (("FP32", model.eval()), ("INT8", int8)):
             reference = network(images)

@@ -57,7 +57,22 @@ PROFILES = {
     "paper": {"train_size": None, "valid_size": None, "test_size": None, "epochs": 300, "batch_size": 128,
               "lr": 1e-3, "stability_samples": None, "seeds": [0, 1, 2, 3, 4], "simulated_int8": True},
 }
-MODELS = ("conventional", "equivariant")
+MODELS = ("conventional", "equivariant")  # --models; "equivariant" means one model per --group
+
+
+def model_names(models: list[str], groups: list[str]) -> list[str]:
+    """Result keys of the models a run trains: "conventional" and the name of each group (e.g. "C12")."""
+    return (["conventional"] if "conventional" in models else []) + (list(groups) if "equivariant" in models else [])
+
+
+def group_of(name: str) -> rotconv.Group | None:
+    """The group of the model called ``name`` (None for the conventional one)."""
+    return None if name == "conventional" else rotconv.as_group(name)
+
+
+def paper_figures(name: str) -> dict:
+    """The paper's figures for the model called ``name`` (it reports the conventional model and C_12)."""
+    return PAPER["conventional"] if name == "conventional" else PAPER["equivariant"] if name == "C12" else {}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="directory with the official PCam HDF5 files (default: synthetic data)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="default settings (quick)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--group-order", type=int, default=12, help="N of the rotation group C_N (12)")
+    parser.add_argument("--group", nargs="+", help="group(s) of the equivariant model(s): C4 C8 C12 D4 D8 D12 ... "
+                                                   "(default C12); one model is trained per group")
+    parser.add_argument("--group-order", type=int, help="deprecated: --group CN")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (profile: quick 0; paper 0-4)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
@@ -124,8 +141,7 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("--seeds", f"expected integers >= 0, got {profile['seeds']}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite", "choose one (continue the runs, or replace them)")
-    if args.group_order < 1:
-        raise UsageError("--group-order", f"expected N >= 1, got {args.group_order}")
+    profile["groups"] = parse_groups(args.group, args.group_order)
     if not 0 <= args.dropout < 1:
         raise UsageError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
     if args.width_mult <= 0:
@@ -143,14 +159,31 @@ def _settings(args: argparse.Namespace) -> dict:
     return {**profile, "config": config}
 
 
+def parse_groups(names: list[str] | None, group_order: int | None = None) -> list[str]:
+    """Validated group names (``--group``; ``--group-order N`` is the old spelling of ``--group CN``)."""
+    if names is None:
+        names = [f"C{group_order}"] if group_order is not None else ["C12"]
+    groups = []
+    for name in names:
+        try:
+            group = rotconv.as_group(name)
+        except ValueError:
+            raise UsageError("--group", f"expected names such as C4, C12, D4, D12, got {name!r}") from None
+        if str(group) not in groups:
+            groups.append(str(group))
+    return groups
+
+
 def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.MobileNetV2:
     torch.manual_seed(seed)
-    group = args.group_order if name == "equivariant" else None
-    return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout)
+    return mobilenet.mobilenet_v2(group=group_of(name), width_mult=args.width_mult, dropout=args.dropout)
 
 
-def model_label(name: str, group_order: int) -> str:
-    return "MobileNetV2" if name == "conventional" else f"MobileNetV2, C_{group_order}-equivariant"
+def model_label(name: str) -> str:
+    if name == "conventional":
+        return "MobileNetV2"
+    group = rotconv.as_group(name)
+    return f"MobileNetV2, {str(group)[0]}_{group.N}-equivariant"
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
@@ -220,8 +253,7 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     fp32_accuracy, fp32_degenerate = accuracy(model, test, normalizer, batch, device, "test FP32")
     fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
     plain = model.export().cpu()
-    group = args.group_order if name == "equivariant" else None
-    options = {"group": group, "backend": args.backend, "input_range": normalizer.value_range(),
+    options = {"group": group_of(name), "backend": args.backend, "input_range": normalizer.value_range(),
                "weight_scheme": args.weight_scheme}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
@@ -261,7 +293,7 @@ def _mean_std(values: list[float]) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     summary = {}
-    for name in MODELS:
+    for name in dict.fromkeys(run["model"] for run in runs):
         chosen = [run for run in runs if run["model"] == name]
         if not chosen:
             continue
@@ -299,7 +331,7 @@ def _count(number: int, noun: str) -> str:
 
 def format_table(results: dict) -> str:
     """The Markdown report of a results dict (as written to JSON)."""
-    summary, group_order = results["summary"], results["settings"]["group_order"]
+    summary = results["summary"]
     seeds = results["settings"]["seeds"]
     lines = []
     if results["synthetic"]:
@@ -317,14 +349,14 @@ def format_table(results: dict) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     flagged = []
     for name, stats in summary.items():
-        label = model_label(name, group_order)
+        label = model_label(name)
         if stats.get("degenerate_runs"):
             label += " **(degenerate runs, see below)**"
-            flagged += [f"{model_label(name, group_order)}, {text}" for text in stats["degenerate_runs"]]
+            flagged += [f"{model_label(name)}, {text}" for text in stats["degenerate_runs"]]
         lines.append(
             f"| {label} | {_percent(stats['fp32_accuracy'])} | "
             f"{_percent(stats['int8_accuracy'])} | {_percent(stats['relative_drop'])} | "
-            f"{_paper(PAPER[name]['fp32'])} | {_paper(PAPER[name]['int8'])} | {stats['params']:,} | "
+            f"{_paper(paper_figures(name).get('fp32'))} | {_paper(paper_figures(name).get('int8'))} | {stats['params']:,} | "
             f"{stats['macs'] / 1e6:.1f} M | {stats['int8_bytes'] / 2**20:.2f} MiB "
             f"({stats['fp32_bytes'] / stats['int8_bytes']:.1f}x smaller) | "
             f"{_percent(stats['stability_90_fp32'])} / {_percent(stats['stability_90_int8'])} | "
@@ -378,10 +410,10 @@ def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: a
     splits = data["splits"]
     run_dir = os.path.join(args.runs, f"{name}-seed{seed}")
     config = replace(settings["config"], seed=seed)
-    identity = {"model": name, "group_order": args.group_order, "width_mult": args.width_mult,
+    identity = {"model": name, "width_mult": args.width_mult,
                 "dropout": args.dropout, "data": data["fingerprint"],  # content, not path, identifies a run
                 "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
-    log(f"== {model_label(name, args.group_order)}, seed {seed} ==")
+    log(f"== {model_label(name)}, seed {seed} ==")
     started = time.time()
     trained = train(build_model(name, args, seed), splits["train"], splits["valid"], config, run_dir,
                     preprocess=normalizer, resume=args.resume, overwrite=args.overwrite, device=device,
@@ -410,7 +442,7 @@ def _report(args: argparse.Namespace, settings: dict, data: dict, label: str, sy
         "data": label,
         "data_sizes": {split: len(splits[split]) for split in splits},
         "profile": args.profile,
-        "settings": {"group_order": args.group_order, "seeds": settings["seeds"], "epochs": config.epochs,
+        "settings": {"groups": settings["groups"], "seeds": settings["seeds"], "epochs": config.epochs,
                      "batch_size": config.batch_size, "lr": config.lr, "weight_decay": config.weight_decay,
                      "optimizer": config.optimizer, "schedule": config.schedule, "augment": config.augment,
                      "precision": resolve_precision(config.precision, args.device, lambda *a, **k: None),
@@ -436,7 +468,7 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
     normalizer = Normalizer.fit(data["splits"]["train"])
     data["fingerprint"] = data_fingerprint(data["directory"])
     runs = [_train_one(name, seed, data, normalizer, args, settings, processes, device, log)
-            for name in args.models for seed in settings["seeds"]]
+            for name in model_names(args.models, settings["groups"]) for seed in settings["seeds"]]
     if not processes.main:
         return None
     results = _report(args, settings, data, label, synthetic, runs, processes)

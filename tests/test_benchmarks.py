@@ -31,10 +31,10 @@ def test_sweep_angles_and_layer_curves(sweep):
 def test_sweep_models_int8_exact_at_quarter_turns(sweep):
     quarter = [i for i, d in enumerate(sweep["degrees"]) if d % 90 == 0]
     models = sweep["models"]
-    assert set(models) == {"equivariant FP32", "equivariant INT8", "conventional FP32", "conventional INT8"}
-    assert all(models["equivariant INT8"]["logit_error"][i] == 0.0 for i in quarter)
-    assert all(models["equivariant FP32"]["logit_error"][i] < 1e-5 for i in quarter)
-    assert all(models["equivariant FP32"]["stability"][i] == 1.0 for i in quarter)
+    assert set(models) == {"C12 FP32", "C12 INT8", "conventional FP32", "conventional INT8"}
+    assert all(models["C12 INT8"]["logit_error"][i] == 0.0 for i in quarter)
+    assert all(models["C12 FP32"]["logit_error"][i] < 1e-5 for i in quarter)
+    assert all(models["C12 FP32"]["stability"][i] == 1.0 for i in quarter)
     assert max(models["conventional FP32"]["logit_error"][i] for i in quarter) > 1e-3
     table = equivariance.format_sweep(sweep)
     assert "RANDOM weights" in table and "90°" in table

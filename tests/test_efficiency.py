@@ -32,7 +32,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert set(results["curve"]) == {"16", "32"}
     for size, models in results["curve"].items():
-        assert set(models) == {"conventional", "equivariant"}
+        assert set(models) == {"conventional", "C4"}
         for stats in models.values():
             assert 0.0 <= stats["fp32_accuracy"]["mean"] <= 1.0 and 0.0 <= stats["int8_accuracy"]["mean"] <= 1.0
     steps = {run["steps"] for run in results["runs"]}
@@ -41,7 +41,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     assert "| 16 |" in results["table"] and "| 32 |" in results["table"]
     # a resumed run reuses every finished result (nothing retrains) and reports the same numbers
     before = {(r["size"], r["model"]): r["fp32_accuracy"] for r in results["runs"]}
-    os.remove(runs / "size32-equivariant-seed0" / "result.json")  # as if killed after training, before the result
+    os.remove(runs / "size32-C4-seed0" / "result.json")  # as if killed after training, before the result
     capsys.readouterr()
     assert efficiency.main(arguments + ["--resume"]) == 0
     printed = capsys.readouterr().out

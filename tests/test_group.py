@@ -61,5 +61,5 @@ def test_bad_group_order(N):
 
 
 def test_rotate_rejects_non_field_channels():
-    with pytest.raises(ValueError, match="multiple of N=4"):
+    with pytest.raises(ValueError, match="multiple of the group order 4"):
         rotconv.CyclicGroup(4).rotate(torch.randn(1, 6, 5, 5), 1)

@@ -230,7 +230,7 @@ def test_group_batch_norm_shares_statistics_within_fields():
     (lambda: rotconv.DepthwiseGroupConv2d(2, 3, rotconv.CyclicGroup(4), stride=0), "stride"),
     (lambda: rotconv.GroupConv2d(2, 2, 3, rotconv.CyclicGroup(4), padding="same"), "padding"),
     (lambda: rotconv.GroupConv2d(2, 2, 3, rotconv.CyclicGroup(4), padding_mode="mirror"), "padding_mode"),
-    (lambda: rotconv.GroupConv2d(2, 2, 3, "C4"), "group"),
+    (lambda: rotconv.GroupConv2d(2, 2, 3, "P4"), "group"),
     (lambda: rotconv.GroupPool(rotconv.CyclicGroup(4), mode="median"), "mode"),
     (lambda: rotconv.GroupBatchNorm2d(0, rotconv.CyclicGroup(4)), "fields"),
     (lambda: rotconv.CircularMask(0), "size"),

@@ -119,7 +119,7 @@ def test_wrong_inputs_raise(models, shape, message):
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(input_size=96), "input_size"), (dict(num_classes=0), "num_classes"),
-    (dict(activation="gelu"), "activation"), (dict(group="C12"), "group"), (dict(group=0), "group"),
+    (dict(activation="gelu"), "activation"), (dict(group="P4M"), "group"), (dict(group=0), "group"),
     (dict(width_mult=0), "width_mult"),
 ])
 def test_bad_arguments(kwargs, name):

@@ -26,7 +26,7 @@ from mobilenet.distributed import Distributed
 from mobilenet.training import Progress, TrainConfig, _train_batches, _train_epoch
 
 SIZES = {"train": 32, "valid": 16, "test": 16}
-TINY = ["--width-mult", "0.25", "--group-order", "4", "--batch-size", "16", "--stability-samples", "4",
+TINY = ["--width-mult", "0.25", "--group", "C4", "--batch-size", "16", "--stability-samples", "4",
         "--threads", "1", "--epochs", "1", "--models", "conventional"]
 
 
