@@ -233,7 +233,12 @@ class SteerableConv2d(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._cache = None  # .to(), .half(), .cuda(): the cached tensors belong to the old ones
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        # The coefficients are not an image: .to(memory_format=torch.channels_last) would give the 4-D ones a
+        # strided layout that makes every expansion copy them and the optimizer's updates slow.
+        if not self.weight.is_contiguous():
+            self.weight.data = self.weight.data.contiguous()
+        return result
 
     # -- padding -------------------------------------------------------------------------------------
     def output_size(self, input_size: int) -> int:

@@ -355,3 +355,15 @@ def test_factory_arguments_set_dtype_like_torch_layers(build):
     for (name, a), (_, b) in zip(made.state_dict().items(), cast.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert all(p.dtype == torch.float64 for p in made.parameters())
+
+
+def test_channels_last_model_keeps_coefficients_contiguous():
+    # .to(memory_format=channels_last) is for images; the 4-D coefficient tensor of GroupConv2d must stay
+    # contiguous (else every expansion copies it and the optimizer runs on strided tensors), same outputs.
+    torch.manual_seed(0)
+    layer = rotconv.GroupConv2d(2, 3, 5, 4)
+    x = torch.randn(2, 8, 11, 11)
+    expected = layer(x)
+    layer.to(memory_format=torch.channels_last)
+    assert layer.weight.is_contiguous()
+    assert torch.allclose(layer(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-6)
