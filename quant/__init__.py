@@ -9,11 +9,14 @@ Steps (:mod:`quant.transforms`): :func:`fold_batchnorm`, :func:`replace_relu6`, 
 (:mod:`quant.plan` chooses the quantization points, :mod:`quant.int8` builds the int8 network,
 :mod:`quant.arithmetic` holds the scale/zero-point rules, :mod:`quant.registry` what quant knows about
 other modules). Patterns it cannot quantize correctly raise ValueError naming the node.
+:func:`to_executorch` writes the same data-free INT8 model as an ExecuTorch/XNNPACK program (optional extra
+``rotconv[deploy]``).
 """
 from .arithmetic import (REDUCED_RANGE_BACKENDS, WEIGHT_SCHEMES, fake_quantize_tensor, fake_quantize_weight,
                          quantization_parameters, weight_bits_for, weight_quantization_parameters)
+from .executorch import ExecuTorchModel, load_executorch, to_executorch
 from .int8 import BACKENDS, Int8Model, convert_int8
-from .pipeline import MODES, dfq, quantize
+from .pipeline import MODES, dfq, prepare, quantize
 from .plan import FakeQuantize, QuantPlan, plan_quantization, simulate
 from .registry import ModuleRule, register_module
 from .transforms import absorb_high_bias, correct_bias, equalize, fold_batchnorm, replace_relu6
@@ -22,4 +25,4 @@ __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "c
            "plan_quantization", "simulate", "convert_int8", "Int8Model", "QuantPlan", "FakeQuantize",
            "fake_quantize_tensor", "fake_quantize_weight", "quantization_parameters", "weight_quantization_parameters",
            "weight_bits_for", "register_module", "ModuleRule", "BACKENDS", "MODES", "WEIGHT_SCHEMES",
-           "REDUCED_RANGE_BACKENDS"]
+           "REDUCED_RANGE_BACKENDS", "prepare", "to_executorch", "load_executorch", "ExecuTorchModel"]

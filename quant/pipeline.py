@@ -15,7 +15,7 @@ from .int8 import BACKENDS, Int8Model, convert_int8
 from .plan import FakeQuantize, plan_quantization, simulate
 from .transforms import absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, replace_relu6
 
-__all__ = ["quantize", "dfq", "MODES"]
+__all__ = ["quantize", "dfq", "prepare", "MODES"]
 
 MODES = ("simulated", "int8")
 
@@ -66,19 +66,28 @@ def _check_float_model(model: nn.Module) -> None:
                              "quantized")
 
 
-def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *, fields: int | None = None,
-        **quantize_kwargs) -> nn.Module:
-    """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: an int N or a
-    rotconv group, as the network was built with), absorb high biases, correct biases, quantize
-    (``quantize_kwargs`` go to :func:`quantize`). ``fields=N`` is the deprecated old name of ``group``."""
+def prepare(model: nn.Module, group: object = None, bias_correction: bool = True, weight_bits: int = 8,
+            weight_scheme: str = "asymmetric", reduce_range: bool = False, *, fields: int | None = None
+            ) -> fx.GraphModule:
+    """The data-free steps before quantization: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``),
+    absorb high biases, and (``bias_correction``) correct biases for the given weight quantization."""
     _check_float_model(model)
-    size = field_size(group, fields, caller="dfq", stacklevel=3)
+    size = field_size(group, fields, caller="dfq", stacklevel=4)
     prepared: fx.GraphModule = fold_batchnorm(model)
     prepared = replace_relu6(prepared)
     prepared = equalize(prepared, group=size)
     prepared = absorb_high_bias(prepared)
     if bias_correction:
-        prepared = correct_bias(prepared, quantize_kwargs.get("weight_bits", 8),
-                                quantize_kwargs.get("weight_scheme", "asymmetric"),
-                                reduce_range=reduces_range(quantize_kwargs.get("backend", "x86")))
+        prepared = correct_bias(prepared, weight_bits, weight_scheme, reduce_range=reduce_range)
+    return prepared
+
+
+def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *, fields: int | None = None,
+        **quantize_kwargs) -> nn.Module:
+    """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: a rotconv group,
+    its name or N, as the network was built with), absorb high biases, correct biases, quantize
+    (``quantize_kwargs`` go to :func:`quantize`). ``fields=N`` is the deprecated old name of ``group``."""
+    prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
+                       quantize_kwargs.get("weight_scheme", "asymmetric"),
+                       reduces_range(quantize_kwargs.get("backend", "x86")), fields=fields)
     return quantize(prepared, **quantize_kwargs)

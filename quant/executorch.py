@@ -1,0 +1,250 @@
+"""On-device INT8: the DFQ model as an ExecuTorch program for XNNPACK (a ``.pte`` file).
+
+The float network goes through the same data-free pipeline as :func:`quant.dfq` (BN folding, ReLU6 -> ReLU,
+field-shared equalization, high-bias absorption, bias correction), then through torchao's PT2E flow with
+XNNPACK's quantizer (per-tensor symmetric int8 weights, int8 activations) restricted to convolutions and
+residual adds, and every activation observer is given the range of the project's own
+:class:`~quant.plan.QuantPlan` (data-free: from the BN statistics and the input range; no calibration data
+needed). The result is lowered to XNNPACK and written as a ``.pte`` program. ``mode="simulated"`` with the
+same options describes it (``quant.dfq(model, group, mode="simulated", backend="qnnpack",
+weight_scheme="symmetric")``: 8-bit activations and weights everywhere, as XNNPACK).
+
+Needs the optional extra: ``pip install 'rotconv[deploy]'`` (executorch, which brings torchao).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from mobilenet.files import atomic_write
+
+from .pipeline import _check_float_model, prepare
+from .plan import QuantPlan, plan_quantization
+
+__all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "DEPLOY_EXTRA"]
+
+DEPLOY_EXTRA = "pip install 'rotconv[deploy]'  (executorch==1.5.1)"
+
+
+def _require_executorch():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                                 get_symmetric_quantization_config)
+            from executorch.exir import to_edge_transform_and_lower
+            from torchao.quantization.pt2e.observer import MinMaxObserver
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError as error:
+        raise ImportError(f"quant.to_executorch needs ExecuTorch, which is an optional extra: {DEPLOY_EXTRA} "
+                          f"({error})") from None
+    return {"XnnpackPartitioner": XnnpackPartitioner, "XNNPACKQuantizer": XNNPACKQuantizer,
+            "get_symmetric_quantization_config": get_symmetric_quantization_config,
+            "to_edge_transform_and_lower": to_edge_transform_and_lower, "MinMaxObserver": MinMaxObserver,
+            "convert_pt2e": convert_pt2e, "prepare_pt2e": prepare_pt2e}
+
+
+class _PlanRanges:
+    """The plan's ranges by what the exported graph can see: a conv's weight name, and the order of adds."""
+
+    def __init__(self, plan: QuantPlan) -> None:
+        self.plan = plan
+        self.conv_input: dict[str, tuple[float, float]] = {}
+        self.conv_output: dict[str, tuple[float, float]] = {}
+        self.adds: list[tuple[float, float]] = []
+        graph_module = plan.graph_module
+        for node in graph_module.graph.nodes:
+            if node.op == "call_module" and isinstance(graph_module.get_submodule(node.target), nn.Conv2d):
+                self.conv_input[node.target] = plan.points[node.args[0].name]
+                self.conv_output[node.target] = plan.points[plan.fused.get(node.name, node.name)]
+            elif node.name in plan.points and node.name not in plan.inputs and node.op != "call_module":
+                self.adds.append(plan.points[node.name])
+
+
+def _conv_name(node: fx.Node) -> str:
+    """The module name of an exported conv node, from its weight's attribute name (``features.0.0.weight``)."""
+    weight = node.args[1]
+    while weight.op == "call_module":  # the weight's observer
+        weight = weight.args[0]
+    return weight.target.rsplit(".", 1)[0]
+
+
+def _range_of(observer_node: fx.Node, ranges: _PlanRanges, add_index: list[int]) -> tuple[float, float] | None:
+    conv2d, relu, add = torch.ops.aten.conv2d.default, torch.ops.aten.relu.default, torch.ops.aten.add.Tensor
+    source = observer_node.args[0]
+    if source.op == "call_function" and source.target is relu and source.args[0].target is conv2d:
+        return ranges.conv_output[_conv_name(source.args[0])]
+    if source.op == "call_function" and source.target is conv2d:
+        return ranges.conv_output[_conv_name(source)]
+    if source.op == "call_function" and source.target is add:
+        add_index[0] += 1
+        return ranges.adds[add_index[0] - 1]
+    for user in observer_node.users:
+        if user.op == "call_function" and user.target is conv2d and user.args[0] is observer_node:
+            return ranges.conv_input[_conv_name(user)]
+    return None
+
+
+def _impose_plan(observed: fx.GraphModule, plan: QuantPlan, minmax_type: type, calibrated: bool) -> None:
+    """Replace every activation observer by a min/max observer holding the plan's range for that value."""
+    ranges = _PlanRanges(plan)
+    add_index = [0]
+    for node in list(observed.graph.nodes):
+        if node.op != "call_module" or "activation_post_process" not in node.target:
+            continue
+        observer = observed.get_submodule(node.target)
+        if node.args[0].op == "get_attr":  # a weight or constant: its own values were observed
+            continue
+        value_range = _range_of(node, ranges, add_index)
+        if value_range is None:
+            if calibrated:
+                continue
+            raise ValueError(f"model: the XNNPACK quantizer observes {node.args[0].name}, which the data-free plan "
+                             "has no range for; pass calibration batches")
+        fixed = minmax_type(dtype=observer.dtype, qscheme=observer.qscheme, quant_min=observer.quant_min,
+                            quant_max=observer.quant_max, eps=getattr(observer, "eps", torch.finfo(torch.float32).eps))
+        fixed(torch.tensor(value_range, dtype=torch.float32))
+        observed.set_submodule(node.target, fixed)
+
+
+class _ExactMaskedGlobalAvgPool(nn.Module):
+    """:class:`rotconv.MaskedGlobalAvgPool` on a dequantized int8 map, summed exactly (so a rotated map gives
+    the same bits): ``x / scale`` recovers the integers ``q - z``, the weights are integers (multiples of
+    ``2**-24``), and their products summed in float64 are exact whatever the order. ``(B, C, H, W) -> (B, C)``."""
+
+    WEIGHT_BITS = 24
+
+    def __init__(self, pool: nn.Module, scale: float) -> None:
+        super().__init__()
+        if pool.size is None:
+            raise ValueError("model: ExecuTorch export needs MaskedGlobalAvgPool(size=...) (fixed input size)")
+        self.register_buffer("integer_weights", torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        integers = torch.round(x.double() / self.scale)
+        total = (integers * self.integer_weights).sum(dim=(-2, -1))
+        return (total * (self.scale / 2**self.WEIGHT_BITS)).float()
+
+
+def _exact_pooling(plan: QuantPlan) -> fx.GraphModule:
+    """A copy of the plan's network whose masked average pools, where they read a quantized value, sum exactly."""
+    import copy
+
+    import rotconv
+
+    graph_module = copy.deepcopy(plan.graph_module)
+    for node in graph_module.graph.nodes:
+        module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, rotconv.MaskedGlobalAvgPool) and node.args[0].name in plan.points:
+            scale = plan.activation_qparams(node.args[0].name)[0]
+            graph_module.set_submodule(node.target, _ExactMaskedGlobalAvgPool(module, scale))
+    graph_module.recompile()
+    return graph_module
+
+
+def _example(model: nn.Module, example_input: torch.Tensor | None, batch: int) -> torch.Tensor:
+    if example_input is not None:
+        if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+            raise ValueError("example_input: expected a (B, C, H, W) tensor")
+        return example_input
+    size = getattr(model, "input_size", None)
+    if size is None:
+        raise ValueError("example_input: the model has no input_size attribute; pass an example input")
+    return torch.zeros(batch, 3, size, size)
+
+
+def to_executorch(model: nn.Module, path: str, group: object = None, example_batch: int = 1,
+                  example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
+                  calibration: Iterable | None = None, bias_correction: bool = True) -> str:
+    """Quantize ``model`` (a float plain network, e.g. ``model.export()``) data-free and write it to ``path``
+    as an ExecuTorch program for XNNPACK; returns ``path``.
+
+    Args:
+        model: the float network (batch norms unfolded, as trained).
+        path: the ``.pte`` file to write (atomically).
+        group: the model's group (as everywhere: a group, its name or N), for field-shared equalization.
+        example_batch: the program's batch size (its input shape is fixed; :class:`ExecuTorchModel` splits
+            other batches into programs' batches). Ignored with ``example_input``.
+        example_input: an input of the right shape (default: zeros of ``model.input_size``).
+        input_range: the range of the network input (the data-free range of the first activation).
+        calibration: optional batches to measure ranges instead.
+    """
+    api = _require_executorch()
+    _check_float_model(model)
+    example = _example(model, example_input, example_batch)
+    prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False)
+    plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(_exact_pooling(plan).eval(), (example,)).module()
+        config = api["get_symmetric_quantization_config"](is_per_channel=False)
+        quantizer = api["XNNPACKQuantizer"]()
+        quantizer.set_operator_type(torch.ops.aten.conv2d.default, config)
+        quantizer.set_operator_type(torch.ops.aten.add.Tensor, config)
+        observed = api["prepare_pt2e"](exported, quantizer)
+        with torch.no_grad():
+            observed(example)  # weights and constants observe themselves
+            for batch in calibration or []:
+                observed(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        _impose_plan(observed, plan, api["MinMaxObserver"], calibration is not None)
+        converted = api["convert_pt2e"](observed)
+        program = api["to_edge_transform_and_lower"](torch.export.export(converted, (example,)),
+                                                     partitioner=[api["XnnpackPartitioner"]()]).to_executorch()
+    atomic_write(path, lambda handle: handle.write(program.buffer))
+    return path
+
+
+class ExecuTorchModel(nn.Module):
+    """A ``.pte`` program as a module: float ``(B, C, H, W)`` in, logits out, any batch size (split into the
+    program's fixed batch, the last one padded with zeros). Runs in the ExecuTorch runtime (XNNPACK)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        api_error = None
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as error:
+            api_error = error
+        if api_error is not None:
+            raise ImportError(f"quant.load_executorch needs ExecuTorch: {DEPLOY_EXTRA}") from None
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: program file not found")
+        try:
+            self.program = Runtime.get().load_program(path)
+            self.method = self.program.load_method("forward")
+        except Exception as error:  # the runtime raises RuntimeError/ValueError for a bad file
+            raise ValueError(f"{path}: not a loadable ExecuTorch program ({type(error).__name__})") from None
+        meta = self.method.metadata.input_tensor_meta(0)
+        self.input_shape = tuple(meta.sizes())
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.input_shape[1:]:
+            raise ValueError(f"input: the program expects (B, {', '.join(map(str, self.input_shape[1:]))}), got "
+                             f"{tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("input: contains NaN or infinite values")
+        batch = self.input_shape[0]
+        outputs = []
+        for start in range(0, x.shape[0], batch):
+            chunk = x[start:start + batch].float().contiguous()
+            count = chunk.shape[0]
+            if count < batch:
+                chunk = torch.cat([chunk, chunk.new_zeros(batch - count, *chunk.shape[1:])])
+            outputs.append(self.method.execute([chunk])[0][:count])
+        return torch.cat(outputs)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, input_shape={self.input_shape}"
+
+
+def load_executorch(path: str) -> ExecuTorchModel:
+    """The program written by :func:`to_executorch`, as a callable module."""
+    return ExecuTorchModel(path)

@@ -1,0 +1,100 @@
+"""quant.to_executorch: the data-free INT8 model as an ExecuTorch/XNNPACK program (optional extra)."""
+import builtins
+import importlib.util
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mobilenet
+import quant
+import rotconv
+
+if importlib.util.find_spec("executorch") is None:
+    pytest.skip("executorch is not installed (optional extra: pip install 'rotconv[deploy]')", allow_module_level=True)
+
+
+def _random_model(group: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = mobilenet.mobilenet_v2(group=group, width_mult=0.35)
+    with torch.no_grad():
+        model.classifier[1].weight.normal_()
+    return rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95)).export().eval()
+
+
+@pytest.mark.parametrize("group", ["C4", "C12"])
+def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, tmp_path):
+    # The int8 feature maps of a rotated input are the rotated maps (rot90-exact filters, per-tensor scales);
+    # the masked average pool sums integers exactly in float64, so even the float head gives identical bits.
+    # Inputs 3x wider than the declared range saturate the first quantizer: still exact.
+    path = quant.to_executorch(_random_model(group), str(tmp_path / "model.pte"), group=group, example_batch=2)
+    program = quant.load_executorch(path)
+    g = rotconv.as_group(group)
+    x = torch.randn(3, 3, 95, 95, generator=torch.Generator().manual_seed(1))  # 3 = one full batch + a padded one
+    for scale in (1.0, 3.0):
+        logits = program(scale * x)
+        assert logits.shape == (3, 2)
+        for element in g.exact_elements():
+            assert torch.equal(program(g.act(scale * x, element, regular=False)), logits), (scale, element)
+
+
+class _Shallow(nn.Module):
+    """Two conv-BN-ReLU layers, masked pooling, linear: too shallow to amplify one-step differences."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_size = 15
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = rotconv.MaskedGlobalAvgPool(size=15)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)))
+
+
+def test_program_matches_the_simulation(tmp_path):
+    # The simulated model (8-bit activations and symmetric weights everywhere, as XNNPACK) describes the
+    # program: same data-free ranges; only the int32 rounding of biases and the requantization differ, a
+    # fraction of a quantization step per layer, so the logits agree to ~1% of their size.
+    torch.manual_seed(0)
+    model = rotconv.randomize_batchnorm(_Shallow(), torch.randn(64, 3, 15, 15), bias=(-0.3, 0.5))
+    path = quant.to_executorch(model, str(tmp_path / "shallow.pte"), example_batch=4)
+    program = quant.load_executorch(path)
+    simulated = quant.dfq(model, mode="simulated", backend="qnnpack", weight_scheme="symmetric")
+    x = torch.randn(16, 3, 15, 15)
+    with torch.no_grad():
+        expected = simulated(x)
+    actual = program(x)
+    assert ((actual - expected).norm() / expected.norm()).item() < 0.02
+    assert (actual.argmax(1) == expected.argmax(1)).float().mean().item() >= 0.9
+
+
+def test_bad_inputs_and_files(tmp_path):
+    torch.manual_seed(0)
+    model = rotconv.randomize_batchnorm(_Shallow(), torch.randn(16, 3, 15, 15))
+    program = quant.load_executorch(quant.to_executorch(model, str(tmp_path / "m.pte")))
+    with pytest.raises(ValueError, match="input"):
+        program(torch.zeros(1, 3, 17, 17))
+    with pytest.raises(ValueError, match="NaN"):
+        program(torch.full((1, 3, 15, 15), float("nan")))
+    with pytest.raises(ValueError, match="not found"):
+        quant.load_executorch(str(tmp_path / "missing.pte"))
+    junk = tmp_path / "junk.pte"
+    junk.write_bytes(b"not a program")
+    with pytest.raises(ValueError, match="junk.pte"):
+        quant.load_executorch(str(junk))
+
+
+def test_missing_extra_is_named(monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def no_executorch(name, *args, **kwargs):
+        if name.startswith("executorch"):
+            raise ImportError("No module named 'executorch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_executorch)
+    with pytest.raises(ImportError, match=r"rotconv\[deploy\]"):
+        quant.to_executorch(nn.Sequential(), str(tmp_path / "m.pte"))
