@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 import mobilenet
-from mobilenet.files import OutputError, RunLock, check_writable, write_json
-from mobilenet.pcam import Normalizer, PCam, PCamError, open_pcam
-from mobilenet.training import PRECISIONS, DivergedError, TrainConfig, UsageError, train
+from mobilenet.files import RunLock, check_writable, write_json
+from mobilenet.pcam import Normalizer, PCam, open_pcam
+from mobilenet.training import PRECISIONS, TrainConfig, UsageError, train
 
 from . import pcam
 from .synthetic import write_synthetic_pcam
@@ -253,19 +253,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except (PCamError, UsageError, OutputError) as error:
-        print(f"error: {pcam.command_line_message(error)}", file=sys.stderr)
-        return 2
-    except DivergedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return pcam.exit_code(run, _parser().parse_args(argv), "finished runs are kept; continue with --resume")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -102,7 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stability-samples", type=int, help="test patches used for rotation stability")
     parser.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV2 width multiplier (1.0)")
     parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
+    parser.add_argument("--int8-backend", choices=("torch-ao", "executorch"), default="torch-ao",
+                        help="where the INT8 model runs: torch.ao's int8 kernels (default) or an ExecuTorch XNNPACK "
+                             "program (RUNS/<model>-seed<k>/model.pte; needs rotconv[deploy])")
     parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric",
                         help="INT8 per-tensor weights: symmetric (default: fbgemm's fast depthwise kernels, "
                              "bit-exact rotations on x86) or asymmetric (DFQ's choice)")
@@ -243,8 +247,22 @@ def stability(model: nn.Module, split: PCam, normalizer: Normalizer, count: int,
             "correct_90": float((quarter == labels).all(0).mean()), "correct_30": float((predicted == labels).all(0).mean())}
 
 
+def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argparse.Namespace, batch: int,
+                artifact_dir: str | None) -> tuple[nn.Module, int, str]:
+    """The INT8 model on the chosen backend, its serialised size and a label."""
+    options = {"group": group_of(name), "input_range": normalizer.value_range()}
+    if getattr(args, "int8_backend", "torch-ao") == "executorch":
+        directory = artifact_dir or tempfile.mkdtemp(prefix="rotconv-pte-")
+        path = quant.to_executorch(plain, os.path.join(directory, "model.pte"), example_batch=batch, **options)
+        return quant.load_executorch(path), os.path.getsize(path), "ExecuTorch XNNPACK"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+        int8 = quant.dfq(plain, mode="int8", backend=args.backend, weight_scheme=args.weight_scheme, **options)
+    return int8, serialized_bytes(int8), args.backend
+
+
 def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], normalizer: Normalizer,
-             args: argparse.Namespace, settings: dict, log) -> dict:
+             args: argparse.Namespace, settings: dict, log, artifact_dir: str | None = None) -> dict:
     """FP32 and INT8 test accuracy, rotation stability, size and cost of a trained model."""
     device, batch = args.device, 128
     test = splits["test"]
@@ -255,10 +273,8 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     plain = model.export().cpu()
     options = {"group": group_of(name), "backend": args.backend, "input_range": normalizer.value_range(),
                "weight_scheme": args.weight_scheme}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
-        int8 = quant.dfq(plain, mode="int8", **options)
-    int8_accuracy, int8_degenerate = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({args.backend})")
+    int8, int8_bytes, int8_label = _int8_model(name, plain, normalizer, args, batch, artifact_dir)
+    int8_accuracy, int8_degenerate = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({int8_label})")
     simulated_accuracy = None
     if settings["simulated_int8"]:
         simulated = quant.dfq(plain, mode="simulated", **options)
@@ -278,7 +294,7 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
         "exported_params": counts.exported_params,
         "macs": counts.macs,
         "fp32_bytes": serialized_bytes(plain),
-        "int8_bytes": serialized_bytes(int8),
+        "int8_bytes": int8_bytes,
         "stability": {"fp32": fp32_stability, "int8": int8_stability, "samples": count},
         "degenerate": {"fp32": fp32_degenerate, "int8": int8_degenerate},
     }
@@ -325,6 +341,10 @@ def _paper(values: tuple[float, float | None] | None) -> str:
     return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
+def _int8_scheme(settings: dict) -> str:
+    return "symmetric" if settings.get("int8_backend") == "executorch" else settings["weight_scheme"]
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
@@ -340,8 +360,9 @@ def format_table(results: dict) -> str:
     sizes = results["data_sizes"]
     lines.append(f"Data: {results['data']} (train {sizes['train']:,} / valid {sizes['valid']:,} / test "
                  f"{sizes['test']:,} patches); {_count(results['settings']['epochs'], 'epoch')}; seeds {seeds}; "
-                 f"INT8: DFQ, {results['settings']['weight_scheme']} per-tensor weights, on "
-                 f"{results['settings']['backend']} int8 kernels.")
+                 f"INT8: DFQ, {_int8_scheme(results['settings'])} per-tensor weights, on "
+                 + ("an ExecuTorch XNNPACK program (.pte)." if results["settings"].get("int8_backend") == "executorch"
+                    else f"{results['settings']['backend']} int8 kernels."))
     lines.append("")
     lines.append("| model | FP32 test acc (%) | INT8 test acc (%) | relative drop (%) | paper FP32 | paper INT8 "
                  "| params | MACs | INT8 size | stable 4x90° FP32 / INT8 (%) | correct under 4x90° FP32 / INT8 (%) "
@@ -427,7 +448,7 @@ def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: a
     mobilenet.save(best, model_file, normalizer, metadata={"model": name, "seed": seed,
                                                            "best_epoch": trained["best_epoch"]})
     log(f"model written to {model_file}")
-    result = evaluate(name, best.to(device), splits, normalizer, args, settings, log)
+    result = evaluate(name, best.to(device), splits, normalizer, args, settings, log, artifact_dir=run_dir)
     return {"model": name, "seed": seed, **result, "best_epoch": trained["best_epoch"],
             "best_valid_loss": trained["best_valid_loss"], "history": trained["history"],
             "train_seconds": train_seconds}
@@ -448,6 +469,7 @@ def _report(args: argparse.Namespace, settings: dict, data: dict, label: str, sy
                      "precision": resolve_precision(config.precision, args.device, lambda *a, **k: None),
                      "channels_last": config.channels_last,
                      "width_mult": args.width_mult, "dropout": args.dropout, "backend": args.backend,
+                     "int8_backend": args.int8_backend,
                      "weight_scheme": args.weight_scheme,
                      "stability_samples": settings["stability_samples"], "processes": processes.world_size,
                      "device": args.device, "threads": torch.get_num_threads()},
@@ -495,8 +517,9 @@ def command_line_message(error: Exception) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def exit_code(run, args: argparse.Namespace, interrupted: str) -> int:
+    """Run ``run(args)`` as a command: 0 done, 2 bad options/data/outputs (one line naming the culprit),
+    3 diverged, 130 interrupted (``interrupted`` says what is kept)."""
     try:
         run(args)
     except (PCamError, UsageError, OutputError) as error:
@@ -506,12 +529,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted: finished epochs are in the checkpoints; continue with --resume", file=sys.stderr)
+        print(f"interrupted: {interrupted}", file=sys.stderr)
         return 130
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return exit_code(run, _parser().parse_args(argv),
+                     "finished epochs are in the checkpoints; continue with --resume")
 
 
 if __name__ == "__main__":

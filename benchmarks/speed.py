@@ -14,10 +14,12 @@ batch 1 and 32, serialised size.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 import warnings
@@ -158,6 +160,17 @@ def model_benchmarks(repeats: int, backend: str) -> dict:
             result[key] = compare(_inference(network, x), _inference(exported, x), repeats * (4 if batch == 1 else 1))
             print(f"  INT8 ({scheme} weights) / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
     result["size"] = {"fp32_bytes": serialized_bytes(exported), "int8_bytes": serialized_bytes(int8["symmetric"])}
+    if importlib.util.find_spec("executorch") is not None:  # the optional rotconv[deploy] extra
+        with tempfile.TemporaryDirectory() as directory:
+            for batch, x in ((1, x1), (32, x32)):
+                path = quant.to_executorch(exported, os.path.join(directory, f"b{batch}.pte"), group=12,
+                                           example_batch=batch)
+                program = quant.load_executorch(path)
+                key = f"executorch_vs_fp32_b{batch}"
+                result[key] = compare(_inference(program, x), _inference(exported, x),
+                                      repeats * (4 if batch == 1 else 1))
+                result["size"]["pte_bytes"] = os.path.getsize(path)
+                print(f"  ExecuTorch .pte / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
     result["macs"] = {"conventional": mobilenet.summary(conventional).macs, "equivariant": mobilenet.summary(equivariant).macs}
     return result
 
@@ -214,13 +227,18 @@ def format_tables(results: dict) -> str:
               ("exported_inference_b32", "exported C_12 vs conventional, inference, batch 32"),
               *[(f"int8_{scheme}_vs_fp32_b{batch}",
                  f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported C_12, batch {batch}")
-                for scheme in ("symmetric", "asymmetric") for batch in (1, 32)]]
+                for scheme in ("symmetric", "asymmetric") for batch in (1, 32)],
+              *[(f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported C_12, batch {batch}")
+                for batch in (1, 32) if f"executorch_vs_fp32_b{batch}" in models]]
     for key, label in labels:
         row = models[key]
         lines.append(f"| {label} | {1e3 * row['first_s']:.1f} vs {1e3 * row['second_s']:.1f} ms | {row['ratio']:.3f}x |")
     size = models["size"]
     lines.append(f"| INT8 vs FP32 size (serialised state dict) | {size['int8_bytes'] / 2**20:.2f} vs "
                  f"{size['fp32_bytes'] / 2**20:.2f} MiB | {size['int8_bytes'] / size['fp32_bytes']:.3f}x |")
+    if "pte_bytes" in size:
+        lines.append(f"| ExecuTorch .pte vs FP32 size | {size['pte_bytes'] / 2**20:.2f} vs {size['fp32_bytes'] / 2**20:.2f} "
+                     f"MiB | {size['pte_bytes'] / size['fp32_bytes']:.3f}x |")
     rows = results.get("training", [])
     if rows:
         base = {name: rows[0][f"{name}_patches_per_s"] for name in ("conventional", "equivariant")}

@@ -117,63 +117,39 @@ class _ExactMaskedGlobalAvgPool(nn.Module):
     """:class:`rotconv.MaskedGlobalAvgPool` on a dequantized int8 map, summed exactly, so that a rotated map
     gives the same bits: ``round(x / scale)`` recovers the integers ``q - z`` (|q - z| <= 255), the pooling
     weights are rounded to integers ``W`` (multiples of ``2**-15``, summing to about ``2**15``), and the
-    weighted sum is a depthwise convolution whose every partial sum is an integer below ``255 * 2**15 <
-    2**24``: exact in float32 in any order (so XNNPACK runs it, fast). ``(B, C, H, W) -> (B, C)``."""
+    products are averaged (a global average pool, which XNNPACK runs): every partial sum is an integer below
+    ``255 * 2**15 < 2**24``, exact in float32 in any order, then one deterministic division.
+    ``(B, C, H, W) -> (B, C)``."""
 
     WEIGHT_BITS = 15
 
-    def __init__(self, pool: nn.Module, scale: float, channels: int) -> None:
+    def __init__(self, pool: nn.Module, scale: float) -> None:
         super().__init__()
         if pool.size is None:
             raise ValueError("model: ExecuTorch export needs MaskedGlobalAvgPool(size=...) (fixed input size)")
-        weights = torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS).float()
-        self.register_buffer("kernel", weights.expand(channels, 1, *weights.shape).contiguous())
-        self.scale, self.channels = scale, channels
+        self.register_buffer("integer_weights", torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS).float())
+        self.scale = scale
+        self.factor = scale * pool.pool_weights.numel() / 2**self.WEIGHT_BITS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         integers = torch.round(x * (1.0 / self.scale))
-        total = nn.functional.conv2d(integers, self.kernel, groups=self.channels)
-        return total.flatten(1) * (self.scale / 2**self.WEIGHT_BITS)
+        return (integers * self.integer_weights).mean(dim=(-2, -1), keepdim=True).flatten(1) * self.factor
 
 
-def _exact_pooling(plan: QuantPlan, example: torch.Tensor) -> fx.GraphModule:
+def _exact_pooling(plan: QuantPlan) -> fx.GraphModule:
     """A copy of the plan's network whose masked average pools, where they read a quantized value, sum exactly."""
     import copy
 
     import rotconv
 
     graph_module = copy.deepcopy(plan.graph_module)
-    channels = {}
-
-    def record(name):
-        def hook(module, inputs):
-            channels[name] = inputs[0].shape[1]  # returns None: the input is left as it is
-        return hook
-
-    pools = [(node, graph_module.get_submodule(node.target)) for node in graph_module.graph.nodes
-             if node.op == "call_module" and isinstance(graph_module.get_submodule(node.target), rotconv.MaskedGlobalAvgPool)
-             and node.args[0].name in plan.points]
-    hooks = [module.register_forward_pre_hook(record(node.target)) for node, module in pools]
-    with torch.no_grad():
-        graph_module(example)
-    for hook in hooks:
-        hook.remove()
-    for node, module in pools:
-        scale = plan.activation_qparams(node.args[0].name)[0]
-        graph_module.set_submodule(node.target, _ExactMaskedGlobalAvgPool(module, scale, channels[node.target]))
+    for node in graph_module.graph.nodes:
+        module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, rotconv.MaskedGlobalAvgPool) and node.args[0].name in plan.points:
+            scale = plan.activation_qparams(node.args[0].name)[0]
+            graph_module.set_submodule(node.target, _ExactMaskedGlobalAvgPool(module, scale))
     graph_module.recompile()
     return graph_module
-
-
-def _not_in(pool_names: list[str]):
-    """A quantizer filter that leaves the convolutions of the exact pools alone (recognised by their kernel)."""
-    def keep(node: fx.Node) -> bool:
-        if node.op == "call_function" and node.target is torch.ops.aten.conv2d.default:
-            weight = node.args[1]
-            if weight.op == "get_attr" and weight.target.rsplit(".", 1)[0] in pool_names:
-                return False
-        return True
-    return keep
 
 
 def _example(model: nn.Module, example_input: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -210,14 +186,11 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
     plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pooled = _exact_pooling(plan, example).eval()
-        exact_pools = [name for name, module in pooled.named_modules() if isinstance(module, _ExactMaskedGlobalAvgPool)]
-        exported = torch.export.export(pooled, (example,)).module()
+        exported = torch.export.export(_exact_pooling(plan).eval(), (example,)).module()
         config = api["get_symmetric_quantization_config"](is_per_channel=False)
         quantizer = api["XNNPACKQuantizer"]()
         quantizer.set_operator_type(torch.ops.aten.conv2d.default, config)
         quantizer.set_operator_type(torch.ops.aten.add.Tensor, config)
-        quantizer.filter_fn = _not_in(exact_pools)  # the exact integer pools stay float (exact sums there)
         observed = api["prepare_pt2e"](exported, quantizer)
         with torch.no_grad():
             observed(example)  # weights and constants observe themselves

@@ -66,10 +66,24 @@ class Group:
     :meth:`inverse` and :meth:`decompose`."""
 
     N: int
+    #: the letter of the group's name ("C12", "D12")
+    letter = "?"
 
     @property
     def order(self) -> int:
         raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.N == self.N
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.N))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.N})"
+
+    def __str__(self) -> str:
+        return f"{self.letter}{self.N}"
 
     @property
     def has_reflections(self) -> bool:
@@ -160,9 +174,10 @@ class CyclicGroup(Group):
         >>> y = g.rotate(x, 3)            # 90 degrees, exact; x is (B, F*12, H, W)
     """
 
+    letter = "C"
+
     def __init__(self, N: int) -> None:
-        check_positive_int(N, "N")
-        self.N = N
+        self.N = check_positive_int(N, "N")
 
     @property
     def order(self) -> int:
@@ -177,17 +192,6 @@ class CyclicGroup(Group):
     def decompose(self, element: int) -> tuple[int, int]:
         return element % self.N, 0
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CyclicGroup) and other.N == self.N
-
-    def __hash__(self) -> int:
-        return hash(("CyclicGroup", self.N))
-
-    def __repr__(self) -> str:
-        return f"CyclicGroup({self.N})"
-
-    def __str__(self) -> str:
-        return f"C{self.N}"
 
 
 class DihedralGroup(Group):
@@ -203,9 +207,10 @@ class DihedralGroup(Group):
         >>> y = g.reflect(x)              # the same
     """
 
+    letter = "D"
+
     def __init__(self, N: int) -> None:
-        check_positive_int(N, "N")
-        self.N = N
+        self.N = check_positive_int(N, "N")
 
     @property
     def order(self) -> int:
@@ -227,17 +232,6 @@ class DihedralGroup(Group):
         """Act with the mirror ``F`` (element N); see :meth:`act`."""
         return self.act(x, self.N, regular)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DihedralGroup) and other.N == self.N
-
-    def __hash__(self) -> int:
-        return hash(("DihedralGroup", self.N))
-
-    def __repr__(self) -> str:
-        return f"DihedralGroup({self.N})"
-
-    def __str__(self) -> str:
-        return f"D{self.N}"
 
 
 def as_group(group: Group | int | str, name: str = "group") -> Group:
