@@ -5,7 +5,7 @@ FP32.
 
 Every comparison runs its two candidates interleaved in one process (A, B, A, B, ...) after warm-up and
 reports the median time of each and the median of the per-pair ratios, so drifts of the machine's speed
-affect both alike. Layers (C_12, batch 32, 47x47): a train step (forward + backward of a mean-square loss,
+affect both alike. ``--group`` picks the group (default C12; e.g. D12). Layers (C_12, batch 32, 47x47): a train step (forward + backward of a mean-square loss,
 filter expansion from the coefficients included) and an eval forward (expanded filter cached) against
 ``nn.Conv2d`` with the same channel counts. Models (95x95): conventional vs C_12 MobileNetV2 (train step,
 inference), the exported C_12 network vs the conventional one, INT8 (DFQ, real int8 kernels) vs FP32 at
@@ -101,8 +101,13 @@ def layer_cases(group: rotconv.CyclicGroup, quick: bool) -> dict[str, nn.Module]
     }
 
 
-def layer_benchmarks(quick: bool, repeats: int, batch: int = 32, size: int = 47) -> list[dict]:
-    group = rotconv.CyclicGroup(12)
+def _name(group: str) -> str:
+    """'C12' -> 'C_12' (as the tables write groups)."""
+    return f"{group[0]}_{group[1:]}"
+
+
+def layer_benchmarks(quick: bool, repeats: int, batch: int = 32, size: int = 47, group: str = "C12") -> list[dict]:
+    group = rotconv.as_group(group)
     rows = []
     for name, layer in layer_cases(group, quick).items():
         plain = _plain_twin(layer)
@@ -135,15 +140,15 @@ def construction_cost(fields: int = 32, kernel_size: int = 5, N: int = 12) -> di
             "filter_expansion_s": expansion}
 
 
-def model_benchmarks(repeats: int, backend: str) -> dict:
+def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
     torch.manual_seed(0)
     images = torch.randn(8, 3, 95, 95)
     conventional = untrained_but_generic(mobilenet.mobilenet_v2(), images)
-    equivariant = untrained_but_generic(mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(12)), images)
+    equivariant = untrained_but_generic(mobilenet.mobilenet_v2(group=group), images)
     exported = equivariant.export().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        int8 = {scheme: quant.dfq(exported, group=12, mode="int8", backend=backend, weight_scheme=scheme)
+        int8 = {scheme: quant.dfq(exported, group=group, mode="int8", backend=backend, weight_scheme=scheme)
                 for scheme in ("symmetric", "asymmetric")}
     result: dict = {}
     x32 = torch.randn(32, 3, 95, 95)
@@ -163,7 +168,7 @@ def model_benchmarks(repeats: int, backend: str) -> dict:
     if importlib.util.find_spec("executorch") is not None:  # the optional rotconv[deploy] extra
         with tempfile.TemporaryDirectory() as directory:
             for batch, x in ((1, x1), (32, x32)):
-                path = quant.to_executorch(exported, os.path.join(directory, f"b{batch}.pte"), group=12,
+                path = quant.to_executorch(exported, os.path.join(directory, f"b{batch}.pte"), group=group,
                                            example_batch=batch)
                 program = quant.load_executorch(path)
                 key = f"executorch_vs_fp32_b{batch}"
@@ -178,7 +183,7 @@ def model_benchmarks(repeats: int, backend: str) -> dict:
 TRAINING_SETTINGS = (("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True))
 
 
-def training_throughput(repeats: int, batch: int = 32) -> list[dict]:
+def training_throughput(repeats: int, batch: int = 32, group: str = "C12") -> list[dict]:
     """Training throughput (patches/s) of both MobileNetV2s with the trainer's step (Adam, cross-entropy) in each
     precision x memory layout, interleaved per setting; bf16 rows only where the CPU has bf16 kernels."""
     torch.manual_seed(0)
@@ -190,8 +195,8 @@ def training_throughput(repeats: int, batch: int = 32) -> list[dict]:
             continue
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         steps = []
-        for group in (rotconv.CyclicGroup(12), None):
-            model = mobilenet.mobilenet_v2(group=group).to(memory_format=memory_format).train()
+        for model_group in (group, None):
+            model = mobilenet.mobilenet_v2(group=model_group).to(memory_format=memory_format).train()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             inputs = x.contiguous(memory_format=memory_format)
             steps.append(lambda m=model, o=optimizer, i=inputs: training_step(m, o, i, labels, precision))
@@ -200,15 +205,16 @@ def training_throughput(repeats: int, batch: int = 32) -> list[dict]:
                      "equivariant_patches_per_s": batch / timing["first_s"],
                      "conventional_patches_per_s": batch / timing["second_s"], "ratio": timing["ratio"],
                      "timing": timing})
-        print(f"  training {precision}{' channels_last' if channels_last else ''}: C_12 / conventional "
+        print(f"  training {precision}{' channels_last' if channels_last else ''}: {_name(group)} / conventional "
               f"{timing['ratio']:.3f}x", file=sys.stderr)
     return rows
 
 
 def format_tables(results: dict) -> str:
+    g = _name(results.get("group", "C12"))
     lines = [f"Machine: {results['machine']}, {results['threads']} threads, torch {results['torch']}; "
              "time ratios are medians of interleaved pairs (lower is faster for rotconv).", "",
-             "| layer (C_12, batch 32, 47x47) | channels | train step vs nn.Conv2d | eval forward vs nn.Conv2d |",
+             f"| layer ({g}, batch 32, 47x47) | channels | train step vs nn.Conv2d | eval forward vs nn.Conv2d |",
              "|---|---|---|---|"]
     for row in results["layers"]:
         lines.append(f"| {row['layer']} | {row['channels']} | {row['train']['ratio']:.3f}x "
@@ -222,13 +228,13 @@ def format_tables(results: dict) -> str:
               f"expansion {1e3 * built['filter_expansion_s']:.1f} ms.", ""]
     models = results["models"]
     lines += ["| MobileNetV2 at 95x95 | time | ratio |", "|---|---|---|"]
-    labels = [("train_step_b32", "C_12 vs conventional, train step, batch 32"),
-              ("inference_b32", "C_12 vs conventional, inference, batch 32"),
-              ("exported_inference_b32", "exported C_12 vs conventional, inference, batch 32"),
+    labels = [("train_step_b32", f"{g} vs conventional, train step, batch 32"),
+              ("inference_b32", f"{g} vs conventional, inference, batch 32"),
+              ("exported_inference_b32", f"exported {g} vs conventional, inference, batch 32"),
               *[(f"int8_{scheme}_vs_fp32_b{batch}",
-                 f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported C_12, batch {batch}")
+                 f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported {g}, batch {batch}")
                 for scheme in ("symmetric", "asymmetric") for batch in (1, 32)],
-              *[(f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported C_12, batch {batch}")
+              *[(f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported {g}, batch {batch}")
                 for batch in (1, 32) if f"executorch_vs_fp32_b{batch}" in models]]
     for key, label in labels:
         row = models[key]
@@ -242,8 +248,8 @@ def format_tables(results: dict) -> str:
     rows = results.get("training", [])
     if rows:
         base = {name: rows[0][f"{name}_patches_per_s"] for name in ("conventional", "equivariant")}
-        lines += ["", "| training step (Adam, batch 32, 95x95) | conventional patches/s | C_12 patches/s | "
-                      "C_12 / conventional time | speed-up vs fp32 contiguous (conv. / C_12) |", "|---|---|---|---|---|"]
+        lines += ["", f"| training step (Adam, batch 32, 95x95) | conventional patches/s | {g} patches/s | "
+                      f"{g} / conventional time | speed-up vs fp32 contiguous (conv. / {g}) |", "|---|---|---|---|---|"]
         for row in rows:
             label = f"{row['precision']}, {'channels_last' if row['channels_last'] else 'contiguous'}"
             lines.append(f"| {label} | {row['conventional_patches_per_s']:.1f} | {row['equivariant_patches_per_s']:.1f} | "
@@ -260,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="timed pairs per comparison (default 7, quick 5)")
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
     parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--group", default="C12", help="group of the equivariant layers and model (C12, D12, ...)")
     args = parser.parse_args(argv)
+    try:
+        args.group = str(rotconv.as_group(args.group))
+    except ValueError as error:
+        parser.error(f"--group: {error}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads: expected >= 1")
@@ -271,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     print("layers ...", file=sys.stderr)
     results = {"machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "backend": args.backend,
-               "quick": args.quick, "layers": layer_benchmarks(args.quick, repeats),
+               "quick": args.quick, "group": args.group, "layers": layer_benchmarks(args.quick, repeats, group=args.group),
                "construction": construction_cost()}
     print("models ...", file=sys.stderr)
-    results["models"] = model_benchmarks(max(3, repeats // 2) if args.quick else repeats, args.backend)
+    results["models"] = model_benchmarks(max(3, repeats // 2) if args.quick else repeats, args.backend, args.group)
     print("training throughput ...", file=sys.stderr)
-    results["training"] = training_throughput(max(3, repeats // 2) if args.quick else repeats)
+    results["training"] = training_throughput(max(3, repeats // 2) if args.quick else repeats, group=args.group)
     results["table"] = format_tables(results)
     print(results["table"])
     if args.out:
