@@ -90,9 +90,9 @@ def layer_types(group: rotconv.CyclicGroup, seed: int) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def layer_sweep(inputs: dict[str, torch.Tensor], degrees: list[float], seed: int = 0) -> dict:
+def layer_sweep(inputs: dict[str, torch.Tensor], degrees: list[float], seed: int = 0, group: str = "C12") -> dict:
     """Relative error of every layer type per angle, for every input family (float64)."""
-    group = rotconv.CyclicGroup(12)
+    group = rotconv.as_group(group)
     results: dict = {}
     for name, layer in layer_types(group, seed).items():
         layer = layer.double().eval()
@@ -110,12 +110,14 @@ def layer_sweep(inputs: dict[str, torch.Tensor], degrees: list[float], seed: int
     return results
 
 
-def load_models(runs: str | None, images: torch.Tensor, seed: int = 0) -> tuple[dict[str, nn.Module], bool]:
-    """Conventional and C_12 MobileNetV2: best weights from ``runs`` where there, else random + calibrated BN."""
+def load_models(runs: str | None, images: torch.Tensor, seed: int = 0,
+                groups: tuple[str, ...] = ("C12",)) -> tuple[dict[str, nn.Module], bool]:
+    """Conventional and equivariant MobileNetV2s (one per group): best weights from ``runs`` where there, else
+    random + calibrated BN."""
     import mobilenet
 
     models, trained = {}, True
-    for name, group in (("C12", rotconv.CyclicGroup(12)), ("conventional", None)):
+    for name, group in [(g, rotconv.as_group(g)) for g in groups] + [("conventional", None)]:
         torch.manual_seed(seed)
         model = mobilenet.mobilenet_v2(group=group)
         path = os.path.join(runs, f"{name}-seed{seed}", "model.pt") if runs else None
@@ -210,7 +212,7 @@ def plot(results: dict, directory: str) -> list[str]:
     return written
 
 
-def sweep(step: float, patches: int, data: str | None, runs: str | None) -> dict:
+def sweep(step: float, patches: int, data: str | None, runs: str | None, groups: tuple[str, ...] = ("C12",)) -> dict:
     degrees = angles_degrees(step)
     images, source, input_range = patch_inputs(patches, data)
     smooth = rotconv.smooth_noise(4, 3, 33, 2.0, 0)
@@ -219,18 +221,19 @@ def sweep(step: float, patches: int, data: str | None, runs: str | None) -> dict
     patches_label = "PCam patches" if data else "PCam-like patches (synthetic)"
     layers = layer_sweep({"smooth noise": smooth,
                           patches_label: (images[:4, :, centre:centre + 33, centre:centre + 33].double()
-                                          * rotconv.disc_mask(33, 33, dtype=torch.float64))}, degrees)
+                                          * rotconv.disc_mask(33, 33, dtype=torch.float64))}, degrees, group=groups[0])
     print("models ...", file=sys.stderr)
-    models, trained = load_models(runs, images)
-    return {"degrees": degrees, "inputs": source, "trained_models": trained, "layers": layers,
+    models, trained = load_models(runs, images, groups=groups)
+    return {"degrees": degrees, "inputs": source, "trained_models": trained, "layers": layers, "groups": list(groups),
             "models": model_sweep(models, images, degrees, input_range)}
 
 
 def format_sweep(results: dict) -> str:
     degrees = results["degrees"]
+    group = (results.get("groups") or ["C12"])[0]
     shown = [d for d in (5, 30, 45, 90, 135, 180) if d in degrees]
     lines = [f"Inputs: {results['inputs']}; models {'trained (from --runs)' if results['trained_models'] else 'with RANDOM weights'}.",
-             "", "| layer type (C_12, float64) | input | " + " | ".join(f"{d:g}°" for d in shown) + " | mean |",
+             "", f"| layer type ({group[0]}_{group[1:]}, float64) | input | " + " | ".join(f"{d:g}°" for d in shown) + " | mean |",
              "|---|---|" + "---|" * (len(shown) + 1)]
     for name, families in results["layers"].items():
         for family, errors in families.items():
@@ -258,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", help="benchmarks.pcam checkpoint directory with trained models (e.g. runs/pcam)")
     parser.add_argument("--plots", help="directory for PNG plots (needs matplotlib)")
     parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--group", nargs="+", default=["C12"], help="group(s) of the equivariant models (C12 D12 ...)")
     args = parser.parse_args(argv)
+    try:
+        args.group = [str(rotconv.as_group(name)) for name in args.group]
+    except ValueError as error:
+        parser.error(f"--group: {error}")
     if args.seeds < 1:
         parser.error("--seeds: expected at least 1")
     if not 0 < args.step <= 360 or abs(360 / args.step - round(360 / args.step)) > 1e-9:
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     if not args.stack:
         step, patches = (15.0, 8) if args.quick else (args.step, args.patches)
-        results = sweep(step, patches, args.data, args.runs)
+        results = sweep(step, patches, args.data, args.runs, tuple(args.group))
         results["table"] = format_sweep(results)
         print(results["table"])
         if args.plots:
