@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import mobilenet
+import rotconv
 from mobilenet.files import RunLock, check_writable, write_json
 from mobilenet.pcam import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, train
@@ -53,6 +54,37 @@ def nested_balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.concatenate([pairs, rest]).astype(np.int64)
 
 
+def parse_learning_rates(values: list[str], names: list[str]) -> dict[str, float]:
+    """``["3e-3"]`` (every model) or ``["conventional=3e-3", "C12=1e-2"]`` -> {model name: learning rate}."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError("--lr", f"expected a number or MODEL=NUMBER, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError("--lr", f"expected a finite positive number, got {text}")
+        return value
+
+    if len(values) == 1 and "=" not in values[0]:
+        return {name: number(values[0]) for name in names}
+    rates = {}
+    for item in values:
+        name, separator, text = item.partition("=")
+        if not separator:
+            raise UsageError("--lr", f"give one number, or MODEL=NUMBER for every model; got {values}")
+        try:
+            key = name if name == "conventional" else str(rotconv.as_group(name))
+        except ValueError:
+            key = name
+        if key not in names:
+            raise UsageError("--lr", f"{name!r} is not a model of this run (models: {', '.join(names)})")
+        rates[key] = number(text)
+    missing = [name for name in names if name not in rates]
+    if missing:
+        raise UsageError("--lr", f"no learning rate for {', '.join(missing)}")
+    return rates
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.efficiency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", choices=pcam.MODELS, default=list(pcam.MODELS))
     parser.add_argument("--group", nargs="+", help="group(s) of the equivariant model(s), e.g. C12 D12 (default C12)")
     parser.add_argument("--batch-size", type=int, help="default 32")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", nargs="+", default=["1e-3"], metavar="LR",
+                        help="peak learning rate of every model (1e-3), or per model: conventional=3e-3 C12=1e-2")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--width-mult", type=float, help="default 1.0")
     parser.add_argument("--dropout", type=float, default=0.2)
@@ -80,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--out", help="JSON file (default RUNS/efficiency.json)")
     parser.add_argument("--plots", help="directory for the PNG curve (needs matplotlib)")
+    parser.add_argument("--valid-only", action="store_true",
+                        help="recipe studies: report the best validation accuracy and loss; the test split is not read")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests (seconds)")
     parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
                                                                 "synthetic-pcam"))
@@ -100,8 +135,7 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("--sizes", f"expected sizes >= 2, got {settings['sizes']}")
     if any(seed < 0 for seed in settings["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {settings['seeds']}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UsageError("--lr", f"expected a finite positive number, got {args.lr}")
+    settings["lr"] = parse_learning_rates(args.lr, pcam.model_names(args.models, settings["groups"]))
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite", "choose one")
     settings["sizes"] = sorted(set(settings["sizes"]))
@@ -118,14 +152,14 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
 
 def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, normalizer: Normalizer,
              args: argparse.Namespace, settings: dict) -> dict:
-    run_dir = os.path.join(args.runs, f"size{size}-{name}-seed{seed}")
-    result_path = os.path.join(run_dir, "result.json")
+    run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}-seed{seed}")
+    result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
     if args.resume and os.path.exists(result_path):
         with open(result_path) as handle:
             return json.load(handle)
     evaluation_args, evaluation_settings = _evaluation_args(args, settings)
     per_evaluation = math.ceil(settings["steps"] / settings["evaluations"])
-    config = TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=args.lr,
+    config = TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=settings["lr"][name],
                          weight_decay=args.weight_decay, seed=seed, precision=args.precision,
                          steps_per_epoch=per_evaluation)
     model = pcam.build_model(name, evaluation_args, seed)
@@ -136,8 +170,13 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
     started = time.time()
     trained = train(model, train_split, splits["valid"], config, run_dir, preprocess=normalizer,
                     resume=args.resume, overwrite=args.overwrite, log=print)
-    model.load_state_dict(trained["best_state"])
-    result = pcam.evaluate(name, model, splits, normalizer, evaluation_args, evaluation_settings, print)
+    if args.valid_only:
+        best = next(entry for entry in trained["history"] if entry["epoch"] == trained["best_epoch"])
+        result = {"valid_accuracy": best["valid_accuracy"], "valid_loss": best["valid_loss"],
+                  "lr": config.lr, "degenerate": {"fp32": None}}
+    else:
+        model.load_state_dict(trained["best_state"])
+        result = pcam.evaluate(name, model, splits, normalizer, evaluation_args, evaluation_settings, print)
     result.update({"size": size, "seed": seed, "model": name, "steps": settings["evaluations"] * per_evaluation,
                    "best_epoch": trained["best_epoch"], "history": trained["history"],
                    "train_seconds": time.time() - started})
@@ -146,40 +185,57 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
 
 
 def summarize_curve(runs: list[dict]) -> dict:
-    """mean ± std per (size, model) of FP32/INT8 accuracy."""
+    """mean ± std per (size, model) of FP32/INT8 test accuracy (validation accuracy and loss for --valid-only)."""
     curve: dict = {}
     for run in runs:
         curve.setdefault(str(run["size"]), {}).setdefault(run["model"], []).append(run)
-    return {size: {name: {key: pcam._mean_std([r[key] for r in chosen]) for key in ("fp32_accuracy", "int8_accuracy")}
+    return {size: {name: {key: pcam._mean_std([r[key] for r in chosen]) for key in _FIGURES[_mode(chosen)]}
                    | {"degenerate_runs": [r["seed"] for r in chosen if r["degenerate"]["fp32"]]}
                    for name, chosen in models.items()} for size, models in curve.items()}
 
 
+_FIGURES = {"test": ("fp32_accuracy", "int8_accuracy"), "valid": ("valid_accuracy", "valid_loss")}
+
+
+def _mode(runs: list[dict]) -> str:
+    return "valid" if "valid_accuracy" in runs[0] else "test"
+
+
 def format_curve(results: dict) -> str:
     """Markdown table of the curve (rows: sizes)."""
+    valid_only = results["settings"].get("valid_only", False)
     lines = []
     if results["synthetic"]:
         lines.append("**SYNTHETIC DATA**: these figures say nothing about PCam; pass --data for real files.")
+    rates = ", ".join(f"{name} {rate:g}" for name, rate in results["settings"]["lr"].items())
     lines.append(f"Data: {results['data']}; {results['settings']['steps']} optimizer steps per run (batch "
-                 f"{results['settings']['batch_size']}), seeds {results['settings']['seeds']}, selection on validation "
-                 f"loss; INT8: DFQ on {results['settings']['backend']} kernels.")
+                 f"{results['settings']['batch_size']}, lr {rates}), seeds {results['settings']['seeds']}, selection "
+                 "on validation loss; " + ("VALIDATION split only (best epoch's accuracy / loss); the test split "
+                                           "was not read." if valid_only else
+                                           f"test split; INT8: DFQ on {results['settings']['backend']} kernels."))
     lines.append("")
     names = list(dict.fromkeys(run["model"] for run in results["runs"]))
     compared = [name for name in names if name != "conventional"] if "conventional" in names else []
-    header = " | ".join(f"{pcam.model_label(name)} FP32 / INT8 (%)" for name in names)
-    gaps = "".join(f" {name} - conventional FP32 (points) |" for name in compared)
+    first, second = ("valid_accuracy", "valid_loss") if valid_only else ("fp32_accuracy", "int8_accuracy")
+    columns = "validation accuracy (%) / loss" if valid_only else "FP32 / INT8 (%)"
+    header = " | ".join(f"{pcam.model_label(name)} {columns}" for name in names)
+    gaps = "".join(f" {name} - conventional {'validation' if valid_only else 'FP32'} (points) |" for name in compared)
     lines.append(f"| training patches | {header} |{gaps}")
     lines.append("|---" * (1 + len(names) + len(compared)) + "|")
+
+    def loss(stats: dict) -> str:
+        return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if stats["std"] is not None else f"{stats['mean']:.3f}"
+
     for size in sorted(results["curve"], key=int):
         models = results["curve"][size]
         cells = []
         for name in names:
             stats = models.get(name)
-            cells.append("—" if stats is None else f"{pcam._percent(stats['fp32_accuracy'])} / "
-                         f"{pcam._percent(stats['int8_accuracy'])}" + (" (degenerate seeds "
-                         f"{stats['degenerate_runs']})" if stats["degenerate_runs"] else ""))
+            cells.append("—" if stats is None else f"{pcam._percent(stats[first])} / "
+                         + (loss(stats[second]) if valid_only else pcam._percent(stats[second]))
+                         + (f" (degenerate seeds {stats['degenerate_runs']})" if stats["degenerate_runs"] else ""))
         difference = "".join(
-            f" {100 * (models[name]['fp32_accuracy']['mean'] - models['conventional']['fp32_accuracy']['mean']):+.2f} |"
+            f" {100 * (models[name][first]['mean'] - models['conventional'][first]['mean']):+.2f} |"
             if name in models and "conventional" in models else " — |" for name in compared)
         lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |" + difference)
     return "\n".join(lines)
@@ -194,17 +250,20 @@ def plot_curve(results: dict, directory: str) -> str:
 
     figure, axis = plt.subplots(figsize=(6, 4))
     sizes = sorted(results["curve"], key=int)
+    valid_only = results["settings"].get("valid_only", False)
+    figures = (("valid_accuracy", "validation", "-o"),) if valid_only else \
+        (("fp32_accuracy", "FP32", "-o"), ("int8_accuracy", "INT8", "--s"))
     for name in dict.fromkeys(run["model"] for run in results["runs"]):
-        for precision, style in (("fp32", "-o"), ("int8", "--s")):
-            points = [(int(s), results["curve"][s][name][f"{precision}_accuracy"]) for s in sizes
+        for key, label, style in figures:
+            points = [(int(s), results["curve"][s][name][key]) for s in sizes
                       if name in results["curve"][s]]
             if points:
                 axis.errorbar([p[0] for p in points], [100 * p[1]["mean"] for p in points],
                               yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
-                              label=f"{pcam.model_label(name)} {precision.upper()}")
+                              label=f"{pcam.model_label(name)} {label}")
     axis.set_xscale("log")
     axis.set_xlabel("training patches")
-    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylabel("validation accuracy (%)" if valid_only else "test accuracy (%)")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
     os.makedirs(directory, exist_ok=True)
@@ -226,7 +285,8 @@ def run(args: argparse.Namespace) -> dict:
         directory = args.synthetic_dir if synthetic else args.data
         if synthetic:
             write_synthetic_pcam(directory, {"train": max(settings["sizes"]), "valid": 64, "test": 64})
-        splits = open_pcam(directory, {"train": None, "valid": settings["valid_size"], "test": settings["test_size"]})
+        splits = open_pcam(directory, {"train": None, "valid": settings["valid_size"], "test": settings["test_size"]},
+                           splits=("train", "valid") if args.valid_only else None)
         full_train = splits["train"]
         if max(settings["sizes"]) > len(full_train):
             raise UsageError("--sizes", f"{max(settings['sizes'])} is larger than the train split ({len(full_train)})")
@@ -239,7 +299,8 @@ def run(args: argparse.Namespace) -> dict:
                 for name in pcam.model_names(args.models, settings["groups"]):
                     runs.append(_run_one(size, seed, name, subset, splits, normalizer, args, settings))
         results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
-                   "settings": {**settings, "lr": args.lr, "weight_decay": args.weight_decay, "backend": args.backend,
+                   "settings": {**settings, "weight_decay": args.weight_decay, "backend": args.backend,
+                                "valid_only": args.valid_only,
                                 "weight_scheme": args.weight_scheme, "models": args.models},
                    "runs": runs, "curve": summarize_curve(runs)}
         results["table"] = format_curve(results)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from rotconv import check_choice
+
 from .files import file_fingerprint
 
 __all__ = ["SPLITS", "PCamError", "PCam", "split_paths", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch",
@@ -205,8 +207,9 @@ def data_fingerprint(root: str) -> dict:
 
 
 def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed: int = 0,
-              preload_bytes: int = 2 * 2**30) -> dict[str, PCam]:
-    """Open the three splits of ``directory`` (each validated; :class:`PCamError` names a bad file).
+              preload_bytes: int = 2 * 2**30, splits: tuple[str, ...] | None = None) -> dict[str, PCam]:
+    """Open the splits of ``directory`` (all three, or those named in ``splits``; each validated:
+    :class:`PCamError` names a bad file).
 
     ``limits`` maps a split to a maximum number of patches: a class-balanced random subset (seeded) is taken.
     Splits whose (subset) size fits in ``preload_bytes`` are read into memory once.
@@ -216,8 +219,9 @@ def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed:
     if not os.access(directory, os.R_OK | os.X_OK):
         raise PCamError(f"{directory}: the directory cannot be read (permission denied)")
     limits = limits or {}
+    names = SPLITS if splits is None else tuple(check_choice(split, "splits", SPLITS) for split in splits)
     splits = {}
-    for split in SPLITS:
+    for split in names:
         whole = PCam(directory, split)
         limit = limits.get(split)
         indices = balanced_subset(whole.all_labels, limit, seed) if limit is not None and limit < whole.total \

@@ -141,9 +141,19 @@ class SteerableConv2d(nn.Module):
     def _fan_in(self) -> int:
         return self.in_channels // self.groups
 
-    def reset_parameters(self) -> None:
-        """He initialisation of the expanded filter: Var(filter) * fan_in = 2 with unit-norm basis functions."""
-        std = math.sqrt(2.0 / (self._fan_in() * self.basis_size))
+    def reset_parameters(self, mode: str = "fan_in") -> None:
+        """He (Kaiming normal) initialisation of the expanded filter ``(out_channels, in_channels // groups, k, k)``:
+        Var(filter entry) = 2 / fan with torch's fans of a weight of that shape, ``fan_in = in_channels // groups
+        * k * k`` or ``fan_out = out_channels * k * k`` (as ``nn.init.kaiming_normal_(mode=...)``, which takes no
+        account of ``groups``). The basis functions have unit norm over the k x k grid, so a coefficient std of
+        ``sqrt(2 k^2 / (fan * basis_size))`` gives that variance on average over the grid.
+
+        The scale matters beyond the forward pass even where a batch norm follows: Adam moves every coefficient
+        by about ``lr`` per step, so the filter's relative change per step is inversely proportional to its
+        scale. ``mobilenet_v2`` uses ``mode="fan_out"`` for both of its models (torchvision's rule)."""
+        check_choice(mode, "mode", ("fan_in", "fan_out"))
+        channels = self._fan_in() if mode == "fan_in" else self.out_channels
+        std = math.sqrt(2.0 / (channels * self.basis_size))
         with torch.no_grad():
             self.weight.normal_(0.0, std)
             if self.bias is not None:

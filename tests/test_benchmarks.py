@@ -70,3 +70,44 @@ def test_plain_twins_do_the_same_work():
         x = torch.randn(1, layer.in_channels, 47, 47)
         assert twin(x).shape == layer(x).shape, name
         assert twin.weight.shape == layer.expand_filter().shape and twin.groups == layer.groups, name
+
+
+@pytest.mark.parametrize("group", [None, 4, "D2"])
+def test_scales_adam_step_is_what_adam_does(group):
+    """benchmarks.scales predicts Adam's first step on every layer's (expanded) filter from the sign of the
+    coefficient gradient; an actual torch.optim.Adam step must move each filter by that relative amount."""
+    import mobilenet
+    from benchmarks import scales
+
+    torch.manual_seed(0)
+    model = mobilenet.mobilenet_v2(group=group, width_mult=0.25, dropout=0.0).double()
+    inputs, labels = torch.randn(4, 3, 95, 95, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
+    rows = scales.layer_scales(model, inputs, labels, lr=1e-3)
+    assert {row["kind"] for row in rows} == set(scales.KINDS)
+    layers = {name: module for name, module, _ in scales._layers(model)}
+    before = {name: scales._filter(module).detach().clone() for name, module in layers.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-30)
+    model.train()
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+    for row in rows:
+        after = scales._filter(layers[row["layer"]]).detach()
+        measured = float((after - before[row["layer"]]).norm() / before[row["layer"]].norm())
+        # Adam's first step is lr * g / |g| (bias-corrected), i.e. lr * sign(g) for every nonzero gradient
+        assert measured == pytest.approx(row["adam_relative_change"], rel=1e-6), row["layer"]
+        assert row["activation_rms"] > 0 and row["gradient_rms"] > 0
+
+
+def test_scales_command_on_synthetic_data(tmp_path, capsys):
+    from benchmarks import scales
+
+    out = tmp_path / "scales.json"
+    assert scales.main(["--steps", "1", "--batch-size", "4", "--group", "C4", "--out", str(out),
+                        "--synthetic-dir", str(tmp_path / "data"), "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC DATA" in printed and "depthwise 3x3" in printed
+    results = __import__("json").loads(out.read_text())
+    assert set(results["models"]) == {"conventional", "C4"}
+    assert scales.main(["--steps", "0", "--synthetic-dir", str(tmp_path / "data")]) == 2
+    assert "--steps" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     assert "| 16 |" in results["table"] and "| 32 |" in results["table"]
     # a resumed run reuses every finished result (nothing retrains) and reports the same numbers
     before = {(r["size"], r["model"]): r["fp32_accuracy"] for r in results["runs"]}
-    os.remove(runs / "size32-C4-seed0" / "result.json")  # as if killed after training, before the result
+    os.remove(runs / "size32-C4-lr0.001-seed0" / "result.json")  # as if killed after training, before the result
     capsys.readouterr()
     assert efficiency.main(arguments + ["--resume"]) == 0
     printed = capsys.readouterr().out
@@ -54,3 +54,33 @@ def test_bad_sizes_exit_2(tmp_path, capsys):
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 8, "valid": 4, "test": 4}, seed=5)
     assert efficiency.main(["--quick", "--data", data, "--sizes", "64", "--runs", str(tmp_path / "r")]) == 2
     assert "--sizes" in capsys.readouterr().err
+
+
+def test_valid_only_never_opens_the_test_split(tmp_path):
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 32, "valid": 16, "test": 16}, seed=6)
+    os.remove(os.path.join(data, "camelyonpatch_level_2_split_test_x.h5"))  # a test split that cannot be read
+    out = tmp_path / "study.json"
+    arguments = ["--quick", "--data", data, "--runs", str(tmp_path / "runs"), "--out", str(out), "--threads", "1",
+                 "--valid-only", "--lr", "conventional=3e-3", "C4=1e-2"]
+    assert efficiency.main(arguments) == 0
+    results = json.loads(out.read_text())
+    for run in results["runs"]:
+        assert "fp32_accuracy" not in run and 0.0 <= run["valid_accuracy"] <= 1.0 and run["valid_loss"] > 0
+        best = next(entry for entry in run["history"] if entry["epoch"] == run["best_epoch"])
+        assert run["valid_loss"] == min(entry["valid_loss"] for entry in run["history"]) == best["valid_loss"]
+        assert run["lr"] == {"conventional": 3e-3, "C4": 1e-2}[run["model"]]
+    assert "VALIDATION split only" in results["table"]
+    # the same runs are kept per learning rate, so a study of several rates shares one --runs directory
+    assert sorted(os.listdir(tmp_path / "runs"))[:2] == ["size16-C4-lr0.01-seed0", "size16-conventional-lr0.003-seed0"]
+
+
+def test_learning_rates_per_model_are_checked(tmp_path, capsys):
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 8, "valid": 4, "test": 4}, seed=5)
+    base = ["--quick", "--data", data, "--runs", str(tmp_path / "r")]
+    for bad, says in ((["C12=1e-2", "conventional=1e-3"], "'C12' is not a model of this run"),
+                      (["C4=1e-2"], "no learning rate for conventional"),
+                      (["fast"], "expected a number or MODEL=NUMBER"), (["nan"], "finite positive"),
+                      (["1e-3", "C4=1e-2"], "MODEL=NUMBER for every model")):
+        assert efficiency.main(base + ["--lr", *bad]) == 2
+        error = capsys.readouterr().err
+        assert "--lr" in error and says in error, (bad, error)

@@ -197,6 +197,48 @@ def test_parameter_counts_match_theory(N, in_fields, out_fields, kernel_size):
     assert sum(p.numel() for p in norm.parameters()) == 2 * out_fields
 
 
+@settings(max_examples=25, deadline=None)
+@given(kind=LAYER_KINDS, group=st.sampled_from([4, 8, 12, "D4", "D6"]), in_fields=st.integers(2, 3),
+       kernel_size=KERNELS, mode=st.sampled_from(["fan_in", "fan_out"]), seed=st.integers(0, 2**16))
+def test_kaiming_init_gives_the_expanded_filter_the_variance_two_over_fan(kind, group, in_fields, kernel_size,
+                                                                          mode, seed):
+    if kind == "depthwise" and kernel_size == 1:
+        kernel_size = 3
+    torch.manual_seed(seed)
+    layer = make_layer(kind, group, in_fields, 4 * in_fields, kernel_size, 1)  # fan_in and fan_out differ 4x+
+    draws = 40
+    mean_square = 0.0
+    for _ in range(draws):
+        layer.reset_parameters(mode=mode)
+        mean_square += layer.expand_filter().detach().double().pow(2).mean().item() / draws
+    shape = layer.expand_filter().shape  # (out_channels, in_channels // groups, k, k), like nn.init's fans
+    fan = (shape[1] if mode == "fan_in" else shape[0]) * kernel_size ** 2
+    # Sampling: the filter is linear in >= 12 independent N(0, s^2) coefficients per draw, so the relative std of
+    # the 40-draw mean square is <= sqrt(2 / (12 * 40)) = 0.065; the basis functions have unit norm, but their
+    # rotated copies (interpolated) and the grid average of sum_b psi_b^2 deviate from it by up to ~6%.
+    # 0.3 is > 3.5 sampling stds plus that; the wrong fan is off by a factor >= 4.
+    assert abs(mean_square * fan / 2 - 1) < 0.3, (mean_square * fan / 2, layer.weight.numel())
+
+
+def test_mobilenet_starts_both_models_at_torchvision_scale():
+    """Both models: every convolution's (expanded) filter at Kaiming fan-out scale, so Adam's relative step
+    per layer is comparable (docs/training.md)."""
+    import mobilenet
+
+    for group in (None, 12, "D4"):
+        torch.manual_seed(0)
+        model = mobilenet.mobilenet_v2(group=group)
+        log_ratios = []
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, rotconv.SteerableConv2d)):
+                filters = module.weight if isinstance(module, nn.Conv2d) else module.expand_filter()
+                expected = (2.0 / (filters.shape[0] * filters.shape[-1] ** 2)) ** 0.5
+                log_ratios.append(torch.log(filters.detach().pow(2).mean().sqrt() / expected))
+        # 52 layers, each with >= 18 independent coefficients: the mean log-ratio's sampling std is < 0.03.
+        assert abs(torch.stack(log_ratios).mean()) < 0.1, group
+        assert max(abs(r) for r in log_ratios) < 0.7  # no layer at the fan-in scale (17x larger for depthwise)
+
+
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     group = rotconv.CyclicGroup(12)
