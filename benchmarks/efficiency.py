@@ -11,8 +11,10 @@ table (mean ± std over seeds per size), writes JSON and, with --plots, a PNG of
     python -m benchmarks.efficiency --data DIR --sizes 500 3000 --seeds 0 --steps 400
     python -m benchmarks.efficiency --quick                        # seconds, synthetic data (tests)
 
-Every run keeps its checkpoint and its result in RUNS/size<S>-<model>-seed<k>/; --resume continues
-interrupted runs and skips finished ones. Exit codes as benchmarks.pcam (2 bad arguments or data, 3 diverged).
+Every run keeps its checkpoint, its best model (model.pt) and its result in
+RUNS/size<S>-<model>-lr<LR>-seed<k>/; --resume continues interrupted runs and skips finished ones. --valid-only
+(recipe studies) reports validation figures and never opens the test split. Exit codes as benchmarks.pcam
+(2 bad arguments or data, 3 diverged).
 """
 from __future__ import annotations
 
@@ -96,11 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", choices=pcam.MODELS, default=list(pcam.MODELS))
     parser.add_argument("--group", nargs="+", help="group(s) of the equivariant model(s), e.g. C12 D12 (default C12)")
     parser.add_argument("--batch-size", type=int, help="default 32")
-    parser.add_argument("--lr", nargs="+", default=["1e-3"], metavar="LR",
-                        help="peak learning rate of every model (1e-3), or per model: conventional=3e-3 C12=1e-2")
+    parser.add_argument("--lr", nargs="+", default=["3e-3"], metavar="LR",
+                        help="peak learning rate of every model (3e-3), or per model: conventional=3e-3 C12=1e-2")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--width-mult", type=float, help="default 1.0")
     parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips (D4)")
+    parser.add_argument("--init", choices=("fan_out", "fan_in"), default="fan_out",
+                        help="Kaiming mode of the rotconv layers (recipe studies): fan_out, mobilenet_v2's default "
+                             "(torchvision's rule, as the conventional model), or fan_in (the rotconv layer default)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--valid-size", type=int, help="validation patches (default: all)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
@@ -152,7 +158,8 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
 
 def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, normalizer: Normalizer,
              args: argparse.Namespace, settings: dict) -> dict:
-    run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}-seed{seed}")
+    variant = ("-noaug" if args.no_augment else "") + ("-fanin" if args.init == "fan_in" and name != "conventional" else "")
+    run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
     if args.resume and os.path.exists(result_path):
         with open(result_path) as handle:
@@ -161,8 +168,12 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
     per_evaluation = math.ceil(settings["steps"] / settings["evaluations"])
     config = TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=settings["lr"][name],
                          weight_decay=args.weight_decay, seed=seed, precision=args.precision,
-                         steps_per_epoch=per_evaluation)
+                         steps_per_epoch=per_evaluation, augment=not args.no_augment)
     model = pcam.build_model(name, evaluation_args, seed)
+    if args.init != "fan_out":
+        for module in model.modules():
+            if isinstance(module, rotconv.SteerableConv2d):
+                module.reset_parameters(mode=args.init)
     identity = {"benchmark": "efficiency", "size": size, "model": name,
                 "width_mult": settings["width_mult"], "normalizer": normalizer.state()}
     print(f"== size {size}, {pcam.model_label(name)}, seed {seed} "
@@ -170,12 +181,14 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
     started = time.time()
     trained = train(model, train_split, splits["valid"], config, run_dir, preprocess=normalizer,
                     resume=args.resume, overwrite=args.overwrite, log=print)
+    model.load_state_dict(trained["best_state"])
+    mobilenet.save(model, os.path.join(run_dir, "model.pt"), normalizer,  # for mobilenet.load / benchmarks.predict
+                   metadata={"model": name, "seed": seed, "size": size, "best_epoch": trained["best_epoch"]})
     if args.valid_only:
         best = next(entry for entry in trained["history"] if entry["epoch"] == trained["best_epoch"])
         result = {"valid_accuracy": best["valid_accuracy"], "valid_loss": best["valid_loss"],
                   "lr": config.lr, "degenerate": {"fp32": None}}
     else:
-        model.load_state_dict(trained["best_state"])
         result = pcam.evaluate(name, model, splits, normalizer, evaluation_args, evaluation_settings, print)
     result.update({"size": size, "seed": seed, "model": name, "steps": settings["evaluations"] * per_evaluation,
                    "best_epoch": trained["best_epoch"], "history": trained["history"],
@@ -208,8 +221,9 @@ def format_curve(results: dict) -> str:
     if results["synthetic"]:
         lines.append("**SYNTHETIC DATA**: these figures say nothing about PCam; pass --data for real files.")
     rates = ", ".join(f"{name} {rate:g}" for name, rate in results["settings"]["lr"].items())
+    augment = "D4 augmentation" if results["settings"].get("augment", True) else "no augmentation"
     lines.append(f"Data: {results['data']}; {results['settings']['steps']} optimizer steps per run (batch "
-                 f"{results['settings']['batch_size']}, lr {rates}), seeds {results['settings']['seeds']}, selection "
+                 f"{results['settings']['batch_size']}, lr {rates}, {augment}), seeds {results['settings']['seeds']}, selection "
                  "on validation loss; " + ("VALIDATION split only (best epoch's accuracy / loss); the test split "
                                            "was not read." if valid_only else
                                            f"test split; INT8: DFQ on {results['settings']['backend']} kernels."))
@@ -300,7 +314,7 @@ def run(args: argparse.Namespace) -> dict:
                     runs.append(_run_one(size, seed, name, subset, splits, normalizer, args, settings))
         results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
                    "settings": {**settings, "weight_decay": args.weight_decay, "backend": args.backend,
-                                "valid_only": args.valid_only,
+                                "valid_only": args.valid_only, "augment": not args.no_augment, "init": args.init,
                                 "weight_scheme": args.weight_scheme, "models": args.models},
                    "runs": runs, "curve": summarize_curve(runs)}
         results["table"] = format_curve(results)

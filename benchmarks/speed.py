@@ -176,6 +176,20 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
                                       repeats * (4 if batch == 1 else 1))
                 result["size"]["pte_bytes"] = os.path.getsize(path)
                 print(f"  ExecuTorch .pte / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
+    if all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript", "executorch")):
+        with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            files = {"fp32": quant.to_onnx(exported, os.path.join(directory, "fp32.onnx"), int8=False),
+                     "int8": quant.to_onnx(exported, os.path.join(directory, "int8.onnx"), group=group)}
+            sessions = {name: quant.load_onnx(path) for name, path in files.items()}
+            for batch, x in ((1, x1), (32, x32)):
+                for name, session in sessions.items():
+                    key = f"onnx_{name}_vs_fp32_b{batch}"
+                    result[key] = compare(_inference(session, x), _inference(exported, x),
+                                          repeats * (4 if batch == 1 else 1))
+                    print(f"  onnxruntime {name.upper()} / torch FP32 at batch {batch}: {result[key]['ratio']:.3f}x",
+                          file=sys.stderr)
+            result["size"]["onnx_int8_bytes"] = os.path.getsize(files["int8"])
     result["macs"] = {"conventional": mobilenet.summary(conventional).macs, "equivariant": mobilenet.summary(equivariant).macs}
     return result
 
@@ -235,7 +249,9 @@ def format_tables(results: dict) -> str:
                  f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported {g}, batch {batch}")
                 for scheme in ("symmetric", "asymmetric") for batch in (1, 32)],
               *[(f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported {g}, batch {batch}")
-                for batch in (1, 32) if f"executorch_vs_fp32_b{batch}" in models]]
+                for batch in (1, 32) if f"executorch_vs_fp32_b{batch}" in models],
+              *[(f"onnx_{name}_vs_fp32_b{batch}", f"onnxruntime {name.upper()} vs torch FP32, exported {g}, batch {batch}")
+                for name in ("fp32", "int8") for batch in (1, 32) if f"onnx_{name}_vs_fp32_b{batch}" in models]]
     for key, label in labels:
         row = models[key]
         lines.append(f"| {label} | {1e3 * row['first_s']:.1f} vs {1e3 * row['second_s']:.1f} ms | {row['ratio']:.3f}x |")

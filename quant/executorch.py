@@ -26,9 +26,9 @@ from mobilenet.files import atomic_write
 from .pipeline import _check_float_model, prepare
 from .plan import QuantPlan, plan_quantization
 
-__all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "DEPLOY_EXTRA"]
+__all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "quantize_pt2e", "DEPLOY_EXTRA"]
 
-DEPLOY_EXTRA = "pip install 'rotconv[deploy]'  (executorch==1.5.1)"
+DEPLOY_EXTRA = "pip install 'rotconv[deploy]'  (executorch==1.5.1, onnxruntime)"
 
 
 def _require_executorch():
@@ -163,6 +163,32 @@ def _example(model: nn.Module, example_input: torch.Tensor | None, batch: int) -
     return torch.zeros(batch, 3, size, size)
 
 
+def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
+                  input_range: tuple[float, float] = (-3.0, 3.0), calibration: Iterable | None = None,
+                  bias_correction: bool = True) -> fx.GraphModule:
+    """The data-free INT8 model as a PT2E graph (quantize/dequantize ops around int8 convolutions and adds,
+    int8 weights, the plan's activation ranges): what :func:`to_executorch` lowers to XNNPACK and
+    :func:`quant.to_onnx` writes as an ONNX QDQ model. Needs torchao (the ``deploy`` extra)."""
+    api = _require_executorch()
+    _check_float_model(model)
+    prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False)
+    plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(_exact_pooling(plan).eval(), (example,)).module()
+        config = api["get_symmetric_quantization_config"](is_per_channel=False)
+        quantizer = api["XNNPACKQuantizer"]()
+        quantizer.set_operator_type(torch.ops.aten.conv2d.default, config)
+        quantizer.set_operator_type(torch.ops.aten.add.Tensor, config)
+        observed = api["prepare_pt2e"](exported, quantizer)
+        with torch.no_grad():
+            observed(example)  # weights and constants observe themselves
+            for batch in calibration or []:
+                observed(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        _impose_plan(observed, plan, api["MinMaxObserver"], calibration is not None)
+        return api["convert_pt2e"](observed)
+
+
 def to_executorch(model: nn.Module, path: str, group: object = None, example_batch: int = 1,
                   example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
                   calibration: Iterable | None = None, bias_correction: bool = True) -> str:
@@ -180,24 +206,10 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
         calibration: optional batches to measure ranges instead.
     """
     api = _require_executorch()
-    _check_float_model(model)
     example = _example(model, example_input, example_batch)
-    prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False)
-    plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric")
+    converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = torch.export.export(_exact_pooling(plan).eval(), (example,)).module()
-        config = api["get_symmetric_quantization_config"](is_per_channel=False)
-        quantizer = api["XNNPACKQuantizer"]()
-        quantizer.set_operator_type(torch.ops.aten.conv2d.default, config)
-        quantizer.set_operator_type(torch.ops.aten.add.Tensor, config)
-        observed = api["prepare_pt2e"](exported, quantizer)
-        with torch.no_grad():
-            observed(example)  # weights and constants observe themselves
-            for batch in calibration or []:
-                observed(batch[0] if isinstance(batch, (tuple, list)) else batch)
-        _impose_plan(observed, plan, api["MinMaxObserver"], calibration is not None)
-        converted = api["convert_pt2e"](observed)
         program = api["to_edge_transform_and_lower"](torch.export.export(converted, (example,)),
                                                      partitioner=[api["XnnpackPartitioner"]()]).to_executorch()
     atomic_write(path, lambda handle: handle.write(program.buffer))

@@ -33,7 +33,9 @@ def test_sweep_models_int8_exact_at_quarter_turns(sweep):
     models = sweep["models"]
     assert set(models) == {"C12 FP32", "C12 INT8", "conventional FP32", "conventional INT8"}
     assert all(models["C12 INT8"]["logit_error"][i] == 0.0 for i in quarter)
-    assert all(models["C12 FP32"]["logit_error"][i] < 1e-5 for i in quarter)
+    # float32 through ~50 layers with random BN statistics: rounding measures up to ~6e-6 at quarter turns;
+    # 1e-4 keeps a margin and is still >1000x below what a non-equivariant model shows (~0.2)
+    assert all(models["C12 FP32"]["logit_error"][i] < 1e-4 for i in quarter)
     assert all(models["C12 FP32"]["stability"][i] == 1.0 for i in quarter)
     assert max(models["conventional FP32"]["logit_error"][i] for i in quarter) > 1e-3
     table = equivariance.format_sweep(sweep)

@@ -41,7 +41,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     assert "| 16 |" in results["table"] and "| 32 |" in results["table"]
     # a resumed run reuses every finished result (nothing retrains) and reports the same numbers
     before = {(r["size"], r["model"]): r["fp32_accuracy"] for r in results["runs"]}
-    os.remove(runs / "size32-C4-lr0.001-seed0" / "result.json")  # as if killed after training, before the result
+    os.remove(runs / "size32-C4-lr0.003-seed0" / "result.json")  # as if killed after training, before the result
     capsys.readouterr()
     assert efficiency.main(arguments + ["--resume"]) == 0
     printed = capsys.readouterr().out

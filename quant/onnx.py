@@ -1,0 +1,135 @@
+"""The models as ONNX files for onnxruntime: FP32, or the data-free INT8 model as a QDQ graph.
+
+``int8=False`` writes the float network as it is (onnxruntime folds the batch norms). ``int8=True`` writes
+the model of :func:`quant.to_executorch` before lowering (:func:`quant.executorch.quantize_pt2e`: the DFQ
+pipeline, the project's data-free activation ranges, per-tensor symmetric int8 weights, the exact integer
+pool) as QuantizeLinear/DequantizeLinear pairs around every convolution and residual add; onnxruntime's
+graph optimizer fuses them into integer kernels (QLinearConv, QLinearAdd). Rotations by 90 degrees permute
+integer inputs of integer kernels and the pool sums integers exactly, so the logits of a rotated patch are
+bit-identical (tested).
+
+Needs the optional extra: ``pip install 'rotconv[deploy]'`` (onnx, onnxscript, onnxruntime; INT8 also
+executorch's quantizer).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from mobilenet.files import atomic_write
+
+from .executorch import DEPLOY_EXTRA, _example, quantize_pt2e
+from .pipeline import _check_float_model
+
+__all__ = ["to_onnx", "load_onnx", "OnnxModel"]
+
+
+def _require(modules: tuple[str, ...], what: str) -> None:
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ImportError(f"{what} needs {name}, which is an optional extra: {DEPLOY_EXTRA} ({error})") from None
+
+
+def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True, example_batch: int = 1,
+            example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
+            calibration: Iterable | None = None, bias_correction: bool = True, dynamic_batch: bool = True) -> str:
+    """Write ``model`` (a float plain network, e.g. ``model.export()``) to ``path`` as ONNX; returns ``path``.
+
+    Args:
+        model: the float network (batch norms unfolded, as trained).
+        path: the ``.onnx`` file to write (atomically).
+        group: the model's group (a group, its name or N; None for a conventional model), for DFQ's
+            field-shared equalization. Unused with ``int8=False``.
+        int8: the data-free INT8 model as a QDQ graph (True) or the float model (False).
+        example_batch, example_input: the traced input (default zeros of ``model.input_size``).
+        input_range, calibration, bias_correction: as :func:`quant.to_executorch`.
+        dynamic_batch: the file accepts any batch size (else only the example's).
+    """
+    _require(("onnx", "onnxscript"), "quant.to_onnx")
+    if not isinstance(int8, bool):
+        raise ValueError(f"int8: expected True or False, got {int8!r}")
+    example = _example(model, example_input, example_batch)
+    if int8:
+        network = quantize_pt2e(model, group, example, input_range, calibration, bias_correction)
+    else:
+        _check_float_model(model)
+        network = model.eval()
+    dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as directory:
+        warnings.simplefilter("ignore")
+        program = _export(network, example, dynamic)
+        temporary = os.path.join(directory, "model.onnx")
+        program.save(temporary)
+        with open(temporary, "rb") as handle:
+            data = handle.read()
+    atomic_write(path, lambda handle: handle.write(data))
+    return path
+
+
+def _export(network: nn.Module, example: torch.Tensor, dynamic: dict | None):
+    import contextlib
+    import io
+    import logging
+
+    quiet = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(quiet):  # the exporter prints its progress
+        return torch.onnx.export(network, (example,), dynamo=True, opset_version=18, input_names=["x"],
+                                 output_names=["logits"], dynamic_shapes=(dynamic["x"],) if dynamic else None,
+                                 verbose=False)
+
+
+class OnnxModel(nn.Module):
+    """An ONNX file as a module: float ``(B, C, H, W)`` in, logits out, run by onnxruntime on the CPU with
+    its full graph optimisation (which fuses QDQ pairs into integer kernels)."""
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        super().__init__()
+        _require(("onnxruntime",), "quant.load_onnx")
+        import onnxruntime
+
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: ONNX file not found")
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types for a bad file
+            raise ValueError(f"{path}: not a loadable ONNX model ({type(error).__name__})") from None
+        meta = self.session.get_inputs()[0]
+        self.input_name = meta.name
+        self.input_shape = tuple(meta.shape)
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.input_shape[1:]):
+            raise ValueError(f"input: the model expects (B, {', '.join(map(str, self.input_shape[1:]))}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        fixed = self.input_shape[0] if isinstance(self.input_shape[0], int) else None
+        if fixed is not None and x.shape[0] != fixed:
+            raise ValueError(f"input: the model was written for batch {fixed} (to_onnx(dynamic_batch=True) "
+                             f"accepts any), got {x.shape[0]}")
+        if not torch.isfinite(x).all():
+            raise ValueError("input: contains NaN or infinite values")
+        output = self.session.run(None, {self.input_name: x.detach().float().contiguous().numpy()})[0]
+        return torch.from_numpy(output)
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, input_shape={self.input_shape}"
+
+
+def load_onnx(path: str, threads: int | None = None) -> OnnxModel:
+    """The file written by :func:`to_onnx`, as a callable module (onnxruntime, CPU)."""
+    return OnnxModel(path, threads)
