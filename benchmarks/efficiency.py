@@ -104,9 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width-mult", type=float, help="default 1.0")
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips (D4)")
-    parser.add_argument("--init", choices=("fan_out", "fan_in"), default="fan_out",
-                        help="Kaiming mode of the rotconv layers (recipe studies): fan_out, mobilenet_v2's default "
-                             "(torchvision's rule, as the conventional model), or fan_in (the rotconv layer default)")
+    parser.add_argument("--init", choices=("fan_in", "fan_out"), default="fan_in",
+                        help="Kaiming mode of the rotconv layers (recipe studies): fan_in, mobilenet_v2's default, "
+                             "or fan_out (torchvision's rule, the conventional model's scale; run dirs end -fanout)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--valid-size", type=int, help="validation patches (default: all)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
@@ -158,7 +158,7 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
 
 def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, normalizer: Normalizer,
              args: argparse.Namespace, settings: dict) -> dict:
-    variant = ("-noaug" if args.no_augment else "") + ("-fanin" if args.init == "fan_in" and name != "conventional" else "")
+    variant = ("-noaug" if args.no_augment else "") + ("-fanout" if args.init == "fan_out" and name != "conventional" else "")
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
     if args.resume and os.path.exists(result_path):
@@ -170,7 +170,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
                          weight_decay=args.weight_decay, seed=seed, precision=args.precision,
                          steps_per_epoch=per_evaluation, augment=not args.no_augment)
     model = pcam.build_model(name, evaluation_args, seed)
-    if args.init != "fan_out":
+    if args.init != "fan_in":
         for module in model.modules():
             if isinstance(module, rotconv.SteerableConv2d):
                 module.reset_parameters(mode=args.init)

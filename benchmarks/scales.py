@@ -166,9 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for training and the step size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", choices=("fan_out", "fan_in"), default="fan_out",
-                        help="Kaiming mode of the rotconv layers: fan_out (mobilenet_v2's, torchvision's rule) or "
-                             "fan_in (the rotconv layer default, which mobilenet_v2 used before)")
+    parser.add_argument("--init", choices=("fan_in", "fan_out"), default="fan_in",
+                        help="Kaiming mode of the rotconv layers: fan_in (mobilenet_v2's default) or fan_out "
+                             "(torchvision's rule, the conventional model's filter scale)")
     parser.add_argument("--precision", choices=mobilenet.training.PRECISIONS, default="auto")
     parser.add_argument("--out", help="JSON file with every layer's figures")
     parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
