@@ -108,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV2 width multiplier (1.0)")
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
-    parser.add_argument("--int8-backend", choices=("torch-ao", "executorch"), default="torch-ao",
-                        help="where the INT8 model runs: torch.ao's int8 kernels (default) or an ExecuTorch XNNPACK "
-                             "program (RUNS/<model>-seed<k>/model.pte; needs rotconv[deploy])")
+    parser.add_argument("--int8-backend", choices=("torch-ao", "executorch", "onnx"), default="torch-ao",
+                        help="where the INT8 model runs: torch.ao's int8 kernels (default), an ExecuTorch XNNPACK "
+                             "program (RUNS/<model>-seed<k>/model.pte) or an ONNX QDQ file in onnxruntime "
+                             "(RUNS/<model>-seed<k>/model.onnx); the last two need rotconv[deploy]")
     parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric",
                         help="INT8 per-tensor weights: symmetric (default: fbgemm's fast depthwise kernels, "
                              "bit-exact rotations on x86) or asymmetric (DFQ's choice)")
@@ -259,6 +260,10 @@ def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argpa
         directory = artifact_dir or tempfile.mkdtemp(prefix="rotconv-pte-")
         path = quant.to_executorch(plain, os.path.join(directory, "model.pte"), example_batch=batch, **options)
         return quant.load_executorch(path), os.path.getsize(path), "ExecuTorch XNNPACK"
+    if getattr(args, "int8_backend", "torch-ao") == "onnx":
+        directory = artifact_dir or tempfile.mkdtemp(prefix="rotconv-onnx-")
+        path = quant.to_onnx(plain, os.path.join(directory, "model.onnx"), example_batch=batch, **options)
+        return quant.load_onnx(path), os.path.getsize(path), "onnxruntime QDQ"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
         int8 = quant.dfq(plain, mode="int8", backend=args.backend, weight_scheme=args.weight_scheme, **options)
@@ -346,7 +351,7 @@ def _paper(values: tuple[float, float | None] | None) -> str:
 
 
 def _int8_scheme(settings: dict) -> str:
-    return "symmetric" if settings.get("int8_backend") == "executorch" else settings["weight_scheme"]
+    return "symmetric" if settings.get("int8_backend") in ("executorch", "onnx") else settings["weight_scheme"]
 
 
 def _count(number: int, noun: str) -> str:
@@ -365,8 +370,9 @@ def format_table(results: dict) -> str:
     lines.append(f"Data: {results['data']} (train {sizes['train']:,} / valid {sizes['valid']:,} / test "
                  f"{sizes['test']:,} patches); {_count(results['settings']['epochs'], 'epoch')}; seeds {seeds}; "
                  f"INT8: DFQ, {_int8_scheme(results['settings'])} per-tensor weights, on "
-                 + ("an ExecuTorch XNNPACK program (.pte)." if results["settings"].get("int8_backend") == "executorch"
-                    else f"{results['settings']['backend']} int8 kernels."))
+                 + {"executorch": "an ExecuTorch XNNPACK program (.pte).",
+                    "onnx": "an ONNX QDQ file in onnxruntime (.onnx)."}.get(results["settings"].get("int8_backend"),
+                                                                          f"{results['settings']['backend']} int8 kernels."))
     lines.append("")
     lines.append("| model | FP32 test acc (%) | INT8 test acc (%) | relative drop (%) | paper FP32 | paper INT8 "
                  "| params | MACs | INT8 size | stable 4x90° FP32 / INT8 (%) | correct under 4x90° FP32 / INT8 (%) "

@@ -120,3 +120,24 @@ def test_bad_files_and_inputs_are_named(files, tmp_path):
         session(torch.full((1, 3, 95, 95), float("nan")))
     with pytest.raises(ValueError, match="int8"):
         quant.to_onnx(nn.Conv2d(3, 3, 1), str(tmp_path / "x.onnx"), int8="yes")
+
+
+def test_pcam_benchmark_reports_the_onnx_file(tmp_path):
+    # benchmarks.pcam --int8-backend onnx: the INT8 figures come from the .onnx kept beside the run, and the
+    # C_4 model's INT8 predictions never change under quarter turns.
+    import json
+
+    from benchmarks import pcam
+    from benchmarks.synthetic import write_synthetic_pcam
+
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=6)
+    out = tmp_path / "results.json"
+    code = pcam.main(["--data", data, "--models", "equivariant", "--group", "C4", "--epochs", "1", "--width-mult",
+                      "0.25", "--batch-size", "8", "--stability-samples", "4", "--threads", "1", "--int8-backend",
+                      "onnx", "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    run = results["runs"][0]
+    assert run["int8_bytes"] == (tmp_path / "runs" / "C4-seed0" / "model.onnx").stat().st_size
+    assert run["stability"]["int8"]["90"] == 1.0
+    assert "ONNX QDQ file in onnxruntime" in results["table"]
