@@ -120,11 +120,12 @@ def layer_benchmarks(quick: bool, repeats: int, batch: int = 32, size: int = 47,
     return rows
 
 
-def construction_cost(fields: int = 32, kernel_size: int = 5, N: int = 12) -> dict:
-    """Time and memory to build ``GroupConv2d(fields, fields, kernel_size, C_N)``: cold (basis not cached
-    yet) and warm, its parameters and buffers, and one filter expansion."""
+def construction_cost(fields: int = 32, kernel_size: int = 5, group: str = "C12") -> dict:
+    """Time and memory to build ``GroupConv2d(fields, fields, kernel_size, group)``: cold (basis not cached
+    yet) and warm, its parameters and buffers (the gather indices of the expansion), and one filter expansion."""
     rotconv.basis.clear_cache()
-    group = rotconv.CyclicGroup(N)
+    name = _name(str(group))
+    group = rotconv.as_group(group)
     tracemalloc.start()
     cold = _timed(lambda: rotconv.GroupConv2d(fields, fields, kernel_size, group))
     _, peak = tracemalloc.get_traced_memory()
@@ -133,7 +134,7 @@ def construction_cost(fields: int = 32, kernel_size: int = 5, N: int = 12) -> di
     layer = rotconv.GroupConv2d(fields, fields, kernel_size, group)
     with torch.no_grad():
         expansion = statistics.median(_timed(layer.expand_filter) for _ in range(5))
-    return {"layer": f"GroupConv2d({fields}, {fields}, {kernel_size}, C_{N})", "cold_s": cold, "warm_s": warm,
+    return {"layer": f"GroupConv2d({fields}, {fields}, {kernel_size}, {name})", "cold_s": cold, "warm_s": warm,
             "python_peak_bytes": peak, "parameter_bytes": sum(p.numel() * p.element_size() for p in layer.parameters()),
             "buffer_bytes": sum(b.numel() * b.element_size() for b in layer.buffers()),
             "expanded_filter_bytes": layer.out_channels * layer.in_channels * kernel_size**2 * 4,
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "backend": args.backend,
                "quick": args.quick, "group": args.group, "layers": layer_benchmarks(args.quick, repeats, group=args.group),
-               "construction": construction_cost()}
+               "construction": construction_cost(group=args.group)}
     print("models ...", file=sys.stderr)
     results["models"] = model_benchmarks(max(3, repeats // 2) if args.quick else repeats, args.backend, args.group)
     print("training throughput ...", file=sys.stderr)

@@ -113,3 +113,13 @@ def test_scales_command_on_synthetic_data(tmp_path, capsys):
     assert set(results["models"]) == {"conventional", "C4"}
     assert scales.main(["--steps", "0", "--synthetic-dir", str(tmp_path / "data")]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group", ["C4", "D4"])
+def test_construction_cost_builds_the_requested_group(group):
+    result = speed.construction_cost(fields=2, kernel_size=3, group=group)
+    layer = rotconv.GroupConv2d(2, 2, 3, group=group)
+    assert result["layer"] == f"GroupConv2d(2, 2, 3, {group[0]}_{group[1:]})"
+    assert result["parameter_bytes"] == sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert result["buffer_bytes"] == sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert result["expanded_filter_bytes"] == layer.out_channels * layer.in_channels * 9 * 4
