@@ -10,7 +10,7 @@ import rotconv
 from mobilenet.files import (OutputError, RunLock, atomic_write, check_writable, clean_temporary_files, differences,
                              file_fingerprint, strict_json, write_json)
 
-__all__ = ["serialized_bytes", "untrained_but_generic", "atomic_write", "clean_temporary_files", "check_writable",
+__all__ = ["serialized_bytes", "untrained_but_generic", "initialize_rotconv_layers", "atomic_write", "clean_temporary_files", "check_writable",
            "strict_json", "write_json", "file_fingerprint", "differences", "RunLock", "OutputError"]
 
 
@@ -19,6 +19,15 @@ def serialized_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return len(buffer.getvalue())
+
+
+def initialize_rotconv_layers(model: nn.Module, mode: str) -> nn.Module:
+    """Re-draw every rotconv layer's coefficients with Kaiming ``mode`` ("fan_in", mobilenet_v2's default, or
+    "fan_out", torchvision's rule) for the init studies of benchmarks.efficiency and benchmarks.scales."""
+    for module in model.modules():
+        if isinstance(module, rotconv.SteerableConv2d):
+            module.reset_parameters(mode=mode)
+    return model
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from mobilenet.pcam import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, train
 
 from . import pcam
+from .common import initialize_rotconv_layers
 from .synthetic import write_synthetic_pcam
 
 __all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve"]
@@ -171,9 +172,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
                          steps_per_epoch=per_evaluation, augment=not args.no_augment)
     model = pcam.build_model(name, evaluation_args, seed)
     if args.init != "fan_in":
-        for module in model.modules():
-            if isinstance(module, rotconv.SteerableConv2d):
-                module.reset_parameters(mode=args.init)
+        initialize_rotconv_layers(model, args.init)
     identity = {"benchmark": "efficiency", "size": size, "model": name,
                 "width_mult": settings["width_mult"], "normalizer": normalizer.state()}
     print(f"== size {size}, {pcam.model_label(name)}, seed {seed} "

@@ -252,18 +252,24 @@ def stability(model: nn.Module, split: PCam, normalizer: Normalizer, count: int,
             "correct_90": float((quarter == labels).all(0).mean()), "correct_30": float((predicted == labels).all(0).mean())}
 
 
+# --int8-backend values that write a deployable file: (exporter, loader, file name, table label, report wording)
+DEPLOY_BACKENDS = {
+    "executorch": (quant.to_executorch, quant.load_executorch, "model.pte", "ExecuTorch XNNPACK",
+                   "an ExecuTorch XNNPACK program (.pte)."),
+    "onnx": (quant.to_onnx, quant.load_onnx, "model.onnx", "onnxruntime QDQ", "an ONNX QDQ file in onnxruntime (.onnx)."),
+}
+
+
 def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argparse.Namespace, batch: int,
                 artifact_dir: str | None) -> tuple[nn.Module, int, str]:
     """The INT8 model on the chosen backend, its serialised size and a label."""
     options = {"group": group_of(name), "input_range": normalizer.value_range()}
-    if getattr(args, "int8_backend", "torch-ao") == "executorch":
-        directory = artifact_dir or tempfile.mkdtemp(prefix="rotconv-pte-")
-        path = quant.to_executorch(plain, os.path.join(directory, "model.pte"), example_batch=batch, **options)
-        return quant.load_executorch(path), os.path.getsize(path), "ExecuTorch XNNPACK"
-    if getattr(args, "int8_backend", "torch-ao") == "onnx":
-        directory = artifact_dir or tempfile.mkdtemp(prefix="rotconv-onnx-")
-        path = quant.to_onnx(plain, os.path.join(directory, "model.onnx"), example_batch=batch, **options)
-        return quant.load_onnx(path), os.path.getsize(path), "onnxruntime QDQ"
+    backend = getattr(args, "int8_backend", "torch-ao")
+    if backend in DEPLOY_BACKENDS:
+        export, load, file_name, label, _ = DEPLOY_BACKENDS[backend]
+        directory = artifact_dir or tempfile.mkdtemp(prefix=f"rotconv-{backend}-")
+        path = export(plain, os.path.join(directory, file_name), example_batch=batch, **options)
+        return load(path), os.path.getsize(path), label
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
         int8 = quant.dfq(plain, mode="int8", backend=args.backend, weight_scheme=args.weight_scheme, **options)
@@ -351,7 +357,7 @@ def _paper(values: tuple[float, float | None] | None) -> str:
 
 
 def _int8_scheme(settings: dict) -> str:
-    return "symmetric" if settings.get("int8_backend") in ("executorch", "onnx") else settings["weight_scheme"]
+    return "symmetric" if settings.get("int8_backend") in DEPLOY_BACKENDS else settings["weight_scheme"]
 
 
 def _count(number: int, noun: str) -> str:
@@ -367,12 +373,13 @@ def format_table(results: dict) -> str:
         lines.append("**SYNTHETIC DATA** (procedurally generated PCam-like patches, not tissue): these figures say "
                      "nothing about PCam; pass --data for real files.")
     sizes = results["data_sizes"]
+    backend = results["settings"].get("int8_backend")
+    runtime = (DEPLOY_BACKENDS[backend][4] if backend in DEPLOY_BACKENDS
+               else f"{results['settings']['backend']} int8 kernels.")
     lines.append(f"Data: {results['data']} (train {sizes['train']:,} / valid {sizes['valid']:,} / test "
                  f"{sizes['test']:,} patches); {_count(results['settings']['epochs'], 'epoch')}; seeds {seeds}; "
                  f"INT8: DFQ, {_int8_scheme(results['settings'])} per-tensor weights, on "
-                 + {"executorch": "an ExecuTorch XNNPACK program (.pte).",
-                    "onnx": "an ONNX QDQ file in onnxruntime (.onnx)."}.get(results["settings"].get("int8_backend"),
-                                                                          f"{results['settings']['backend']} int8 kernels."))
+                 + runtime)
     lines.append("")
     lines.append("| model | FP32 test acc (%) | INT8 test acc (%) | relative drop (%) | paper FP32 | paper INT8 "
                  "| params | MACs | INT8 size | stable 4x90° FP32 / INT8 (%) | correct under 4x90° FP32 / INT8 (%) "

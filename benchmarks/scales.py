@@ -37,6 +37,7 @@ from mobilenet.pcam import Normalizer, PCam, augment_batch
 from mobilenet.training import UsageError, training_step
 
 from . import pcam
+from .common import initialize_rotconv_layers
 from .synthetic import write_synthetic_pcam
 
 __all__ = ["main", "layer_scales", "format_scales", "KINDS"]
@@ -202,10 +203,7 @@ def run(args: argparse.Namespace) -> dict:
                "steps": args.steps, "batch_size": args.batch_size, "precision": precision, "models": {}}
     for name in ["conventional", *groups]:
         torch.manual_seed(args.seed)
-        model = mobilenet.mobilenet_v2(group=pcam.group_of(name))
-        for module in model.modules():
-            if isinstance(module, rotconv.SteerableConv2d):
-                module.reset_parameters(mode=args.init)
+        model = initialize_rotconv_layers(mobilenet.mobilenet_v2(group=pcam.group_of(name)), args.init)
         stages = {"init": layer_scales(model, probe_inputs, probe_labels, args.lr)}
         logits = {"init": _rms(model.eval()(probe_inputs))}
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

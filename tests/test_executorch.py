@@ -98,24 +98,3 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_executorch)
     with pytest.raises(ImportError, match=r"rotconv\[deploy\]"):
         quant.to_executorch(nn.Sequential(), str(tmp_path / "m.pte"))
-
-
-def test_pcam_benchmark_reports_the_program(tmp_path):
-    # benchmarks.pcam --int8-backend executorch: the INT8 figures come from the .pte kept beside the run,
-    # and the C_4 model's predictions never change under quarter turns.
-    from benchmarks import pcam
-    from benchmarks.synthetic import write_synthetic_pcam
-
-    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=6)
-    out = tmp_path / "results.json"
-    code = pcam.main(["--data", data, "--models", "equivariant", "--group", "C4", "--epochs", "1", "--width-mult",
-                      "0.25", "--batch-size", "8", "--stability-samples", "4", "--threads", "1", "--int8-backend",
-                      "executorch", "--runs", str(tmp_path / "runs"), "--out", str(out)])
-    assert code == 0
-    import json
-    results = json.loads(out.read_text())
-    run = results["runs"][0]
-    program = tmp_path / "runs" / "C4-seed0" / "model.pte"
-    assert run["int8_bytes"] == program.stat().st_size
-    assert run["stability"]["int8"]["90"] == 1.0
-    assert "ExecuTorch XNNPACK program" in results["table"]

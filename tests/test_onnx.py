@@ -1,4 +1,5 @@
-"""quant.to_onnx: the float model and the data-free INT8 model (QDQ) as ONNX files run by onnxruntime."""
+"""quant.to_onnx: the float model and the data-free INT8 model (QDQ) as ONNX files run by onnxruntime; and
+benchmarks.pcam with either deployable INT8 backend (ExecuTorch, ONNX)."""
 import importlib.util
 import warnings
 
@@ -122,9 +123,11 @@ def test_bad_files_and_inputs_are_named(files, tmp_path):
         quant.to_onnx(nn.Conv2d(3, 3, 1), str(tmp_path / "x.onnx"), int8="yes")
 
 
-def test_pcam_benchmark_reports_the_onnx_file(tmp_path):
-    # benchmarks.pcam --int8-backend onnx: the INT8 figures come from the .onnx kept beside the run, and the
-    # C_4 model's INT8 predictions never change under quarter turns.
+@pytest.mark.parametrize("backend, file_name, wording", [
+    ("executorch", "model.pte", "an ExecuTorch XNNPACK program"), ("onnx", "model.onnx", "an ONNX QDQ file in onnxruntime")])
+def test_pcam_benchmark_reports_the_deployed_file(tmp_path, backend, file_name, wording):
+    # benchmarks.pcam --int8-backend executorch|onnx: the INT8 figures come from the file kept beside the run,
+    # and the C_4 model's INT8 predictions never change under quarter turns.
     import json
 
     from benchmarks import pcam
@@ -134,10 +137,10 @@ def test_pcam_benchmark_reports_the_onnx_file(tmp_path):
     out = tmp_path / "results.json"
     code = pcam.main(["--data", data, "--models", "equivariant", "--group", "C4", "--epochs", "1", "--width-mult",
                       "0.25", "--batch-size", "8", "--stability-samples", "4", "--threads", "1", "--int8-backend",
-                      "onnx", "--runs", str(tmp_path / "runs"), "--out", str(out)])
+                      backend, "--runs", str(tmp_path / "runs"), "--out", str(out)])
     assert code == 0
     results = json.loads(out.read_text())
     run = results["runs"][0]
-    assert run["int8_bytes"] == (tmp_path / "runs" / "C4-seed0" / "model.onnx").stat().st_size
+    assert run["int8_bytes"] == (tmp_path / "runs" / "C4-seed0" / file_name).stat().st_size
     assert run["stability"]["int8"]["90"] == 1.0
-    assert "ONNX QDQ file in onnxruntime" in results["table"]
+    assert wording in results["table"]
