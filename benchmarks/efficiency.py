@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--width-mult", type=float, help="default 1.0")
     parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--group-pool", choices=pcam.GROUP_POOL_MODES, default="max",
+                        help="invariant readout of the equivariant models (max, mean, sort; run dirs end -<mode> "
+                             "when not max)")
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips (D4)")
     parser.add_argument("--init", choices=("fan_in", "fan_out"), default="fan_in",
                         help="Kaiming mode of the rotconv layers (recipe studies): fan_in, mobilenet_v2's default, "
@@ -153,13 +156,15 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
     """The arguments benchmarks.pcam.evaluate reads."""
     namespace = argparse.Namespace(device="cpu", backend=args.backend,
                                    weight_scheme=args.weight_scheme, width_mult=settings["width_mult"],
-                                   dropout=args.dropout)
+                                   dropout=args.dropout, group_pool=args.group_pool)
     return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
 
 
 def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, normalizer: Normalizer,
              args: argparse.Namespace, settings: dict) -> dict:
-    variant = ("-noaug" if args.no_augment else "") + ("-fanout" if args.init == "fan_out" and name != "conventional" else "")
+    equivariant = name != "conventional"
+    variant = ("-noaug" if args.no_augment else "") + ("-fanout" if args.init == "fan_out" and equivariant else "") \
+        + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "")
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
     if args.resume and os.path.exists(result_path):

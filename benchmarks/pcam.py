@@ -63,6 +63,7 @@ PROFILES = {
               "lr": 1e-3, "stability_samples": None, "seeds": [0, 1, 2, 3, 4], "simulated_int8": True},
 }
 MODELS = ("conventional", "equivariant")  # --models; "equivariant" means one model per --group
+GROUP_POOL_MODES = rotconv.GroupPool.MODES  # --group-pool: the invariant readout of the equivariant models
 
 
 def model_names(models: list[str], groups: list[str]) -> list[str]:
@@ -107,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stability-samples", type=int, help="test patches used for rotation stability")
     parser.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV2 width multiplier (1.0)")
     parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--group-pool", choices=GROUP_POOL_MODES, default="max",
+                        help="invariant readout of the equivariant models: max over each field's rotations (the "
+                             "paper's), mean, or sort (every order statistic; mobilenet_v2(group_pool=...))")
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
     parser.add_argument("--int8-backend", choices=("torch-ao", "executorch", "onnx"), default="torch-ao",
                         help="where the INT8 model runs: torch.ao's int8 kernels (default), an ExecuTorch XNNPACK "
@@ -185,7 +189,9 @@ def parse_groups(names: list[str] | None, group_order: int | None = None) -> lis
 
 def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.MobileNetV2:
     torch.manual_seed(seed)
-    return mobilenet.mobilenet_v2(group=group_of(name), width_mult=args.width_mult, dropout=args.dropout)
+    group = group_of(name)
+    pool = {} if group is None else {"group_pool": getattr(args, "group_pool", "max")}
+    return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout, **pool)
 
 
 def model_label(name: str) -> str:
@@ -451,6 +457,8 @@ def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: a
     identity = {"model": name, "width_mult": args.width_mult,
                 "dropout": args.dropout, "data": data["fingerprint"],  # content, not path, identifies a run
                 "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
+    if name != "conventional" and args.group_pool != "max":  # (the key is absent from runs made before it existed)
+        identity["group_pool"] = args.group_pool
     log(f"== {model_label(name)}, seed {seed} ==")
     started = time.time()
     trained = train(build_model(name, args, seed), splits["train"], splits["valid"], config, run_dir,
@@ -485,7 +493,8 @@ def _report(args: argparse.Namespace, settings: dict, data: dict, label: str, sy
                      "optimizer": config.optimizer, "schedule": config.schedule, "augment": config.augment,
                      "precision": resolve_precision(config.precision, args.device, lambda *a, **k: None),
                      "channels_last": config.channels_last,
-                     "width_mult": args.width_mult, "dropout": args.dropout, "backend": args.backend,
+                     "width_mult": args.width_mult, "dropout": args.dropout, "group_pool": args.group_pool,
+                     "backend": args.backend,
                      "int8_backend": args.int8_backend,
                      "weight_scheme": args.weight_scheme,
                      "stability_samples": settings["stability_samples"], "processes": processes.world_size,

@@ -7,7 +7,8 @@ the last feature map is 11x11 instead of 3x3, odd grids kept by every strided la
 (``rotconv.equivariant_padding``), a circular mask on the input and a circular field of view in the
 global pooling. The equivariant network uses the same table with ``round(c / N)`` regular fields (at least
 one) where the conventional one has ``c`` channels, and an invariant head: masked global average pooling,
-max pooling over the N rotations, linear classifier.
+pooling over the N rotations (max by default; ``group_pool="sort"`` keeps every order statistic), linear
+classifier.
 """
 
 import torch
@@ -63,7 +64,7 @@ class _PlainLayers:
     def norm(self, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
 
-    def pool_rotations(self) -> nn.Module:
+    def pool_rotations(self, mode: str) -> nn.Module:
         return nn.Identity()
 
 
@@ -92,8 +93,8 @@ class _EquivariantLayers:
     def norm(self, channels: int) -> nn.Module:
         return rotconv.GroupBatchNorm2d(channels // self.group.order, self.group)
 
-    def pool_rotations(self) -> nn.Module:
-        return rotconv.GroupPool(self.group, "max")
+    def pool_rotations(self, mode: str) -> nn.Module:
+        return rotconv.GroupPool(self.group, mode)
 
 
 class ConvNormActivation(nn.Sequential):
@@ -137,7 +138,8 @@ class MobileNetV2(nn.Module):
     """
 
     def __init__(self, num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
-                 input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> None:
+                 input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
+                 group_pool: str = "max") -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         group = None if group is None else as_group(group)
@@ -147,7 +149,12 @@ class MobileNetV2(nn.Module):
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         check_choice(activation, "activation", sorted(_ACTIVATIONS))
+        check_choice(group_pool, "group_pool", rotconv.GroupPool.MODES)
+        if group is None and group_pool != "max":
+            raise ValueError(f"group_pool: only an equivariant model (group=...) pools over a group, got "
+                             f"group_pool={group_pool!r} with group=None")
         self.group = group
+        self.group_pool = group_pool
         self.input_size = input_size
         self.num_classes = num_classes
         self.width_mult = width_mult
@@ -179,8 +186,8 @@ class MobileNetV2(nn.Module):
         self.final_size = size
         self.input_mask = rotconv.CircularMask(input_size)
         self.pool = rotconv.MaskedGlobalAvgPool(size=size)
-        self.pool_rotations = layers.pool_rotations()
-        head_features = last if group is None else last // group.order
+        self.pool_rotations = layers.pool_rotations(group_pool)
+        head_features = last if group is None else self.pool_rotations.out_channels(last)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(head_features, num_classes))
         self._init_weights()
 
@@ -235,7 +242,7 @@ class MobileNetV2(nn.Module):
             else str(self.group)
         return {"num_classes": self.num_classes, "group": group,
                 "width_mult": self.width_mult, "input_size": self.input_size, "activation": self.activation,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "group_pool": self.group_pool}
 
     def extra_repr(self) -> str:
         group = "conventional" if self.group is None else f"group={self.group!r}"
@@ -243,7 +250,8 @@ class MobileNetV2(nn.Module):
 
 
 def mobilenet_v2(num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
-                 input_size: int = 95, activation: str = "relu6", dropout: float = 0.2) -> MobileNetV2:
+                 input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
+                 group_pool: str = "max") -> MobileNetV2:
     """Build MobileNetV2 for PCam.
 
     Args:
@@ -255,5 +263,9 @@ def mobilenet_v2(num_classes: int = 2, group: rotconv.Group | int | str | None =
         input_size: odd side of the square input (95 for PCam's 96x96 patches cropped by one pixel).
         activation: ``"relu6"`` (MobileNetV2) or ``"relu"``.
         dropout: dropout before the classifier.
+        group_pool: the invariant readout of an equivariant model (:class:`rotconv.GroupPool` mode):
+            ``"max"`` over each field's N channels (the paper's; the classifier sees ``round(1280 / N)``
+            features), ``"mean"``, or ``"sort"`` (each field's N values in ascending order: as many features as
+            the conventional model, still exactly invariant).
     """
-    return MobileNetV2(num_classes, group, width_mult, input_size, activation, dropout)
+    return MobileNetV2(num_classes, group, width_mult, input_size, activation, dropout, group_pool)

@@ -150,7 +150,8 @@ class SteerableConv2d(nn.Module):
 
         The scale matters beyond the forward pass even where a batch norm follows: Adam moves every coefficient
         by about ``lr`` per step, so the filter's relative change per step is inversely proportional to its
-        scale. ``mobilenet_v2`` uses ``mode="fan_out"`` for both of its models (torchvision's rule)."""
+        scale. ``mobilenet_v2`` keeps ``mode="fan_in"`` for its rotconv layers (``mode="fan_out"``, torchvision's
+        rule for the conventional model, validated worse on PCam: docs/training.md section 2)."""
         check_choice(mode, "mode", ("fan_in", "fan_out"))
         channels = self._fan_in() if mode == "fan_in" else self.out_channels
         std = math.sqrt(2.0 / (channels * self.basis_size))

@@ -31,16 +31,39 @@ def disc_mask(height: int, width: int, radius: float | None = None, edge_width: 
     return mask.to(dtype=dtype, device=device)
 
 
-class GroupPool(nn.Module):
-    """Pool each regular field over its group elements: ``(B, F*|G|, *spatial) -> (B, F, *spatial)``.
+def _transposition_sort(x: torch.Tensor) -> torch.Tensor:
+    """Sort along dim 2 in ascending order with elementwise min/max only: odd-even transposition sort, whose
+    ``n`` rounds of compare-exchanges on neighbouring pairs sort any ``n`` values. The min/max ops are exact, so
+    the result has the values of ``torch.sort``; used where sort kernels are missing (ExecuTorch)."""
+    n = x.shape[2]
+    for round_index in range(n):
+        start = round_index % 2
+        pairs = (n - start) // 2
+        if pairs == 0:
+            continue
+        stop = start + 2 * pairs
+        left, right = x[:, :, start:stop:2], x[:, :, start + 1:stop:2]
+        exchanged = torch.stack([torch.minimum(left, right), torch.maximum(left, right)], dim=3).flatten(2, 3)
+        x = torch.cat([x[:, :, :start], exchanged, x[:, :, stop:]], dim=2)
+    return x
 
-    The result is invariant under the channel permutation of the group action (so a rotation acts on it as
-    on scalar channels). ``mode='max'`` or ``'mean'``.
+
+class GroupPool(nn.Module):
+    """Pool each regular field over its group elements, invariantly under the group's channel permutation (so
+    a rotation acts on the result as on scalar channels).
+
+    ``mode='max'`` or ``'mean'``: ``(B, F*|G|, *spatial) -> (B, F, *spatial)``.
+    ``mode='sort'``: ``(B, F*|G|, *spatial) -> (B, F*|G|, *spatial)``, each field's |G| values in ascending
+    order (its order statistics: max, min, median, ... all at once). Sorting is exact, so the output is
+    bit-identical for a permuted field, and a linear layer on it can express max, mean and any mix, with |G|
+    times the features of ``'max'``.
     """
+
+    MODES = ("max", "mean", "sort")
 
     def __init__(self, group: Group | int | str, mode: str = "max") -> None:
         super().__init__()
-        check_choice(mode, "mode", ("max", "mean"))
+        check_choice(mode, "mode", self.MODES)
         self.group = as_group(group)
         self.order: int = self.group.order
         self.mode = mode
@@ -56,7 +79,15 @@ class GroupPool(nn.Module):
         if not torch.jit.is_scripting():
             self._check_input(x)
         fields = x.unflatten(1, (-1, self.order))
+        if self.mode == "sort":
+            if torch.compiler.is_exporting():  # deployable ops only (ExecuTorch has no sort kernel), same values
+                return _transposition_sort(fields).flatten(1, 2)
+            return torch.sort(fields, dim=2)[0].flatten(1, 2)
         return fields.amax(dim=2) if self.mode == "max" else fields.mean(dim=2)
+
+    def out_channels(self, in_channels: int) -> int:
+        """Channels of the output for ``in_channels`` input channels (``F*|G|``)."""
+        return in_channels if self.mode == "sort" else in_channels // self.order
 
     def extra_repr(self) -> str:
         return f"group={self.group!r}, mode={self.mode!r}"

@@ -15,20 +15,22 @@ if importlib.util.find_spec("executorch") is None:
     pytest.skip("executorch is not installed (optional extra: pip install 'rotconv[deploy]')", allow_module_level=True)
 
 
-def _random_model(group: str) -> nn.Module:
+def _random_model(group: str, group_pool: str = "max") -> nn.Module:
     torch.manual_seed(0)
-    model = mobilenet.mobilenet_v2(group=group, width_mult=0.35)
+    model = mobilenet.mobilenet_v2(group=group, width_mult=0.35, group_pool=group_pool)
     with torch.no_grad():
         model.classifier[1].weight.normal_()
     return rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95)).export().eval()
 
 
-@pytest.mark.parametrize("group", ["C4", "C12"])
-def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, tmp_path):
+@pytest.mark.parametrize("group, group_pool", [("C4", "max"), ("C12", "max"), ("C4", "sort")])
+def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, tmp_path):
     # The int8 feature maps of a rotated input are the rotated maps (rot90-exact filters, per-tensor scales);
     # the masked average pool sums integers exactly in float64, so even the float head gives identical bits.
-    # Inputs 3x wider than the declared range saturate the first quantizer: still exact.
-    path = quant.to_executorch(_random_model(group), str(tmp_path / "model.pte"), group=group, example_batch=2)
+    # Inputs 3x wider than the declared range saturate the first quantizer: still exact. group_pool="sort"
+    # is exported as a min/max sorting network (ExecuTorch has no sort kernel): exact too.
+    path = quant.to_executorch(_random_model(group, group_pool), str(tmp_path / "model.pte"), group=group,
+                               example_batch=2)
     program = quant.load_executorch(path)
     g = rotconv.as_group(group)
     x = torch.randn(3, 3, 95, 95, generator=torch.Generator().manual_seed(1))  # 3 = one full batch + a padded one

@@ -252,6 +252,36 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@settings(max_examples=30, deadline=None)
+@given(dihedral=st.booleans(), N=st.integers(1, 12), fields=st.integers(1, 3), spatial=st.booleans(),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_sorted_group_pool_is_bit_exactly_invariant_and_contains_max_and_mean(dihedral, N, fields, spatial, ties,
+                                                                                seed):
+    from rotconv.pooling import _transposition_sort
+
+    group = rotconv.DihedralGroup(N) if dihedral else rotconv.CyclicGroup(N)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, fields * group.order, *((3, 3) if spatial else ()), generator=generator)
+    if ties:  # coarse values: many equal entries within a field (ReLU zeros, quantized maps)
+        x = torch.round(2 * x) / 2
+    pool = rotconv.GroupPool(group, "sort")
+    y = pool(x)
+    assert y.shape == x.shape and pool.out_channels(x.shape[1]) == x.shape[1]
+    # any element permutes the channels of every field; sorting forgets the order exactly (no rounding).
+    # Spatial inputs: only the grid's exact elements, which move pixels without interpolation.
+    elements = group.exact_elements() if spatial else range(group.order)
+    for element in elements:
+        expected = group.transform_image(y, element) if spatial else y
+        assert torch.equal(pool(group.act(x, element)), expected), element
+    by_field = y.unflatten(1, (fields, group.order))
+    assert (by_field.diff(dim=2) >= 0).all()
+    assert torch.equal(by_field[:, :, -1], rotconv.GroupPool(group, "max")(x))
+    # the mean of the same values in another order: float32 rounding of <= 24 terms of size ~3
+    assert torch.allclose(by_field.mean(2), rotconv.GroupPool(group, "mean")(x), rtol=0, atol=1e-5)
+    # the min/max network used under torch.export gives the same bits
+    assert torch.equal(_transposition_sort(x.unflatten(1, (fields, group.order))).flatten(1, 2), y)
+
+
 def test_group_batch_norm_shares_statistics_within_fields():
     group = rotconv.CyclicGroup(4)
     norm = rotconv.GroupBatchNorm2d(3, group)

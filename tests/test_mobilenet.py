@@ -43,6 +43,29 @@ def test_logits_invariant_to_quarter_turns(models, N):
         assert rotconv.equivariance_error(model, group, x, k, output_regular=False) < 1e-10
 
 
+@pytest.mark.parametrize("group", ["C4", "D4"])
+def test_sorted_readout_model_is_invariant_exports_and_round_trips(group, tmp_path):
+    # group_pool="sort": the classifier sees every order statistic of each field (as many features as the
+    # conventional model); still invariant to float64 rounding under the grid's symmetries (bound as above),
+    # the export computes the same function, and mobilenet.save/load rebuilds the readout.
+    torch.manual_seed(0)
+    model = mobilenet.mobilenet_v2(group=group, group_pool="sort", width_mult=0.35)
+    assert model.classifier[1].in_features == model.features[-1][0].out_channels  # every channel, not 1/|G|
+    with torch.no_grad():
+        model.classifier[1].weight.normal_()
+    rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95))
+    model = model.eval().double()
+    g = rotconv.as_group(group)
+    x = torch.randn(2, 3, 95, 95, dtype=torch.float64)
+    for element in g.exact_elements():
+        assert rotconv.equivariance_error(model, g, x, element, output_regular=False) < 1e-10, element
+    with torch.no_grad():
+        assert torch.allclose(model.export()(x), model(x), rtol=0, atol=1e-10)
+        mobilenet.save(model.float(), str(tmp_path / "model.pt"))
+        loaded = mobilenet.load(str(tmp_path / "model.pt"))
+        assert loaded.group_pool == "sort" and torch.equal(loaded(x.float()), model(x.float()))
+
+
 def test_conventional_model_is_not_invariant(models):
     group = rotconv.CyclicGroup(4)
     x = torch.randn(2, 3, 95, 95)
@@ -124,7 +147,8 @@ def test_wrong_inputs_raise(models, shape, message):
 @pytest.mark.parametrize("kwargs, name", [
     (dict(input_size=96), "input_size"), (dict(num_classes=0), "num_classes"),
     (dict(activation="gelu"), "activation"), (dict(group="P4M"), "group"), (dict(group=0), "group"),
-    (dict(width_mult=0), "width_mult"),
+    (dict(width_mult=0), "width_mult"), (dict(group=4, group_pool="median"), "group_pool"),
+    (dict(group_pool="sort"), "group_pool"),  # the conventional model has no group to pool over
 ])
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):

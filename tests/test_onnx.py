@@ -17,9 +17,9 @@ for _module in ("onnx", "onnxscript", "onnxruntime", "executorch"):
                     allow_module_level=True)
 
 
-def _random_model(group) -> nn.Module:
+def _random_model(group, group_pool: str = "max") -> nn.Module:
     torch.manual_seed(0)
-    model = mobilenet.mobilenet_v2(group=group, width_mult=0.25)
+    model = mobilenet.mobilenet_v2(group=group, width_mult=0.25, group_pool=group_pool)
     with torch.no_grad():
         model.classifier[1].weight.normal_()
     return rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95)).export().eval()
@@ -104,6 +104,23 @@ def test_int8_logits_are_bit_exactly_invariant_to_quarter_turns(files, batch):
     logits = session(x)
     for k in (1, 2, 3):
         assert torch.equal(session(torch.rot90(x, k, (2, 3))), logits), k
+
+
+def test_sorted_readout_exports_and_stays_bit_exact(tmp_path):
+    # group_pool="sort" is traced as a min/max sorting network: the FP32 file matches the model, and the INT8
+    # file's logits are bit-identical under quarter turns (min/max are exact, as the pool before them)
+    model = _random_model("C4", group_pool="sort")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32 = quant.load_onnx(quant.to_onnx(model, str(tmp_path / "fp32.onnx"), int8=False))
+        int8 = quant.load_onnx(quant.to_onnx(model, str(tmp_path / "int8.onnx"), group="C4"))
+    x = torch.randn(2, 3, 95, 95, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(fp32(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)  # rounding only
+    logits = int8(x)
+    for k in (1, 2, 3):
+        assert torch.equal(int8(torch.rot90(x, k, (2, 3))), logits), k
 
 
 def test_bad_files_and_inputs_are_named(files, tmp_path):
