@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import mobilenet
 from benchmarks import efficiency
 from benchmarks.synthetic import write_synthetic_pcam
 
@@ -72,6 +73,17 @@ def test_valid_only_never_opens_the_test_split(tmp_path):
     assert "VALIDATION split only" in results["table"]
     # the same runs are kept per learning rate, so a study of several rates shares one --runs directory
     assert sorted(os.listdir(tmp_path / "runs"))[:2] == ["size16-C4-lr0.01-seed0", "size16-conventional-lr0.003-seed0"]
+
+
+def test_group_pool_variant_keeps_its_own_runs(tmp_path):
+    # a recipe variant must not resume (or overwrite) the runs of the default readout
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=7)
+    arguments = ["--quick", "--data", data, "--runs", str(tmp_path / "runs"), "--threads", "1", "--valid-only",
+                 "--sizes", "16", "--models", "equivariant", "--group-pool", "sort"]
+    assert efficiency.main(arguments) == 0
+    assert sorted(os.listdir(tmp_path / "runs")) == ["efficiency.json", "size16-C4-lr0.003-sort-seed0"]
+    model = mobilenet.load(str(tmp_path / "runs" / "size16-C4-lr0.003-sort-seed0" / "model.pt"))
+    assert model.group_pool == "sort"
 
 
 def test_learning_rates_per_model_are_checked(tmp_path, capsys):
