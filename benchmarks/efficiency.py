@@ -271,15 +271,20 @@ def plot_curve(results: dict, directory: str) -> str:
     valid_only = results["settings"].get("valid_only", False)
     figures = (("valid_accuracy", "validation", "-o"),) if valid_only else \
         (("fp32_accuracy", "FP32", "-o"), ("int8_accuracy", "INT8", "--s"))
-    for name in dict.fromkeys(run["model"] for run in results["runs"]):
-        for key, label, style in figures:
-            points = [(int(s), results["curve"][s][name][key]) for s in sizes
-                      if name in results["curve"][s]]
-            if points:
-                axis.errorbar([p[0] for p in points], [100 * p[1]["mean"] for p in points],
-                              yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
-                              label=f"{pcam.model_label(name)} {label}")
+    series = [(name, key, label, style) for name in dict.fromkeys(run["model"] for run in results["runs"])
+              for key, label, style in figures]
+    for index, (name, key, label, style) in enumerate(series):
+        points = [(int(s), results["curve"][s][name][key]) for s in sizes if name in results["curve"][s]]
+        if points:
+            shift = 1.025 ** (index - (len(series) - 1) / 2)  # side by side, so the error bars stay readable
+            axis.errorbar([p[0] * shift for p in points], [100 * p[1]["mean"] for p in points],
+                          yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
+                          label=f"{pcam.model_label(name)} {label}")
     axis.set_xscale("log")
+    axis.set_xticks([int(s) for s in sizes], [f"{int(s):,}" for s in sizes])
+    axis.minorticks_off()
+    seeds = sorted({run["seed"] for run in results["runs"]})
+    axis.set_title(f"mean ± std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=9)
     axis.set_xlabel("training patches")
     axis.set_ylabel("validation accuracy (%)" if valid_only else "test accuracy (%)")
     axis.legend(fontsize=7)
