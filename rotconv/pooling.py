@@ -80,8 +80,11 @@ class GroupPool(nn.Module):
             self._check_input(x)
         fields = x.unflatten(1, (-1, self.order))
         if self.mode == "sort":
-            if torch.compiler.is_exporting():  # deployable ops only (ExecuTorch has no sort kernel), same values
-                return _transposition_sort(fields).flatten(1, 2)
+            # torch.export: deployable ops only (ExecuTorch has no sort kernel), same values.
+            # TorchScript cannot compile torch.compiler.is_exporting, hence the is_scripting guard.
+            if not torch.jit.is_scripting():
+                if torch.compiler.is_exporting():
+                    return _transposition_sort(fields).flatten(1, 2)
             return torch.sort(fields, dim=2)[0].flatten(1, 2)
         return fields.amax(dim=2) if self.mode == "max" else fields.mean(dim=2)
 

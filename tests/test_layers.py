@@ -282,6 +282,16 @@ def test_sorted_group_pool_is_bit_exactly_invariant_and_contains_max_and_mean(di
     assert torch.equal(_transposition_sort(x.unflatten(1, (fields, group.order))).flatten(1, 2), y)
 
 
+@pytest.mark.parametrize("mode", rotconv.GroupPool.MODES)
+def test_group_pool_is_scriptable_in_every_mode(mode):
+    # torch.jit.script must not compile the torch.export-only branch (torch.compiler.is_exporting is not
+    # scriptable); the scripted pool computes the same bits as the eager one.
+    pool = rotconv.GroupPool(rotconv.CyclicGroup(4), mode)
+    scripted = torch.jit.script(pool)
+    x = torch.randn(2, 8, 3, 3)
+    assert torch.equal(scripted(x), pool(x))
+
+
 def test_group_batch_norm_shares_statistics_within_fields():
     group = rotconv.CyclicGroup(4)
     norm = rotconv.GroupBatchNorm2d(3, group)
