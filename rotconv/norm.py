@@ -84,7 +84,7 @@ class _FieldBatchNorm(torch.autograd.Function):
     inputs, built on torch's fast per-channel kernels (a field is not contiguous in channels_last memory,
     so the field view of the contiguous path would cost copies).
 
-    Forward: per-channel mean and variance (``torch.native_batch_norm``), combined per field without
+    Forward: per-channel mean and variance (``torch.batch_norm_update_stats``), combined per field without
     cancellation (``var_f = mean(var_c) + mean((mean_c - mean_f)^2)``), then one per-channel affine pass.
     Backward: torch's kernel with the field statistics held constant, plus the statistics' share of the
     gradient (a per-channel affine function of x) from field sums of its per-channel sums.
@@ -94,8 +94,9 @@ class _FieldBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 norm: nn.BatchNorm1d, N: int) -> torch.Tensor:
-        _, mean_c, invstd_c = torch.native_batch_norm(x, None, None, None, None, True, 0.0, norm.eps)
-        var_c = (invstd_c.double().pow(-2) - norm.eps).clamp_min(0.0)
+        # statistics only (native_batch_norm would also write a normalised output that is not used)
+        mean_c, var_c = torch.batch_norm_update_stats(x, None, None, 0.0)
+        var_c = var_c.double()
         mean_c = mean_c.double().view(-1, N)
         mean_f = mean_c.mean(1)
         var_f = var_c.view(-1, N).mean(1) + (mean_c - mean_f[:, None]).pow(2).mean(1)
