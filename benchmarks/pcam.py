@@ -190,8 +190,8 @@ def parse_groups(names: list[str] | None, group_order: int | None = None) -> lis
 def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.MobileNetV2:
     torch.manual_seed(seed)
     group = group_of(name)
-    pool = {} if group is None else {"group_pool": getattr(args, "group_pool", "max")}
-    return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout, **pool)
+    group_pool = "max" if group is None else args.group_pool  # the conventional model has no group to pool over
+    return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout, group_pool=group_pool)
 
 
 def model_label(name: str) -> str:
