@@ -86,58 +86,65 @@ class _FieldBatchNorm(torch.autograd.Function):
 
     Forward: per-channel mean and variance (``torch.batch_norm_update_stats``), combined per field without
     cancellation (``var_f = mean(var_c) + mean((mean_c - mean_f)^2)``), then one per-channel affine pass.
-    Backward: torch's kernel with the field statistics held constant, plus the statistics' share of the
-    gradient (a per-channel affine function of x) from field sums of its per-channel sums.
+    Backward: torch's kernel for the per-channel sums only (sum of dy and of dy * xhat, one reduction pass),
+    combined per field; the input gradient is then a per-channel ``a * dy + b * x + c`` in two elementwise passes.
     Running statistics of ``norm`` (a BatchNorm1d over fields) are updated as BatchNorm1d would.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 norm: nn.BatchNorm1d, N: int) -> torch.Tensor:
-        # statistics only (native_batch_norm would also write a normalised output that is not used)
-        mean_c, var_c = torch.batch_norm_update_stats(x, None, None, 0.0)
-        var_c = var_c.double()
-        mean_c = mean_c.double().view(-1, N)
+        # Per-channel statistics only (native_batch_norm would also write an output that is not used). Given
+        # running buffers (left unchanged by momentum 0) the kernel returns them in float32 also for bf16 x;
+        # without, it would round the means to bf16 (an error of up to 2**-9 |mean|, not small against std).
+        channels = x.shape[1]
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        mean_c, var_c = torch.batch_norm_update_stats(x, x.new_zeros(channels, dtype=dtype),
+                                                      x.new_ones(channels, dtype=dtype), 0.0)
+        mean_c, var_c = mean_c.view(-1, N), var_c.view(-1, N)
         mean_f = mean_c.mean(1)
-        var_f = var_c.view(-1, N).mean(1) + (mean_c - mean_f[:, None]).pow(2).mean(1)
-        count = x.numel() // x.shape[1] * N
+        var_f = var_c.mean(1) + (mean_c - mean_f[:, None]).square().mean(1)
+        count = x.numel() // channels * N
         with torch.no_grad():
             momentum = norm.momentum
             if norm.num_batches_tracked is not None:
                 norm.num_batches_tracked.add_(1)
                 if momentum is None:
                     momentum = 1.0 / float(norm.num_batches_tracked)
-            unbiased = var_f * count / max(count - 1, 1)
-            norm.running_mean.mul_(1 - momentum).add_(momentum * mean_f.to(norm.running_mean.dtype))
-            norm.running_var.mul_(1 - momentum).add_(momentum * unbiased.to(norm.running_var.dtype))
+            norm.running_mean.lerp_(mean_f.to(norm.running_mean.dtype), momentum)
+            norm.running_var.lerp_((var_f * (count / max(count - 1, 1))).to(norm.running_var.dtype), momentum)
         mean_f, var_f = mean_f.to(norm.running_mean.dtype), var_f.to(norm.running_mean.dtype)
-        invstd_f = torch.rsqrt(var_f + norm.eps)
-        repeat = lambda t: None if t is None else t.repeat_interleave(N)  # noqa: E731
-        y = torch.nn.functional.batch_norm(x, repeat(mean_f), repeat(var_f), repeat(weight), repeat(bias), False,
-                                           0.0, norm.eps)
-        ctx.save_for_backward(x, mean_f, invstd_f, weight)
+        mean, var = _per_channel(mean_f, N), _per_channel(var_f, N)
+        y = torch.nn.functional.batch_norm(x, mean, var, None if weight is None else _per_channel(weight, N),
+                                           None if bias is None else _per_channel(bias, N), False, 0.0, norm.eps)
+        ctx.save_for_backward(x, mean, var, weight)
         ctx.N, ctx.count, ctx.eps = N, count, norm.eps
         return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, mean_f, invstd_f, weight = ctx.saved_tensors
+        x, mean, var, weight = ctx.saved_tensors
         N, count = ctx.N, ctx.count
-        repeat = lambda t: t.repeat_interleave(N)  # noqa: E731
-        var_f = invstd_f.pow(-2) - ctx.eps
-        weight_c = repeat(weight) if weight is not None else None
-        # torch's kernel with the field statistics as constants: dx0 = w * invstd * dy, and per-channel sums
-        # sum(dy * xhat), sum(dy) (its weight and bias gradients), combined here per field
-        grad_input, sum_dy_xhat_c, sum_dy_c = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight_c, repeat(mean_f), repeat(var_f), None, None, False, ctx.eps, [True, True, True])
+        # one reduction pass: per-channel sum(dy * xhat) and sum(dy) (torch's kernel, input gradient not asked
+        # for), combined per field
+        _, sum_dy_xhat_c, sum_dy_c = torch.ops.aten.native_batch_norm_backward(
+            grad, x, None, mean, var, None, None, False, ctx.eps, [False, True, True])
         sum_dy = sum_dy_c.view(-1, N).sum(1)
         sum_dy_xhat = sum_dy_xhat_c.view(-1, N).sum(1)
+        mean_f, invstd_f = mean[::N], torch.rsqrt(var[::N] + ctx.eps)
         scale = invstd_f if weight is None else weight * invstd_f
-        # the statistics' share: dx = dx0 - scale * (sum_dy + xhat * sum_dy_xhat) / count = dx0 + b*x + c
+        # dx = scale * (dy - (sum_dy + xhat * sum_dy_xhat) / count) = a * dy + b * x + c, per channel:
+        # two elementwise passes (b * x + c, then + a * dy)
         b = -scale * invstd_f * sum_dy_xhat / count
         c = -scale * sum_dy / count - b * mean_f
-        channel = lambda t: repeat(t).view(1, -1, 1, 1).to(x.dtype)  # noqa: E731
-        grad_input = grad_input.add_(channel(c)).addcmul_(x, channel(b))
+        # coefficients in x's dtype: mixed bf16/float32 operands would send both passes through dtype copies
+        channel = lambda t: _per_channel(t, N).view(1, -1, 1, 1).to(x.dtype)  # noqa: E731
+        grad_input = torch.addcmul(channel(c), x, channel(b)).addcmul_(grad, channel(scale))
         grad_weight = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def _per_channel(per_field: torch.Tensor, N: int) -> torch.Tensor:
+    """``(fields,) -> (fields*N,)``: each field's value repeated for its N channels."""
+    return per_field.unsqueeze(1).expand(-1, N).reshape(-1)

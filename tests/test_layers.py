@@ -479,3 +479,35 @@ def test_channels_last_group_batch_norm_matches_the_reference_path(N, fields, ba
                         norm.norm.running_var))
     for expected, actual in zip(*results):
         assert torch.allclose(actual, expected, atol=1e-10, rtol=1e-10)
+
+
+@settings(max_examples=10)
+@given(N=st.integers(1, 12), fields=st.integers(1, 3), size=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_channels_last_group_batch_norm_bf16_is_the_float64_one_rounded(N, fields, size, seed):
+    # bf16 training (autocast hands the norm bf16 activations), inputs with a mean far from 0 (8, std 0.5):
+    # - output: the statistics must stay float32 (bf16 means would be off by up to 2**-9 * 8 = 0.016, i.e. 0.03
+    #   of the normalised unit); only the output's own bf16 rounding (2**-9 relative) remains, so
+    #   |y - y64| <= 2**-7 * max(1, |y64|) leaves 2x margin for it and for float32 sums;
+    # - input gradient: a * dy + b * x + c with bf16 coefficients, rounded to bf16 twice, so within a few bf16
+    #   units (2**-8 relative) of the largest term; 2**-6 of the largest gradient entry leaves room for the
+    #   coefficient and result roundings and for the float32 sums.
+    torch.manual_seed(seed)
+    group = rotconv.CyclicGroup(N)
+    fast = rotconv.GroupBatchNorm2d(fields, group)
+    with torch.no_grad():
+        fast.norm.weight.uniform_(0.5, 1.5)
+    reference = copy.deepcopy(fast).double()
+    x = (torch.randn(4, fields * N, size, size) * 0.5 + 8).bfloat16()
+    upstream = torch.randn(x.shape).bfloat16()
+    results = []
+    for norm, inputs, dy in ((reference, x.double(), upstream.double()),
+                             (fast, x.contiguous(memory_format=torch.channels_last), upstream)):
+        inputs = inputs.clone().requires_grad_(True)
+        out = norm(inputs)
+        (out * dy).sum().backward()
+        results.append((out, inputs.grad))
+    (y64, expected), (y, actual) = results
+    assert y.dtype == torch.bfloat16 and actual.dtype == torch.bfloat16
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert ((y.double() - y64).abs() <= 2 ** -7 * y64.abs().clamp(min=1)).all()
+    assert (actual.double() - expected).abs().max() <= 2 ** -6 * expected.abs().max()
