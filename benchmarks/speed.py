@@ -198,6 +198,16 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
 TRAINING_SETTINGS = (("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True))
 
 
+def _checked_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
+                  precision: str) -> None:
+    """The trainer's step, refusing a non-finite loss (the trainer skips the update then: a step that fast
+    would be timed as if it were one)."""
+    loss, _ = training_step(model, optimizer, inputs, labels, precision)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training throughput: non-finite loss {float(loss)} ({precision}, "
+                           f"{'equivariant' if getattr(model, 'group', None) is not None else 'conventional'} model)")
+
+
 def training_throughput(repeats: int, batch: int = 32, group: str = "C12") -> list[dict]:
     """Training throughput (patches/s) of both MobileNetV2s with the trainer's step (Adam, cross-entropy) in each
     precision x memory layout, interleaved per setting; bf16 rows only where the CPU has bf16 kernels."""
@@ -214,7 +224,7 @@ def training_throughput(repeats: int, batch: int = 32, group: str = "C12") -> li
             model = mobilenet.mobilenet_v2(group=model_group).to(memory_format=memory_format).train()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             inputs = x.contiguous(memory_format=memory_format)
-            steps.append(lambda m=model, o=optimizer, i=inputs: training_step(m, o, i, labels, precision))
+            steps.append(lambda m=model, o=optimizer, i=inputs: _checked_step(m, o, i, labels, precision))
         timing = compare(steps[0], steps[1], repeats)
         rows.append({"precision": precision, "channels_last": channels_last, "batch": batch,
                      "equivariant_patches_per_s": batch / timing["first_s"],

@@ -146,5 +146,7 @@ class _FieldBatchNorm(torch.autograd.Function):
 
 
 def _per_channel(per_field: torch.Tensor, N: int) -> torch.Tensor:
-    """``(fields,) -> (fields*N,)``: each field's value repeated for its N channels."""
-    return per_field.unsqueeze(1).expand(-1, N).reshape(-1)
+    """``(fields,) -> (fields*N,)``: each field's value repeated for its N channels, in contiguous memory
+    (``reshape`` of the expanded view would return a stride-0 view for one field, which torch's channels_last
+    batch-norm kernels, called directly, read as if contiguous)."""
+    return per_field.unsqueeze(1).expand(-1, N).contiguous().view(-1)

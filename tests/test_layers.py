@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import rotconv
 from conftest import smooth_masked_input
@@ -454,31 +454,36 @@ def test_channels_last_model_keeps_coefficients_contiguous():
     assert torch.allclose(layer(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-6)
 
 
-@settings(max_examples=15)
-@given(N=st.integers(1, 8), fields=st.integers(1, 3), batch=st.integers(2, 4), size=st.integers(1, 6),
-       dihedral=st.booleans(), seed=st.integers(0, 2**16))
-def test_channels_last_group_batch_norm_matches_the_reference_path(N, fields, batch, size, dihedral, seed):
+@settings(max_examples=20)
+@given(N=st.integers(1, 12), fields=st.integers(1, 3), batch=st.integers(2, 4), size=st.integers(1, 6),
+       dihedral=st.booleans(), double=st.booleans(), seed=st.integers(0, 2**16))
+@example(N=12, fields=1, batch=4, size=6, dihedral=False, double=False, seed=0)  # one field: stride-0 views
+def test_channels_last_group_batch_norm_matches_the_reference_path(N, fields, batch, size, dihedral, double, seed):
     # The channels_last training path (a custom autograd function on torch's per-channel kernels) against the
     # contiguous path (BatchNorm1d over a field view): outputs, all gradients and running statistics agree to
-    # float64 rounding (1e-10; the two sum in different orders).
+    # rounding, as the two sum in different orders: 1e-10 in float64; in float32 (where torch's kernels take
+    # other code paths) 1e-4 relative, ~100x the rounding of sums over <= 4 * 24 * 36 terms, far below the
+    # O(1) error of a wrong statistic (a one-field layer once fed a kernel a stride-0 mean it read as contiguous).
     torch.manual_seed(seed)
+    dtype = torch.float64 if double else torch.float32
+    tolerance = 1e-10 if double else 1e-4
     group = rotconv.DihedralGroup(N) if dihedral else rotconv.CyclicGroup(N)
-    reference = rotconv.GroupBatchNorm2d(fields, group).double()
+    reference = rotconv.GroupBatchNorm2d(fields, group).to(dtype)
     with torch.no_grad():
         reference.norm.weight.uniform_(0.5, 1.5)
         reference.norm.bias.uniform_(-1, 1)
     fast = copy.deepcopy(reference)
-    x = (torch.randn(batch, fields * group.order, size, size, dtype=torch.float64) * 2 + 0.5)
+    x = (torch.randn(batch, fields * group.order, size, size, dtype=dtype) * 2 + 0.5)
     upstream = torch.randn_like(x)
     results = []
     for norm, layout in ((reference, torch.contiguous_format), (fast, torch.channels_last)):
         inputs = x.clone().contiguous(memory_format=layout).requires_grad_(True)
         out = norm(inputs)
-        (out * upstream).sum().backward()
+        out.backward(upstream.contiguous(memory_format=layout))  # as in a network: gradients in the same layout
         results.append((out, inputs.grad, norm.norm.weight.grad, norm.norm.bias.grad, norm.norm.running_mean,
                         norm.norm.running_var))
     for expected, actual in zip(*results):
-        assert torch.allclose(actual, expected, atol=1e-10, rtol=1e-10)
+        assert torch.allclose(actual, expected, atol=tolerance, rtol=tolerance)
 
 
 @settings(max_examples=10)
@@ -504,7 +509,7 @@ def test_channels_last_group_batch_norm_bf16_is_the_float64_one_rounded(N, field
                              (fast, x.contiguous(memory_format=torch.channels_last), upstream)):
         inputs = inputs.clone().requires_grad_(True)
         out = norm(inputs)
-        (out * dy).sum().backward()
+        out.backward(dy.contiguous(memory_format=torch.channels_last))
         results.append((out, inputs.grad))
     (y64, expected), (y, actual) = results
     assert y.dtype == torch.bfloat16 and actual.dtype == torch.bfloat16
