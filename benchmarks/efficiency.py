@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="invariant readout of the equivariant models (max, mean, sort; run dirs end -<mode> "
                              "when not max)")
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips (D4)")
+    parser.add_argument("--stain-jitter", type=float, default=0.0, metavar="SIGMA",
+                        help="H&E stain augmentation strength (0 = off; run dirs end -stain<SIGMA>)")
     parser.add_argument("--init", choices=("fan_in", "fan_out"), default="fan_in",
                         help="Kaiming mode of the rotconv layers (recipe studies): fan_in, mobilenet_v2's default, "
                              "or fan_out (torchvision's rule, the conventional model's scale; run dirs end -fanout)")
@@ -143,6 +145,8 @@ def _settings(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{key.replace('_', '-')}", f"expected an integer >= 1, got {settings[key]}")
     if any(size < 2 for size in settings["sizes"]):
         raise UsageError("--sizes", f"expected sizes >= 2, got {settings['sizes']}")
+    if not (math.isfinite(args.stain_jitter) and 0 <= args.stain_jitter < 1):
+        raise UsageError("--stain-jitter", f"expected a number in [0, 1), got {args.stain_jitter}")
     if any(seed < 0 for seed in settings["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {settings['seeds']}")
     settings["lr"] = parse_learning_rates(args.lr, pcam.model_names(args.models, settings["groups"]))
@@ -163,7 +167,7 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
 def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, normalizer: Normalizer,
              args: argparse.Namespace, settings: dict) -> dict:
     equivariant = name != "conventional"
-    variant = ("-noaug" if args.no_augment else "") + ("-fanout" if args.init == "fan_out" and equivariant else "") \
+    variant = ("-noaug" if args.no_augment else "") + (f"-stain{args.stain_jitter:g}" if args.stain_jitter else "") + ("-fanout" if args.init == "fan_out" and equivariant else "") \
         + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "")
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
@@ -174,7 +178,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
     per_evaluation = math.ceil(settings["steps"] / settings["evaluations"])
     config = TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=settings["lr"][name],
                          weight_decay=args.weight_decay, seed=seed, precision=args.precision,
-                         steps_per_epoch=per_evaluation, augment=not args.no_augment)
+                         steps_per_epoch=per_evaluation, augment=not args.no_augment, stain_jitter=args.stain_jitter)
     model = pcam.build_model(name, evaluation_args, seed)
     if args.init != "fan_in":
         initialize_rotconv_layers(model, args.init)
@@ -323,7 +327,7 @@ def run(args: argparse.Namespace) -> dict:
                     runs.append(_run_one(size, seed, name, subset, splits, normalizer, args, settings))
         results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
                    "settings": {**settings, "weight_decay": args.weight_decay, "backend": args.backend,
-                                "valid_only": args.valid_only, "augment": not args.no_augment, "init": args.init,
+                                "valid_only": args.valid_only, "augment": not args.no_augment, "stain_jitter": args.stain_jitter, "init": args.init,
                                 "weight_scheme": args.weight_scheme, "models": args.models},
                    "runs": runs, "curve": summarize_curve(runs)}
         results["table"] = format_curve(results)

@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips")
+    parser.add_argument("--stain-jitter", type=float, default=0.0, metavar="SIGMA",
+                        help="H&E stain augmentation strength (0 = off, the default; 0.05 = Tellez et al.'s light)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="training precision: bf16 autocast where the device supports it (auto), or fp32")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
@@ -167,7 +169,8 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("--threads", f"expected >= 1, got {args.threads}")
     config = TrainConfig(epochs=profile["epochs"], batch_size=profile["batch_size"], lr=profile["lr"],
                          weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
-                         augment=not args.no_augment, precision=args.precision, channels_last=args.channels_last)
+                         augment=not args.no_augment, stain_jitter=args.stain_jitter, precision=args.precision,
+                         channels_last=args.channels_last)
     config.validate()  # a UsageError naming config.<field>; main() shows it as the option
     return {**profile, "config": config}
 
@@ -530,7 +533,8 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
 
 #: How the library's names for settings read on this command line.
 OPTIONS = {"config.epochs": "--epochs", "config.batch_size": "--batch-size", "config.lr": "--lr",
-           "config.weight_decay": "--weight-decay", "config.optimizer": "--optimizer", "config.schedule": "--schedule",
+           "config.weight_decay": "--weight-decay", "config.stain_jitter": "--stain-jitter",
+           "config.optimizer": "--optimizer", "config.schedule": "--schedule",
            "config.precision": "--precision", "config.seed": "--seeds", "run_dir": "--runs", "resume=True": "--resume",
            "overwrite=True": "--overwrite", "resume:": "--resume:"}
 

@@ -35,7 +35,7 @@ from rotconv.validation import check_positive_int
 
 from .distributed import Distributed, convert_batchnorm
 from .files import atomic_write, clean_temporary_files, differences
-from .pcam import PCamError, augment_batch
+from .pcam import PCamError, augment_batch, stain_jitter
 
 __all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision",
            "train", "training_step", "evaluate_loss", "load_checkpoint", "save_atomically", "Progress"]
@@ -63,6 +63,9 @@ class TrainConfig:
         lr, weight_decay, optimizer, schedule: peak learning rate; ``"adam"`` or ``"sgd"`` (Nesterov, 0.9);
             ``"cosine"`` (to 0 over the run) or ``"constant"``.
         augment: random rotations by multiples of 90 degrees and flips (D4, exact on the pixel grid).
+        stain_jitter: strength ``sigma`` of H&E stain augmentation (:func:`mobilenet.pcam.stain_jitter`): per
+            patch and stain, amount * U(1 - sigma, 1 + sigma) + U(-sigma, sigma); 0 (default) turns it off.
+            Needs uint8 RGB images from the data (PCam's are); Tellez et al.'s "light" setting is 0.05.
         seed: seeds the initial RNG state, the sample order and the augmentation.
         precision: ``"bf16"`` autocast, ``"fp32"``, or ``"auto"`` (bf16 where the device has fast kernels).
         channels_last: train in channels_last memory layout.
@@ -78,6 +81,7 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "cosine"
     augment: bool = True
+    stain_jitter: float = 0.0
     seed: int = 0
     precision: str = "auto"
     channels_last: bool = True
@@ -100,6 +104,9 @@ class TrainConfig:
                 check_positive_int(self.steps_per_epoch, "steps_per_epoch")
             except ValueError as error:
                 raise UsageError("config.steps_per_epoch", str(error).split(": ", 1)[1]) from None
+        if not (isinstance(self.stain_jitter, (int, float)) and not isinstance(self.stain_jitter, bool)
+                and 0 <= self.stain_jitter < 1):
+            raise UsageError("config.stain_jitter", f"expected a number in [0, 1), got {self.stain_jitter!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "precision": PRECISIONS}
@@ -207,9 +214,10 @@ def _prepare(images: torch.Tensor, preprocess: Callable | None, device: str,
     return images.contiguous(memory_format=memory_format)
 
 
-def _epoch_plan(config: TrainConfig, epoch: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sample order and D4 augmentation of ``epoch``: a function of (seed, epoch) alone. With
-    ``config.steps_per_epoch`` the order is this epoch's slice of a stream of shuffled passes."""
+def _epoch_plan(config: TrainConfig, epoch: int, size: int) -> tuple[np.ndarray, ...]:
+    """The sample order, D4 augmentation and stain factors ``(count, 2, 3)`` (None without stain jitter) of
+    ``epoch``: a function of (seed, epoch) alone. With ``config.steps_per_epoch`` the order is this epoch's
+    slice of a stream of shuffled passes."""
     rng = np.random.default_rng([config.seed, epoch])
     if config.steps_per_epoch is None:
         order = rng.permutation(size)
@@ -223,7 +231,27 @@ def _epoch_plan(config: TrainConfig, epoch: int, size: int) -> tuple[np.ndarray,
     count = order.size
     turns = rng.integers(0, 4, count) if config.augment else np.zeros(count, dtype=np.int64)
     flips = rng.integers(0, 2, count) if config.augment else np.zeros(count, dtype=np.int64)
-    return order, turns, flips
+    return order, turns, flips, _stain_factors(rng, config.stain_jitter, count)
+
+
+def _stain_factors(rng: np.random.Generator, sigma: float, count: int) -> np.ndarray | None:
+    """``(count, 2, 3)``: per patch, scales U(1 - sigma, 1 + sigma) and shifts U(-sigma, sigma) of the 3 stains
+    (drawn after the D4 choices, so plans without stain jitter are those of earlier versions)."""
+    if not sigma:
+        return None
+    factors = rng.uniform(-sigma, sigma, (count, 2, 3))
+    factors[:, 0] += 1.0
+    return factors
+
+
+def _apply_stain_jitter(images: torch.Tensor, factors: np.ndarray | None) -> torch.Tensor:
+    if factors is None:
+        return images
+    if images.dtype != torch.uint8:
+        raise UsageError("config.stain_jitter", f"stain jitter needs uint8 RGB images from the data, got "
+                                                f"{images.dtype}")
+    factors = torch.from_numpy(factors)
+    return stain_jitter(images, factors[:, 0], factors[:, 1])
 
 
 class _EpochBatches(torch.utils.data.Dataset):
@@ -232,8 +260,8 @@ class _EpochBatches(torch.utils.data.Dataset):
     in the same order, whatever the number of workers)."""
 
     def __init__(self, read: Callable, order: np.ndarray, turns: np.ndarray, flips: np.ndarray,
-                 batch_size: int, rank: int, local: int, steps: int) -> None:
-        self.read, self.order, self.turns, self.flips = read, order, turns, flips
+                 stains: np.ndarray | None, batch_size: int, rank: int, local: int, steps: int) -> None:
+        self.read, self.order, self.turns, self.flips, self.stains = read, order, turns, flips, stains
         self.batch_size, self.rank, self.local, self.steps = batch_size, rank, local, steps
 
     def __len__(self) -> int:
@@ -246,6 +274,7 @@ class _EpochBatches(torch.utils.data.Dataset):
             images, labels = self.read(self.order[positions])
         except PCamError as error:  # returned, not raised: a worker's exception would carry its traceback text
             return str(error)
+        images = _apply_stain_jitter(images, None if self.stains is None else self.stains[positions])
         return augment_batch(images, torch.from_numpy(self.turns[positions]),
                              torch.from_numpy(self.flips[positions])), labels
 
@@ -260,19 +289,23 @@ def _train_batches(data, config: TrainConfig, epoch: int, processes: Distributed
         def loader_batches():
             for item in data:
                 images, labels = item[0], torch.as_tensor(item[1])
+                size = images.shape[0]
                 if config.augment:
-                    size = images.shape[0]
                     turns, flips = torch.from_numpy(rng.integers(0, 4, size)), torch.from_numpy(rng.integers(0, 2, size))
                     images = augment_batch(images, turns, flips)
+                images = _apply_stain_jitter(images, _stain_factors(rng, config.stain_jitter, size))
                 yield images, labels
 
         return loader_batches(), len(data)
     steps = config.steps_per_epoch or len(data) // config.batch_size
     if len(data) < config.batch_size:
         raise UsageError("config.batch_size", f"{config.batch_size} is larger than the training set ({len(data)})")
-    order, turns, flips = _epoch_plan(config, epoch, len(data))
+    order, turns, flips, stains = _epoch_plan(config, epoch, len(data))
     local = config.batch_size // processes.world_size
-    batches = _EpochBatches(_reader(data, "train_data"), order, turns, flips, config.batch_size, processes.rank,
+    read = _reader(data, "train_data")
+    if stains is not None:  # checked here: raised inside a loader worker, the error would lose its type
+        _apply_stain_jitter(read(order[:1])[0], stains[:1])
+    batches = _EpochBatches(read, order, turns, flips, stains, config.batch_size, processes.rank,
                             local, steps)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
                                          pin_memory=device.startswith("cuda"))
@@ -336,7 +369,14 @@ def load_checkpoint(path: str, device: str = "cpu") -> dict:
 
 def _restore(checkpoint: dict, path: str, identity: dict, model: nn.Module,
              optimizer: torch.optim.Optimizer) -> None:
-    changed = differences(checkpoint["identity"], identity)
+    stored = checkpoint["identity"]
+    if isinstance(stored.get("config"), dict) and isinstance(identity.get("config"), dict):
+        # a config field added since the checkpoint was written counts as unchanged at its default value
+        defaults = asdict(TrainConfig())
+        added = {key for key, value in identity["config"].items()
+                 if key not in stored["config"] and key in defaults and value == defaults[key]}
+        identity = {**identity, "config": {k: v for k, v in identity["config"].items() if k not in added}}
+    changed = differences(stored, identity)
     if changed:
         raise UsageError("resume", f"{path} belongs to another run; what differs (checkpoint -> this run): "
                          + "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")

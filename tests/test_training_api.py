@@ -2,6 +2,7 @@
 any dataset or DataLoader with errors that name config fields, model files, prediction."""
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -83,7 +84,8 @@ def test_trainer_takes_any_dataset_or_loader(tmp_path, as_loader):
 @pytest.mark.parametrize("change, argument", [
     (dict(batch_size=0), "config.batch_size"), (dict(lr=float("nan")), "config.lr"),
     (dict(optimizer="lion"), "config.optimizer"), (dict(seed=-1), "config.seed"),
-    (dict(batch_size=1000), "config.batch_size"),
+    (dict(batch_size=1000), "config.batch_size"), (dict(stain_jitter=1.0), "config.stain_jitter"),
+    (dict(stain_jitter=0.05), "config.stain_jitter"),  # float images: nothing to re-stain
 ])
 def test_trainer_errors_name_the_config_field(change, argument):
     config = mobilenet.TrainConfig(epochs=1, precision="fp32", **change)
@@ -178,3 +180,71 @@ def test_fixed_step_epochs_stream_through_whole_passes(size, steps, batch, epoch
     for start in range(0, stream.size - size + 1, size):
         assert sorted(stream[start:start + size].tolist()) == list(range(size))
     assert np.array_equal(orders[-1], _epoch_plan(config, epochs, size)[0])  # a function of (seed, epoch)
+
+
+from mobilenet.pcam import stain_jitter  # noqa: E402
+
+
+@hypothesis_settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 4), size=st.integers(1, 9), sigma=st.floats(0.0, 0.5))
+def test_stain_jitter_is_a_per_pixel_colour_map(seed, batch, size, sigma):
+    # Identity factors give the image back (0 is read as 1 so that the optical density stays finite); any
+    # factors act on each pixel's colour alone, so the map commutes with quarter turns and flips up to the
+    # final rounding to uint8 (a float result within rounding of .5 may round either way: 1 level).
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+    same = stain_jitter(images, torch.ones(batch, 3), torch.zeros(batch, 3))
+    assert torch.equal(same, images.clamp(min=1))
+    scales = 1 + sigma * (2 * torch.rand(batch, 3, generator=generator) - 1)
+    shifts = sigma * (2 * torch.rand(batch, 3, generator=generator) - 1)
+    jittered = stain_jitter(images, scales, shifts)
+    for transform in (lambda t: torch.rot90(t, 1, (-2, -1)), lambda t: torch.flip(t, (-1,))):
+        moved = stain_jitter(transform(images).contiguous(), scales, shifts)
+        assert (moved.int() - transform(jittered).int()).abs().max() <= 1
+
+
+def test_more_haematoxylin_turns_white_blue_purple_and_bad_shapes_are_named():
+    # Haematoxylin absorbs red and green more than blue (stain vector 0.65, 0.70, 0.29): adding it to a white
+    # patch must leave blue the brightest channel; eosin (0.07, 0.99, 0.11) mostly removes green.
+    white = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    haematoxylin = stain_jitter(white, torch.ones(1, 3), torch.tensor([[0.5, 0.0, 0.0]]))[0, :, 0, 0].tolist()
+    eosin = stain_jitter(white, torch.ones(1, 3), torch.tensor([[0.0, 0.5, 0.0]]))[0, :, 0, 0].tolist()
+    assert haematoxylin[2] > haematoxylin[0] and haematoxylin[2] > haematoxylin[1]
+    assert eosin[1] < eosin[0] and eosin[1] < eosin[2]
+    with pytest.raises(ValueError, match="batch"):
+        stain_jitter(white.float(), torch.ones(1, 3), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="scales"):
+        stain_jitter(white, torch.ones(2, 3), torch.zeros(1, 3))
+
+
+def test_stain_jitter_in_the_trainer_is_seeded_and_old_checkpoints_still_resume(data, tmp_path):
+    # The plan's stain factors lie in their ranges, depend on (seed, epoch) alone, and leave the order and D4
+    # choices of plans without stain jitter unchanged; a run trains on PCam's uint8 patches with it; a checkpoint
+    # written before the field existed (no "stain_jitter" in its config) resumes when the field is at its default.
+    plain = mobilenet.TrainConfig(batch_size=4, seed=3)
+    jittered = mobilenet.TrainConfig(batch_size=4, seed=3, stain_jitter=0.1)
+    first, second = _epoch_plan(jittered, 2, 16), _epoch_plan(jittered, 2, 16)
+    reference = _epoch_plan(plain, 2, 16)
+    assert all(np.array_equal(a, b) for a, b in zip(first[:3], reference[:3])) and reference[3] is None
+    assert np.array_equal(first[3], second[3]) and first[3].shape == (16, 2, 3)
+    assert np.all(np.abs(first[3][:, 0] - 1) <= 0.1) and np.all(np.abs(first[3][:, 1]) <= 0.1)
+    train, valid = mobilenet.PCam(data, "train"), mobilenet.PCam(data, "valid")
+    normalizer = mobilenet.Normalizer.fit(train)
+    config = mobilenet.TrainConfig(epochs=1, batch_size=8, precision="fp32", stain_jitter=0.05)
+    model = mobilenet.mobilenet_v2(width_mult=0.25)
+    result = mobilenet.train(model, train, valid, config, str(tmp_path / "stain"), preprocess=normalizer,
+                             log=lambda *a: None)
+    assert np.isfinite(result["best_valid_loss"])
+    run_dir = str(tmp_path / "old")
+    old = mobilenet.TrainConfig(epochs=1, batch_size=8, precision="fp32")
+    mobilenet.train(_small_net(), _tensor_data(16, 0), _tensor_data(8, 1), old, run_dir, log=lambda *a: None)
+    path = os.path.join(run_dir, "last.pt")
+    checkpoint = torch.load(path, weights_only=False)
+    del checkpoint["identity"]["config"]["stain_jitter"]
+    torch.save(checkpoint, path)
+    resumed = mobilenet.train(_small_net(), _tensor_data(16, 0), _tensor_data(8, 1), old, run_dir, resume=True,
+                              log=lambda *a: None)
+    assert [h["epoch"] for h in resumed["history"]] == [1]
+    with pytest.raises(mobilenet.UsageError, match="another run.*stain_jitter"):  # a real change still is one
+        mobilenet.train(_small_net(), _tensor_data(16, 0), _tensor_data(8, 1), replace(old, stain_jitter=0.1),
+                        run_dir, resume=True, log=lambda *a: None)
