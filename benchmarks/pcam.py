@@ -19,6 +19,7 @@ made from it says so. Exit code 2 for bad arguments or bad data files.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -114,10 +115,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="invariant readout of the equivariant models: max over each field's rotations (the "
                              "paper's), mean, or sort (every order statistic; mobilenet_v2(group_pool=...))")
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
-    parser.add_argument("--int8-backend", choices=("torch-ao", "executorch", "onnx"), default="torch-ao",
-                        help="where the INT8 model runs: torch.ao's int8 kernels (default), an ExecuTorch XNNPACK "
-                             "program (RUNS/<model>-seed<k>/model.pte) or an ONNX QDQ file in onnxruntime "
-                             "(RUNS/<model>-seed<k>/model.onnx); the last two need rotconv[deploy]")
+    parser.add_argument("--int8-backend", choices=INT8_BACKENDS, default="auto",
+                        help="where the INT8 model runs: an ExecuTorch XNNPACK program (RUNS/<model>-seed<k>/"
+                             "model.pte), an ONNX QDQ file in onnxruntime (RUNS/<model>-seed<k>/model.onnx), both "
+                             "from rotconv[deploy], or torch.ao's int8 kernels in this process; auto (default): "
+                             "executorch where rotconv[deploy] is installed, else torch-ao (docs/quantization.md)")
     parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric",
                         help="INT8 per-tensor weights: symmetric (default: fbgemm's fast depthwise kernels, "
                              "bit-exact rotations on x86) or asymmetric (DFQ's choice)")
@@ -157,6 +159,7 @@ def _settings(args: argparse.Namespace) -> dict:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite", "choose one (continue the runs, or replace them)")
     profile["groups"] = parse_groups(args.group, args.group_order)
+    args.int8_backend = resolve_int8_backend(getattr(args, "int8_backend", "torch-ao"))
     if not 0 <= args.dropout < 1:
         raise UsageError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
     if args.width_mult <= 0:
@@ -267,6 +270,21 @@ DEPLOY_BACKENDS = {
                    "an ExecuTorch XNNPACK program (.pte)."),
     "onnx": (quant.to_onnx, quant.load_onnx, "model.onnx", "onnxruntime QDQ", "an ONNX QDQ file in onnxruntime (.onnx)."),
 }
+
+
+INT8_BACKENDS = ("auto", "executorch", "onnx", "torch-ao")
+
+
+def resolve_int8_backend(choice: str, log=print) -> str:
+    """``--int8-backend auto``: the ExecuTorch program where the optional extra is installed (faster than
+    torch.ao, 8-bit activations, bit-exact quarter turns at every batch size), else torch.ao with a notice."""
+    if choice != "auto":
+        return choice
+    if importlib.util.find_spec("executorch") is not None:
+        return "executorch"
+    log("notice: --int8-backend auto: executorch is not installed (pip install 'rotconv[deploy]'); INT8 runs on "
+        "torch.ao's int8 kernels in this process")
+    return "torch-ao"
 
 
 def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argparse.Namespace, batch: int,

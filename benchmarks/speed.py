@@ -9,7 +9,7 @@ affect both alike. ``--group`` picks the group (default C12; e.g. D12). Layers (
 filter expansion from the coefficients included) and an eval forward (expanded filter cached) against
 ``nn.Conv2d`` with the same channel counts. Models (95x95): conventional vs C_12 MobileNetV2 (train step,
 inference), the exported C_12 network vs the conventional one, INT8 (DFQ, real int8 kernels) vs FP32 at
-batch 1 and 32, serialised size.
+batch 1 and 32, the same INT8 model vs stock torch.ao FX quantization of the same network, serialised size.
 """
 from __future__ import annotations
 
@@ -141,6 +141,44 @@ def construction_cost(fields: int = 32, kernel_size: int = 5, group: str = "C12"
             "filter_expansion_s": expansion}
 
 
+def stock_fx_int8(model: nn.Module, group: str, backend: str, calibration: torch.Tensor) -> nn.Module:
+    """The stock torch.ao FX INT8 model of the same DFQ-prepared network, for comparison: ``prepare_fx`` /
+    ``convert_fx`` with per-tensor symmetric int8 weights and per-tensor affine uint8 activations (7-bit on
+    x86, as torch's x86 qconfig), min/max observers calibrated on ``calibration``. Not bit-exact in general
+    (fbgemm's adds round by memory position); timed only."""
+    from torch.ao.quantization import QConfig, QConfigMapping
+    from torch.ao.quantization.observer import MinMaxObserver
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    prepared = quant.prepare(model, group=group, weight_scheme="symmetric")
+    qconfig = QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=backend != "qnnpack"),
+                      weight=MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric))
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            observed = prepare_fx(prepared, QConfigMapping().set_global(qconfig), example_inputs=(calibration[:1],))
+            observed(calibration)
+            converted = convert_fx(observed)
+    finally:
+        torch.backends.quantized.engine = previous
+
+    class _Engine(nn.Module):  # run under the backend's engine, as quant.Int8Model does
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = converted
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            saved = torch.backends.quantized.engine
+            torch.backends.quantized.engine = backend
+            try:
+                return self.network(x)
+            finally:
+                torch.backends.quantized.engine = saved
+
+    return _Engine().eval()
+
+
 def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
     torch.manual_seed(0)
     images = torch.randn(8, 3, 95, 95)
@@ -165,6 +203,12 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
             key = f"int8_{scheme}_vs_fp32_b{batch}"
             result[key] = compare(_inference(network, x), _inference(exported, x), repeats * (4 if batch == 1 else 1))
             print(f"  INT8 ({scheme} weights) / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
+    stock = stock_fx_int8(exported, group, backend, x32)
+    for batch, x in ((1, x1), (32, x32)):
+        key = f"int8_symmetric_vs_stock_fx_b{batch}"
+        result[key] = compare(_inference(int8["symmetric"], x), _inference(stock, x), repeats * (4 if batch == 1 else 1))
+        print(f"  INT8 (dfq, symmetric) / stock torch.ao FX INT8 at batch {batch}: {result[key]['ratio']:.3f}x",
+              file=sys.stderr)
     result["size"] = {"fp32_bytes": serialized_bytes(exported), "int8_bytes": serialized_bytes(int8["symmetric"])}
     if importlib.util.find_spec("executorch") is not None:  # the optional rotconv[deploy] extra
         with tempfile.TemporaryDirectory() as directory:
@@ -259,6 +303,9 @@ def format_tables(results: dict) -> str:
               *[(f"int8_{scheme}_vs_fp32_b{batch}",
                  f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported {g}, batch {batch}")
                 for scheme in ("symmetric", "asymmetric") for batch in (1, 32)],
+              *[(f"int8_symmetric_vs_stock_fx_b{batch}",
+                 f"INT8 (dfq, symmetric) vs stock torch.ao FX INT8 (calibrated, not bit-exact), exported {g}, batch {batch}")
+                for batch in (1, 32) if f"int8_symmetric_vs_stock_fx_b{batch}" in models],
               *[(f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported {g}, batch {batch}")
                 for batch in (1, 32) if f"executorch_vs_fp32_b{batch}" in models],
               *[(f"onnx_{name}_vs_fp32_b{batch}", f"onnxruntime {name.upper()} vs torch FP32, exported {g}, batch {batch}")

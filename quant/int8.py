@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 
 import torch
@@ -56,39 +57,71 @@ class QuantizedAdd(nn.Module):
         self.scale, self.zero_point, self.qmax = scale, zero_point, qmax
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        first = (a.int_repr().float() - a.q_zero_point()) * a.q_scale()
-        second = (b.int_repr().float() - b.q_zero_point()) * b.q_scale()
-        q = torch.round((first + second) / self.scale) + self.zero_point
-        q = q.clamp_(0, self.qmax).to(torch.uint8)
-        return torch._make_per_tensor_quantized_tensor(q, self.scale, self.zero_point)
+        # in place on fresh float copies: the same operations in the same order as
+        # round(((qa - za) sa + (qb - zb) sb) / s) + z, without a new buffer per step
+        first = a.int_repr().float().sub_(a.q_zero_point()).mul_(a.q_scale())
+        second = b.int_repr().float().sub_(b.q_zero_point()).mul_(b.q_scale())
+        q = first.add_(second).div_(self.scale).round_().add_(self.zero_point).clamp_(0, self.qmax)
+        return torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), self.scale, self.zero_point)
 
 
 class IntegerMaskedGlobalAvgPool(nn.Module):
     """:class:`rotconv.MaskedGlobalAvgPool` on an int8 tensor, summed in integers: ``(B, C, H, W)`` quint8
     -> ``(B, C)`` float.
 
-    The pooling weights are rounded to multiples of ``2**-WEIGHT_BITS`` (a relative change below 1e-6) and
-    the products ``q * weight`` (integers) summed in float64, which is exact for integers below 2^53 and so
-    independent of the summation order: when the int8 feature map of a rotated input is the rotated feature map (and the
-    weights are rotation-symmetric, as a disc is under quarter turns), the pooled features are bit-identical.
-    A float sum would differ in the last bits, because a rotation changes the order of the terms.
+    The pooling weights are rounded to integers ``w = round(weight * 2**WEIGHT_BITS)`` (each weight moves by
+    at most 2**-25: a relative change below 1e-6 at the 11x11 map of a 95x95 MobileNetV2) and ``sum_p q_p w_p`` is computed exactly, so it does not depend on the summation order:
+    when the int8 feature map of a rotated input is the rotated feature map (and the weights are
+    rotation-symmetric, as a disc is under quarter turns), the pooled features are bit-identical. A float
+    sum would differ in the last bits, because a rotation changes the order of the terms.
+
+    How, fast: ``w`` is split into limbs of ``limb_bits <= 8`` bits, ``w = sum_l limb_l 2**(limb_bits l)``.
+    One float32 matrix product ``(B*C, H*W) @ (H*W, limbs)`` then sums exactly: every product ``q * limb``
+    and every partial sum is an integer below ``H*W * 255 * (2**limb_bits - 1) <= 2**24``, which float32
+    represents exactly, in any order and also where matmuls run in bf16/tf32 (8-bit operands are exact
+    there). The limbs are recombined in float64 (exact below 2**53). Maps too large for a one-bit limb
+    (over 65,793 pixels) are summed in float64 instead.
     """
 
     WEIGHT_BITS = 24
+    FLOAT32_INTEGERS = 2**24  # float32 holds every integer up to this one exactly
+    QMAX = 255
 
     def __init__(self, pool: rotconv.MaskedGlobalAvgPool) -> None:
         super().__init__()
         if pool.size is None:
             raise ValueError("model: int8 needs MaskedGlobalAvgPool(size=...) (fixed input size)")
-        integer = torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS)
-        self.register_buffer("integer_weights", integer.flatten())
+        integer = torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS).flatten()
         self.weight_sum = float(integer.sum())
+        pixels = integer.numel()
+        limb_bits = min(8, int(math.floor(math.log2(self.FLOAT32_INTEGERS / (self.QMAX * pixels) + 1))))
+        self.limb_bits = limb_bits
+        if limb_bits < 1:
+            self.register_buffer("limbs", integer.unsqueeze(1))
+            self.register_buffer("limb_scales", torch.ones(1, dtype=torch.float64))
+            return
+        count = max(1, math.ceil(int(integer.max()).bit_length() / limb_bits))
+        limbs = [torch.remainder(torch.div(integer, 2 ** (limb_bits * index), rounding_mode="floor"), 2**limb_bits)
+                 for index in range(count)]
+        self.register_buffer("limbs", torch.stack(limbs, 1).float())
+        self.register_buffer("limb_scales", torch.tensor([2.0 ** (limb_bits * index) for index in range(count)],
+                                                         dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # q * w < 2^32 and the sums of <= 2^20 such terms stay below 2^53: float64 adds these integers exactly
-        values = x.int_repr().flatten(2).double()
-        total = values @ self.integer_weights - x.q_zero_point() * self.weight_sum
+        codes = x.int_repr()
+        if codes.dim() == 4 and codes.is_contiguous(memory_format=torch.channels_last) and not codes.is_contiguous():
+            # the int8 convs write NHWC: multiply in that layout instead of copying to NCHW first
+            batch, channels, height, width = codes.shape
+            values = codes.permute(0, 2, 3, 1).reshape(batch, height * width, channels).to(self.limbs.dtype)
+            partial = (self.limbs.t() @ values).transpose(1, 2)  # (B, C, limbs)
+        else:
+            partial = codes.flatten(2).to(self.limbs.dtype) @ self.limbs  # (B, C, limbs)
+        # partial holds exact integers (see the class docstring)
+        total = (partial.double() * self.limb_scales).sum(-1) - x.q_zero_point() * self.weight_sum
         return (total * (x.q_scale() / 2**self.WEIGHT_BITS)).float()
+
+    def extra_repr(self) -> str:
+        return f"weight_bits={self.WEIGHT_BITS}, limb_bits={self.limb_bits}, limbs={self.limbs.shape[1]}"
 
 
 class Int8Model(nn.Module):
@@ -132,7 +165,16 @@ def _quantized_conv(conv: nn.Conv2d, plan: QuantPlan, out_name: str, fuse_relu: 
     w_scale, w_zero_point, _, _ = plan.weight_qparams(conv)
     weight = torch.quantize_per_tensor(conv.weight.detach().float(), w_scale, w_zero_point, torch.qint8)
     bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(conv.out_channels)
-    quantized.set_weight_bias(weight, bias)
+    # The x86 engine packs a conv for oneDNN or fbgemm when its weights are packed (the packed weights then
+    # run on that library whatever the engine at run time). oneDNN requantizes some pixels of a dense conv's
+    # GEMM differently from the others (a 1x1 conv of a C_12 MobileNetV2 at batch 32 came out one step
+    # apart at two rotated positions: see docs/quantization.md), so dense convs are packed for fbgemm, whose
+    # GEMMs are position-independent with symmetric weights; depthwise convs stay on the x86 engine's choice
+    # (oneDNN here), as fbgemm's depthwise kernel is 7x slower at C_12's channel counts.
+    engine = "fbgemm" if (torch.backends.quantized.engine == "x86" and conv.groups == 1
+                          and "fbgemm" in torch.backends.quantized.supported_engines) else None
+    with quantized_engine(engine) if engine else contextlib.nullcontext():
+        quantized.set_weight_bias(weight, bias)
     scale, zero_point, _, _ = plan.activation_qparams(out_name)
     quantized.scale, quantized.zero_point = scale, zero_point
     return quantized

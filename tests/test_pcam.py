@@ -19,9 +19,11 @@ from benchmarks.synthetic import write_synthetic_pcam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"train": 32, "valid": 16, "test": 16}
-# The smallest networks that still exercise every code path: width 0.25, C_4.
+# The smallest networks that still exercise every code path: width 0.25, C_4. INT8 on torch.ao in process:
+# the default (auto) writes an ExecuTorch program where rotconv[deploy] is installed, ~15 s per model; those
+# backends have their own end-to-end test (tests/test_onnx.py), and auto's choice is tested below.
 TINY = ["--width-mult", "0.25", "--group", "C4", "--batch-size", "16", "--stability-samples", "4",
-        "--threads", "1"]
+        "--threads", "1", "--int8-backend", "torch-ao"]
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +333,19 @@ def test_degenerate_models_are_flagged():
         "settings": {"group_order": 12, "seeds": [0], "epochs": 1, "weight_scheme": "symmetric", "backend": "x86"},
         "synthetic": False, "data": "d", "data_sizes": {"train": 1, "valid": 1, "test": 1}})
     assert "degenerate runs" in table and "predicts class 1 for every patch" in table and "1 epoch;" in table
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_int8_backend_auto_prefers_the_executorch_program(monkeypatch, installed):
+    # auto -> executorch where rotconv[deploy] is importable, else torch.ao with a notice naming the extra;
+    # an explicit choice is kept as given.
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: (real("json") if installed else None) if name == "executorch"
+                        else real(name, *rest))
+    notices = []
+    chosen = pcam.resolve_int8_backend("auto", log=notices.append)
+    assert chosen == ("executorch" if installed else "torch-ao")
+    assert bool(notices) != installed and all("rotconv[deploy]" in notice for notice in notices)
+    assert pcam.resolve_int8_backend("onnx", log=notices.append) == "onnx"

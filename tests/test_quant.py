@@ -244,3 +244,46 @@ def test_int8_layer_is_within_one_step_of_the_simulation(in_channels, out_channe
         steps = (int8(x) - simulated(x)).abs() / quantized_conv.scale
     assert steps.max().item() <= (1.0 if backend == "qnnpack" else 2.0) + 1e-3
     assert (steps > 1.5).float().mean().item() <= 0.05
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.sampled_from([3, 5, 11, 23, 47, 95, 301]), channels=st.integers(1, 5), batch=st.integers(1, 3),
+       scale=st.floats(1e-3, 1.0), zero_point=st.integers(0, 255), channels_last=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_integer_pool_sums_exactly(size, channels, batch, scale, zero_point, channels_last, seed):
+    # The limb-split float32 matmul must give the exact integer sum sum_p q_p w_p, so the pooled value equals
+    # the float64 reference (integers below 2**53 are exact there) bit for bit, for every map size: 301x301
+    # (90,601 pixels) exercises the float64 fallback (a one-bit limb would overflow float32's 2**24).
+    from quant.int8 import IntegerMaskedGlobalAvgPool
+    generator = torch.Generator().manual_seed(seed)
+    pool = IntegerMaskedGlobalAvgPool(rotconv.MaskedGlobalAvgPool(size=size))
+    q = torch.randint(0, 256, (batch, channels, size, size), generator=generator, dtype=torch.uint8)
+    x = torch._make_per_tensor_quantized_tensor(q, scale, zero_point)
+    if channels_last:  # the layout the int8 convs write, which the pool reads without a copy
+        x = x.contiguous(memory_format=torch.channels_last)
+    integer = torch.round(rotconv.MaskedGlobalAvgPool(size=size).pool_weights.double() * 2**pool.WEIGHT_BITS)
+    exact = (q.flatten(2).double() @ integer.flatten() - zero_point * integer.sum()) * (scale / 2**pool.WEIGHT_BITS)
+    assert torch.equal(pool(x), exact.float())
+    # and it is the masked average up to the weights' rounding: each weight moves by at most 2**-25, each
+    # |q - z| <= 255, so the pooled value by at most pixels * 255 * scale * 2**-25 (plus float32 rounding)
+    reference = rotconv.MaskedGlobalAvgPool(size=size)(x.dequantize())
+    bound = size * size * 255 * scale * 2**-25
+    assert torch.allclose(pool(x), reference, rtol=1e-5, atol=bound)
+
+
+def test_int8_x86_is_bit_exactly_invariant_where_onednn_was_not():
+    # A found case (this random-BN C_12 network, the fifth-patch batch below, 270 degrees): with its dense
+    # convs packed for oneDNN, as torch's x86 engine chooses for symmetric weights, a 1x1 projection conv
+    # requantized two pixels one step differently from their rotated twins and the logits moved by 0.14.
+    # quant.int8 packs dense convs for fbgemm on x86 (position-independent with symmetric weights).
+    # Fails on the oneDNN packing; the random draws reproduce the case exactly (seeded, same order).
+    from benchmarks.common import untrained_but_generic
+    torch.manual_seed(0)
+    network = untrained_but_generic(mobilenet.mobilenet_v2(group="C12"), torch.randn(8, 3, 95, 95)).export().eval()
+    int8 = quant.dfq(network, group=12, mode="int8", backend="x86", weight_scheme="symmetric")
+    torch.randn(1, 3, 95, 95), torch.randn(2, 3, 95, 95)  # the draws before the failing batch
+    x = 1.5 * torch.randn(5, 3, 95, 95)
+    group = rotconv.CyclicGroup(12)
+    logits = int8(x)
+    for k in (3, 6, 9):
+        assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k

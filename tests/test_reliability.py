@@ -27,7 +27,7 @@ from mobilenet.training import Progress, TrainConfig, _train_batches, _train_epo
 
 SIZES = {"train": 32, "valid": 16, "test": 16}
 TINY = ["--width-mult", "0.25", "--group", "C4", "--batch-size", "16", "--stability-samples", "4",
-        "--threads", "1", "--epochs", "1", "--models", "conventional"]
+        "--threads", "1", "--epochs", "1", "--models", "conventional", "--int8-backend", "torch-ao"]
 
 
 @pytest.fixture(scope="module")
