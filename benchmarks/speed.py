@@ -34,6 +34,7 @@ import rotconv
 
 from .common import serialized_bytes, untrained_but_generic, write_json
 from mobilenet.training import bf16_supported, training_step
+from quant.int8 import quantized_engine
 
 __all__ = ["compare", "layer_benchmarks", "model_benchmarks", "training_throughput", "main"]
 
@@ -152,16 +153,11 @@ def stock_fx_int8(model: nn.Module, group: str, backend: str, calibration: torch
     prepared = quant.prepare(model, group=group, weight_scheme="symmetric")
     qconfig = QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=backend != "qnnpack"),
                       weight=MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric))
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = backend
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            observed = prepare_fx(prepared, QConfigMapping().set_global(qconfig), example_inputs=(calibration[:1],))
-            observed(calibration)
-            converted = convert_fx(observed)
-    finally:
-        torch.backends.quantized.engine = previous
+    with quantized_engine(backend), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        observed = prepare_fx(prepared, QConfigMapping().set_global(qconfig), example_inputs=(calibration[:1],))
+        observed(calibration)
+        converted = convert_fx(observed)
 
     class _Engine(nn.Module):  # run under the backend's engine, as quant.Int8Model does
         def __init__(self) -> None:
@@ -169,12 +165,8 @@ def stock_fx_int8(model: nn.Module, group: str, backend: str, calibration: torch
             self.network = converted
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            saved = torch.backends.quantized.engine
-            torch.backends.quantized.engine = backend
-            try:
+            with quantized_engine(backend):
                 return self.network(x)
-            finally:
-                torch.backends.quantized.engine = saved
 
     return _Engine().eval()
 

@@ -123,3 +123,22 @@ def test_construction_cost_builds_the_requested_group(group):
     assert result["parameter_bytes"] == sum(p.numel() * p.element_size() for p in layer.parameters())
     assert result["buffer_bytes"] == sum(b.numel() * b.element_size() for b in layer.buffers())
     assert result["expanded_filter_bytes"] == layer.out_channels * layer.in_channels * 9 * 4
+
+
+def test_stock_fx_baseline_quantizes_every_conv():
+    # benchmarks.speed times dfq(mode="int8") against stock torch.ao FX quantization of the same network: the
+    # baseline must be a real INT8 network (every conv on an int8 kernel), not a partly float one.
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import mobilenet
+    from benchmarks.common import untrained_but_generic
+    torch.manual_seed(0)
+    network = untrained_but_generic(mobilenet.mobilenet_v2(group="C4", width_mult=0.25),
+                                    torch.randn(4, 3, 95, 95)).export().eval()
+    x = torch.randn(4, 3, 95, 95)
+    stock = speed.stock_fx_int8(network, "C4", "x86", x)
+    float_convs = sum(isinstance(m, torch.nn.Conv2d) for m in network.modules())
+    int8_convs = sum(isinstance(m, (nnq.Conv2d, nniq.ConvReLU2d)) for m in stock.modules())
+    assert int8_convs == float_convs > 0
+    logits = stock(x)
+    assert logits.shape == (4, 2) and torch.isfinite(logits).all()
