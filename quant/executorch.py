@@ -172,7 +172,8 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
     api = _require_executorch()
     _check_float_model(model)
     prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False)
-    plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric")
+    plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric",
+                             integer_bias=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export(_exact_pooling(plan).eval(), (example,)).module()

@@ -45,7 +45,8 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
         raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
     check_choice(backend, "backend", BACKENDS)
     plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range,
-                             reduce_range=reduces_range(backend), weight_scheme=weight_scheme)
+                             reduce_range=reduces_range(backend), weight_scheme=weight_scheme,
+                             integer_bias=backend == "qnnpack")
     if mode == "simulated":
         return simulate(plan)
     return convert_int8(plan, backend)

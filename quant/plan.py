@@ -42,6 +42,10 @@ class QuantPlan:
         weight_bits, act_bits, reduce_range: bit widths; ``reduce_range`` (x86/fbgemm) uses 7-bit activations
             (kernels without VNNI can saturate 16-bit intermediate sums with 8 bits) and 7-bit weights in
             depthwise convs (see :meth:`weight_bits_of`).
+        weight_scheme: ``"asymmetric"`` or ``"symmetric"`` per-tensor weights.
+        integer_bias: the backend adds conv biases as int32 multiples of ``input scale * weight scale``
+            (qnnpack, XNNPACK, ONNX QLinearConv; fbgemm and oneDNN add them in float): the simulation rounds
+            them alike.
     """
 
     graph_module: fx.GraphModule
@@ -52,6 +56,7 @@ class QuantPlan:
     act_bits: int
     reduce_range: bool
     weight_scheme: str = "asymmetric"
+    integer_bias: bool = False
 
     def activation_qparams(self, name: str) -> tuple[float, int, int, int]:
         low, high = self.points[name]
@@ -165,7 +170,8 @@ def _calibrate(graph_module: fx.GraphModule, names: list[str], calibration: Iter
 
 def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
                       calibration: Iterable | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
-                      reduce_range: bool = False, weight_scheme: str = "asymmetric") -> QuantPlan:
+                      reduce_range: bool = False, weight_scheme: str = "asymmetric",
+                      integer_bias: bool = False) -> QuantPlan:
     """Trace ``model`` (BN folded: see :func:`quant.fold_batchnorm`) and choose quantization points/ranges.
 
     Raises ValueError for what it cannot quantize correctly: unfolded batch norms, ReLU6 (call
@@ -188,7 +194,7 @@ def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
         if missing:
             raise ValueError(f"calibration: no BN statistics for {missing[:3]}...; pass a calibration loader")
     return QuantPlan(graph_module, points, found.fused, found.inputs, weight_bits, act_bits, reduce_range,
-                     weight_scheme)
+                     weight_scheme, integer_bias)
 
 
 def _data_free_range(conv: nn.Conv2d, relu: bool) -> tuple[float, float] | None:
@@ -224,13 +230,18 @@ def _insert_after(graph_module: fx.GraphModule, node: fx.Node, name: str, module
 @torch.no_grad()
 def simulate(plan: QuantPlan) -> fx.GraphModule:
     """The simulated-quantization network of ``plan``: conv weights quantize-dequantized per tensor,
-    fake-quantize modules at every activation point; biases and the head stay float."""
+    fake-quantize modules at every activation point; conv biases rounded to int32 steps where the backend
+    does so (``plan.integer_bias``), else float, as the head."""
     import copy
 
     graph_module = copy.deepcopy(plan.graph_module)
     for node in list(graph_module.graph.nodes):
         if is_conv(graph_module, node):
             conv = module_of(graph_module, node)
+            source = node.args[0]
+            if plan.integer_bias and conv.bias is not None and isinstance(source, fx.Node) and source.name in plan.points:
+                step = plan.activation_qparams(source.name)[0] * plan.weight_qparams(conv)[0]
+                conv.bias.copy_(torch.round(conv.bias / step) * step)
             conv.weight.copy_(fake_quantize_weight(conv.weight, plan.weight_bits_of(conv), plan.weight_scheme))
     for index, node in enumerate(list(graph_module.graph.nodes)):
         if node.name in plan.points:

@@ -113,10 +113,13 @@ class _FieldBatchNorm(torch.autograd.Function):
                     momentum = 1.0 / float(norm.num_batches_tracked)
             norm.running_mean.lerp_(mean_f.to(norm.running_mean.dtype), momentum)
             norm.running_var.lerp_((var_f * (count / max(count - 1, 1))).to(norm.running_var.dtype), momentum)
-        mean_f, var_f = mean_f.to(norm.running_mean.dtype), var_f.to(norm.running_mean.dtype)
-        mean, var = _per_channel(mean_f, N), _per_channel(var_f, N)
-        y = torch.nn.functional.batch_norm(x, mean, var, None if weight is None else _per_channel(weight, N),
-                                           None if bias is None else _per_channel(bias, N), False, 0.0, norm.eps)
+        # every per-field vector repeated for its N channels in one copy (few small ops: this runs ~50x a step)
+        affine = [t for t in (weight, bias) if t is not None]
+        rows = _per_channel(torch.stack([mean_f, var_f, *affine]).to(norm.running_mean.dtype), N).unbind(0)
+        mean, var = rows[0], rows[1]
+        weight_c = rows[2] if weight is not None else None
+        bias_c = rows[-1] if bias is not None else None
+        y = torch.nn.functional.batch_norm(x, mean, var, weight_c, bias_c, False, 0.0, norm.eps)
         ctx.save_for_backward(x, mean, var, weight)
         ctx.N, ctx.count, ctx.eps = N, count, norm.eps
         return y
@@ -138,15 +141,15 @@ class _FieldBatchNorm(torch.autograd.Function):
         b = -scale * invstd_f * sum_dy_xhat / count
         c = -scale * sum_dy / count - b * mean_f
         # coefficients in x's dtype: mixed bf16/float32 operands would send both passes through dtype copies
-        channel = lambda t: _per_channel(t, N).view(1, -1, 1, 1).to(x.dtype)  # noqa: E731
-        grad_input = torch.addcmul(channel(c), x, channel(b)).addcmul_(grad, channel(scale))
+        c_c, b_c, scale_c = _per_channel(torch.stack([c, b, scale]).to(x.dtype), N).view(3, 1, -1, 1, 1).unbind(0)
+        grad_input = torch.addcmul(c_c, x, b_c).addcmul_(grad, scale_c)
         grad_weight = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy if ctx.needs_input_grad[2] else None
         return grad_input, grad_weight, grad_bias, None, None
 
 
 def _per_channel(per_field: torch.Tensor, N: int) -> torch.Tensor:
-    """``(fields,) -> (fields*N,)``: each field's value repeated for its N channels, in contiguous memory
-    (``reshape`` of the expanded view would return a stride-0 view for one field, which torch's channels_last
-    batch-norm kernels, called directly, read as if contiguous)."""
-    return per_field.unsqueeze(1).expand(-1, N).contiguous().view(-1)
+    """``(..., fields) -> (..., fields*N)``: each field's value repeated for its N channels, in contiguous
+    memory (``reshape`` of the expanded view would return a stride-0 view for one field, which torch's
+    channels_last batch-norm kernels, called directly, read as if contiguous)."""
+    return per_field.unsqueeze(-1).expand(*per_field.shape, N).contiguous().flatten(-2)

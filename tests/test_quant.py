@@ -287,3 +287,34 @@ def test_int8_x86_is_bit_exactly_invariant_where_onednn_was_not():
     logits = int8(x)
     for k in (3, 6, 9):
         assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k
+
+
+@pytest.mark.parametrize("backend", ["qnnpack", "x86"])
+def test_simulation_adds_biases_as_the_backend_does(backend):
+    # qnnpack (like XNNPACK and ONNX QLinearConv) adds a conv's bias as an int32 multiple of
+    # input scale * weight scale; fbgemm/oneDNN (x86) add it in float. The simulation must do the same, or it
+    # misplaces outputs whose real value lies near a rounding boundary. Measured on these convs (large biases,
+    # 55,296 outputs): qnnpack 19 mismatches with float biases, 2 with int32 ones (the requantization's float
+    # rounding); x86 21 with int32 biases, 0 with float ones. Require the backend's own arithmetic to be at
+    # least 4x closer.
+    counts = {True: 0, False: 0}
+    for seed in range(6):
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(16, 16, 3, padding=1)
+        with torch.no_grad():
+            conv.bias.mul_(3)
+        x = torch.randn(4, 16, 12, 12)
+        int8 = quant.quantize(nn.Sequential(conv), mode="int8", backend=backend, calibration=[x],
+                              weight_scheme="symmetric")
+        for integer_bias in (True, False):
+            plan = quant.plan_quantization(nn.Sequential(conv), calibration=[x], weight_scheme="symmetric",
+                                           reduce_range=backend == "x86", integer_bias=integer_bias)
+            with torch.no_grad():
+                counts[integer_bias] += (quant.simulate(plan)(x) != int8(x)).sum().item()
+    own, other = counts[backend == "qnnpack"], counts[backend != "qnnpack"]
+    assert 4 * own <= other and other > 0, counts
+    # and quant.quantize chooses the backend's arithmetic
+    plan_kind = quant.quantize(nn.Sequential(conv), mode="simulated", backend=backend, calibration=[x],
+                               weight_scheme="symmetric")
+    (simulated_conv,) = [m for m in plan_kind.modules() if isinstance(m, nn.Conv2d)]
+    assert torch.equal(simulated_conv.bias, conv.bias) == (backend == "x86")
