@@ -100,3 +100,15 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_executorch)
     with pytest.raises(ImportError, match=r"rotconv\[deploy\]"):
         quant.to_executorch(nn.Sequential(), str(tmp_path / "m.pte"))
+
+
+def test_rounding_by_offset_is_round_half_to_even():
+    # The exact pool rounds with two float32 subtractions (so XNNPACK runs them); it must equal torch.round
+    # (half to even) for every |y| < 2**22: integers, exact ties, and values just beside them.
+    from quant.executorch import _round_small
+    generator = torch.Generator().manual_seed(0)
+    whole = torch.randint(-2**22 + 1, 2**22, (4096,), generator=generator).float()
+    y = torch.cat([whole, whole + 0.5, torch.nextafter(whole + 0.5, whole), torch.nextafter(whole + 0.5, whole + 1),
+                   (torch.rand(100_000, generator=generator) - 0.5) * 600, torch.tensor([0.5, -0.5, 1.5, -2.5, 0.0])])
+    y = y[y.abs() < 2**22]
+    assert torch.equal(_round_small(y), torch.round(y))
