@@ -108,8 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="invariant readout of the equivariant models (max, mean, sort; run dirs end -<mode> "
                              "when not max)")
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips (D4)")
-    parser.add_argument("--stain-jitter", type=float, default=0.0, metavar="SIGMA",
-                        help="H&E stain augmentation strength (0 = off; run dirs end -stain<SIGMA>)")
+    parser.add_argument("--stain-jitter", type=float, default=pcam.STAIN_JITTER, metavar="SIGMA",
+                        help=f"H&E stain augmentation strength (default {pcam.STAIN_JITTER}; 0 = off; run dirs "
+                             "end -stain<SIGMA>)")
     parser.add_argument("--init", choices=("fan_in", "fan_out"), default="fan_in",
                         help="Kaiming mode of the rotconv layers (recipe studies): fan_in, mobilenet_v2's default, "
                              "or fan_out (torchvision's rule, the conventional model's scale; run dirs end -fanout)")

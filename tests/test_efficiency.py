@@ -42,7 +42,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     assert "| 16 |" in results["table"] and "| 32 |" in results["table"]
     # a resumed run reuses every finished result (nothing retrains) and reports the same numbers
     before = {(r["size"], r["model"]): r["fp32_accuracy"] for r in results["runs"]}
-    os.remove(runs / "size32-C4-lr0.003-seed0" / "result.json")  # as if killed after training, before the result
+    os.remove(runs / "size32-C4-lr0.003-stain0.1-seed0" / "result.json")  # as if killed after training, before the result
     capsys.readouterr()
     assert efficiency.main(arguments + ["--resume"]) == 0
     printed = capsys.readouterr().out
@@ -72,7 +72,7 @@ def test_valid_only_never_opens_the_test_split(tmp_path):
         assert run["lr"] == {"conventional": 3e-3, "C4": 1e-2}[run["model"]]
     assert "VALIDATION split only" in results["table"]
     # the same runs are kept per learning rate, so a study of several rates shares one --runs directory
-    assert sorted(os.listdir(tmp_path / "runs"))[:2] == ["size16-C4-lr0.01-seed0", "size16-conventional-lr0.003-seed0"]
+    assert sorted(os.listdir(tmp_path / "runs"))[:2] == ["size16-C4-lr0.01-stain0.1-seed0", "size16-conventional-lr0.003-stain0.1-seed0"]
 
 
 def test_group_pool_variant_keeps_its_own_runs(tmp_path):
@@ -81,8 +81,8 @@ def test_group_pool_variant_keeps_its_own_runs(tmp_path):
     arguments = ["--quick", "--data", data, "--runs", str(tmp_path / "runs"), "--threads", "1", "--valid-only",
                  "--sizes", "16", "--models", "equivariant", "--group-pool", "sort"]
     assert efficiency.main(arguments) == 0
-    assert sorted(os.listdir(tmp_path / "runs")) == ["efficiency.json", "size16-C4-lr0.003-sort-seed0"]
-    model = mobilenet.load(str(tmp_path / "runs" / "size16-C4-lr0.003-sort-seed0" / "model.pt"))
+    assert sorted(os.listdir(tmp_path / "runs")) == ["efficiency.json", "size16-C4-lr0.003-stain0.1-sort-seed0"]
+    model = mobilenet.load(str(tmp_path / "runs" / "size16-C4-lr0.003-stain0.1-sort-seed0" / "model.pt"))
     assert model.group_pool == "sort"
 
 

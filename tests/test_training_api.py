@@ -248,3 +248,19 @@ def test_stain_jitter_in_the_trainer_is_seeded_and_old_checkpoints_still_resume(
     with pytest.raises(mobilenet.UsageError, match="another run.*stain_jitter"):  # a real change still is one
         mobilenet.train(_small_net(), _tensor_data(16, 0), _tensor_data(8, 1), replace(old, stain_jitter=0.1),
                         run_dir, resume=True, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_each_process_gets_its_share_of_the_augmented_global_batch(data, processes):
+    # The per-process batches of a distributed step, put together, are the one-process batch: the same
+    # patches with the same quarter turns, flips and stain factors (the epoch plan is indexed by position).
+    from mobilenet.pcam import open_pcam
+    from mobilenet.training import TrainConfig, _EpochBatches, _epoch_plan
+    train = open_pcam(data)["train"]
+    config = TrainConfig(epochs=1, batch_size=16, stain_jitter=0.1, seed=3)
+    order, turns, flips, stains = _epoch_plan(config, 0, 16)
+    whole = _EpochBatches(train.batch, order, turns, flips, stains, 16, 0, 16, 1)[0]
+    local = 16 // processes
+    shares = [_EpochBatches(train.batch, order, turns, flips, stains, 16, rank, local, 1)[0] for rank in range(processes)]
+    assert torch.equal(torch.cat([images for images, _ in shares]), whole[0])
+    assert torch.equal(torch.cat([labels for _, labels in shares]), whole[1])
