@@ -118,7 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid-size", type=int, help="validation patches (default: all)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
     parser.add_argument("--stability-samples", type=int, help="test patches for rotation stability (default 128)")
-    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86")
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
+    parser.add_argument("--int8-backend", choices=pcam.INT8_BACKENDS, default="auto",
+                        help="where INT8 runs, as in benchmarks.pcam (auto: the ExecuTorch program where rotconv[deploy] "
+                             "is installed, else torch.ao); --resume evaluates finished runs again when it changed")
     parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--runs", default=os.path.join("runs", "efficiency"))
@@ -154,12 +157,13 @@ def _settings(args: argparse.Namespace) -> dict:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite", "choose one")
     settings["sizes"] = sorted(set(settings["sizes"]))
+    args.int8_backend = pcam.resolve_int8_backend(args.int8_backend)
     return settings
 
 
 def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse.Namespace, dict]:
     """The arguments benchmarks.pcam.evaluate reads."""
-    namespace = argparse.Namespace(device="cpu", backend=args.backend,
+    namespace = argparse.Namespace(device="cpu", backend=args.backend, int8_backend=args.int8_backend,
                                    weight_scheme=args.weight_scheme, width_mult=settings["width_mult"],
                                    dropout=args.dropout, group_pool=args.group_pool)
     return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
@@ -172,10 +176,21 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "")
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
+    evaluation_args, evaluation_settings = _evaluation_args(args, settings)
     if args.resume and os.path.exists(result_path):
         with open(result_path) as handle:
-            return json.load(handle)
-    evaluation_args, evaluation_settings = _evaluation_args(args, settings)
+            cached = json.load(handle)
+        if args.valid_only or cached.get("int8_backend", "torch-ao") == args.int8_backend:
+            return cached
+        # trained by the same recipe, its INT8 measured on another runtime: evaluate the kept model again
+        print(f"== size {size}, {pcam.model_label(name)}, seed {seed}: INT8 on {args.int8_backend} "
+              f"(was {cached.get('int8_backend', 'torch-ao')}), no retraining ==", flush=True)
+        result = pcam.evaluate(name, mobilenet.load(os.path.join(run_dir, "model.pt")), splits, normalizer,
+                               evaluation_args, evaluation_settings, print, artifact_dir=run_dir)
+        result.update({key: cached[key] for key in ("size", "seed", "model", "steps", "best_epoch", "history",
+                                                    "train_seconds")}, int8_backend=args.int8_backend)
+        write_json(result, result_path)
+        return result
     per_evaluation = math.ceil(settings["steps"] / settings["evaluations"])
     config = TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=settings["lr"][name],
                          weight_decay=args.weight_decay, seed=seed, precision=args.precision,
@@ -198,7 +213,9 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         result = {"valid_accuracy": best["valid_accuracy"], "valid_loss": best["valid_loss"],
                   "lr": config.lr, "degenerate": {"fp32": None}}
     else:
-        result = pcam.evaluate(name, model, splits, normalizer, evaluation_args, evaluation_settings, print)
+        result = pcam.evaluate(name, model, splits, normalizer, evaluation_args, evaluation_settings, print,
+                               artifact_dir=run_dir)
+        result["int8_backend"] = args.int8_backend
     result.update({"size": size, "seed": seed, "model": name, "steps": settings["evaluations"] * per_evaluation,
                    "best_epoch": trained["best_epoch"], "history": trained["history"],
                    "train_seconds": time.time() - started})
@@ -223,6 +240,11 @@ def _mode(runs: list[dict]) -> str:
     return "valid" if "valid_accuracy" in runs[0] else "test"
 
 
+def _runtime(settings: dict) -> str:
+    backend = settings.get("int8_backend", "torch-ao")
+    return pcam.DEPLOY_BACKENDS[backend][4] if backend in pcam.DEPLOY_BACKENDS else f"{settings['backend']} int8 kernels."
+
+
 def format_curve(results: dict) -> str:
     """Markdown table of the curve (rows: sizes)."""
     valid_only = results["settings"].get("valid_only", False)
@@ -235,7 +257,7 @@ def format_curve(results: dict) -> str:
                  f"{results['settings']['batch_size']}, lr {rates}, {augment}), seeds {results['settings']['seeds']}, selection "
                  "on validation loss; " + ("VALIDATION split only (best epoch's accuracy / loss); the test split "
                                            "was not read." if valid_only else
-                                           f"test split; INT8: DFQ on {results['settings']['backend']} kernels."))
+                                           "test split; INT8: DFQ, data-free, on " + _runtime(results["settings"])))
     lines.append("")
     names = list(dict.fromkeys(run["model"] for run in results["runs"]))
     compared = [name for name in names if name != "conventional"] if "conventional" in names else []
@@ -328,6 +350,7 @@ def run(args: argparse.Namespace) -> dict:
                     runs.append(_run_one(size, seed, name, subset, splits, normalizer, args, settings))
         results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
                    "settings": {**settings, "weight_decay": args.weight_decay, "backend": args.backend,
+                                "int8_backend": args.int8_backend,
                                 "valid_only": args.valid_only, "augment": not args.no_augment, "stain_jitter": args.stain_jitter, "init": args.init,
                                 "weight_scheme": args.weight_scheme, "models": args.models},
                    "runs": runs, "curve": summarize_curve(runs)}

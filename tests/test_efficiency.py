@@ -28,7 +28,8 @@ def test_order_is_nested_and_balanced(zeros, ones, seed):
 def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 32, "valid": 16, "test": 16}, seed=4)
     out, plots, runs = tmp_path / "curve.json", tmp_path / "plots", tmp_path / "runs"
-    arguments = ["--quick", "--data", data, "--runs", str(runs), "--out", str(out), "--threads", "1"]
+    arguments = ["--quick", "--data", data, "--runs", str(runs), "--out", str(out), "--threads", "1",
+                 "--int8-backend", "torch-ao"]  # the ExecuTorch export is tested once, below (~10 s a model)
     assert efficiency.main(arguments + ["--plots", str(plots)]) == 0
     results = json.loads(out.read_text())
     assert set(results["curve"]) == {"16", "32"}
@@ -49,6 +50,27 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     assert printed.count("== size") == 1  # only the run without a result ran again (from its checkpoint)
     again = json.loads(out.read_text())
     assert {(r["size"], r["model"]): r["fp32_accuracy"] for r in again["runs"]} == before
+
+
+def test_resume_with_another_int8_backend_evaluates_again_without_training(tmp_path, capsys):
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=8)
+    out, runs = tmp_path / "curve.json", tmp_path / "runs"
+    arguments = ["--quick", "--data", data, "--runs", str(runs), "--out", str(out), "--threads", "1", "--sizes", "16",
+                 "--models", "conventional"]
+    assert efficiency.main(arguments + ["--int8-backend", "torch-ao"]) == 0
+    first = json.loads(out.read_text())
+    assert first["runs"][0]["int8_backend"] == "torch-ao" and "x86 int8 kernels" in first["table"]
+    capsys.readouterr()
+    assert efficiency.main(arguments + ["--int8-backend", "executorch", "--resume"]) == 0
+    assert "INT8 on executorch (was torch-ao), no retraining" in capsys.readouterr().out
+    second = json.loads(out.read_text())
+    (before,), (after,) = first["runs"], second["runs"]
+    assert after["int8_backend"] == "executorch" and "ExecuTorch XNNPACK" in second["table"]
+    assert after["history"] == before["history"] and after["fp32_accuracy"] == before["fp32_accuracy"]
+    assert os.path.getsize(runs / "size16-conventional-lr0.003-stain0.1-seed0" / "model.pte") > 0
+    capsys.readouterr()
+    assert efficiency.main(arguments + ["--int8-backend", "executorch", "--resume"]) == 0
+    assert "== size" not in capsys.readouterr().out  # now up to date: nothing runs
 
 
 def test_bad_sizes_exit_2(tmp_path, capsys):
