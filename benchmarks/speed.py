@@ -171,6 +171,27 @@ def stock_fx_int8(model: nn.Module, group: str, backend: str, calibration: torch
     return _Engine().eval()
 
 
+def stock_executorch(model: nn.Module, group: str, calibration: torch.Tensor, path: str) -> nn.Module:
+    """The stock ExecuTorch program of the same DFQ-prepared network, for comparison: torchao PT2E with
+    ``XNNPACKQuantizer`` set globally (every supported op quantized, per-tensor symmetric), calibrated on
+    ``calibration``, lowered to XNNPACK, written to ``path`` and loaded. Not bit-exact (a float pool); timed only."""
+    from quant.executorch import _require_executorch
+    from mobilenet.files import atomic_write
+    api = _require_executorch()
+    prepared = quant.prepare(model, group=group, weight_scheme="symmetric")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(prepared.eval(), (calibration,)).module()
+        quantizer = api["XNNPACKQuantizer"]().set_global(api["get_symmetric_quantization_config"](is_per_channel=False))
+        observed = api["prepare_pt2e"](exported, quantizer)
+        observed(calibration)
+        converted = api["convert_pt2e"](observed)
+        program = api["to_edge_transform_and_lower"](torch.export.export(converted, (calibration,)),
+                                                     partitioner=[api["XnnpackPartitioner"]()]).to_executorch()
+    atomic_write(path, lambda handle: handle.write(program.buffer))
+    return quant.load_executorch(path)
+
+
 def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
     torch.manual_seed(0)
     images = torch.randn(8, 3, 95, 95)
@@ -213,6 +234,11 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
                                       repeats * (4 if batch == 1 else 1))
                 result["size"]["pte_bytes"] = os.path.getsize(path)
                 print(f"  ExecuTorch .pte / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
+                stock = stock_executorch(exported, group, x, os.path.join(directory, f"stock-b{batch}.pte"))
+                key = f"executorch_vs_stock_b{batch}"
+                result[key] = compare(_inference(program, x), _inference(stock, x), repeats * (4 if batch == 1 else 1))
+                print(f"  ExecuTorch .pte / stock ExecuTorch PT2E at batch {batch}: {result[key]['ratio']:.3f}x",
+                      file=sys.stderr)
     if all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript", "executorch")):
         with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -300,6 +326,9 @@ def format_tables(results: dict) -> str:
                 for batch in (1, 32) if f"int8_symmetric_vs_stock_fx_b{batch}" in models],
               *[(f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported {g}, batch {batch}")
                 for batch in (1, 32) if f"executorch_vs_fp32_b{batch}" in models],
+              *[(f"executorch_vs_stock_b{batch}", f"INT8 .pte vs stock ExecuTorch PT2E (every op quantized, calibrated, "
+                 f"not bit-exact), exported {g}, batch {batch}")
+                for batch in (1, 32) if f"executorch_vs_stock_b{batch}" in models],
               *[(f"onnx_{name}_vs_fp32_b{batch}", f"onnxruntime {name.upper()} vs torch FP32, exported {g}, batch {batch}")
                 for name in ("fp32", "int8") for batch in (1, 32) if f"onnx_{name}_vs_fp32_b{batch}" in models]]
     for key, label in labels:

@@ -142,3 +142,19 @@ def test_stock_fx_baseline_quantizes_every_conv():
     assert int8_convs == float_convs > 0
     logits = stock(x)
     assert logits.shape == (4, 2) and torch.isfinite(logits).all()
+
+
+def test_stock_executorch_baseline_is_a_runnable_program(tmp_path):
+    # benchmarks.speed times the .pte against stock ExecuTorch PT2E of the same network: that baseline must
+    # be a real lowered program (written, loaded, logits of the right shape).
+    pytest.importorskip("executorch", reason="the deploy extra is not installed")
+    import mobilenet
+    from benchmarks.common import untrained_but_generic
+    torch.manual_seed(0)
+    network = untrained_but_generic(mobilenet.mobilenet_v2(group="C4", width_mult=0.25),
+                                    torch.randn(4, 3, 95, 95)).export().eval()
+    x = torch.randn(2, 3, 95, 95)
+    program = speed.stock_executorch(network, "C4", x, str(tmp_path / "stock.pte"))
+    assert (tmp_path / "stock.pte").stat().st_size > 0
+    logits = program(x)
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
