@@ -23,15 +23,14 @@ import torch.nn as nn
 
 from mobilenet.files import atomic_write
 
+from .extras import DEPLOY_EXTRA, require_extra, runtime_input
 from .pipeline import _check_float_model, prepare
 from .plan import QuantPlan, plan_quantization
 
 __all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "quantize_pt2e", "DEPLOY_EXTRA"]
 
-DEPLOY_EXTRA = "pip install 'rotconv[deploy]'  (executorch==1.5.1, onnxruntime)"
-
-
 def _require_executorch():
+    require_extra(("executorch", "torchao"), "quant.to_executorch")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -234,13 +233,9 @@ class ExecuTorchModel(nn.Module):
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        api_error = None
-        try:
-            from executorch.runtime import Runtime
-        except ImportError as error:
-            api_error = error
-        if api_error is not None:
-            raise ImportError(f"quant.load_executorch needs ExecuTorch: {DEPLOY_EXTRA}") from None
+        require_extra(("executorch.runtime",), "quant.load_executorch")
+        from executorch.runtime import Runtime
+
         if not os.path.isfile(path):
             raise ValueError(f"{path}: program file not found")
         try:
@@ -253,15 +248,11 @@ class ExecuTorchModel(nn.Module):
         self.path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.input_shape[1:]:
-            raise ValueError(f"input: the program expects (B, {', '.join(map(str, self.input_shape[1:]))}), got "
-                             f"{tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("input: contains NaN or infinite values")
+        x = runtime_input(x, self.input_shape)
         batch = self.input_shape[0]
         outputs = []
         for start in range(0, x.shape[0], batch):
-            chunk = x[start:start + batch].float().contiguous()
+            chunk = x[start:start + batch]
             count = chunk.shape[0]
             if count < batch:
                 chunk = torch.cat([chunk, chunk.new_zeros(batch - count, *chunk.shape[1:])])

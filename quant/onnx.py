@@ -27,20 +27,11 @@ import torch.nn as nn
 
 from mobilenet.files import atomic_write
 
-from .executorch import DEPLOY_EXTRA, _example, quantize_pt2e
+from .executorch import _example, quantize_pt2e
+from .extras import require_extra, runtime_input
 from .pipeline import _check_float_model
 
 __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
-
-
-def _require(modules: tuple[str, ...], what: str) -> None:
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as error:
-            raise ImportError(f"{what} needs {name}, which is an optional extra: {DEPLOY_EXTRA} ({error})") from None
 
 
 def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True, example_batch: int = 1,
@@ -58,7 +49,7 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         input_range, calibration, bias_correction: as :func:`quant.to_executorch`.
         dynamic_batch: the file accepts any batch size (else only the example's).
     """
-    _require(("onnx", "onnxscript"), "quant.to_onnx")
+    require_extra(("onnx", "onnxscript"), "quant.to_onnx")
     if not isinstance(int8, bool):
         raise ValueError(f"int8: expected True or False, got {int8!r}")
     example = _example(model, example_input, example_batch)
@@ -155,7 +146,7 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str, threads: int | None = None) -> None:
         super().__init__()
-        _require(("onnxruntime",), "quant.load_onnx")
+        require_extra(("onnxruntime",), "quant.load_onnx")
         import onnxruntime
 
         if not os.path.isfile(path):
@@ -178,16 +169,12 @@ class OnnxModel(nn.Module):
         self.path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != tuple(self.input_shape[1:]):
-            raise ValueError(f"input: the model expects (B, {', '.join(map(str, self.input_shape[1:]))}), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        x = runtime_input(x, self.input_shape)
         fixed = self.input_shape[0] if isinstance(self.input_shape[0], int) else None
         if fixed is not None and x.shape[0] != fixed:
             raise ValueError(f"input: the model was written for batch {fixed} (to_onnx(dynamic_batch=True) "
                              f"accepts any), got {x.shape[0]}")
-        if not torch.isfinite(x).all():
-            raise ValueError("input: contains NaN or infinite values")
-        output = self.session.run(None, {self.input_name: x.detach().float().contiguous().numpy()})[0]
+        output = self.session.run(None, {self.input_name: x.numpy()})[0]
         return torch.from_numpy(output)
 
     def extra_repr(self) -> str:

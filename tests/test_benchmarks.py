@@ -61,8 +61,28 @@ def test_compare_interleaves_and_reports_medians():
     calls = []
     result = speed.compare(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
-    assert set(result) == {"first_s", "second_s", "ratio", "repeats"} and result["repeats"] == 4
+    assert set(result) == {"first_s", "second_s", "ratio", "repeats", "block"} and result["repeats"] == 4
     assert result["first_s"] >= 0 and result["ratio"] > 0
+
+
+def test_compare_in_blocks_takes_the_median_of_consecutive_calls(monkeypatch):
+    # Each side of a pair is the median of `block` consecutive calls: a slow first call (another runtime's
+    # threads still spinning) is dropped. Clock: the first call of every block of "a" takes 10 s, the others 1 s;
+    # "b" always 2 s. Without blocks a's median would be 10 s on half the pairs.
+    calls = []
+    durations = {"a": iter([10, 1, 1] * 5), "b": iter([2] * 15)}
+    now = [0.0]
+
+    def call(name):
+        def run():
+            calls.append(name)
+            now[0] += next(durations[name])
+        return run
+
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: now[0])
+    result = speed.compare(call("a"), call("b"), repeats=4, warmup=0, block=3)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert result["first_s"] == 1 and result["second_s"] == 2 and result["ratio"] == 0.5 and result["block"] == 3
 
 
 def test_plain_twins_do_the_same_work():

@@ -1,0 +1,42 @@
+"""quant.extras: the input check and the missing-extra error shared by the ExecuTorch and ONNX wrappers."""
+import importlib
+
+import pytest
+import torch
+
+from quant.extras import require_extra, runtime_input
+
+
+def test_runtime_input_passes_finite_batches_through_as_contiguous_float32():
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64).transpose(2, 3)  # non-contiguous, float64
+    out = runtime_input(x, (1, 3, 5, 7))
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(out, x.float())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_runtime_input_rejects_non_finite_values(value):
+    x = torch.zeros(3, 3, 5, 5)
+    x[2, 1, 4, 0] = value  # one bad value in the last image
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        runtime_input(x, (1, 3, 5, 5))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3, 5, 5), torch.zeros(1, 1, 5, 5), torch.zeros(1, 3, 5, 6), "image"])
+def test_runtime_input_names_the_expected_shape(bad):
+    with pytest.raises(ValueError, match=r"input: the model expects \(B, 3, 5, 5\)"):
+        runtime_input(bad, (1, 3, 5, 5))
+
+
+def test_missing_extra_names_what_needed_it_and_the_extra(monkeypatch):
+    real = importlib.import_module
+
+    def without_runtime(name, *args, **kwargs):
+        if name.startswith("executorch"):
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_runtime)
+    with pytest.raises(ImportError, match=r"quant.load_executorch needs executorch.runtime.*rotconv\[deploy\]"):
+        require_extra(("numpy", "executorch.runtime"), "quant.load_executorch")
+    require_extra(("numpy",), "anything")  # present modules pass silently
