@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import mobilenet
+import quant
 import rotconv
 from mobilenet.files import RunLock, check_writable, write_json
 from mobilenet.pcam import Normalizer, PCam, open_pcam
@@ -123,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="where INT8 runs, as in benchmarks.pcam (auto: the ExecuTorch program where rotconv[deploy] "
                              "is installed, else torch.ao); --resume evaluates finished runs again when it changed")
     parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric")
+    parser.add_argument("--relu6", choices=quant.RELU6_MODES, default=pcam.RELU6_DEFAULT,
+                        help="DFQ with ReLU6, as in benchmarks.pcam; --resume evaluates finished runs again when it "
+                             "changed")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--runs", default=os.path.join("runs", "efficiency"))
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs, skip finished ones")
@@ -164,7 +168,8 @@ def _settings(args: argparse.Namespace) -> dict:
 def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse.Namespace, dict]:
     """The arguments benchmarks.pcam.evaluate reads."""
     namespace = argparse.Namespace(device="cpu", backend=args.backend, int8_backend=args.int8_backend,
-                                   weight_scheme=args.weight_scheme, width_mult=settings["width_mult"],
+                                   weight_scheme=args.weight_scheme, relu6=args.relu6,
+                                   width_mult=settings["width_mult"],
                                    dropout=args.dropout, group_pool=args.group_pool)
     return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
 
@@ -180,15 +185,17 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
     if args.resume and os.path.exists(result_path):
         with open(result_path) as handle:
             cached = json.load(handle)
-        if args.valid_only or cached.get("int8_backend", "torch-ao") == args.int8_backend:
+        was = (cached.get("int8_backend", "torch-ao"), cached.get("relu6", "replace"))
+        if args.valid_only or was == (args.int8_backend, args.relu6):
             return cached
-        # trained by the same recipe, its INT8 measured on another runtime: evaluate the kept model again
-        print(f"== size {size}, {pcam.model_label(name)}, seed {seed}: INT8 on {args.int8_backend} "
-              f"(was {cached.get('int8_backend', 'torch-ao')}), no retraining ==", flush=True)
+        # trained by the same recipe, its INT8 made another way: evaluate the kept model again
+        print(f"== size {size}, {pcam.model_label(name)}, seed {seed}: INT8 on {args.int8_backend}, relu6 "
+              f"{args.relu6} (was {was[0]}, {was[1]}), no retraining ==", flush=True)
         result = pcam.evaluate(name, mobilenet.load(os.path.join(run_dir, "model.pt")), splits, normalizer,
                                evaluation_args, evaluation_settings, print, artifact_dir=run_dir)
         result.update({key: cached[key] for key in ("size", "seed", "model", "steps", "best_epoch", "history",
-                                                    "train_seconds")}, int8_backend=args.int8_backend)
+                                                    "train_seconds")}, int8_backend=args.int8_backend,
+                      relu6=args.relu6)
         write_json(result, result_path)
         return result
     per_evaluation = math.ceil(settings["steps"] / settings["evaluations"])
@@ -215,7 +222,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
     else:
         result = pcam.evaluate(name, model, splits, normalizer, evaluation_args, evaluation_settings, print,
                                artifact_dir=run_dir)
-        result["int8_backend"] = args.int8_backend
+        result["int8_backend"], result["relu6"] = args.int8_backend, args.relu6
     result.update({"size": size, "seed": seed, "model": name, "steps": settings["evaluations"] * per_evaluation,
                    "best_epoch": trained["best_epoch"], "history": trained["history"],
                    "train_seconds": time.time() - started})
@@ -352,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
                    "settings": {**settings, "weight_decay": args.weight_decay, "backend": args.backend,
                                 "int8_backend": args.int8_backend,
                                 "valid_only": args.valid_only, "augment": not args.no_augment, "stain_jitter": args.stain_jitter, "init": args.init,
-                                "weight_scheme": args.weight_scheme, "models": args.models},
+                                "weight_scheme": args.weight_scheme, "relu6": args.relu6, "models": args.models},
                    "runs": runs, "curve": summarize_curve(runs)}
         results["table"] = format_curve(results)
         if args.plots:

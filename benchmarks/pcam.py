@@ -127,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric",
                         help="INT8 per-tensor weights: symmetric (default: fbgemm's fast depthwise kernels, "
                              "bit-exact rotations on x86) or asymmetric (DFQ's choice)")
+    parser.add_argument("--relu6", choices=quant.RELU6_MODES, default=RELU6_DEFAULT,
+                        help=f"DFQ with ReLU6: keep it (its clip is the top of the int8 range; no equalization "
+                             f"across it) or replace it by ReLU and equalize (the DFQ paper); default "
+                             f"{RELU6_DEFAULT}, chosen on the validation split (docs/quantization.md)")
     parser.add_argument("--simulated-int8", action=argparse.BooleanOptionalAction,
                         help="also measure simulated INT8 accuracy (default: paper profile only)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -277,6 +281,8 @@ DEPLOY_BACKENDS = {
 
 
 INT8_BACKENDS = ("auto", "executorch", "onnx", "torch-ao")
+#: quant.prepare(relu6=...) for the INT8 models of the benchmarks
+RELU6_DEFAULT = "keep"
 
 
 def resolve_int8_backend(choice: str, log=print) -> str:
@@ -294,7 +300,8 @@ def resolve_int8_backend(choice: str, log=print) -> str:
 def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argparse.Namespace, batch: int,
                 artifact_dir: str | None) -> tuple[nn.Module, int, str]:
     """The INT8 model on the chosen backend, its serialised size and a label."""
-    options = {"group": group_of(name), "input_range": normalizer.value_range()}
+    options = {"group": group_of(name), "input_range": normalizer.value_range(),
+               "relu6": getattr(args, "relu6", RELU6_DEFAULT)}
     backend = getattr(args, "int8_backend", "torch-ao")
     if backend in DEPLOY_BACKENDS:
         export, load, file_name, label, _ = DEPLOY_BACKENDS[backend]
@@ -318,7 +325,7 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
     plain = model.export().cpu()
     options = {"group": group_of(name), "backend": args.backend, "input_range": normalizer.value_range(),
-               "weight_scheme": args.weight_scheme}
+               "weight_scheme": args.weight_scheme, "relu6": getattr(args, "relu6", RELU6_DEFAULT)}
     int8, int8_bytes, int8_label = _int8_model(name, plain, normalizer, args, batch, artifact_dir)
     int8_accuracy, int8_degenerate = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({int8_label})")
     simulated_accuracy = None
@@ -520,7 +527,7 @@ def _report(args: argparse.Namespace, settings: dict, data: dict, label: str, sy
                      "channels_last": config.channels_last,
                      "width_mult": args.width_mult, "dropout": args.dropout, "group_pool": args.group_pool,
                      "backend": args.backend,
-                     "int8_backend": args.int8_backend,
+                     "int8_backend": args.int8_backend, "relu6": args.relu6,
                      "weight_scheme": args.weight_scheme,
                      "stability_samples": settings["stability_samples"], "processes": processes.world_size,
                      "device": args.device, "threads": torch.get_num_threads()},

@@ -147,7 +147,9 @@ def _round_small(y: torch.Tensor) -> torch.Tensor:
 
 
 def _exact_pooling(plan: QuantPlan) -> fx.GraphModule:
-    """A copy of the plan's network whose masked average pools, where they read a quantized value, sum exactly."""
+    """A copy of the plan's network whose masked average pools, where they read a quantized value, sum exactly,
+    and whose ReLU6 after a conv is a ReLU: the plan's range ends at 6 there, so the int8 output saturates at 6
+    (XNNPACK fuses conv + ReLU into one int8 op, not conv + hardtanh)."""
     import copy
 
     import rotconv
@@ -155,6 +157,8 @@ def _exact_pooling(plan: QuantPlan) -> fx.GraphModule:
     graph_module = copy.deepcopy(plan.graph_module)
     for node in graph_module.graph.nodes:
         module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.ReLU6) and node.name in plan.fused.values():
+            graph_module.set_submodule(node.target, nn.ReLU())
         if isinstance(module, rotconv.MaskedGlobalAvgPool) and node.args[0].name in plan.points:
             scale = plan.activation_qparams(node.args[0].name)[0]
             graph_module.set_submodule(node.target, _ExactMaskedGlobalAvgPool(module, scale))
@@ -175,13 +179,14 @@ def _example(model: nn.Module, example_input: torch.Tensor | None, batch: int) -
 
 def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
                   input_range: tuple[float, float] = (-3.0, 3.0), calibration: Iterable | None = None,
-                  bias_correction: bool = True) -> fx.GraphModule:
+                  bias_correction: bool = True, relu6: str = "replace") -> fx.GraphModule:
     """The data-free INT8 model as a PT2E graph (quantize/dequantize ops around int8 convolutions and adds,
     int8 weights, the plan's activation ranges): what :func:`to_executorch` lowers to XNNPACK and
     :func:`quant.to_onnx` writes as an ONNX QDQ model. Needs torchao (the ``deploy`` extra)."""
     api = _require_executorch()
     _check_float_model(model)
-    prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False)
+    prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False,
+                       relu6=relu6)
     plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric",
                              integer_bias=True)
     with warnings.catch_warnings():
@@ -202,7 +207,7 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
 
 def to_executorch(model: nn.Module, path: str, group: object = None, example_batch: int = 1,
                   example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
-                  calibration: Iterable | None = None, bias_correction: bool = True) -> str:
+                  calibration: Iterable | None = None, bias_correction: bool = True, relu6: str = "replace") -> str:
     """Quantize ``model`` (a float plain network, e.g. ``model.export()``) data-free and write it to ``path``
     as an ExecuTorch program for XNNPACK; returns ``path``.
 
@@ -215,10 +220,11 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
         example_input: an input of the right shape (default: zeros of ``model.input_size``).
         input_range: the range of the network input (the data-free range of the first activation).
         calibration: optional batches to measure ranges instead.
+        bias_correction, relu6: as :func:`quant.prepare` (``relu6="keep"``: ReLU6 kept, clipped by the range).
     """
     api = _require_executorch()
     example = _example(model, example_input, example_batch)
-    converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction)
+    converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = api["to_edge_transform_and_lower"](torch.export.export(converted, (example,)),

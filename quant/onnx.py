@@ -36,7 +36,8 @@ __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
 
 def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True, example_batch: int = 1,
             example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
-            calibration: Iterable | None = None, bias_correction: bool = True, dynamic_batch: bool = True) -> str:
+            calibration: Iterable | None = None, bias_correction: bool = True, dynamic_batch: bool = True,
+            relu6: str = "replace") -> str:
     """Write ``model`` (a float plain network, e.g. ``model.export()``) to ``path`` as ONNX; returns ``path``.
 
     Args:
@@ -46,7 +47,7 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
             field-shared equalization. Unused with ``int8=False``.
         int8: the data-free INT8 model as a QDQ graph (True) or the float model (False).
         example_batch, example_input: the traced input (default zeros of ``model.input_size``).
-        input_range, calibration, bias_correction: as :func:`quant.to_executorch`.
+        input_range, calibration, bias_correction, relu6: as :func:`quant.to_executorch`.
         dynamic_batch: the file accepts any batch size (else only the example's).
     """
     require_extra(("onnx", "onnxscript"), "quant.to_onnx")
@@ -54,7 +55,7 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         raise ValueError(f"int8: expected True or False, got {int8!r}")
     example = _example(model, example_input, example_batch)
     if int8:
-        network = quantize_pt2e(model, group, example, input_range, calibration, bias_correction)
+        network = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
     else:
         _check_float_model(model)
         network = model.eval()

@@ -18,6 +18,9 @@ from .transforms import absorb_high_bias, correct_bias, equalize, field_size, fo
 __all__ = ["quantize", "dfq", "prepare", "MODES"]
 
 MODES = ("simulated", "int8")
+#: what :func:`prepare` does with ReLU6: "replace" it by ReLU and equalize through it (the DFQ paper), or "keep"
+#: it (its clip becomes the top of the quantization range) and leave the pairs through it unequalized
+RELU6_MODES = ("replace", "keep")
 
 
 def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
@@ -68,15 +71,22 @@ def _check_float_model(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, group: object = None, bias_correction: bool = True, weight_bits: int = 8,
-            weight_scheme: str = "asymmetric", reduce_range: bool = False, *, fields: int | None = None
-            ) -> fx.GraphModule:
+            weight_scheme: str = "asymmetric", reduce_range: bool = False, *, fields: int | None = None,
+            relu6: str = "replace") -> fx.GraphModule:
     """The data-free steps before quantization: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``),
-    absorb high biases, and (``bias_correction``) correct biases for the given weight quantization."""
+    absorb high biases, and (``bias_correction``) correct biases for the given weight quantization.
+
+    ``relu6="keep"`` keeps every ReLU6 instead (the float network is unchanged; the clip at 6 becomes the top of
+    the conv's quantization range): pairs through a ReLU6 are then neither equalized nor bias-absorbed, which
+    in MobileNetV2 is every pair. Replacing ReLU6 by ReLU changes the float function wherever activations
+    exceed 6; on trained PCam models that change was most of the INT8 error (docs/quantization.md)."""
+    check_choice(relu6, "relu6", RELU6_MODES)
     _check_float_model(model)
     size = field_size(group, fields, caller="dfq", stacklevel=4)
     prepared: fx.GraphModule = fold_batchnorm(model)
-    prepared = replace_relu6(prepared)
-    prepared = equalize(prepared, group=size)
+    if relu6 == "replace":
+        prepared = replace_relu6(prepared)
+    prepared = equalize(prepared, group=size, keep_relu6=relu6 == "keep")
     prepared = absorb_high_bias(prepared)
     if bias_correction:
         prepared = correct_bias(prepared, weight_bits, weight_scheme, reduce_range=reduce_range)
@@ -84,11 +94,12 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
 
 
 def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *, fields: int | None = None,
-        **quantize_kwargs) -> nn.Module:
+        relu6: str = "replace", **quantize_kwargs) -> nn.Module:
     """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: a rotconv group,
     its name or N, as the network was built with), absorb high biases, correct biases, quantize
-    (``quantize_kwargs`` go to :func:`quantize`). ``fields=N`` is the deprecated old name of ``group``."""
+    (``quantize_kwargs`` go to :func:`quantize`). ``relu6``: see :func:`prepare`. ``fields=N`` is the
+    deprecated old name of ``group``."""
     prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
                        quantize_kwargs.get("weight_scheme", "asymmetric"),
-                       reduces_range(quantize_kwargs.get("backend", "x86")), fields=fields)
+                       reduces_range(quantize_kwargs.get("backend", "x86")), fields=fields, relu6=relu6)
     return quantize(prepared, **quantize_kwargs)

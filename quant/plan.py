@@ -22,7 +22,7 @@ from rotconv.validation import check_choice, check_int
 
 from .arithmetic import (WEIGHT_SCHEMES, fake_quantize_weight, quantization_parameters, weight_bits_for,
                          weight_quantization_parameters)
-from .graph import describe, is_activation, is_add, is_conv, module_of, trace
+from .graph import describe, is_add, is_conv, module_of, trace
 from .registry import ModuleRule, rule_for
 
 __all__ = ["QuantPlan", "plan_quantization", "FakeQuantize", "simulate"]
@@ -92,7 +92,7 @@ def _check_arguments(weight_bits: int, act_bits: int, weight_scheme: str) -> Non
 
 
 def _check_folded(graph_module: fx.GraphModule) -> None:
-    """Refuse batch norms (DFQ folds them into the conv before them) and unreplaced ReLU6."""
+    """Refuse batch norms (DFQ folds them into the conv before them)."""
     for node in graph_module.graph.nodes:
         module = module_of(graph_module, node)
         if isinstance(module, nn.BatchNorm2d):
@@ -101,8 +101,6 @@ def _check_folded(graph_module: fx.GraphModule) -> None:
                 raise ValueError(f"model: fold the batch norms first (quant.fold_batchnorm); {node.target} is not")
             raise ValueError(f"model: batch norm {node.target} follows {describe(graph_module, source)}, not a "
                              "Conv2d whose only user it is; DFQ folds conv -> batch norm pairs only")
-        if is_activation(graph_module, node) and not isinstance(module, nn.ReLU):
-            raise ValueError(f"model: {node.target} is {type(module).__name__}; call quant.replace_relu6 first")
 
 
 class _Points:
@@ -132,10 +130,13 @@ class _Points:
             self.points[source.name] = self._entry_range(source, node)
         conv = module_of(self.graph_module, node)
         users = list(node.users)
-        if len(users) == 1 and isinstance(module_of(self.graph_module, users[0]), nn.ReLU):
+        activation = module_of(self.graph_module, users[0]) if len(users) == 1 else None
+        if isinstance(activation, (nn.ReLU, nn.ReLU6)):
+            # a ReLU6 is fused like a ReLU: its clip at 6 is the top of the range, where int8 outputs saturate
             self.fused[node.name] = users[0].name
             self.producers[users[0].name] = users[0].name
-            self.points[users[0].name] = _data_free_range(conv, relu=True)
+            self.points[users[0].name] = _data_free_range(conv, relu=True,
+                                                          ceiling=6.0 if isinstance(activation, nn.ReLU6) else None)
         else:
             self.producers[node.name] = node.name
             self.points[node.name] = _data_free_range(conv, relu=False)
@@ -174,8 +175,9 @@ def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
                       integer_bias: bool = False) -> QuantPlan:
     """Trace ``model`` (BN folded: see :func:`quant.fold_batchnorm`) and choose quantization points/ranges.
 
-    Raises ValueError for what it cannot quantize correctly: unfolded batch norms, ReLU6 (call
-    :func:`quant.replace_relu6`), and, without ``calibration``, any value entering the quantized region whose
+    A ReLU6 after a conv is kept: its clip at 6 becomes the top of the conv's output range (where int8 outputs
+    saturate). Raises ValueError for what it cannot quantize correctly: unfolded batch norms and, without
+    ``calibration``, any value entering the quantized region whose
     range is not data-free (the output of a SiLU, a Linear, a reshape, ... feeding a conv)."""
     _check_arguments(weight_bits, act_bits, weight_scheme)
     graph_module = trace(model).eval()
@@ -197,11 +199,14 @@ def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
                      weight_scheme, integer_bias)
 
 
-def _data_free_range(conv: nn.Conv2d, relu: bool) -> tuple[float, float] | None:
+def _data_free_range(conv: nn.Conv2d, relu: bool, ceiling: float | None = None) -> tuple[float, float] | None:
     if not hasattr(conv, "dfq_beta"):
         return None
     low = (conv.dfq_beta - DATA_FREE_SIGMAS * conv.dfq_gamma).min().item()
     high = (conv.dfq_beta + DATA_FREE_SIGMAS * conv.dfq_gamma).max().item()
+    if ceiling is not None:  # a ReLU6: nothing above its clip
+        high = min(high, ceiling)
+        low = min(low, high)
     return (max(low, 0.0), max(high, 0.0)) if relu else (low, high)
 
 

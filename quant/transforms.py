@@ -110,13 +110,14 @@ def _scale_pair(pair: ConvPair, scale: torch.Tensor) -> None:
 
 @torch.no_grad()
 def equalize(model: nn.Module, group: object = None, max_iterations: int = 100, tolerance: float = 1e-6,
-             *, fields: int | None = None) -> fx.GraphModule:
+             *, fields: int | None = None, keep_relu6: bool = False) -> fx.GraphModule:
     """Cross-layer range equalization of every conv -> ReLU -> conv pair, iterated until the scales
     converge (the depthwise-separable chains share convs between pairs).
 
     For output channel i of the first conv (range ``r1_i``) and input channel i of the second (``r2_i``),
     ``s_i = sqrt(r1_i * r2_i) / r2_i``; afterwards both ranges equal ``sqrt(r1_i * r2_i)``. ReLU is
-    positively homogeneous, so the function is unchanged (ReLU6 is not: call :func:`replace_relu6` first).
+    positively homogeneous, so the function is unchanged (ReLU6 is not: call :func:`replace_relu6` first, or
+    pass ``keep_relu6=True`` to leave the pairs through a ReLU6 as they are).
     With ``group`` (an int N or a rotconv group of order N) the ranges and scales are shared by the N
     channels of every regular field (maximum over the field), so an equivariant network stays exactly
     equivariant: a group element permutes channels within fields, and the scaling is the same for all of
@@ -126,8 +127,10 @@ def equalize(model: nn.Module, group: object = None, max_iterations: int = 100, 
     graph_module = trace(model)
     pairs = conv_pairs(graph_module, warn=True)
     for pair in pairs:
-        if isinstance(pair.activation, nn.ReLU6):
-            raise ValueError(f"model: {pair.first_name} -> ReLU6 -> {pair.second_name}: call replace_relu6 first")
+        if isinstance(pair.activation, nn.ReLU6) and not keep_relu6:
+            raise ValueError(f"model: {pair.first_name} -> ReLU6 -> {pair.second_name}: call replace_relu6 first "
+                             "(or equalize(..., keep_relu6=True) to leave such pairs unequalized)")
+    pairs = [pair for pair in pairs if not isinstance(pair.activation, nn.ReLU6)]
     for _ in range(max_iterations):
         largest_change = 0.0
         for pair in pairs:
@@ -152,12 +155,14 @@ def absorb_high_bias(model: nn.Module, sigmas: float = 3.0, padded: bool = False
     ``b1 <- b1 - c``, ``b2 <- b2 + W2 c`` (summed over the kernel). Exact whenever the pre-activation of
     channel i stays above ``c_i`` (then ``relu(x - c) = relu(x) - c``), which the BN model says holds with
     probability ~99.9% at 3 sigma. A conv with zero padding sees the padded zeros unshifted, so pairs whose
-    second conv pads are skipped unless ``padded=True`` (the paper's approximation).
+    second conv pads are skipped unless ``padded=True`` (the paper's approximation). Pairs through a ReLU6
+    are skipped: the shift would move its clip at 6.
     """
     graph_module = trace(model)
     for pair in conv_pairs(graph_module):
         first, second = pair.first, pair.second
-        if not hasattr(first, "dfq_beta") or (not padded and not _padding_free(second)):
+        if not hasattr(first, "dfq_beta") or (not padded and not _padding_free(second)) \
+                or isinstance(pair.activation, nn.ReLU6):
             continue
         absorbed = (first.dfq_beta - sigmas * first.dfq_gamma).clamp_min(0.0)
         if first.bias is None:
@@ -188,15 +193,18 @@ def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "a
                  reduce_range: bool = False) -> fx.GraphModule:
     """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
     input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract
-    it from the bias. Applies to convs fed by conv -> ReLU; others are left as they are. ``weight_bits``,
+    it from the bias (``E[clip(N(beta, gamma^2), 0, 6)]`` behind a ReLU6). Applies to convs fed by conv -> ReLU
+    or ReLU6; others are left as they are. ``weight_bits``,
     ``weight_scheme`` and ``reduce_range`` must be those the quantizer will use (the bits of each conv follow
     :func:`quant.arithmetic.weight_bits_for`, as in the quantizer)."""
     graph_module = trace(model)
     for pair in conv_pairs(graph_module):
         first, second = pair.first, pair.second
-        if not hasattr(first, "dfq_beta") or not isinstance(pair.activation, nn.ReLU):
+        if not hasattr(first, "dfq_beta") or not isinstance(pair.activation, (nn.ReLU, nn.ReLU6)):
             continue
         expected_input = _expected_relu(first.dfq_beta, first.dfq_gamma)
+        if isinstance(pair.activation, nn.ReLU6):  # clip(z, 0, 6) = relu(z) - relu(z - 6)
+            expected_input = expected_input - _expected_relu(first.dfq_beta - 6.0, first.dfq_gamma)
         weight = second.weight
         error = fake_quantize_weight(weight, weight_bits_for(second, weight_bits, reduce_range), weight_scheme) - weight
         if second.groups == 1:

@@ -62,7 +62,7 @@ def test_resume_with_another_int8_backend_evaluates_again_without_training(tmp_p
     assert first["runs"][0]["int8_backend"] == "torch-ao" and "x86 int8 kernels" in first["table"]
     capsys.readouterr()
     assert efficiency.main(arguments + ["--int8-backend", "executorch", "--resume"]) == 0
-    assert "INT8 on executorch (was torch-ao), no retraining" in capsys.readouterr().out
+    assert "INT8 on executorch, relu6 keep (was torch-ao, keep), no retraining" in capsys.readouterr().out
     second = json.loads(out.read_text())
     (before,), (after,) = first["runs"], second["runs"]
     assert after["int8_backend"] == "executorch" and "ExecuTorch XNNPACK" in second["table"]
@@ -71,6 +71,11 @@ def test_resume_with_another_int8_backend_evaluates_again_without_training(tmp_p
     capsys.readouterr()
     assert efficiency.main(arguments + ["--int8-backend", "executorch", "--resume"]) == 0
     assert "== size" not in capsys.readouterr().out  # now up to date: nothing runs
+    # another DFQ variant (ReLU6 replaced and equalized across) is another INT8 model: evaluated again
+    assert efficiency.main(arguments + ["--int8-backend", "executorch", "--relu6", "replace", "--resume"]) == 0
+    assert "relu6 replace (was executorch, keep), no retraining" in capsys.readouterr().out
+    third = json.loads(out.read_text())
+    assert third["runs"][0]["relu6"] == "replace" and third["runs"][0]["history"] == before["history"]
 
 
 def test_bad_sizes_exit_2(tmp_path, capsys):

@@ -23,14 +23,16 @@ def _random_model(group: str, group_pool: str = "max") -> nn.Module:
     return rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95)).export().eval()
 
 
-@pytest.mark.parametrize("group, group_pool", [("C4", "max"), ("C12", "max"), ("C4", "sort")])
-def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, tmp_path):
+@pytest.mark.parametrize("group, group_pool, relu6", [("C4", "max", "replace"), ("C12", "max", "replace"),
+                                                     ("C4", "sort", "replace"), ("C12", "max", "keep")])
+def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, relu6, tmp_path):
     # The int8 feature maps of a rotated input are the rotated maps (rot90-exact filters, per-tensor scales);
     # the masked average pool sums integers exactly in float64, so even the float head gives identical bits.
     # Inputs 3x wider than the declared range saturate the first quantizer: still exact. group_pool="sort"
-    # is exported as a min/max sorting network (ExecuTorch has no sort kernel): exact too.
+    # is exported as a min/max sorting network (ExecuTorch has no sort kernel): exact too. relu6="keep":
+    # ReLU6 clipped by the top of the int8 range, no equalization: exact too.
     path = quant.to_executorch(_random_model(group, group_pool), str(tmp_path / "model.pte"), group=group,
-                               example_batch=2)
+                               example_batch=2, relu6=relu6)
     program = quant.load_executorch(path)
     g = rotconv.as_group(group)
     x = torch.randn(3, 3, 95, 95, generator=torch.Generator().manual_seed(1))  # 3 = one full batch + a padded one
@@ -44,11 +46,11 @@ def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_
 class _Shallow(nn.Module):
     """Two conv-BN-ReLU layers, masked pooling, linear: too shallow to amplify one-step differences."""
 
-    def __init__(self):
+    def __init__(self, activation=nn.ReLU):
         super().__init__()
         self.input_size = 15
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), activation(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), activation())
         self.pool = rotconv.MaskedGlobalAvgPool(size=15)
         self.head = nn.Linear(8, 3)
 
@@ -56,15 +58,19 @@ class _Shallow(nn.Module):
         return self.head(self.pool(self.features(x)))
 
 
-def test_program_matches_the_simulation(tmp_path):
+@pytest.mark.parametrize("relu6", ["replace", "keep"])
+def test_program_matches_the_simulation(relu6, tmp_path):
     # The simulated model (8-bit activations and symmetric weights everywhere, as XNNPACK) describes the
     # program: same data-free ranges; only the int32 rounding of biases and the requantization differ, a
-    # fraction of a quantization step per layer, so the logits agree to ~1% of their size.
+    # fraction of a quantization step per layer, so the logits agree to ~1% of their size. With ReLU6 kept
+    # (batch norms scaled so that it clips), the program's clip is the saturation of its int8 range.
     torch.manual_seed(0)
-    model = rotconv.randomize_batchnorm(_Shallow(), torch.randn(64, 3, 15, 15), bias=(-0.3, 0.5))
-    path = quant.to_executorch(model, str(tmp_path / "shallow.pte"), example_batch=4)
+    model = rotconv.randomize_batchnorm(_Shallow(nn.ReLU6), torch.randn(64, 3, 15, 15),
+                                        **({"weight": (2.0, 5.0), "bias": (1.0, 3.0)} if relu6 == "keep" else
+                                           {"bias": (-0.3, 0.5)}))
+    path = quant.to_executorch(model, str(tmp_path / "shallow.pte"), example_batch=4, relu6=relu6)
     program = quant.load_executorch(path)
-    simulated = quant.dfq(model, mode="simulated", backend="qnnpack", weight_scheme="symmetric")
+    simulated = quant.dfq(model, mode="simulated", backend="qnnpack", weight_scheme="symmetric", relu6=relu6)
     x = torch.randn(16, 3, 15, 15)
     with torch.no_grad():
         expected = simulated(x)

@@ -162,6 +162,22 @@ def test_int8_mobilenet_logits_are_bit_exactly_invariant_to_quarter_turns(export
         assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k
 
 
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+@pytest.mark.parametrize("N", [4, 12])
+def test_int8_mobilenet_keeping_relu6_is_bit_exactly_invariant(exported, N, backend):
+    # relu6="keep": no equalization, ReLU6 clipped by the top of each range; still per-tensor scales and
+    # rot90-exact filters, so the logits of rotated inputs (3x the declared range) are bit for bit the same.
+    group = rotconv.CyclicGroup(N)
+    int8 = quant.dfq(exported[N], group=N, mode="int8", backend=backend, weight_scheme="symmetric",
+                     input_range=(-1.0, 1.0), relu6="keep")
+    torch.manual_seed(N)
+    x = 3 * torch.randn(3, 3, 95, 95)
+    logits = int8(x)
+    assert logits.abs().max() > 0
+    for k in group.exact_elements():
+        assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k
+
+
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -205,6 +221,7 @@ def test_int8_model_is_four_times_smaller(exported):
     (lambda m: quant.quantize(m, weight_bits=1), "weight_bits"),
     (lambda m: quant.equalize(m, group=0), "group"),
     (lambda m: quant.dfq(m, weight_scheme="per-channel"), "weight_scheme"),
+    (lambda m: quant.dfq(m, relu6="clip"), "relu6"),
     (lambda m: quant.quantize(m), "fold the batch norms"),
 ])
 def test_bad_arguments(exported, call, name):
@@ -219,22 +236,27 @@ def test_unexported_model_is_rejected():
 
 @settings(max_examples=30)
 @given(in_channels=st.integers(1, 6), out_channels=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]),
-       depthwise=st.booleans(), relu=st.booleans(), stride=st.integers(1, 2), size=st.integers(5, 13),
+       depthwise=st.booleans(), activation=st.sampled_from([None, nn.ReLU, nn.ReLU6]), stride=st.integers(1, 2),
+       size=st.integers(5, 13),
        backend=st.sampled_from(["x86", "qnnpack"]), weight_scheme=st.sampled_from(["asymmetric", "symmetric"]),
        seed=st.integers(0, 2**16))
-def test_int8_layer_is_within_one_step_of_the_simulation(in_channels, out_channels, kernel, depthwise, relu,
+def test_int8_layer_is_within_one_step_of_the_simulation(in_channels, out_channels, kernel, depthwise, activation,
                                                           stride, size, backend, weight_scheme, seed):
     # On the same quantized input, simulated and int8 arithmetic differ only in the int32 rounding of the bias
     # (< half a step of the accumulator, scale_in * scale_w) and the requantization multiplier's float
     # rounding: far below one output step, so a rounded output moves by at most one step (qnnpack). The x86
     # engine hands some shapes to oneDNN, whose requantization rounds once more in between (found by this
-    # test: up to two steps, for a small fraction of the outputs).
+    # test: up to two steps, for a small fraction of the outputs). A ReLU6 is fused like a ReLU, its clip at 6
+    # being the top of the output range: the BN scale is raised so that it clips, and no output passes 6.
     torch.manual_seed(seed)
     if depthwise:
         out_channels = in_channels
     conv = nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=in_channels if depthwise else 1)
-    layers = [conv, nn.BatchNorm2d(out_channels)] + ([nn.ReLU()] if relu else [])
+    layers = [conv, nn.BatchNorm2d(out_channels)] + ([activation()] if activation else [])
     model = calibrated(nn.Sequential(*layers), shape=(8, in_channels, size, size), seed=seed)
+    if activation is nn.ReLU6:
+        with torch.no_grad():
+            model[1].weight.mul_(8.0)
     x = torch.randn(3, in_channels, size, size)
     folded = quant.fold_batchnorm(model)
     simulated = quant.quantize(folded, mode="simulated", backend=backend, calibration=[x], weight_scheme=weight_scheme)
@@ -244,6 +266,8 @@ def test_int8_layer_is_within_one_step_of_the_simulation(in_channels, out_channe
         steps = (int8(x) - simulated(x)).abs() / quantized_conv.scale
     assert steps.max().item() <= (1.0 if backend == "qnnpack" else 2.0) + 1e-3
     assert (steps > 1.5).float().mean().item() <= 0.05
+    if activation is nn.ReLU6:
+        assert int8(x).max().item() <= 6.0 + 1e-6
 
 
 @settings(max_examples=40, deadline=None)
