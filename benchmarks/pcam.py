@@ -167,7 +167,7 @@ def _settings(args: argparse.Namespace) -> dict:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite", "choose one (continue the runs, or replace them)")
     profile["groups"] = parse_groups(args.group, args.group_order)
-    args.int8_backend = resolve_int8_backend(getattr(args, "int8_backend", "torch-ao"))
+    args.int8_backend = resolve_int8_backend(args.int8_backend)
     if not 0 <= args.dropout < 1:
         raise UsageError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
     if args.width_mult <= 0:
@@ -301,8 +301,8 @@ def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argpa
                 artifact_dir: str | None) -> tuple[nn.Module, int, str]:
     """The INT8 model on the chosen backend, its serialised size and a label."""
     options = {"group": group_of(name), "input_range": normalizer.value_range(),
-               "relu6": getattr(args, "relu6", RELU6_DEFAULT)}
-    backend = getattr(args, "int8_backend", "torch-ao")
+               "relu6": args.relu6}
+    backend = args.int8_backend
     if backend in DEPLOY_BACKENDS:
         export, load, file_name, label, _ = DEPLOY_BACKENDS[backend]
         directory = artifact_dir or tempfile.mkdtemp(prefix=f"rotconv-{backend}-")
@@ -325,7 +325,7 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
     plain = model.export().cpu()
     options = {"group": group_of(name), "backend": args.backend, "input_range": normalizer.value_range(),
-               "weight_scheme": args.weight_scheme, "relu6": getattr(args, "relu6", RELU6_DEFAULT)}
+               "weight_scheme": args.weight_scheme, "relu6": args.relu6}
     int8, int8_bytes, int8_label = _int8_model(name, plain, normalizer, args, batch, artifact_dir)
     int8_accuracy, int8_degenerate = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({int8_label})")
     simulated_accuracy = None

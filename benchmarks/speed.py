@@ -32,7 +32,7 @@ import mobilenet
 import quant
 import rotconv
 
-from .common import serialized_bytes, untrained_but_generic, write_json
+from .common import atomic_write, serialized_bytes, untrained_but_generic, write_json
 from mobilenet.training import bf16_supported, training_step
 from quant.int8 import quantized_engine
 
@@ -187,7 +187,6 @@ def stock_executorch(model: nn.Module, group: str, calibration: torch.Tensor, pa
     ``XNNPACKQuantizer`` set globally (every supported op quantized, per-tensor symmetric), calibrated on
     ``calibration``, lowered to XNNPACK, written to ``path`` and loaded. Not bit-exact (a float pool); timed only."""
     from quant.executorch import _require_executorch
-    from mobilenet.files import atomic_write
     api = _require_executorch()
     prepared = quant.prepare(model, group=group, weight_scheme="symmetric")
     with warnings.catch_warnings(), torch.no_grad():
@@ -216,24 +215,27 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
     result: dict = {}
     x32 = torch.randn(32, 3, 95, 95)
     x1 = torch.randn(1, 3, 95, 95)
+
+    def inference(first: nn.Module, second: nn.Module, x: torch.Tensor) -> dict:
+        """first vs second on x, each side the median of 3 consecutive calls (other runtimes: see compare)."""
+        return compare(_inference(first, x), _inference(second, x), repeats * (2 if x.shape[0] == 1 else 1),
+                       block=3)
+
     result["train_step_b32"] = compare(_train_step(equivariant, x32), _train_step(conventional, x32), repeats)
     print(f"  train step: {result['train_step_b32']['ratio']:.3f}x", file=sys.stderr)
-    result["inference_b32"] = compare(_inference(equivariant, x32), _inference(conventional, x32), repeats, block=3)
-    result["exported_inference_b32"] = compare(_inference(exported, x32), _inference(conventional, x32), repeats,
-                                               block=3)
+    result["inference_b32"] = inference(equivariant, conventional, x32)
+    result["exported_inference_b32"] = inference(exported, conventional, x32)
     print(f"  inference: {result['inference_b32']['ratio']:.3f}x, exported {result['exported_inference_b32']['ratio']:.3f}x",
           file=sys.stderr)
     for scheme, network in int8.items():
         for batch, x in ((1, x1), (32, x32)):
             key = f"int8_{scheme}_vs_fp32_b{batch}"
-            result[key] = compare(_inference(network, x), _inference(exported, x), repeats * (2 if batch == 1 else 1),
-                                  block=3)
+            result[key] = inference(network, exported, x)
             print(f"  INT8 ({scheme} weights) / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
     stock = stock_fx_int8(exported, group, backend, x32)
     for batch, x in ((1, x1), (32, x32)):
         key = f"int8_symmetric_vs_stock_fx_b{batch}"
-        result[key] = compare(_inference(int8["symmetric"], x), _inference(stock, x),
-                              repeats * (2 if batch == 1 else 1), block=3)
+        result[key] = inference(int8["symmetric"], stock, x)
         print(f"  INT8 (dfq, symmetric) / stock torch.ao FX INT8 at batch {batch}: {result[key]['ratio']:.3f}x",
               file=sys.stderr)
     result["size"] = {"fp32_bytes": serialized_bytes(exported), "int8_bytes": serialized_bytes(int8["symmetric"])}
@@ -244,14 +246,12 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
                                            example_batch=batch)
                 program = quant.load_executorch(path)
                 key = f"executorch_vs_fp32_b{batch}"
-                result[key] = compare(_inference(program, x), _inference(exported, x),
-                                      repeats * (2 if batch == 1 else 1), block=3)
+                result[key] = inference(program, exported, x)
                 result["size"]["pte_bytes"] = os.path.getsize(path)
                 print(f"  ExecuTorch .pte / FP32 at batch {batch}: {result[key]['ratio']:.3f}x", file=sys.stderr)
                 stock = stock_executorch(exported, group, x, os.path.join(directory, f"stock-b{batch}.pte"))
                 key = f"executorch_vs_stock_b{batch}"
-                result[key] = compare(_inference(program, x), _inference(stock, x),
-                                      repeats * (2 if batch == 1 else 1), block=3)
+                result[key] = inference(program, stock, x)
                 print(f"  ExecuTorch .pte / stock ExecuTorch PT2E at batch {batch}: {result[key]['ratio']:.3f}x",
                       file=sys.stderr)
     if all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript", "executorch")):
@@ -263,8 +263,7 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
             for batch, x in ((1, x1), (32, x32)):
                 for name, session in sessions.items():
                     key = f"onnx_{name}_vs_fp32_b{batch}"
-                    result[key] = compare(_inference(session, x), _inference(exported, x),
-                                          repeats * (2 if batch == 1 else 1), block=3)
+                    result[key] = inference(session, exported, x)
                     print(f"  onnxruntime {name.upper()} / torch FP32 at batch {batch}: {result[key]['ratio']:.3f}x",
                           file=sys.stderr)
             result["size"]["onnx_int8_bytes"] = os.path.getsize(files["int8"])

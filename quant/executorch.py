@@ -29,6 +29,7 @@ from .plan import QuantPlan, plan_quantization
 
 __all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "quantize_pt2e", "DEPLOY_EXTRA"]
 
+
 def _require_executorch():
     require_extra(("executorch", "torchao"), "quant.to_executorch")
     try:
@@ -146,7 +147,7 @@ def _round_small(y: torch.Tensor) -> torch.Tensor:
     return (y - (-ROUNDING_OFFSET)) - ROUNDING_OFFSET
 
 
-def _exact_pooling(plan: QuantPlan) -> fx.GraphModule:
+def _export_graph(plan: QuantPlan) -> fx.GraphModule:
     """A copy of the plan's network whose masked average pools, where they read a quantized value, sum exactly,
     and whose ReLU6 after a conv is a ReLU: the plan's range ends at 6 there, so the int8 output saturates at 6
     (XNNPACK fuses conv + ReLU into one int8 op, not conv + hardtanh)."""
@@ -191,7 +192,7 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
                              integer_bias=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = torch.export.export(_exact_pooling(plan).eval(), (example,)).module()
+        exported = torch.export.export(_export_graph(plan).eval(), (example,)).module()
         config = api["get_symmetric_quantization_config"](is_per_channel=False)
         quantizer = api["XNNPACKQuantizer"]()
         quantizer.set_operator_type(torch.ops.aten.conv2d.default, config)
