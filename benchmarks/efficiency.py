@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-pool", choices=pcam.GROUP_POOL_MODES, default="max",
                         help="invariant readout of the equivariant models (max, mean, sort; run dirs end -<mode> "
                              "when not max)")
+    parser.add_argument("--min-fields", type=int, default=1, metavar="K",
+                        help="the fewest regular fields of any equivariant layer (default 1; run dirs end -min<K> "
+                             "when not 1)")
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips (D4)")
     parser.add_argument("--stain-jitter", type=float, default=pcam.STAIN_JITTER, metavar="SIGMA",
                         help=f"H&E stain augmentation strength (default {pcam.STAIN_JITTER}; 0 = off; run dirs "
@@ -157,6 +160,8 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("--stain-jitter", f"expected a number in [0, 1), got {args.stain_jitter}")
     if any(seed < 0 for seed in settings["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {settings['seeds']}")
+    if args.min_fields < 1:
+        raise UsageError("--min-fields", f"expected an integer >= 1, got {args.min_fields}")
     settings["lr"] = parse_learning_rates(args.lr, pcam.model_names(args.models, settings["groups"]))
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite", "choose one")
@@ -170,7 +175,7 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
     namespace = argparse.Namespace(device="cpu", backend=args.backend, int8_backend=args.int8_backend,
                                    weight_scheme=args.weight_scheme, relu6=args.relu6,
                                    width_mult=settings["width_mult"],
-                                   dropout=args.dropout, group_pool=args.group_pool)
+                                   dropout=args.dropout, group_pool=args.group_pool, min_fields=args.min_fields)
     return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
 
 
@@ -178,7 +183,8 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
              args: argparse.Namespace, settings: dict) -> dict:
     equivariant = name != "conventional"
     variant = ("-noaug" if args.no_augment else "") + (f"-stain{args.stain_jitter:g}" if args.stain_jitter else "") + ("-fanout" if args.init == "fan_out" and equivariant else "") \
-        + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "")
+        + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "") \
+        + (f"-min{args.min_fields}" if args.min_fields != 1 and equivariant else "")
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
     evaluation_args, evaluation_settings = _evaluation_args(args, settings)

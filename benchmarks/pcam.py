@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-pool", choices=GROUP_POOL_MODES, default="max",
                         help="invariant readout of the equivariant models: max over each field's rotations (the "
                              "paper's), mean, or sort (every order statistic; mobilenet_v2(group_pool=...))")
+    parser.add_argument("--min-fields", type=int, default=1, metavar="K",
+                        help="the fewest regular fields of any equivariant layer (default 1: round(c / N) as the "
+                             "paper; mobilenet_v2(min_fields=...))")
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
     parser.add_argument("--int8-backend", choices=INT8_BACKENDS, default="auto",
                         help="where the INT8 model runs: an ExecuTorch XNNPACK program (RUNS/<model>-seed<k>/"
@@ -172,6 +175,8 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
     if args.width_mult <= 0:
         raise UsageError("--width-mult", f"expected a positive number, got {args.width_mult}")
+    if args.min_fields < 1:
+        raise UsageError("--min-fields", f"expected an integer >= 1, got {args.min_fields}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", "cuda is not available on this machine")
     if args.workers < 0:
@@ -204,8 +209,10 @@ def parse_groups(names: list[str] | None, group_order: int | None = None) -> lis
 def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.MobileNetV2:
     torch.manual_seed(seed)
     group = group_of(name)
-    group_pool = "max" if group is None else args.group_pool  # the conventional model has no group to pool over
-    return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout, group_pool=group_pool)
+    if group is None:  # the conventional model has no group to pool over and no fields
+        return mobilenet.mobilenet_v2(width_mult=args.width_mult, dropout=args.dropout)
+    return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout,
+                                  group_pool=args.group_pool, min_fields=args.min_fields)
 
 
 def model_label(name: str) -> str:
@@ -491,6 +498,8 @@ def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: a
                 "sizes": {s: len(splits[s]) for s in splits}, "normalizer": normalizer.state()}
     if name != "conventional" and args.group_pool != "max":  # (the key is absent from runs made before it existed)
         identity["group_pool"] = args.group_pool
+    if name != "conventional" and args.min_fields != 1:  # (likewise)
+        identity["min_fields"] = args.min_fields
     log(f"== {model_label(name)}, seed {seed} ==")
     started = time.time()
     trained = train(build_model(name, args, seed), splits["train"], splits["valid"], config, run_dir,
@@ -526,6 +535,7 @@ def _report(args: argparse.Namespace, settings: dict, data: dict, label: str, sy
                      "precision": resolve_precision(config.precision, args.device, lambda *a, **k: None),
                      "channels_last": config.channels_last,
                      "width_mult": args.width_mult, "dropout": args.dropout, "group_pool": args.group_pool,
+                     "min_fields": args.min_fields,
                      "backend": args.backend,
                      "int8_backend": args.int8_backend, "relu6": args.relu6,
                      "weight_scheme": args.weight_scheme,

@@ -6,9 +6,9 @@ al.: 95x95 (odd) inputs, the stride of two stages reduced from 2 to 1 (the 64- a
 the last feature map is 11x11 instead of 3x3, odd grids kept by every strided layer
 (``rotconv.equivariant_padding``), a circular mask on the input and a circular field of view in the
 global pooling. The equivariant network uses the same table with ``round(c / N)`` regular fields (at least
-one) where the conventional one has ``c`` channels, and an invariant head: masked global average pooling,
-pooling over the N rotations (max by default; ``group_pool="sort"`` keeps every order statistic), linear
-classifier.
+``min_fields``, 1 by default) where the conventional one has ``c`` channels, and an invariant head: masked
+global average pooling, pooling over the N rotations (max by default; ``group_pool="sort"`` keeps every order
+statistic), linear classifier.
 """
 
 import torch
@@ -69,13 +69,14 @@ class _PlainLayers:
 
 
 class _EquivariantLayers:
-    """Builds the C_N-equivariant layers; ``c`` conventional channels become ``max(1, round(c/N))`` fields."""
+    """Builds the equivariant layers; ``c`` conventional channels become ``max(min_fields, round(c/N))`` fields."""
 
-    def __init__(self, group: rotconv.Group) -> None:
+    def __init__(self, group: rotconv.Group, min_fields: int = 1) -> None:
         self.group = group
+        self.min_fields = min_fields
 
     def fields(self, channels: int) -> int:
-        return max(1, round(channels / self.group.order))
+        return max(self.min_fields, round(channels / self.group.order))
 
     def width(self, channels: int) -> int:
         return self.fields(channels) * self.group.order
@@ -139,7 +140,7 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
-                 group_pool: str = "max") -> None:
+                 group_pool: str = "max", min_fields: int = 1) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         group = None if group is None else as_group(group)
@@ -153,6 +154,11 @@ class MobileNetV2(nn.Module):
         if group is None and group_pool != "max":
             raise ValueError(f"group_pool: only an equivariant model (group=...) pools over a group, got "
                              f"group_pool={group_pool!r} with group=None")
+        check_positive_int(min_fields, "min_fields")
+        if group is None and min_fields != 1:
+            raise ValueError(f"min_fields: only an equivariant model (group=...) has fields, got "
+                             f"min_fields={min_fields} with group=None")
+        self.min_fields = min_fields
         self.group = group
         self.group_pool = group_pool
         self.input_size = input_size
@@ -160,7 +166,7 @@ class MobileNetV2(nn.Module):
         self.width_mult = width_mult
         self.activation = activation
         self.dropout = dropout
-        layers = _PlainLayers() if group is None else _EquivariantLayers(group)
+        layers = _PlainLayers() if group is None else _EquivariantLayers(group, min_fields)
         act = _ACTIVATIONS[activation]
 
         size = input_size
@@ -242,7 +248,7 @@ class MobileNetV2(nn.Module):
             else str(self.group)
         return {"num_classes": self.num_classes, "group": group,
                 "width_mult": self.width_mult, "input_size": self.input_size, "activation": self.activation,
-                "dropout": self.dropout, "group_pool": self.group_pool}
+                "dropout": self.dropout, "group_pool": self.group_pool, "min_fields": self.min_fields}
 
     def extra_repr(self) -> str:
         group = "conventional" if self.group is None else f"group={self.group!r}"
@@ -251,7 +257,7 @@ class MobileNetV2(nn.Module):
 
 def mobilenet_v2(num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
-                 group_pool: str = "max") -> MobileNetV2:
+                 group_pool: str = "max", min_fields: int = 1) -> MobileNetV2:
     """Build MobileNetV2 for PCam.
 
     Args:
@@ -267,5 +273,9 @@ def mobilenet_v2(num_classes: int = 2, group: rotconv.Group | int | str | None =
             ``"max"`` over each field's N channels (the paper's; the classifier sees ``round(1280 / N)``
             features), ``"mean"``, or ``"sort"`` (each field's N values in ascending order: as many features as
             the conventional model, still exactly invariant).
+        min_fields: the fewest regular fields of any equivariant layer. With ``round(c / N)`` a large group leaves
+            the narrow early layers one or two fields (C_12: one 12-channel field after block 1; D_12: one
+            24-channel field from the stem on), i.e. one or two distinct features in N poses; ``min_fields=3``
+            widens only those layers (C_12: +2.7% MACs, D_12: +18%; docs/training.md).
     """
-    return MobileNetV2(num_classes, group, width_mult, input_size, activation, dropout, group_pool)
+    return MobileNetV2(num_classes, group, width_mult, input_size, activation, dropout, group_pool, min_fields)

@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,15 +103,18 @@ def test_valid_only_never_opens_the_test_split(tmp_path):
     assert sorted(os.listdir(tmp_path / "runs"))[:2] == ["size16-C4-lr0.01-stain0.1-seed0", "size16-conventional-lr0.003-stain0.1-seed0"]
 
 
-def test_group_pool_variant_keeps_its_own_runs(tmp_path):
-    # a recipe variant must not resume (or overwrite) the runs of the default readout
+@pytest.mark.parametrize("variant, suffix, attribute, value", [
+    (["--group-pool", "sort"], "-sort", "group_pool", "sort"), (["--min-fields", "2"], "-min2", "min_fields", 2)])
+def test_architecture_variant_keeps_its_own_runs(tmp_path, variant, suffix, attribute, value):
+    # a recipe variant must not resume (or overwrite) the runs of the default architecture
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=7)
     arguments = ["--quick", "--data", data, "--runs", str(tmp_path / "runs"), "--threads", "1", "--valid-only",
-                 "--sizes", "16", "--models", "equivariant", "--group-pool", "sort"]
+                 "--sizes", "16", "--models", "equivariant", *variant]
     assert efficiency.main(arguments) == 0
-    assert sorted(os.listdir(tmp_path / "runs")) == ["efficiency.json", "size16-C4-lr0.003-stain0.1-sort-seed0"]
-    model = mobilenet.load(str(tmp_path / "runs" / "size16-C4-lr0.003-stain0.1-sort-seed0" / "model.pt"))
-    assert model.group_pool == "sort"
+    run = f"size16-C4-lr0.003-stain0.1{suffix}-seed0"
+    assert sorted(os.listdir(tmp_path / "runs")) == ["efficiency.json", run]
+    model = mobilenet.load(str(tmp_path / "runs" / run / "model.pt"))
+    assert getattr(model, attribute) == value
 
 
 def test_learning_rates_per_model_are_checked(tmp_path, capsys):

@@ -66,6 +66,40 @@ def test_sorted_readout_model_is_invariant_exports_and_round_trips(group, tmp_pa
         assert loaded.group_pool == "sort" and torch.equal(loaded(x.float()), model(x.float()))
 
 
+@given(group=st.sampled_from(["C4", "C12", "D4", "D12"]), min_fields=st.integers(1, 4),
+       width_mult=st.sampled_from([0.35, 1.0]))
+def test_min_fields_widens_only_the_narrow_layers(group, min_fields, width_mult):
+    # Every field count is max(min_fields, what min_fields=1 gives): layers that had at least min_fields fields
+    # are untouched, and no layer has fewer. Counted on the batch norms (one per conv, in order).
+    def field_counts(model):
+        return [m.fields for m in model.modules() if isinstance(m, rotconv.GroupBatchNorm2d)]
+    base = field_counts(mobilenet.mobilenet_v2(group=group, width_mult=width_mult))
+    wide = mobilenet.mobilenet_v2(group=group, width_mult=width_mult, min_fields=min_fields)
+    assert field_counts(wide) == [max(min_fields, fields) for fields in base]
+    assert wide.arguments()["min_fields"] == min_fields
+
+
+@pytest.mark.parametrize("group", ["C12", "D4"])
+def test_min_fields_model_is_invariant_exports_and_round_trips(group, tmp_path):
+    # As the sorted-readout test above: exact grid symmetries to float64 rounding (same bound), the export is
+    # the same function, and save/load rebuilds the wider layers.
+    torch.manual_seed(1)
+    model = mobilenet.mobilenet_v2(group=group, min_fields=3, width_mult=0.35)
+    with torch.no_grad():
+        model.classifier[1].weight.normal_()
+    rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95))
+    model = model.eval().double()
+    g = rotconv.as_group(group)
+    x = torch.randn(2, 3, 95, 95, dtype=torch.float64)
+    for element in g.exact_elements():
+        assert rotconv.equivariance_error(model, g, x, element, output_regular=False) < 1e-10, element
+    with torch.no_grad():
+        assert torch.allclose(model.export()(x), model(x), rtol=0, atol=1e-10)
+        mobilenet.save(model.float(), str(tmp_path / "model.pt"))
+        loaded = mobilenet.load(str(tmp_path / "model.pt"))
+        assert loaded.min_fields == 3 and torch.equal(loaded(x.float()), model(x.float()))
+
+
 def test_conventional_model_is_not_invariant(models):
     group = rotconv.CyclicGroup(4)
     x = torch.randn(2, 3, 95, 95)
@@ -149,6 +183,8 @@ def test_wrong_inputs_raise(models, shape, message):
     (dict(activation="gelu"), "activation"), (dict(group="P4M"), "group"), (dict(group=0), "group"),
     (dict(width_mult=0), "width_mult"), (dict(group=4, group_pool="median"), "group_pool"),
     (dict(group_pool="sort"), "group_pool"),  # the conventional model has no group to pool over
+    (dict(group=12, min_fields=0), "min_fields"), (dict(group=12, min_fields=1.5), "min_fields"),
+    (dict(min_fields=2), "min_fields"),  # the conventional model has no fields
 ])
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -178,7 +178,8 @@ def test_differences_name_the_fields():
 
 # -- arguments ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("option, value", [("--weight-decay", "nan"), ("--width-mult", "nan"), ("--width-mult", "inf"),
-                                           ("--seeds", "-1"), ("--lr", "inf"), ("--dropout", "nan")])
+                                           ("--seeds", "-1"), ("--lr", "inf"), ("--dropout", "nan"),
+                                           ("--min-fields", "0")])
 def test_bad_numbers_exit_2_naming_the_option(tmp_path, capsys, option, value):
     code, err = run(["--runs", str(tmp_path / "runs"), option, value], capsys)
     assert code == 2 and option in err
