@@ -46,9 +46,21 @@ class GroupBatchNorm2d(nn.Module):
         """``(B, fields*N, H, W) -> same`` (export to ``nn.BatchNorm2d`` for TorchScript)."""
         self._check_input(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            if self.training and type(self.norm) is nn.BatchNorm1d and self.norm.track_running_stats:
+            plain = type(self.norm) is nn.BatchNorm1d  # not a converted (e.g. cross-process) norm
+            if self.training and plain and self.norm.track_running_stats:
                 return _FieldBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, self.group.order)
-            # eval, or a converted (cross-process) norm: channels_last memory is (B, H, W, fields, N)
+            if not self.training and plain and self.norm.track_running_stats:
+                # eval: one per-channel affine pass over the (rows, lanes * channels) view (see _lane_view)
+                N, norm = self.group.order, self.norm
+                rows, lanes = _lane_view(x)
+                mean, var = _per_lane(torch.stack([norm.running_mean, norm.running_var]), N, lanes).unbind(0)
+                affine = [t for t in (norm.weight, norm.bias) if t is not None]
+                vectors = list(_per_lane(torch.stack(affine), N, lanes).unbind(0)) if affine else []
+                weight = vectors[0] if norm.weight is not None else None
+                bias = vectors[-1] if norm.bias is not None else None
+                y = torch.nn.functional.batch_norm(rows, mean, var, weight, bias, False, 0.0, norm.eps)
+                return _from_rows(y, x.shape)
+            # a converted norm: channels_last memory is (B, H, W, fields, N)
             batch, channels, height, width = x.shape
             fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, self.group.order)
             return self.norm(fields).view(batch, height, width, channels).permute(0, 3, 1, 2)
@@ -84,27 +96,32 @@ class _FieldBatchNorm(torch.autograd.Function):
     inputs, built on torch's fast per-channel kernels (a field is not contiguous in channels_last memory,
     so the field view of the contiguous path would cost copies).
 
-    Forward: per-channel mean and variance (``torch.batch_norm_update_stats``), combined per field without
-    cancellation (``var_f = mean(var_c) + mean((mean_c - mean_f)^2)``), then one per-channel affine pass.
-    Backward: torch's kernel for the per-channel sums only (sum of dy and of dy * xhat, one reduction pass),
-    combined per field; the input gradient is then a per-channel ``a * dy + b * x + c`` in two elementwise passes.
-    Running statistics of ``norm`` (a BatchNorm1d over fields) are updated as BatchNorm1d would.
+    The kernels run on the 2-D view ``(rows, lanes * C)`` of the channels_last memory (:func:`_lane_view`): the
+    same numbers, but as many columns as a multiple of 16 where the row count allows, which torch's kernels
+    vectorise fully (C_12's 36 channels at 47x47: statistics 1.10 -> 0.19 ms, backward sums 1.52 -> 0.22 ms).
+    Forward: per-column mean and variance (``torch.batch_norm_update_stats``), combined per field without
+    cancellation (``var_f = mean(var_c) + mean((mean_c - mean_f)^2)``, all columns hold equal counts), then one
+    per-column affine pass. Backward: torch's kernel for the per-column sums only (sum of dy and of dy * xhat,
+    one reduction pass), combined per field; the input gradient is then a per-column ``a * dy + b * x + c`` in
+    two elementwise passes. Running statistics of ``norm`` (a BatchNorm1d over fields) are updated as
+    BatchNorm1d would.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                 norm: nn.BatchNorm1d, N: int) -> torch.Tensor:
-        # Per-channel statistics only (native_batch_norm would also write an output that is not used). Given
+        # Per-column statistics only (native_batch_norm would also write an output that is not used). Given
         # running buffers (left unchanged by momentum 0) the kernel returns them in float32 also for bf16 x;
         # without, it would round the means to bf16 (an error of up to 2**-9 |mean|, not small against std).
-        channels = x.shape[1]
+        rows, lanes = _lane_view(x)
+        columns = rows.shape[1]
         dtype = torch.promote_types(x.dtype, torch.float32)
-        mean_c, var_c = torch.batch_norm_update_stats(x, x.new_zeros(channels, dtype=dtype),
-                                                      x.new_ones(channels, dtype=dtype), 0.0)
-        mean_c, var_c = mean_c.view(-1, N), var_c.view(-1, N)
-        mean_f = mean_c.mean(1)
-        var_f = var_c.mean(1) + (mean_c - mean_f[:, None]).square().mean(1)
-        count = x.numel() // channels * N
+        mean_c, var_c = torch.batch_norm_update_stats(rows, rows.new_zeros(columns, dtype=dtype),
+                                                      rows.new_ones(columns, dtype=dtype), 0.0)
+        mean_c, var_c = mean_c.view(lanes, -1, N), var_c.view(lanes, -1, N)  # (lanes, fields, N)
+        mean_f = mean_c.mean((0, 2))
+        var_f = var_c.mean((0, 2)) + (mean_c - mean_f[:, None]).square().mean((0, 2))
+        count = x.numel() // x.shape[1] * N
         with torch.no_grad():
             momentum = norm.momentum
             if norm.num_batches_tracked is not None:
@@ -113,43 +130,70 @@ class _FieldBatchNorm(torch.autograd.Function):
                     momentum = 1.0 / float(norm.num_batches_tracked)
             norm.running_mean.lerp_(mean_f.to(norm.running_mean.dtype), momentum)
             norm.running_var.lerp_((var_f * (count / max(count - 1, 1))).to(norm.running_var.dtype), momentum)
-        # every per-field vector repeated for its N channels in one copy (few small ops: this runs ~50x a step)
+        # every per-field vector repeated for its columns in one copy (few small ops: this runs ~50x a step)
         affine = [t for t in (weight, bias) if t is not None]
-        rows = _per_channel(torch.stack([mean_f, var_f, *affine]).to(norm.running_mean.dtype), N).unbind(0)
-        mean, var = rows[0], rows[1]
-        weight_c = rows[2] if weight is not None else None
-        bias_c = rows[-1] if bias is not None else None
-        y = torch.nn.functional.batch_norm(x, mean, var, weight_c, bias_c, False, 0.0, norm.eps)
-        ctx.save_for_backward(x, mean, var, weight)
-        ctx.N, ctx.count, ctx.eps = N, count, norm.eps
-        return y
+        vectors = _per_lane(torch.stack([mean_f, var_f, *affine]).to(norm.running_mean.dtype), N, lanes).unbind(0)
+        mean, var = vectors[0], vectors[1]
+        weight_c = vectors[2] if weight is not None else None
+        bias_c = vectors[-1] if bias is not None else None
+        y = torch.nn.functional.batch_norm(rows, mean, var, weight_c, bias_c, False, 0.0, norm.eps)
+        ctx.save_for_backward(rows, mean, var, weight, mean_f, var_f)
+        ctx.N, ctx.lanes, ctx.count, ctx.eps, ctx.shape = N, lanes, count, norm.eps, x.shape
+        return _from_rows(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, mean, var, weight = ctx.saved_tensors
-        N, count = ctx.N, ctx.count
-        # one reduction pass: per-channel sum(dy * xhat) and sum(dy) (torch's kernel, input gradient not asked
+        rows, mean, var, weight, mean_f, var_f = ctx.saved_tensors
+        N, lanes, count = ctx.N, ctx.lanes, ctx.count
+        # the gradient in the same (rows, columns) view (a copy only where it does not arrive in channels_last)
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(rows.shape)
+        # one reduction pass: per-column sum(dy * xhat) and sum(dy) (torch's kernel, input gradient not asked
         # for), combined per field
         _, sum_dy_xhat_c, sum_dy_c = torch.ops.aten.native_batch_norm_backward(
-            grad, x, None, mean, var, None, None, False, ctx.eps, [False, True, True])
-        sum_dy = sum_dy_c.view(-1, N).sum(1)
-        sum_dy_xhat = sum_dy_xhat_c.view(-1, N).sum(1)
-        mean_f, invstd_f = mean[::N], torch.rsqrt(var[::N] + ctx.eps)
+            grad_rows, rows, None, mean, var, None, None, False, ctx.eps, [False, True, True])
+        sum_dy = sum_dy_c.view(lanes, -1, N).sum((0, 2))
+        sum_dy_xhat = sum_dy_xhat_c.view(lanes, -1, N).sum((0, 2))
+        invstd_f = torch.rsqrt(var_f + ctx.eps)
         scale = invstd_f if weight is None else weight * invstd_f
-        # dx = scale * (dy - (sum_dy + xhat * sum_dy_xhat) / count) = a * dy + b * x + c, per channel:
+        # dx = scale * (dy - (sum_dy + xhat * sum_dy_xhat) / count) = a * dy + b * x + c, per column:
         # two elementwise passes (b * x + c, then + a * dy)
         b = -scale * invstd_f * sum_dy_xhat / count
         c = -scale * sum_dy / count - b * mean_f
         # coefficients in x's dtype: mixed bf16/float32 operands would send both passes through dtype copies
-        c_c, b_c, scale_c = _per_channel(torch.stack([c, b, scale]).to(x.dtype), N).view(3, 1, -1, 1, 1).unbind(0)
-        grad_input = torch.addcmul(c_c, x, b_c).addcmul_(grad, scale_c)
+        c_c, b_c, scale_c = _per_lane(torch.stack([c, b, scale]).to(rows.dtype), N, lanes).unbind(0)
+        grad_input = torch.addcmul(c_c, rows, b_c).addcmul_(grad_rows, scale_c)
         grad_weight = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy if ctx.needs_input_grad[2] else None
-        return grad_input, grad_weight, grad_bias, None, None
+        return _from_rows(grad_input, ctx.shape), grad_weight, grad_bias, None, None
 
 
-def _per_channel(per_field: torch.Tensor, N: int) -> torch.Tensor:
-    """``(..., fields) -> (..., fields*N)``: each field's value repeated for its N channels, in contiguous
-    memory (``reshape`` of the expanded view would return a stride-0 view for one field, which torch's
-    channels_last batch-norm kernels, called directly, read as if contiguous)."""
-    return per_field.unsqueeze(-1).expand(*per_field.shape, N).contiguous().flatten(-2)
+#: Column counts that torch's CPU batch-norm kernels vectorise fully are multiples of this.
+_LANE_MULTIPLE = 16
+
+
+def _lane_view(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A channels_last ``(B, C, H, W)`` tensor as its memory, ``(B*H*W / lanes, lanes * C)`` (a view), and
+    ``lanes``: the smallest power of two (at most 16) that makes ``lanes * C`` a multiple of 16 and divides the
+    pixel count, else the largest power of two that divides it. Column ``j * C + c`` holds channel ``c`` of every
+    ``lanes``-th pixel, so per-channel statistics are means over the ``lanes`` columns of a channel."""
+    batch, channels, height, width = x.shape
+    pixels = batch * height * width
+    lanes = 1
+    while lanes < _LANE_MULTIPLE and (lanes * channels) % _LANE_MULTIPLE and pixels % (2 * lanes) == 0:
+        lanes *= 2
+    return x.permute(0, 2, 3, 1).reshape(pixels // lanes, lanes * channels), lanes
+
+
+def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_lane_view`: ``(B*H*W / lanes, lanes * C)`` back to a channels_last ``(B, C, H, W)``."""
+    batch, channels, height, width = shape
+    return rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def _per_lane(per_field: torch.Tensor, N: int, lanes: int) -> torch.Tensor:
+    """``(..., fields) -> (..., lanes * fields * N)``: each field's value repeated for its N channels and for
+    every lane, in contiguous memory (``reshape`` of the expanded view would return a stride-0 view for one
+    field, which torch's batch-norm kernels, called directly, read as if contiguous)."""
+    *batch, fields = per_field.shape
+    expanded = per_field.unsqueeze(-2).unsqueeze(-1).expand(*batch, lanes, fields, N)
+    return expanded.contiguous().flatten(-3)
