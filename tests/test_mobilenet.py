@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import mobilenet
 import rotconv
@@ -43,14 +43,18 @@ def test_logits_invariant_to_quarter_turns(models, N):
         assert rotconv.equivariance_error(model, group, x, k, output_regular=False) < 1e-10
 
 
-@pytest.mark.parametrize("group", ["C4", "D4"])
-def test_sorted_readout_model_is_invariant_exports_and_round_trips(group, tmp_path):
-    # group_pool="sort": the classifier sees every order statistic of each field (as many features as the
-    # conventional model); still invariant to float64 rounding under the grid's symmetries (bound as above),
-    # the export computes the same function, and mobilenet.save/load rebuilds the readout.
+@pytest.mark.parametrize("group, options", [
+    ("C4", dict(group_pool="sort")), ("D4", dict(group_pool="sort")),  # every order statistic of each field
+    ("C12", dict(min_fields=3)), ("D4", dict(min_fields=3)),  # the narrow layers widened
+])
+def test_model_variant_is_invariant_exports_and_round_trips(group, options, tmp_path):
+    # Architecture options of an equivariant model: still invariant to float64 rounding under the grid's
+    # symmetries (bound as above), the export computes the same function, and mobilenet.save/load rebuilds
+    # the variant.
     torch.manual_seed(0)
-    model = mobilenet.mobilenet_v2(group=group, group_pool="sort", width_mult=0.35)
-    assert model.classifier[1].in_features == model.features[-1][0].out_channels  # every channel, not 1/|G|
+    model = mobilenet.mobilenet_v2(group=group, width_mult=0.35, **options)
+    if options.get("group_pool") == "sort":  # the classifier sees every channel, not 1/|G| of them
+        assert model.classifier[1].in_features == model.features[-1][0].out_channels
     with torch.no_grad():
         model.classifier[1].weight.normal_()
     rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95))
@@ -63,9 +67,11 @@ def test_sorted_readout_model_is_invariant_exports_and_round_trips(group, tmp_pa
         assert torch.allclose(model.export()(x), model(x), rtol=0, atol=1e-10)
         mobilenet.save(model.float(), str(tmp_path / "model.pt"))
         loaded = mobilenet.load(str(tmp_path / "model.pt"))
-        assert loaded.group_pool == "sort" and torch.equal(loaded(x.float()), model(x.float()))
+        assert all(getattr(loaded, name) == value for name, value in options.items())
+        assert torch.equal(loaded(x.float()), model(x.float()))
 
 
+@settings(max_examples=10)  # two full-size model builds per example
 @given(group=st.sampled_from(["C4", "C12", "D4", "D12"]), min_fields=st.integers(1, 4),
        width_mult=st.sampled_from([0.35, 1.0]))
 def test_min_fields_widens_only_the_narrow_layers(group, min_fields, width_mult):
@@ -77,27 +83,6 @@ def test_min_fields_widens_only_the_narrow_layers(group, min_fields, width_mult)
     wide = mobilenet.mobilenet_v2(group=group, width_mult=width_mult, min_fields=min_fields)
     assert field_counts(wide) == [max(min_fields, fields) for fields in base]
     assert wide.arguments()["min_fields"] == min_fields
-
-
-@pytest.mark.parametrize("group", ["C12", "D4"])
-def test_min_fields_model_is_invariant_exports_and_round_trips(group, tmp_path):
-    # As the sorted-readout test above: exact grid symmetries to float64 rounding (same bound), the export is
-    # the same function, and save/load rebuilds the wider layers.
-    torch.manual_seed(1)
-    model = mobilenet.mobilenet_v2(group=group, min_fields=3, width_mult=0.35)
-    with torch.no_grad():
-        model.classifier[1].weight.normal_()
-    rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95))
-    model = model.eval().double()
-    g = rotconv.as_group(group)
-    x = torch.randn(2, 3, 95, 95, dtype=torch.float64)
-    for element in g.exact_elements():
-        assert rotconv.equivariance_error(model, g, x, element, output_regular=False) < 1e-10, element
-    with torch.no_grad():
-        assert torch.allclose(model.export()(x), model(x), rtol=0, atol=1e-10)
-        mobilenet.save(model.float(), str(tmp_path / "model.pt"))
-        loaded = mobilenet.load(str(tmp_path / "model.pt"))
-        assert loaded.min_fields == 3 and torch.equal(loaded(x.float()), model(x.float()))
 
 
 def test_conventional_model_is_not_invariant(models):
