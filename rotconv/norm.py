@@ -46,24 +46,18 @@ class GroupBatchNorm2d(nn.Module):
         """``(B, fields*N, H, W) -> same`` (export to ``nn.BatchNorm2d`` for TorchScript)."""
         self._check_input(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            plain = type(self.norm) is nn.BatchNorm1d  # not a converted (e.g. cross-process) norm
-            if self.training and plain and self.norm.track_running_stats:
-                return _FieldBatchNorm.apply(x, self.norm.weight, self.norm.bias, self.norm, self.group.order)
-            if not self.training and plain and self.norm.track_running_stats:
-                # eval: one per-channel affine pass over the (rows, lanes * channels) view (see _lane_view)
-                N, norm = self.group.order, self.norm
-                rows, lanes = _lane_view(x)
-                mean, var = _per_lane(torch.stack([norm.running_mean, norm.running_var]), N, lanes).unbind(0)
-                affine = [t for t in (norm.weight, norm.bias) if t is not None]
-                vectors = list(_per_lane(torch.stack(affine), N, lanes).unbind(0)) if affine else []
-                weight = vectors[0] if norm.weight is not None else None
-                bias = vectors[-1] if norm.bias is not None else None
-                y = torch.nn.functional.batch_norm(rows, mean, var, weight, bias, False, 0.0, norm.eps)
+            norm, N = self.norm, self.group.order
+            if type(norm) is nn.BatchNorm1d and norm.track_running_stats:  # not a converted (cross-process) norm
+                if self.training:
+                    return _FieldBatchNorm.apply(x, norm.weight, norm.bias, norm, N)
+                rows, lanes = _lane_view(x)  # eval: one per-column affine pass over the 2-D view
+                y = _lane_batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, N, lanes,
+                                     norm.eps)
                 return _from_rows(y, x.shape)
             # a converted norm: channels_last memory is (B, H, W, fields, N)
             batch, channels, height, width = x.shape
-            fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, self.group.order)
-            return self.norm(fields).view(batch, height, width, channels).permute(0, 3, 1, 2)
+            fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, N)
+            return norm(fields).view(batch, height, width, channels).permute(0, 3, 1, 2)
         # contiguous memory is (B, fields, N*H*W)
         return self.norm(x.reshape(x.shape[0], self.fields, -1)).view_as(x)
 
@@ -121,6 +115,7 @@ class _FieldBatchNorm(torch.autograd.Function):
         mean_c, var_c = mean_c.view(lanes, -1, N), var_c.view(lanes, -1, N)  # (lanes, fields, N)
         mean_f = mean_c.mean((0, 2))
         var_f = var_c.mean((0, 2)) + (mean_c - mean_f[:, None]).square().mean((0, 2))
+        mean_f, var_f = mean_f.to(norm.running_mean.dtype), var_f.to(norm.running_mean.dtype)
         count = x.numel() // x.shape[1] * N
         with torch.no_grad():
             momentum = norm.momentum
@@ -128,15 +123,9 @@ class _FieldBatchNorm(torch.autograd.Function):
                 norm.num_batches_tracked.add_(1)
                 if momentum is None:
                     momentum = 1.0 / float(norm.num_batches_tracked)
-            norm.running_mean.lerp_(mean_f.to(norm.running_mean.dtype), momentum)
-            norm.running_var.lerp_((var_f * (count / max(count - 1, 1))).to(norm.running_var.dtype), momentum)
-        # every per-field vector repeated for its columns in one copy (few small ops: this runs ~50x a step)
-        affine = [t for t in (weight, bias) if t is not None]
-        vectors = _per_lane(torch.stack([mean_f, var_f, *affine]).to(norm.running_mean.dtype), N, lanes).unbind(0)
-        mean, var = vectors[0], vectors[1]
-        weight_c = vectors[2] if weight is not None else None
-        bias_c = vectors[-1] if bias is not None else None
-        y = torch.nn.functional.batch_norm(rows, mean, var, weight_c, bias_c, False, 0.0, norm.eps)
+            norm.running_mean.lerp_(mean_f, momentum)
+            norm.running_var.lerp_(var_f * (count / max(count - 1, 1)), momentum)
+        y, mean, var = _lane_batch_norm(rows, mean_f, var_f, weight, bias, N, lanes, norm.eps, statistics=True)
         ctx.save_for_backward(rows, mean, var, weight, mean_f, var_f)
         ctx.N, ctx.lanes, ctx.count, ctx.eps, ctx.shape = N, lanes, count, norm.eps, x.shape
         return _from_rows(y, x.shape)
@@ -188,6 +177,19 @@ def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`_lane_view`: ``(B*H*W / lanes, lanes * C)`` back to a channels_last ``(B, C, H, W)``."""
     batch, channels, height, width = shape
     return rows.view(batch, height, width, channels).permute(0, 3, 1, 2)
+
+
+def _lane_batch_norm(rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, N: int, lanes: int, eps: float, statistics: bool = False):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` on a :func:`_lane_view`, from per-field vectors, in one
+    per-column pass of torch's kernel; with ``statistics`` also the per-column mean and variance it used."""
+    mean_c, var_c = _per_lane(torch.stack([mean, var]), N, lanes).unbind(0)
+    affine = [t for t in (weight, bias) if t is not None]  # stacked apart: they may require grad, the stats not
+    vectors = _per_lane(torch.stack(affine), N, lanes).unbind(0) if affine else ()
+    weight_c = vectors[0] if weight is not None else None
+    bias_c = vectors[-1] if bias is not None else None
+    y = torch.nn.functional.batch_norm(rows, mean_c, var_c, weight_c, bias_c, False, 0.0, eps)
+    return (y, mean_c, var_c) if statistics else y
 
 
 def _per_lane(per_field: torch.Tensor, N: int, lanes: int) -> torch.Tensor:
