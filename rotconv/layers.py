@@ -228,7 +228,8 @@ class SteerableConv2d(nn.Module):
         parameters = (self.weight, self.bias)
         needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in parameters)
         if self.training or needs_grad:
-            self._cache = None
+            if self._cache is not None:  # (nn.Module.__setattr__ costs microseconds on every training step)
+                self._cache = None
             return self.expand_filter(memory_format), self.expanded_bias()
         cache = self._cache
         if cache is None or not cache.matches(parameters, memory_format):

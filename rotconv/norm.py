@@ -1,6 +1,8 @@
 """Batch normalisation for regular feature fields."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -107,16 +109,17 @@ class _FieldBatchNorm(torch.autograd.Function):
         # Per-column statistics only (native_batch_norm would also write an output that is not used). Given
         # running buffers (left unchanged by momentum 0) the kernel returns them in float32 also for bf16 x;
         # without, it would round the means to bf16 (an error of up to 2**-9 |mean|, not small against std).
+        # Few, small ops on purpose: this runs ~50 times per MobileNetV2 step, and each op costs microseconds.
         rows, lanes = _lane_view(x)
         columns = rows.shape[1]
         dtype = torch.promote_types(x.dtype, torch.float32)
         mean_c, var_c = torch.batch_norm_update_stats(rows, rows.new_zeros(columns, dtype=dtype),
                                                       rows.new_ones(columns, dtype=dtype), 0.0)
-        mean_c, var_c = mean_c.view(lanes, -1, N), var_c.view(lanes, -1, N)  # (lanes, fields, N)
-        mean_f = mean_c.mean((0, 2))
-        var_f = var_c.mean((0, 2)) + (mean_c - mean_f[:, None]).square().mean((0, 2))
+        # per field, without cancellation (all columns hold equal counts): var_f = mean(var_c) + var(mean_c)
+        spread, mean_f = torch.var_mean(mean_c.view(lanes, -1, N), dim=(0, 2), correction=0)
+        var_f = var_c.view(lanes, -1, N).mean((0, 2)).add_(spread)
         mean_f, var_f = mean_f.to(norm.running_mean.dtype), var_f.to(norm.running_mean.dtype)
-        count = x.numel() // x.shape[1] * N
+        count = rows.shape[0] * lanes * N  # values per field
         with torch.no_grad():
             momentum = norm.momentum
             if norm.num_batches_tracked is not None:
@@ -125,31 +128,36 @@ class _FieldBatchNorm(torch.autograd.Function):
                     momentum = 1.0 / float(norm.num_batches_tracked)
             norm.running_mean.lerp_(mean_f, momentum)
             norm.running_var.lerp_(var_f * (count / max(count - 1, 1)), momentum)
-        y, mean, var = _lane_batch_norm(rows, mean_f, var_f, weight, bias, N, lanes, norm.eps, statistics=True)
-        ctx.save_for_backward(rows, mean, var, weight, mean_f, var_f)
+        # every per-field vector repeated per column in one gather (no grad is recorded inside forward)
+        vectors = [mean_f, var_f] + [t for t in (weight, bias) if t is not None]
+        per_column = _per_lane(torch.stack(vectors), N, lanes)
+        y = torch.nn.functional.batch_norm(rows, per_column[0], per_column[1],
+                                           per_column[2] if weight is not None else None,
+                                           per_column[-1] if bias is not None else None, False, 0.0, norm.eps)
+        ctx.save_for_backward(rows, per_column, weight, mean_f, var_f)
         ctx.N, ctx.lanes, ctx.count, ctx.eps, ctx.shape = N, lanes, count, norm.eps, x.shape
         return _from_rows(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        rows, mean, var, weight, mean_f, var_f = ctx.saved_tensors
+        rows, per_column, weight, mean_f, var_f = ctx.saved_tensors
         N, lanes, count = ctx.N, ctx.lanes, ctx.count
         # the gradient in the same (rows, columns) view (a copy only where it does not arrive in channels_last)
         grad_rows = grad.permute(0, 2, 3, 1).reshape(rows.shape)
         # one reduction pass: per-column sum(dy * xhat) and sum(dy) (torch's kernel, input gradient not asked
         # for), combined per field
         _, sum_dy_xhat_c, sum_dy_c = torch.ops.aten.native_batch_norm_backward(
-            grad_rows, rows, None, mean, var, None, None, False, ctx.eps, [False, True, True])
-        sum_dy = sum_dy_c.view(lanes, -1, N).sum((0, 2))
-        sum_dy_xhat = sum_dy_xhat_c.view(lanes, -1, N).sum((0, 2))
+            grad_rows, rows, None, per_column[0], per_column[1], None, None, False, ctx.eps, [False, True, True])
+        sum_dy, sum_dy_xhat = torch.stack((sum_dy_c, sum_dy_xhat_c)).view(2, lanes, -1, N).sum((1, 3))
         invstd_f = torch.rsqrt(var_f + ctx.eps)
         scale = invstd_f if weight is None else weight * invstd_f
         # dx = scale * (dy - (sum_dy + xhat * sum_dy_xhat) / count) = a * dy + b * x + c, per column:
         # two elementwise passes (b * x + c, then + a * dy)
-        b = -scale * invstd_f * sum_dy_xhat / count
-        c = -scale * sum_dy / count - b * mean_f
+        step = scale / -count
+        b = step * invstd_f * sum_dy_xhat
+        c = torch.addcmul(step * sum_dy, b, mean_f, value=-1)
         # coefficients in x's dtype: mixed bf16/float32 operands would send both passes through dtype copies
-        c_c, b_c, scale_c = _per_lane(torch.stack([c, b, scale]).to(rows.dtype), N, lanes).unbind(0)
+        c_c, b_c, scale_c = _per_lane(torch.stack((c, b, scale)).to(rows.dtype), N, lanes)
         grad_input = torch.addcmul(c_c, rows, b_c).addcmul_(grad_rows, scale_c)
         grad_weight = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_dy if ctx.needs_input_grad[2] else None
@@ -180,22 +188,26 @@ def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _lane_batch_norm(rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-                     bias: torch.Tensor | None, N: int, lanes: int, eps: float, statistics: bool = False):
+                     bias: torch.Tensor | None, N: int, lanes: int, eps: float) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` on a :func:`_lane_view`, from per-field vectors, in one
-    per-column pass of torch's kernel; with ``statistics`` also the per-column mean and variance it used."""
-    mean_c, var_c = _per_lane(torch.stack([mean, var]), N, lanes).unbind(0)
-    affine = [t for t in (weight, bias) if t is not None]  # stacked apart: they may require grad, the stats not
-    vectors = _per_lane(torch.stack(affine), N, lanes).unbind(0) if affine else ()
+    per-column pass of torch's kernel (eval mode)."""
+    mean_c, var_c = _per_lane(torch.stack([mean, var]), N, lanes)
+    affine = [t for t in (weight, bias) if t is not None]  # gathered apart: they may require grad, the stats not
+    vectors = _per_lane(torch.stack(affine), N, lanes) if affine else ()
     weight_c = vectors[0] if weight is not None else None
     bias_c = vectors[-1] if bias is not None else None
-    y = torch.nn.functional.batch_norm(rows, mean_c, var_c, weight_c, bias_c, False, 0.0, eps)
-    return (y, mean_c, var_c) if statistics else y
+    return torch.nn.functional.batch_norm(rows, mean_c, var_c, weight_c, bias_c, False, 0.0, eps)
 
 
 def _per_lane(per_field: torch.Tensor, N: int, lanes: int) -> torch.Tensor:
-    """``(..., fields) -> (..., lanes * fields * N)``: each field's value repeated for its N channels and for
-    every lane, in contiguous memory (``reshape`` of the expanded view would return a stride-0 view for one
-    field, which torch's batch-norm kernels, called directly, read as if contiguous)."""
-    *batch, fields = per_field.shape
-    expanded = per_field.unsqueeze(-2).unsqueeze(-1).expand(*batch, lanes, fields, N)
-    return expanded.contiguous().flatten(-3)
+    """``(k, fields) -> (k, lanes * fields * N)``: each field's value repeated for its N channels and for every
+    lane, in contiguous memory (one gather; an expanded view would have stride 0 for one field, which torch's
+    batch-norm kernels, called directly, read as if contiguous)."""
+    return torch.index_select(per_field, 1, _lane_index(per_field.shape[1], N, lanes, per_field.device))
+
+
+@functools.lru_cache(maxsize=512)
+def _lane_index(fields: int, N: int, lanes: int, device: torch.device) -> torch.Tensor:
+    """The field of every column of a :func:`_lane_view`: ``[0]*N + [1]*N + ... + [fields-1]*N``, ``lanes``
+    times (cached: built once per layer shape)."""
+    return torch.arange(fields, device=device).repeat_interleave(N).repeat(lanes)
