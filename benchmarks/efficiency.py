@@ -103,14 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", nargs="+", default=["3e-3"], metavar="LR",
                         help="peak learning rate of every model (3e-3), or per model: conventional=3e-3 C12=1e-2")
     parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--width-mult", type=float, help="default 1.0")
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--group-pool", choices=pcam.GROUP_POOL_MODES, default="max",
-                        help="invariant readout of the equivariant models (max, mean, sort; run dirs end -<mode> "
-                             "when not max)")
-    parser.add_argument("--min-fields", type=int, default=1, metavar="K",
-                        help="the fewest regular fields of any equivariant layer (default 1; run dirs end -min<K> "
-                             "when not 1)")
+    pcam.add_model_arguments(parser, width_default=None)
     parser.add_argument("--no-augment", action="store_true", help="no random 90-degree rotations and flips (D4)")
     parser.add_argument("--stain-jitter", type=float, default=pcam.STAIN_JITTER, metavar="SIGMA",
                         help=f"H&E stain augmentation strength (default {pcam.STAIN_JITTER}; 0 = off; run dirs "
@@ -160,14 +153,21 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("--stain-jitter", f"expected a number in [0, 1), got {args.stain_jitter}")
     if any(seed < 0 for seed in settings["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {settings['seeds']}")
-    if args.min_fields < 1:
-        raise UsageError("--min-fields", f"expected an integer >= 1, got {args.min_fields}")
+    pcam.check_shared_arguments(args, settings["width_mult"])
     settings["lr"] = parse_learning_rates(args.lr, pcam.model_names(args.models, settings["groups"]))
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite", "choose one")
+    for lr in set(settings["lr"].values()):  # the training options, checked before the first run starts
+        _train_config(args, settings, lr, seed=0).validate()
     settings["sizes"] = sorted(set(settings["sizes"]))
     args.int8_backend = pcam.resolve_int8_backend(args.int8_backend)
     return settings
+
+
+def _train_config(args: argparse.Namespace, settings: dict, lr: float, seed: int) -> TrainConfig:
+    """One run's recipe: ``settings["evaluations"]`` epochs of ``ceil(steps / evaluations)`` steps each."""
+    return TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=lr,
+                       weight_decay=args.weight_decay, seed=seed, precision=args.precision,
+                       steps_per_epoch=math.ceil(settings["steps"] / settings["evaluations"]),
+                       augment=not args.no_augment, stain_jitter=args.stain_jitter)
 
 
 def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse.Namespace, dict]:
@@ -204,10 +204,8 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
                       relu6=args.relu6)
         write_json(result, result_path)
         return result
-    per_evaluation = math.ceil(settings["steps"] / settings["evaluations"])
-    config = TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=settings["lr"][name],
-                         weight_decay=args.weight_decay, seed=seed, precision=args.precision,
-                         steps_per_epoch=per_evaluation, augment=not args.no_augment, stain_jitter=args.stain_jitter)
+    config = _train_config(args, settings, settings["lr"][name], seed)
+    per_evaluation = config.steps_per_epoch
     model = pcam.build_model(name, evaluation_args, seed)
     if args.init != "fan_in":
         initialize_rotconv_layers(model, args.init)

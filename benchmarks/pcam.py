@@ -113,14 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid-size", type=int)
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--stability-samples", type=int, help="test patches used for rotation stability")
-    parser.add_argument("--width-mult", type=float, default=1.0, help="MobileNetV2 width multiplier (1.0)")
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--group-pool", choices=GROUP_POOL_MODES, default="max",
-                        help="invariant readout of the equivariant models: max over each field's rotations (the "
-                             "paper's), mean, or sort (every order statistic; mobilenet_v2(group_pool=...))")
-    parser.add_argument("--min-fields", type=int, default=1, metavar="K",
-                        help="the fewest regular fields of any equivariant layer (default 1: round(c / N) as the "
-                             "paper; mobilenet_v2(min_fields=...))")
+    add_model_arguments(parser, width_default=1.0)
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
     parser.add_argument("--int8-backend", choices=INT8_BACKENDS, default="auto",
                         help="where the INT8 model runs: an ExecuTorch XNNPACK program (RUNS/<model>-seed<k>/"
@@ -151,6 +144,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, width_default: float | None) -> None:
+    """The model options benchmarks.pcam and benchmarks.efficiency share (checked by
+    :func:`check_shared_arguments`); ``width_default`` None lets the caller's profile choose."""
+    parser.add_argument("--width-mult", type=float, default=width_default, help="MobileNetV2 width multiplier (1.0)")
+    parser.add_argument("--dropout", type=float, default=0.2, help="dropout before the classifier (0.2)")
+    parser.add_argument("--group-pool", choices=GROUP_POOL_MODES, default="max",
+                        help="invariant readout of the equivariant models: max over each field's rotations (the "
+                             "paper's), mean, or sort (every order statistic; mobilenet_v2(group_pool=...); "
+                             "benchmarks.efficiency's run dirs end -<mode> when not max)")
+    parser.add_argument("--min-fields", type=int, default=1, metavar="K",
+                        help="the fewest regular fields of any equivariant layer (default 1: round(c / N) as the "
+                             "paper; mobilenet_v2(min_fields=...); benchmarks.efficiency's run dirs end -min<K> when "
+                             "not 1)")
+
+
+def check_shared_arguments(args: argparse.Namespace, width_mult: float) -> None:
+    """Validate the options both benchmarks take (the model options of :func:`add_model_arguments`,
+    ``--threads``, ``--resume``/``--overwrite``) before any work: a :class:`UsageError` names the option."""
+    for name, value in (("width-mult", width_mult), ("dropout", args.dropout)):
+        if not math.isfinite(value):
+            raise UsageError(f"--{name}", f"expected a finite number, got {value}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
+    if width_mult <= 0:
+        raise UsageError("--width-mult", f"expected a positive number, got {width_mult}")
+    if args.min_fields < 1:
+        raise UsageError("--min-fields", f"expected an integer >= 1, got {args.min_fields}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads", f"expected >= 1, got {args.threads}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite", "choose one (continue the runs, or replace them)")
+
+
 def _settings(args: argparse.Namespace) -> dict:
     """Profile defaults overridden by the given options; validated (UsageError names the option)."""
     profile = dict(PROFILES[args.profile])
@@ -161,28 +187,18 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in ("train_size", "valid_size", "test_size", "stability_samples", "epochs", "batch_size"):
         if profile[key] is not None and profile[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')}", f"expected a positive count, got {profile[key]}")
-    for name, value in (("lr", profile["lr"]), ("weight-decay", args.weight_decay), ("width-mult", args.width_mult),
-                        ("dropout", args.dropout)):
+    for name, value in (("lr", profile["lr"]), ("weight-decay", args.weight_decay)):
         if not math.isfinite(value):
             raise UsageError(f"--{name}", f"expected a finite number, got {value}")
     if any(seed < 0 for seed in profile["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {profile['seeds']}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite", "choose one (continue the runs, or replace them)")
+    check_shared_arguments(args, args.width_mult)
     profile["groups"] = parse_groups(args.group, args.group_order)
     args.int8_backend = resolve_int8_backend(args.int8_backend)
-    if not 0 <= args.dropout < 1:
-        raise UsageError("--dropout", f"expected a probability in [0, 1), got {args.dropout}")
-    if args.width_mult <= 0:
-        raise UsageError("--width-mult", f"expected a positive number, got {args.width_mult}")
-    if args.min_fields < 1:
-        raise UsageError("--min-fields", f"expected an integer >= 1, got {args.min_fields}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", "cuda is not available on this machine")
     if args.workers < 0:
         raise UsageError("--workers", f"expected >= 0, got {args.workers}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError("--threads", f"expected >= 1, got {args.threads}")
     config = TrainConfig(epochs=profile["epochs"], batch_size=profile["batch_size"], lr=profile["lr"],
                          weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter, precision=args.precision,

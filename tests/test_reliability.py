@@ -18,7 +18,7 @@ import torch.nn as nn
 import mobilenet
 import quant
 import rotconv
-from benchmarks import pcam
+from benchmarks import efficiency, pcam
 from mobilenet.files import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
 from mobilenet.pcam import PCamError, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
@@ -177,12 +177,20 @@ def test_differences_name_the_fields():
 
 
 # -- arguments ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["pcam", "efficiency"])
 @pytest.mark.parametrize("option, value", [("--weight-decay", "nan"), ("--width-mult", "nan"), ("--width-mult", "inf"),
-                                           ("--seeds", "-1"), ("--lr", "inf"), ("--dropout", "nan"),
-                                           ("--min-fields", "0")])
-def test_bad_numbers_exit_2_naming_the_option(tmp_path, capsys, option, value):
-    code, err = run(["--runs", str(tmp_path / "runs"), option, value], capsys)
-    assert code == 2 and option in err
+                                           ("--width-mult", "-1"), ("--seeds", "-1"), ("--lr", "inf"),
+                                           ("--dropout", "nan"), ("--dropout", "1.5"), ("--min-fields", "0"),
+                                           ("--threads", "0")])
+def test_bad_numbers_exit_2_naming_the_option(tmp_path, capsys, command, option, value):
+    # Both commands share the model options (one definition, one check) and refuse bad values before any
+    # data is generated or any run starts: exit 2, one line naming the option, no traceback.
+    runs = tmp_path / "runs"
+    arguments = ["--runs", str(runs), "--synthetic-dir", str(tmp_path / "synthetic"), option, value]
+    code = pcam.main(arguments) if command == "pcam" else efficiency.main(["--quick"] + arguments)
+    err = capsys.readouterr().err
+    assert code == 2 and option in err and "Traceback" not in err
+    assert not (tmp_path / "synthetic").exists() and not runs.exists()
 
 
 # -- data errors in workers ---------------------------------------------------------------------------------
