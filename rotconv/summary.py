@@ -10,6 +10,7 @@ import torch.nn as nn
 from .export import export
 from .layers import SteerableConv2d
 from .norm import GroupBatchNorm2d
+from .validation import check_positive_int
 
 __all__ = ["ModelSummary", "summary"]
 
@@ -39,6 +40,12 @@ class ModelSummary:
 def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> ModelSummary:
     """Count params, MACs and activation memory of ``model`` on one ``(1, in_channels, s, s)`` input
     (``model.export()`` is used for the exported parameter count where the model has it)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    check_positive_int(input_size, "input_size")  # the side of a square input, e.g. 95 (not a shape tuple)
+    check_positive_int(in_channels, "in_channels")
+    if not any(True for _ in model.parameters()):
+        raise ValueError("model: has no parameters to count")
     macs = 0
     activation_elements = 0
 

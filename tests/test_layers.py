@@ -319,6 +319,9 @@ def test_group_batch_norm_shares_statistics_within_fields():
     (lambda: rotconv.GroupPool(rotconv.CyclicGroup(4), mode="median"), "mode"),
     (lambda: rotconv.GroupBatchNorm2d(0, rotconv.CyclicGroup(4)), "fields"),
     (lambda: rotconv.CircularMask(0), "size"),
+    (lambda: rotconv.summary(rotconv.GroupConv2d(1, 1, 1, 4), (1, 4, 9, 9)), "input_size"),  # a shape, not a side
+    (lambda: rotconv.summary(rotconv.GroupConv2d(1, 1, 1, 4), 9, in_channels=0), "in_channels"),
+    (lambda: rotconv.summary(torch.nn.ReLU()), "model"),
 ])
 def test_bad_arguments_name_the_argument(build, name):
     with pytest.raises(ValueError, match=name):
