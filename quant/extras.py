@@ -2,7 +2,10 @@
 before a batch is handed to another runtime."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -11,11 +14,32 @@ import torch
 DEPLOY_EXTRA = "pip install 'rotconv[deploy]'  (executorch==1.5.1, onnxruntime)"
 
 
+#: Loggers that warn while the deploy extra is first imported about things a CPU user cannot act on: torchao's
+#: CUDA-only kernel libraries (``Failed to load ..._C_cutlass_90a.abi3.so``) and a pytree deprecation in
+#: torchao's own registration code. Quieted (to errors) for the duration of the import only.
+_IMPORT_TIME_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def quiet_import_logs() -> Iterator[None]:
+    """Raise :data:`_IMPORT_TIME_LOGGERS` to ERROR inside the block, then restore their levels."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_TIME_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def require_extra(modules: tuple[str, ...], what: str) -> None:
     """Import ``modules`` or raise an ImportError that names ``what`` needed them and the extra to install."""
     for name in modules:
         try:
-            importlib.import_module(name)
+            with quiet_import_logs():
+                importlib.import_module(name)
         except ImportError as error:
             raise ImportError(f"{what} needs {name}, which is an optional extra: {DEPLOY_EXTRA} ({error})") from None
 

@@ -1,5 +1,6 @@
 """quant.extras: the input check and the missing-extra error shared by the ExecuTorch and ONNX wrappers."""
 import importlib
+import logging
 
 import pytest
 import torch
@@ -40,3 +41,26 @@ def test_missing_extra_names_what_needed_it_and_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"quant.load_executorch needs executorch.runtime.*rotconv\[deploy\]"):
         require_extra(("numpy", "executorch.runtime"), "quant.load_executorch")
     require_extra(("numpy",), "anything")  # present modules pass silently
+
+
+def test_import_time_warnings_of_the_extra_are_quieted_only_during_the_import(monkeypatch, caplog):
+    # torchao warns while it is imported about CUDA-only kernel libraries a CPU install lacks; require_extra
+    # quiets those loggers for the import and restores them: a module that warns through them at import time
+    # leaves no record, and the same logger warns as usual afterwards.
+    logger = logging.getLogger("torchao")
+    before = logger.level
+    real = importlib.import_module
+
+    def warning_import(name, *args, **kwargs):
+        if name == "fake_torchao_like":
+            logger.warning("Failed to load _C_cutlass_90a.abi3.so")
+            return None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", warning_import)
+    with caplog.at_level(logging.WARNING):
+        require_extra(("fake_torchao_like",), "anything")
+        assert "cutlass" not in caplog.text
+        assert logger.level == before
+        logger.warning("after the import")
+    assert "after the import" in caplog.text
