@@ -12,7 +12,9 @@ table (mean ± std over seeds per size), writes JSON and, with --plots, a PNG of
     python -m benchmarks.efficiency --quick                        # seconds, synthetic data (tests)
 
 Every run keeps its checkpoint, its best model (model.pt) and its result in
-RUNS/size<S>-<model>-lr<LR>-seed<k>/; --resume continues interrupted runs and skips finished ones. --valid-only
+RUNS/size<S>-<model>-lr<LR>[-<variant>...]-seed<k>/ (a variant suffix for every recipe or architecture option
+away from its default, e.g. -stain0.1, -min8, -w0.8, so a variant never resumes another's runs); --resume
+continues interrupted runs and skips finished ones. --valid-only
 (recipe studies) reports validation figures and never opens the test split. Exit codes as benchmarks.pcam
 (2 bad arguments or data, 3 diverged).
 """
@@ -184,7 +186,8 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
     equivariant = name != "conventional"
     variant = ("-noaug" if args.no_augment else "") + (f"-stain{args.stain_jitter:g}" if args.stain_jitter else "") + ("-fanout" if args.init == "fan_out" and equivariant else "") \
         + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "") \
-        + (f"-min{args.min_fields}" if args.min_fields != 1 and equivariant else "")
+        + (f"-min{args.min_fields}" if args.min_fields != 1 and equivariant else "") \
+        + (f"-w{args.width_mult:g}" if args.width_mult is not None and args.width_mult != 1 else "")
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
     evaluation_args, evaluation_settings = _evaluation_args(args, settings)
