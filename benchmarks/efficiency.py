@@ -151,13 +151,11 @@ def _settings(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{key.replace('_', '-')}", f"expected an integer >= 1, got {settings[key]}")
     if any(size < 2 for size in settings["sizes"]):
         raise UsageError("--sizes", f"expected sizes >= 2, got {settings['sizes']}")
-    if not (math.isfinite(args.stain_jitter) and 0 <= args.stain_jitter < 1):
-        raise UsageError("--stain-jitter", f"expected a number in [0, 1), got {args.stain_jitter}")
     if any(seed < 0 for seed in settings["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {settings['seeds']}")
     pcam.check_shared_arguments(args, settings["width_mult"])
     settings["lr"] = parse_learning_rates(args.lr, pcam.model_names(args.models, settings["groups"]))
-    for lr in set(settings["lr"].values()):  # the training options, checked before the first run starts
+    for lr in set(settings["lr"].values()):  # the training options (lr, weight decay, stain jitter, ...), up front
         _train_config(args, settings, lr, seed=0).validate()
     settings["sizes"] = sorted(set(settings["sizes"]))
     args.int8_backend = pcam.resolve_int8_backend(args.int8_backend)

@@ -187,9 +187,6 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in ("train_size", "valid_size", "test_size", "stability_samples", "epochs", "batch_size"):
         if profile[key] is not None and profile[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')}", f"expected a positive count, got {profile[key]}")
-    for name, value in (("lr", profile["lr"]), ("weight-decay", args.weight_decay)):
-        if not math.isfinite(value):
-            raise UsageError(f"--{name}", f"expected a finite number, got {value}")
     if any(seed < 0 for seed in profile["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {profile['seeds']}")
     check_shared_arguments(args, args.width_mult)
