@@ -109,45 +109,47 @@ class _FieldBatchNorm(torch.autograd.Function):
         # Per-column statistics only (native_batch_norm would also write an output that is not used). Given
         # running buffers (left unchanged by momentum 0) the kernel returns them in float32 also for bf16 x;
         # without, it would round the means to bf16 (an error of up to 2**-9 |mean|, not small against std).
-        # Few, small ops on purpose: this runs ~50 times per MobileNetV2 step, and each op costs microseconds.
+        # Few, small ops and little Python on purpose: this runs ~50 times per MobileNetV2 step, and each op
+        # costs microseconds (autograd is off inside forward: no grad-mode context needed).
         rows, lanes = _lane_view(x)
         columns = rows.shape[1]
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = _STATISTICS_DTYPE.get(x.dtype, x.dtype)
         mean_c, var_c = torch.batch_norm_update_stats(rows, rows.new_zeros(columns, dtype=dtype),
                                                       rows.new_ones(columns, dtype=dtype), 0.0)
         # per field, without cancellation (all columns hold equal counts): var_f = mean(var_c) + var(mean_c)
         spread, mean_f = torch.var_mean(mean_c.view(lanes, -1, N), dim=(0, 2), correction=0)
         var_f = var_c.view(lanes, -1, N).mean((0, 2)).add_(spread)
-        mean_f, var_f = mean_f.to(norm.running_mean.dtype), var_f.to(norm.running_mean.dtype)
+        running_mean, running_var = norm.running_mean, norm.running_var
+        if mean_f.dtype != running_mean.dtype:
+            mean_f, var_f = mean_f.to(running_mean.dtype), var_f.to(running_mean.dtype)
         count = rows.shape[0] * lanes * N  # values per field
-        with torch.no_grad():
-            momentum = norm.momentum
-            if norm.num_batches_tracked is not None:
-                norm.num_batches_tracked.add_(1)
-                if momentum is None:
-                    momentum = 1.0 / float(norm.num_batches_tracked)
-            norm.running_mean.lerp_(mean_f, momentum)
-            norm.running_var.lerp_(var_f * (count / max(count - 1, 1)), momentum)
-        # every per-field vector repeated per column in one gather (no grad is recorded inside forward)
+        momentum, tracked = norm.momentum, norm.num_batches_tracked
+        if tracked is not None:
+            tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(tracked)
+        running_mean.lerp_(mean_f, momentum)
+        running_var.lerp_(var_f * (count / max(count - 1, 1)), momentum)
+        # every per-field vector repeated per column in one gather
         vectors = [mean_f, var_f] + [t for t in (weight, bias) if t is not None]
-        per_column = _per_lane(torch.stack(vectors), N, lanes)
-        y = torch.nn.functional.batch_norm(rows, per_column[0], per_column[1],
-                                           per_column[2] if weight is not None else None,
-                                           per_column[-1] if bias is not None else None, False, 0.0, norm.eps)
-        ctx.save_for_backward(rows, per_column, weight, mean_f, var_f)
+        per_column = _per_lane(torch.stack(vectors), N, lanes).unbind(0)
+        y = torch.native_batch_norm(rows, per_column[2] if weight is not None else None,
+                                    per_column[-1] if bias is not None else None, per_column[0], per_column[1],
+                                    False, 0.0, norm.eps)[0]
+        ctx.save_for_backward(rows, per_column[0], per_column[1], weight, mean_f, var_f)
         ctx.N, ctx.lanes, ctx.count, ctx.eps, ctx.shape = N, lanes, count, norm.eps, x.shape
         return _from_rows(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        rows, per_column, weight, mean_f, var_f = ctx.saved_tensors
+        rows, mean_c, var_c, weight, mean_f, var_f = ctx.saved_tensors
         N, lanes, count = ctx.N, ctx.lanes, ctx.count
         # the gradient in the same (rows, columns) view (a copy only where it does not arrive in channels_last)
         grad_rows = grad.permute(0, 2, 3, 1).reshape(rows.shape)
         # one reduction pass: per-column sum(dy * xhat) and sum(dy) (torch's kernel, input gradient not asked
         # for), combined per field
         _, sum_dy_xhat_c, sum_dy_c = torch.ops.aten.native_batch_norm_backward(
-            grad_rows, rows, None, per_column[0], per_column[1], None, None, False, ctx.eps, [False, True, True])
+            grad_rows, rows, None, mean_c, var_c, None, None, False, ctx.eps, [False, True, True])
         sum_dy, sum_dy_xhat = torch.stack((sum_dy_c, sum_dy_xhat_c)).view(2, lanes, -1, N).sum((1, 3))
         invstd_f = torch.rsqrt(var_f + ctx.eps)
         scale = invstd_f if weight is None else weight * invstd_f
@@ -157,11 +159,15 @@ class _FieldBatchNorm(torch.autograd.Function):
         b = step * invstd_f * sum_dy_xhat
         c = torch.addcmul(step * sum_dy, b, mean_f, value=-1)
         # coefficients in x's dtype: mixed bf16/float32 operands would send both passes through dtype copies
-        c_c, b_c, scale_c = _per_lane(torch.stack((c, b, scale)).to(rows.dtype), N, lanes)
+        c_c, b_c, scale_c = _per_lane(torch.stack((c, b, scale)).to(rows.dtype), N, lanes).unbind(0)
         grad_input = torch.addcmul(c_c, rows, b_c).addcmul_(grad_rows, scale_c)
-        grad_weight = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy if ctx.needs_input_grad[2] else None
-        return _from_rows(grad_input, ctx.shape), grad_weight, grad_bias, None, None
+        needs_weight, needs_bias = ctx.needs_input_grad[1:3]
+        grad_weight = sum_dy_xhat if weight is not None and needs_weight else None
+        return _from_rows(grad_input, ctx.shape), grad_weight, sum_dy if needs_bias else None, None, None
+
+
+#: The dtype torch's batch-norm kernels give statistics in, per input dtype (float32 for reduced precision).
+_STATISTICS_DTYPE = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 
 #: Column counts that torch's CPU batch-norm kernels vectorise fully are multiples of this.
