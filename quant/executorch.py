@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from mobilenet.files import atomic_write
 
-from .extras import DEPLOY_EXTRA, require_extra, runtime_input
+from .extras import DEPLOY_EXTRA, capture_native_stderr, require_extra, runtime_input
 from .pipeline import _check_float_model, prepare
 from .plan import QuantPlan, plan_quantization
 
@@ -245,11 +245,19 @@ class ExecuTorchModel(nn.Module):
 
         if not os.path.isfile(path):
             raise ValueError(f"{path}: program file not found")
-        try:
-            self.program = Runtime.get().load_program(path)
-            self.method = self.program.load_method("forward")
-        except Exception as error:  # the runtime raises RuntimeError/ValueError for a bad file
-            raise ValueError(f"{path}: not a loadable ExecuTorch program ({type(error).__name__})") from None
+        # The runtime's C++ logs (a CPU probe on the first load, the reason a file is rejected) go to stderr:
+        # kept out of the user's output on success, put into the error on failure.
+        with capture_native_stderr() as native:
+            try:
+                self.program = Runtime.get().load_program(path)
+                self.method = self.program.load_method("forward")
+                failure = None
+            except Exception as error:  # the runtime raises RuntimeError/ValueError for a bad file
+                failure = error
+        if failure is not None:
+            detail = "; ".join(line.strip() for line in native.text.splitlines() if line.strip())
+            raise ValueError(f"{path}: not a loadable ExecuTorch program ({type(failure).__name__}"
+                             + (f": {detail}" if detail else "") + ")") from None
         meta = self.method.metadata.input_tensor_meta(0)
         self.input_shape = tuple(meta.sizes())
         self.path = path

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import logging
+import os
+import sys
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +36,43 @@ def quiet_import_logs() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+class NativeOutput:
+    """What was written to stderr inside :func:`capture_native_stderr` (``text``, set on exit)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+
+@contextlib.contextmanager
+def capture_native_stderr() -> Iterator[NativeOutput]:
+    """Capture everything written to stderr inside the block: by C/C++ code to file descriptor 2, and through
+    Python's ``sys.stderr`` (where pybind11 modules may route their C++ streams).
+
+    The ExecuTorch runtime logs from C++ while it first loads a method (``[cpuinfo_utils.cpp:87] Failed to open
+    midr file ...``: its probe for ARM CPU registers, noise on x86), and explains there why it rejects a file;
+    ``logging`` and ``warnings`` filters cannot reach it. The caller decides what to do with the text: drop it on
+    success, put it into the error message on failure, so nothing diagnostic is lost."""
+    captured = NativeOutput()
+    python_side = io.StringIO()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (an embedded interpreter): the Python side only
+        saved = None
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        if saved is not None:
+            os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(python_side):
+                yield captured
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode("utf-8", "replace") + python_side.getvalue()
 
 
 def require_extra(modules: tuple[str, ...], what: str) -> None:

@@ -1,5 +1,7 @@
 """quant.extras: the input check and the missing-extra error shared by the ExecuTorch and ONNX wrappers."""
 import importlib
+import os
+import sys
 import logging
 
 import pytest
@@ -64,3 +66,31 @@ def test_import_time_warnings_of_the_extra_are_quieted_only_during_the_import(mo
         assert logger.level == before
         logger.warning("after the import")
     assert "after the import" in caplog.text
+
+
+def test_native_stderr_is_captured_inside_the_block_and_restored_after(capfd):
+    # What C code writes to file descriptor 2 (os.write bypasses Python's sys.stderr) and what goes through
+    # sys.stderr (where pybind11 modules route C++ streams) both land in the capture, not in the process's
+    # stderr; after the block both reach the process's stderr again.
+    from quant.extras import capture_native_stderr
+
+    with capture_native_stderr() as native:
+        os.write(2, b"[cpuinfo_utils.cpp:87] Failed to open midr file\n")
+        print("[method.cpp:1243] through sys.stderr", file=sys.stderr)
+    assert "cpuinfo_utils.cpp:87" in native.text and "method.cpp:1243" in native.text
+    print("python side after the block", file=sys.stderr)
+    os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+    assert "cpp:" not in err and "after the block" in err and "python side after the block" in err
+
+
+def test_native_stderr_is_restored_when_the_block_raises(capfd):
+    from quant.extras import capture_native_stderr
+
+    with pytest.raises(RuntimeError, match="load failed"):
+        with capture_native_stderr() as native:
+            os.write(2, b"reason from C++\n")
+            raise RuntimeError("load failed")
+    assert native.text == "reason from C++\n"
+    os.write(2, b"visible again\n")
+    assert "visible again" in capfd.readouterr().err

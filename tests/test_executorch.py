@@ -1,6 +1,8 @@
 """quant.to_executorch: the data-free INT8 model as an ExecuTorch/XNNPACK program (optional extra)."""
 import builtins
 import importlib.util
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -91,8 +93,24 @@ def test_bad_inputs_and_files(tmp_path):
         quant.load_executorch(str(tmp_path / "missing.pte"))
     junk = tmp_path / "junk.pte"
     junk.write_bytes(b"not a program")
-    with pytest.raises(ValueError, match="junk.pte"):
+    # the runtime's own reason (logged by its C++ code) is part of the message
+    with pytest.raises(ValueError, match=r"junk.pte: not a loadable ExecuTorch program \(\w+: \[\w+\.cpp:\d+\] "):
         quant.load_executorch(str(junk))
+
+
+def test_loading_a_program_prints_nothing(tmp_path):
+    # The runtime's C++ code logs a CPU probe ("[cpuinfo_utils.cpp:87] Failed to open midr file ...") to stderr
+    # the first time a process loads a method; load_executorch keeps it out of the user's output. A fresh
+    # process, so that this load is its first.
+    torch.manual_seed(0)
+    model = rotconv.randomize_batchnorm(_Shallow(), torch.randn(16, 3, 15, 15))
+    path = quant.to_executorch(model, str(tmp_path / "m.pte"))
+    script = ("import sys, torch, quant.executorch as qe; m = qe.load_executorch(sys.argv[1]); "
+              "print(tuple(m(torch.zeros(1, 3, 15, 15)).shape))")
+    done = subprocess.run([sys.executable, "-c", script, path], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(1, 3)"
+    assert "cpp:" not in done.stderr, done.stderr
 
 
 def test_missing_extra_is_named(monkeypatch, tmp_path):
