@@ -2,7 +2,9 @@
 properties the sweep must show (not timings)."""
 import pytest
 import torch
+import torch.nn as nn
 
+import mobilenet
 import rotconv
 from benchmarks import equivariance, speed
 
@@ -178,3 +180,18 @@ def test_stock_executorch_baseline_is_a_runnable_program(tmp_path):
     assert (tmp_path / "stock.pte").stat().st_size > 0
     logits = program(x)
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+def test_plain_training_twin_is_plain_with_the_same_channels():
+    # benchmarks.speed times the equivariant model's train step against this twin to tell rotconv's own overhead
+    # from the cost of its channel table: it must hold no rotconv layer, train, and run the same convolutions
+    model = mobilenet.mobilenet_v2(group=4)
+    twin = speed.plain_training_twin(model)
+    assert twin.training
+    assert not any(isinstance(m, (rotconv.SteerableConv2d, rotconv.GroupBatchNorm2d)) for m in twin.modules())
+    rotconv_convs = [m.expand_filter().shape for m in model.modules() if isinstance(m, rotconv.SteerableConv2d)]
+    plain_convs = [m.weight.shape for m in twin.modules() if isinstance(m, nn.Conv2d)]
+    assert plain_convs == rotconv_convs
+    x = torch.randn(2, 3, 95, 95)
+    twin(x).square().mean().backward()
+    assert all(p.grad is not None for p in twin.parameters())
