@@ -1,17 +1,34 @@
 """Small helpers shared by the benchmark commands."""
 from __future__ import annotations
 
+import argparse
 import io
+import sys
 
 import torch
 import torch.nn as nn
 
 import rotconv
+from mobilenet.memory import reuse_freed_memory
 from mobilenet.files import (OutputError, RunLock, atomic_write, check_writable, clean_temporary_files, differences,
                              file_fingerprint, strict_json, write_json)
 
-__all__ = ["serialized_bytes", "untrained_but_generic", "initialize_rotconv_layers", "atomic_write", "clean_temporary_files", "check_writable",
+__all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "untrained_but_generic", "initialize_rotconv_layers", "atomic_write", "clean_temporary_files", "check_writable",
            "strict_json", "write_json", "file_fingerprint", "differences", "RunLock", "OutputError"]
+
+
+def add_memory_argument(parser: argparse.ArgumentParser) -> None:
+    """``--reuse-memory`` / ``--no-reuse-memory`` (default on): :func:`mobilenet.memory.reuse_freed_memory`."""
+    parser.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep freed tensor memory in the process for reuse (glibc: no page faults for the "
+                             "tens of MB a step allocates; the process keeps its peak heap; default: on)")
+
+
+def apply_memory_argument(args: argparse.Namespace) -> None:
+    """Apply ``--reuse-memory`` (a one-line notice where the C library has no such setting)."""
+    if getattr(args, "reuse_memory", False) and not reuse_freed_memory():
+        print("notice: --reuse-memory needs glibc's malloc (Linux); keeping the system allocator's behaviour",
+              file=sys.stderr)
 
 
 def serialized_bytes(model: nn.Module) -> int:

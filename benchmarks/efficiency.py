@@ -38,7 +38,7 @@ from mobilenet.pcam import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, train
 
 from . import pcam
-from .common import initialize_rotconv_layers
+from .common import add_memory_argument, initialize_rotconv_layers
 from .synthetic import write_synthetic_pcam
 
 __all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve"]
@@ -114,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="Kaiming mode of the rotconv layers (recipe studies): fan_in, mobilenet_v2's default, "
                              "or fan_out (torchvision's rule, the conventional model's scale; run dirs end -fanout)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    add_memory_argument(parser)
     parser.add_argument("--valid-size", type=int, help="validation patches (default: all)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
     parser.add_argument("--stability-samples", type=int, help="test patches for rotation stability (default 128)")

@@ -40,7 +40,8 @@ from mobilenet.distributed import Distributed
 from mobilenet.pcam import Normalizer, PCam, PCamError, data_fingerprint, open_pcam
 from mobilenet.training import PRECISIONS, DivergedError, Progress, TrainConfig, UsageError, resolve_precision, train
 
-from .common import OutputError, RunLock, check_writable, serialized_bytes, write_json
+from .common import (OutputError, RunLock, add_memory_argument, apply_memory_argument, check_writable, serialized_bytes,
+                     write_json)
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
 
 __all__ = ["main", "PAPER", "PROFILES", "format_table"]
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="training precision: bf16 autocast where the device supports it (auto), or fp32")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="train in channels_last memory layout (default: on; faster on CPU and GPU)")
+    add_memory_argument(parser)
     parser.add_argument("--train-size", type=int, help="balanced random subset of the train split")
     parser.add_argument("--valid-size", type=int)
     parser.add_argument("--test-size", type=int)
@@ -603,6 +605,7 @@ def exit_code(run, args: argparse.Namespace, interrupted: str) -> int:
     """Run ``run(args)`` as a command: 0 done, 2 bad options/data/outputs (one line naming the culprit),
     3 diverged, 130 interrupted (``interrupted`` says what is kept)."""
     try:
+        apply_memory_argument(args)
         run(args)
     except (PCamError, UsageError, OutputError) as error:
         print(f"error: {command_line_message(error)}", file=sys.stderr)

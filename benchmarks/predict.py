@@ -21,6 +21,8 @@ import numpy as np
 import mobilenet
 from mobilenet.files import OutputError, atomic_write
 
+from .common import add_memory_argument, apply_memory_argument
+
 __all__ = ["main", "read_patches"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -71,11 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="HDF5 / .npy / image files with patches")
     parser.add_argument("--out", help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=256)
+    add_memory_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    apply_memory_argument(args)
     try:
         if args.batch_size < 1:
             raise InputError(f"--batch-size: expected >= 1, got {args.batch_size}")

@@ -37,7 +37,7 @@ from mobilenet.pcam import Normalizer, PCam, augment_batch
 from mobilenet.training import UsageError, training_step
 
 from . import pcam
-from .common import initialize_rotconv_layers
+from .common import add_memory_argument, initialize_rotconv_layers
 from .synthetic import write_synthetic_pcam
 
 __all__ = ["main", "layer_scales", "format_scales", "KINDS"]
@@ -171,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="Kaiming mode of the rotconv layers: fan_in (mobilenet_v2's default) or fan_out "
                              "(torchvision's rule, the conventional model's filter scale)")
     parser.add_argument("--precision", choices=mobilenet.training.PRECISIONS, default="auto")
+    add_memory_argument(parser)
     parser.add_argument("--out", help="JSON file with every layer's figures")
     parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
                                                                 "synthetic-pcam"))

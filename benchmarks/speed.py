@@ -12,15 +12,19 @@ inference), the exported C_12 network vs the conventional one, INT8 (DFQ, real i
 batch 1 and 32, the same INT8 model vs stock torch.ao FX quantization of the same network, serialised size.
 Training throughput of both models in each precision x memory layout, and the equivariant model against its plain
 twin (the same channel counts in nn.Conv2d / nn.BatchNorm2d), which tells rotconv's own overhead apart from the
-cost of the equivariant channel table.
+cost of the equivariant channel table. Freed-memory reuse (:mod:`mobilenet.memory`, on unless ``--no-reuse-memory``)
+against the system allocator, each in fresh processes: wall time, system time and page faults of train steps and
+inference.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +39,12 @@ import mobilenet
 import quant
 import rotconv
 
-from .common import atomic_write, serialized_bytes, untrained_but_generic, write_json
+from .common import add_memory_argument, apply_memory_argument, atomic_write, serialized_bytes, untrained_but_generic, write_json
 from mobilenet.training import bf16_supported, training_step
 from quant.int8 import quantized_engine
 
-__all__ = ["compare", "layer_benchmarks", "model_benchmarks", "training_throughput", "plain_training_twin", "main"]
+__all__ = ["compare", "layer_benchmarks", "model_benchmarks", "training_throughput", "plain_training_twin",
+           "allocator_probe", "allocator_benchmarks", "main"]
 
 
 def _timed(function: Callable[[], object], block: int = 1) -> float:
@@ -327,6 +332,88 @@ def training_throughput(repeats: int, batch: int = 32, group: str = "C12") -> li
     return rows
 
 
+def allocator_probe(reuse: bool, group: str = "C12", batch: int = 32, steps: int = 4, threads: int | None = None) -> dict:
+    """In this process (meant to be a fresh one): :func:`mobilenet.memory.reuse_freed_memory` on, or glibc's
+    defaults left as they are (``reuse=False``), then for
+    both models a batch inference forward (fp32, contiguous; first, as in a process that only predicts), then the
+    trainer's step in fp32 contiguous and in the default setting (bf16 channels_last where the CPU has bf16
+    kernels, else fp32 channels_last): median wall time,
+    system CPU time and minor page faults per call over ``steps`` calls after two warm-up calls."""
+    import resource
+    from mobilenet.memory import reuse_freed_memory
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # off: glibc's own defaults, untouched (reuse_freed_memory(False) would fix its thresholds at their initial
+    # 128 KiB, which is slower than glibc's dynamic threshold)
+    applied = reuse_freed_memory() if reuse else False
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 95, 95)
+    labels = torch.randint(0, 2, (batch,))
+
+    def measure(call: Callable[[], object]) -> dict:
+        for _ in range(2):
+            call()
+        walls, system, faults = [], 0.0, 0
+        for _ in range(steps):
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            call()
+            walls.append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            system += after.ru_stime - before.ru_stime
+            faults += after.ru_minflt - before.ru_minflt
+        return {"wall_s": statistics.median(walls), "system_s": system / steps, "minor_faults": faults / steps}
+
+    default = ("bf16" if bf16_supported("cpu") else "fp32", True)
+    result = {"reuse": reuse, "applied": applied, "batch": batch, "steps": steps, "default_setting": list(default)}
+    models = {"conventional": mobilenet.mobilenet_v2(), "equivariant": mobilenet.mobilenet_v2(group=group)}
+    for name, model in models.items():  # inference first: a process that only predicts (nothing trained before)
+        result[f"{name}_inference"] = measure(_inference(model, x))
+    for name, model in models.items():
+        for label, (precision, channels_last) in (("train_fp32_contiguous", ("fp32", False)), ("train_default", default)):
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            inputs = x.contiguous(memory_format=memory_format)
+            network = model.to(memory_format=memory_format).train()
+            optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
+            result[f"{name}_{label}"] = measure(lambda: _checked_step(network, optimizer, inputs, labels, precision))
+    return result
+
+
+def allocator_benchmarks(rounds: int, group: str = "C12", batch: int = 32, steps: int = 4) -> dict:
+    """:func:`allocator_probe` with freed-memory reuse off and on, each in a fresh interpreter (the allocator is
+    process-wide), ``rounds`` times alternating which goes first; per measurement the median over rounds, and the
+    ratio reuse / system allocator of the wall times. Also the default training setting with reuse against fp32
+    contiguous without it (the trainer's settings of this project against plain torch's)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    probes: dict[bool, list[dict]] = {False: [], True: []}
+    for index in range(rounds):
+        for reuse in ((False, True) if index % 2 == 0 else (True, False)):
+            code = ("import json, sys; from benchmarks.speed import allocator_probe; "
+                    f"print(json.dumps(allocator_probe({reuse}, {group!r}, {batch}, {steps}, {torch.get_num_threads()})))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=root)
+            if done.returncode != 0:
+                raise RuntimeError(f"allocator probe (reuse={reuse}) failed: {done.stderr.strip().splitlines()[-1:]}")
+            probes[reuse].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    keys = [key for key, value in probes[False][0].items() if isinstance(value, dict)]
+    rows = []
+    for key in keys:
+        side = {reuse: {metric: statistics.median(probe[key][metric] for probe in probes[reuse])
+                        for metric in ("wall_s", "system_s", "minor_faults")} for reuse in (False, True)}
+        rows.append({"measurement": key, "system_allocator": side[False], "reuse": side[True],
+                     "ratio": side[True]["wall_s"] / side[False]["wall_s"]})
+    by_key = {row["measurement"]: row for row in rows}
+    speed_up = {name: by_key[f"{name}_train_fp32_contiguous"]["system_allocator"]["wall_s"]
+                / by_key[f"{name}_train_default"]["reuse"]["wall_s"] for name in ("conventional", "equivariant")}
+    applied = all(probe["applied"] for probe in probes[True])
+    for row in rows:
+        print(f"  allocator, {row['measurement']}: reuse / system {row['ratio']:.3f}x, faults "
+              f"{row['system_allocator']['minor_faults']:.0f} -> {row['reuse']['minor_faults']:.0f}", file=sys.stderr)
+    return {"rounds": rounds, "batch": batch, "steps": steps, "applied": applied,
+            "default_setting": probes[True][0]["default_setting"], "rows": rows,
+            "default_with_reuse_vs_fp32_contiguous": speed_up}
+
+
 def format_tables(results: dict) -> str:
     g = _name(results.get("group", "C12"))
     lines = [f"Machine: {results['machine']}, {results['threads']} threads, torch {results['torch']}; "
@@ -384,10 +471,28 @@ def format_tables(results: dict) -> str:
                          f"{row['equivariant_patches_per_s'] / base['equivariant']:.2f}x |")
         lines += ["", f"Plain twin: the {g} network exported to nn.Conv2d / nn.BatchNorm2d with its channel counts and "
                       "trained as a plain network (what rotconv's filter expansion and field-shared norm add)."]
+    allocator = results.get("allocator")
+    if allocator:
+        precision, channels_last = allocator["default_setting"]
+        default = f"{precision}{', channels_last' if channels_last else ''}"
+        lines += ["", f"| freed-memory reuse (--reuse-memory; fresh processes, {allocator['rounds']} rounds, batch "
+                      f"{allocator['batch']}) | system allocator | reuse | reuse / system time |", "|---|---|---|---|"]
+        for row in allocator["rows"]:
+            label = row["measurement"].replace("equivariant", g).replace("_train_default", f" train step ({default})")
+            label = label.replace("_train_fp32_contiguous", " train step (fp32, contiguous)").replace(
+                "_inference", " inference (fp32)")
+            cells = [f"{1e3 * side['wall_s']:.0f} ms, {1e3 * side['system_s']:.0f} ms system, "
+                     f"{side['minor_faults']:.0f} page faults" for side in (row["system_allocator"], row["reuse"])]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} | {row['ratio']:.3f}x |")
+        speed_up = allocator["default_with_reuse_vs_fp32_contiguous"]
+        lines += ["", f"Default training ({default}, reuse) vs fp32 contiguous with the system allocator: "
+                      f"conventional {speed_up['conventional']:.2f}x, {g} {speed_up['equivariant']:.2f}x the patches/s."]
+        if not allocator["applied"]:
+            lines.append("(reuse not applied: the C library is not glibc; both columns are the system allocator)")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and narrower layers (< 2 minutes)")
@@ -396,7 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
     parser.add_argument("--out", help="write the results as JSON to this file")
     parser.add_argument("--group", default="C12", help="group of the equivariant layers and model (C12, D12, ...)")
+    add_memory_argument(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    apply_memory_argument(args)
     try:
         args.group = str(rotconv.as_group(args.group))
     except ValueError as error:
@@ -417,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     results["models"] = model_benchmarks(max(3, repeats // 2) if args.quick else repeats, args.backend, args.group)
     print("training throughput ...", file=sys.stderr)
     results["training"] = training_throughput(max(3, repeats // 2) if args.quick else repeats, group=args.group)
+    print("allocator (fresh processes) ...", file=sys.stderr)
+    results["allocator"] = allocator_benchmarks(1 if args.quick else 3, args.group)
     results["table"] = format_tables(results)
     print(results["table"])
     if args.out:

@@ -195,3 +195,32 @@ def test_plain_training_twin_is_plain_with_the_same_channels():
     x = torch.randn(2, 3, 95, 95)
     twin(x).square().mean().backward()
     assert all(p.grad is not None for p in twin.parameters())
+
+
+def test_allocator_benchmarks_run_both_allocators_in_fresh_processes():
+    """Structure of benchmarks.speed's allocator section on a tiny batch (timings are not checked): every
+    measurement has both sides, the reuse side really ran with reuse applied (glibc) and the table shows it."""
+    from mobilenet.memory import _glibc
+
+    result = speed.allocator_benchmarks(rounds=1, batch=2, steps=1)
+    names = {row["measurement"] for row in result["rows"]}
+    assert names == {f"{model}_{what}" for model in ("conventional", "equivariant")
+                     for what in ("inference", "train_fp32_contiguous", "train_default")}
+    for row in result["rows"]:
+        for side in ("system_allocator", "reuse"):
+            assert row[side]["wall_s"] > 0 and row[side]["minor_faults"] >= 0 and row[side]["system_s"] >= 0
+        assert row["ratio"] == pytest.approx(row["reuse"]["wall_s"] / row["system_allocator"]["wall_s"])
+    assert result["applied"] == (_glibc() is not None)
+    assert set(result["default_with_reuse_vs_fp32_contiguous"]) == {"conventional", "equivariant"}
+    table = speed.format_tables({"machine": "m", "threads": 1, "torch": "t", "group": "C12", "layers": [],
+                                 "construction": dict.fromkeys(("cold_s", "warm_s", "parameter_bytes", "buffer_bytes",
+                                                                "expanded_filter_bytes", "filter_expansion_s"), 0)
+                                 | {"layer": "l"},
+                                 "models": {"size": {"int8_bytes": 1, "fp32_bytes": 1}} | {
+                                     key: {"first_s": 1.0, "second_s": 1.0, "ratio": 1.0} for key in
+                                     ["train_step_b32", "inference_b32", "exported_inference_b32"]
+                                     + [f"int8_{scheme}_vs_fp32_b{batch}" for scheme in ("symmetric", "asymmetric")
+                                        for batch in (1, 32)]},
+                                 "backend": "x86", "allocator": result})
+    assert "freed-memory reuse" in table and "C_12 inference (fp32)" in table
+    assert table.count("page faults") == 2 * len(result["rows"])
