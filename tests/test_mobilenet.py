@@ -4,11 +4,13 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 import mobilenet
 import rotconv
 from conftest import smooth_masked_input
+from mobilenet.model import ConvNormActivation, _EquivariantLayers, _PlainLayers
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +214,40 @@ def test_other_odd_input_sizes_stay_invariant(N, input_size):
     model = mobilenet.mobilenet_v2(group=group, input_size=input_size, width_mult=0.35).eval()
     x = torch.randn(1, 3, input_size, input_size)
     assert rotconv.equivariance_error(model, group, x, N // 4, output_regular=False) < 1e-5
+
+
+@pytest.mark.parametrize("group", [None, "C12", "D4"])
+def test_strided_depthwise_blocks_and_only_they_train_in_float32_under_cpu_autocast(group):
+    """The builder marks exactly the strided depthwise blocks (conventional and equivariant alike)."""
+    model = mobilenet.mobilenet_v2(group=group) if group else mobilenet.mobilenet_v2()
+    blocks = [m for m in model.modules() if isinstance(m, ConvNormActivation)]
+    marked = [m for m in blocks if m.float32_under_cpu_autocast]
+    for block in blocks:
+        conv = block[0]
+        depthwise = isinstance(conv, rotconv.DepthwiseGroupConv2d) or (isinstance(conv, nn.Conv2d) and conv.groups > 1)
+        stride = conv.stride if isinstance(conv.stride, int) else conv.stride[0]
+        assert block.float32_under_cpu_autocast == (depthwise and stride > 1), block
+    assert len(marked) == 2  # 95x95: the depthwise convs of the first 24- and 32-channel blocks have stride 2
+    exported = model.export() if group else model
+    assert sum(getattr(m, "float32_under_cpu_autocast", False) for m in exported.modules()) == len(marked)
+
+
+@settings(max_examples=6, deadline=None)
+@given(group=st.sampled_from([None, "C4", "D4"]), size=st.sampled_from([15, 23]), seed=st.integers(0, 2**16))
+def test_float32_block_under_autocast_is_the_float32_block(group, size, seed):
+    """Under CPU bf16 autocast a marked block computes in float32: bit-identical to its float32 forward on the
+    same (float32) input, float32 output and gradients; other blocks give bf16 as autocast decides."""
+    torch.manual_seed(seed)
+    layers = _PlainLayers() if group is None else _EquivariantLayers(rotconv.as_group(group))
+    channels = layers.width(8)
+    block = ConvNormActivation(layers.depthwise(channels, 3, 2, size), layers.norm(channels), nn.ReLU6,
+                               float32_under_cpu_autocast=True).train()
+    plain = ConvNormActivation(layers.depthwise(channels, 3, 2, size), layers.norm(channels), nn.ReLU6).train()
+    x = torch.randn(3, channels, size, size, requires_grad=True)
+    reference = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+        assert plain(x).dtype == torch.bfloat16  # unmarked: autocast's bf16 conv
+    assert out.dtype == torch.float32 and torch.equal(out, reference)
+    out.square().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
