@@ -121,6 +121,9 @@ class ConvNormActivation(nn.Sequential):
             x = module(x)
         return x
 
+    def extra_repr(self) -> str:
+        return "float32_under_cpu_autocast=True" if self.float32_under_cpu_autocast else ""
+
     @torch.jit.unused
     def _cpu_autocast(self, x: torch.Tensor) -> bool:
         return not is_symbolic(x) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
