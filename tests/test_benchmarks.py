@@ -221,6 +221,12 @@ def test_allocator_benchmarks_run_both_allocators_in_fresh_processes():
                                      ["train_step_b32", "inference_b32", "exported_inference_b32"]
                                      + [f"int8_{scheme}_vs_fp32_b{batch}" for scheme in ("symmetric", "asymmetric")
                                         for batch in (1, 32)]},
-                                 "backend": "x86", "allocator": result})
+                                 "backend": "x86", "allocator": result,
+                                 "training": [{"precision": "fp32", "channels_last": False, "equivariant_patches_per_s": 30.0,
+                                               "conventional_patches_per_s": 32.0, "ratio": 1.05, "plain_twin_ratio": 0.9},
+                                              {"precision": "bf16", "channels_last": True, "equivariant_patches_per_s": 60.0,
+                                               "conventional_patches_per_s": 48.0, "ratio": 0.8, "plain_twin_ratio": 0.95}]})
     assert "freed-memory reuse" in table and "C_12 inference (fp32)" in table
     assert table.count("page faults") == 2 * len(result["rows"])
+    # the training table: the plain-twin column and the speed-up against the first (fp32 contiguous) row
+    assert "| bf16, channels_last | 48.0 | 60.0 | 0.800x | 0.950x | 1.50x / 2.00x |" in table
