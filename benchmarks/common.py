@@ -19,14 +19,19 @@ __all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "
 
 def add_memory_argument(parser: argparse.ArgumentParser) -> None:
     """``--reuse-memory`` / ``--no-reuse-memory`` (default on): :func:`mobilenet.memory.reuse_freed_memory`."""
-    parser.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="keep freed tensor memory in the process for reuse (glibc: no page faults for the "
-                             "tens of MB a step allocates; the process keeps its peak heap; default: on)")
+                             "tens of MB a step allocates; the process keeps its peak heap; default: on where the "
+                             "C library is glibc)")
 
 
 def apply_memory_argument(args: argparse.Namespace) -> None:
-    """Apply ``--reuse-memory`` (a one-line notice where the C library has no such setting)."""
-    if getattr(args, "reuse_memory", False) and not reuse_freed_memory():
+    """Apply ``--reuse-memory`` (default None: on where possible, silently; an explicit ``--reuse-memory`` where
+    the C library is not glibc gets a one-line notice; ``--no-reuse-memory`` leaves the allocator alone)."""
+    choice = getattr(args, "reuse_memory", None)
+    if choice is False:
+        return
+    if not reuse_freed_memory() and choice is True:
         print("notice: --reuse-memory needs glibc's malloc (Linux); keeping the system allocator's behaviour",
               file=sys.stderr)
 

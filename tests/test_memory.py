@@ -71,18 +71,21 @@ def test_reuse_freed_memory_argument_and_other_platforms(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["pcam", "efficiency", "scales", "speed", "predict"])
-def test_command_line_tools_reuse_memory_unless_told_not_to(command, monkeypatch):
+def test_command_line_tools_reuse_memory_unless_told_not_to(command, monkeypatch, capsys):
     import importlib
 
     from benchmarks import common
     module = importlib.import_module(f"benchmarks.{command}")
     parser = module._parser()
     required = {"predict": ["model.pt", "x.h5"]}.get(command, [])
-    assert parser.parse_args(required).reuse_memory is True
+    assert parser.parse_args(required).reuse_memory is None  # default: on where possible
+    assert parser.parse_args(required + ["--reuse-memory"]).reuse_memory is True
     assert parser.parse_args(required + ["--no-reuse-memory"]).reuse_memory is False
     calls = []
-    monkeypatch.setattr(common, "reuse_freed_memory", lambda: calls.append(1) or False)
+    monkeypatch.setattr(common, "reuse_freed_memory", lambda: calls.append(1) or False)  # as off glibc
     common.apply_memory_argument(parser.parse_args(required + ["--no-reuse-memory"]))
     assert calls == []
-    common.apply_memory_argument(parser.parse_args(required))  # not applied (mocked): a notice, no error
-    assert calls == [1]
+    common.apply_memory_argument(parser.parse_args(required))  # default: tried, silently
+    assert calls == [1] and capsys.readouterr().err == ""
+    common.apply_memory_argument(parser.parse_args(required + ["--reuse-memory"]))  # asked for: a notice, no error
+    assert calls == [1, 1] and "needs glibc" in capsys.readouterr().err
