@@ -334,11 +334,10 @@ def training_throughput(repeats: int, batch: int = 32, group: str = "C12") -> li
 
 def allocator_probe(reuse: bool, group: str = "C12", batch: int = 32, steps: int = 4, threads: int | None = None) -> dict:
     """In this process (meant to be a fresh one): :func:`mobilenet.memory.reuse_freed_memory` on, or glibc's
-    defaults left as they are (``reuse=False``), then for
-    both models a batch inference forward (fp32, contiguous; first, as in a process that only predicts), then the
-    trainer's step in fp32 contiguous and in the default setting (bf16 channels_last where the CPU has bf16
-    kernels, else fp32 channels_last): median wall time,
-    system CPU time and minor page faults per call over ``steps`` calls after two warm-up calls."""
+    defaults left as they are (``reuse=False``); then for both models a batch inference forward (fp32, contiguous;
+    first, as in a process that only predicts) and the trainer's step in fp32 contiguous and in the default setting
+    (bf16 channels_last where the CPU has bf16 kernels, else fp32 channels_last). Per measurement: median wall time,
+    mean system CPU time and minor page faults per call over ``steps`` calls after two warm-up calls."""
     import resource
     from mobilenet.memory import reuse_freed_memory
 
@@ -393,7 +392,8 @@ def allocator_benchmarks(rounds: int, group: str = "C12", batch: int = 32, steps
                     f"print(json.dumps(allocator_probe({reuse}, {group!r}, {batch}, {steps}, {torch.get_num_threads()})))")
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=root)
             if done.returncode != 0:
-                raise RuntimeError(f"allocator probe (reuse={reuse}) failed: {done.stderr.strip().splitlines()[-1:]}")
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(f"allocator probe (reuse={reuse}) failed: {last}")
             probes[reuse].append(json.loads(done.stdout.strip().splitlines()[-1]))
     keys = [key for key, value in probes[False][0].items() if isinstance(value, dict)]
     rows = []
@@ -477,10 +477,11 @@ def format_tables(results: dict) -> str:
         default = f"{precision}{', channels_last' if channels_last else ''}"
         lines += ["", f"| freed-memory reuse (--reuse-memory; fresh processes, {allocator['rounds']} rounds, batch "
                       f"{allocator['batch']}) | system allocator | reuse | reuse / system time |", "|---|---|---|---|"]
+        what = {"inference": "inference (fp32)", "train_fp32_contiguous": "train step (fp32, contiguous)",
+                "train_default": f"train step ({default})"}
         for row in allocator["rows"]:
-            label = row["measurement"].replace("equivariant", g).replace("_train_default", f" train step ({default})")
-            label = label.replace("_train_fp32_contiguous", " train step (fp32, contiguous)").replace(
-                "_inference", " inference (fp32)")
+            model, measurement = row["measurement"].split("_", 1)
+            label = f"{g if model == 'equivariant' else model} {what[measurement]}"
             cells = [f"{1e3 * side['wall_s']:.0f} ms, {1e3 * side['system_s']:.0f} ms system, "
                      f"{side['minor_faults']:.0f} page faults" for side in (row["system_allocator"], row["reuse"])]
             lines.append(f"| {label} | {cells[0]} | {cells[1]} | {row['ratio']:.3f}x |")

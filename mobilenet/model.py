@@ -131,10 +131,7 @@ class ConvNormActivation(nn.Sequential):
     @torch.jit.unused
     def _float32_forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", enabled=False):
-            x = x.float()
-            for module in self:
-                x = module(x)
-            return x
+            return nn.Sequential.forward(self, x.float())
 
 
 class InvertedResidual(nn.Module):
