@@ -22,7 +22,7 @@ from .graph import is_add, is_conv, module_of
 from .plan import QuantPlan
 from .registry import register_module, rule_for
 
-__all__ = ["Int8Model", "convert_int8", "BACKENDS", "IntegerMaskedGlobalAvgPool"]
+__all__ = ["Int8Model", "convert_int8", "BACKENDS", "IntegerMaskedGlobalAvgPool", "ClampCodes"]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 
@@ -63,6 +63,43 @@ class QuantizedAdd(nn.Module):
         second = b.int_repr().float().sub_(b.q_zero_point()).mul_(b.q_scale())
         q = first.add_(second).div_(self.scale).round_().add_(self.zero_point).clamp_(0, self.qmax)
         return torch._make_per_tensor_quantized_tensor(q.to(torch.uint8), self.scale, self.zero_point)
+
+
+class ClampCodes(nn.Module):
+    """Clamp a quint8 tensor's codes to ``[0, qmax]``: the top of a reduced (7-bit) activation range.
+
+    A quint8 kernel clamps its output to ``[0, 255]`` whatever range the plan gave it, so an input beyond its
+    planned range reaches the next conv with codes up to 255. On CPUs without VNNI (AVX2, AVX-512 F/BW)
+    fbgemm multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which adds two neighbouring
+    products into a **saturating int16**: ``255 * 127 * 2`` overflows, ``127 * 128 * 2`` does not. Which two
+    products are neighbours depends on the channel and tap order, and a rotation permutes both (a C_12 field
+    shifts by 3 channels under a quarter turn), so a saturated sum broke quarter-turn exactness there. With
+    the codes held in ``[0, 127]`` (as the plan and its simulation assume) no sum saturates on any ISA, and
+    the int8 model computes the same integers on every CPU.
+    """
+
+    def __init__(self, qmax: int) -> None:
+        super().__init__()
+        if not 0 < qmax < 255:
+            raise ValueError(f"qmax: expected 1..254, got {qmax}")
+        self.qmax = qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.clamp on a quantized tensor quantizes its bound with the tensor's own (scale, zero point):
+        # (qmax - z) * s quantizes back to qmax exactly (the rounding error is far below half a step)
+        return torch.clamp(x, max=(self.qmax - x.q_zero_point()) * x.q_scale())
+
+    def extra_repr(self) -> str:
+        return f"qmax={self.qmax}"
+
+
+def _clamp_after(graph_module: fx.GraphModule, node: fx.Node, qmax: int, name: str) -> fx.Node:
+    """Insert ``ClampCodes(qmax)`` after ``node`` (all of ``node``'s users read it instead); returns it."""
+    graph_module.add_submodule(name, ClampCodes(qmax))
+    with graph_module.graph.inserting_after(node):
+        clamp = graph_module.graph.call_module(name, (node,))
+    node.replace_all_uses_with(clamp, delete_user_cb=lambda user: user is not clamp)
+    return clamp
 
 
 class IntegerMaskedGlobalAvgPool(nn.Module):
@@ -186,7 +223,7 @@ def _quantize_entries(graph_module: fx.GraphModule, plan: QuantPlan) -> set[str]
     for index, node in enumerate(list(graph.nodes)):
         if node.name not in plan.inputs:
             continue
-        scale, zero_point, _, _ = plan.activation_qparams(node.name)
+        scale, zero_point, _, qmax = plan.activation_qparams(node.name)
         name = f"quantize_{index}"
         graph_module.add_submodule(name, _nnq.Quantize(scale, zero_point, torch.quint8))
         with graph.inserting_after(node):
@@ -195,6 +232,8 @@ def _quantize_entries(graph_module: fx.GraphModule, plan: QuantPlan) -> set[str]
             if user is not new and is_conv(graph_module, user):
                 user.replace_input_with(node, new)
         added.add(new.name)
+        if qmax < 255:
+            added.add(_clamp_after(graph_module, new, qmax, f"clamp_{name}").name)
     return added
 
 
@@ -212,6 +251,9 @@ def _quantize_operations(graph_module: fx.GraphModule, plan: QuantPlan) -> set[s
                 relu.replace_all_uses_with(node)
                 graph.erase_node(relu)
             quantized.add(node.name)
+            qmax = plan.activation_qparams(relu_name or node.name)[3]
+            if qmax < 255:
+                quantized.add(_clamp_after(graph_module, node, qmax, f"clamp_{index}").name)
         elif node.name in plan.points and is_add(node):
             scale, zero_point, _, qmax = plan.activation_qparams(node.name)
             name = f"quantized_add_{index}"

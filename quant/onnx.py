@@ -6,10 +6,11 @@ pipeline, the project's data-free activation ranges, per-tensor symmetric int8 w
 pool) as QuantizeLinear/DequantizeLinear pairs around every convolution and residual add; onnxruntime's
 graph optimizer fuses them into integer kernels: all 52 convolutions of MobileNetV2 become QLinearConv and
 the 11 residual adds QLinearAdd. For that the activations are written as **uint8** (zero point + 128, the
-same real values as torchao's int8 codes; weights stay int8): onnxruntime on x86 converts int8 activations
-to uint8 only in front of convolutions, so with int8 activations the 17 projection convolutions (uint8 in,
-int8 out towards an add) and the adds stayed float operations on dequantized values, 20-40% slower and not
-bit-exact. Every remaining operation on the feature maps is integer, so the logits of a patch rotated by 90
+same real values as torchao's int8 codes): onnxruntime on x86 converts int8 activations to uint8 only in
+front of convolutions, so with int8 activations the 17 projection convolutions (uint8 in, int8 out towards
+an add) and the adds stayed float operations on dequantized values, 20-40% slower and not bit-exact. The
+weights are written as uint8 too (zero point 128): onnxruntime's uint8 x int8 kernels saturate int16 sums
+on x86 CPUs without VNNI, uint8 x uint8 never do. Every remaining operation on the feature maps is integer, so the logits of a patch rotated by 90
 degrees are bit-identical (tested, at several batch sizes).
 
 Needs the optional extra: ``pip install 'rotconv[deploy]'`` (onnx, onnxscript, onnxruntime; INT8 also
@@ -70,6 +71,7 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
 
             proto = onnx.load(temporary)
             _activations_to_uint8(proto)
+            _weights_to_uint8(proto)
             data = proto.SerializeToString()
         else:
             with open(temporary, "rb") as handle:
@@ -102,7 +104,7 @@ def _activations_to_uint8(proto) -> int:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
             continue
         if node.op_type == "DequantizeLinear" and (node.input[0] in initializers or node.input[0] in constants):
-            continue  # a weight: int8, as onnxruntime's u8s8 kernels want
+            continue  # a weight: see _weights_to_uint8
         zero_point = value(node.input[2])
         if zero_point is None or zero_point.dtype != np.int8:
             continue
@@ -125,6 +127,52 @@ def _activations_to_uint8(proto) -> int:
     for node in unused_nodes:
         graph.node.remove(node)
     onnx.checker.check_model(proto)
+    return changed
+
+
+def _weights_to_uint8(proto) -> int:
+    """Store every int8 weight of ``proto`` as uint8 ``q + 128`` with zero point ``z + 128`` (the same real
+    values), in place; returns the count.
+
+    onnxruntime multiplies uint8 activations by int8 weights (u8s8) with ``vpmaddubsw`` on x86 CPUs without
+    VNNI (AVX2, AVX-512 F/BW): two neighbouring products are added into a saturating int16, and which two are
+    neighbours depends on the channel and tap order, which a rotation permutes, so a saturated sum made
+    quarter-turn logits differ by several units on an AVX2 CPU. uint8 weights (u8u8) are widened to int16
+    before the multiply and never saturate: the integers are exact on every ISA.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
+
+    def array(name: str):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        if name in constants:
+            return numpy_helper.to_array(constants[name].attribute[0].t)
+        return None
+
+    changed, replaced = 0, set()
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        weight, zero_point = array(node.input[0]), array(node.input[2])
+        if weight is None or zero_point is None or weight.dtype != np.int8 or zero_point.dtype != np.int8:
+            continue
+        for index, values in ((0, weight), (2, zero_point)):
+            name = f"uint8_weight_{changed}" if index == 0 else f"uint8_weight_zero_point_{changed}"
+            graph.initializer.append(numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name))
+            replaced.add(node.input[index])
+            node.input[index] = name
+        changed += 1
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [tensor for tensor in graph.initializer if tensor.name in replaced and tensor.name not in used]:
+        graph.initializer.remove(tensor)
+    for node in [node for node in graph.node if node.op_type == "Constant" and node.output[0] in replaced
+                 and node.output[0] not in used]:
+        graph.node.remove(node)
     return changed
 
 

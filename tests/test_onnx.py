@@ -73,8 +73,9 @@ def test_int8_file_runs_the_data_free_qdq_model(files):
     graph = onnx.load(int8).graph
     kinds = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= kinds  # a QDQ model, not a float one
-    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8_weights) >= 50  # every convolution's weight is stored as int8
+    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 4]
+    assert len(weights) >= 50  # every convolution's weight is stored as 8-bit integers (uint8, zero point 128)
+    assert not [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]  # u8s8 saturates on AVX2
 
 
 def test_onnxruntime_runs_every_convolution_and_add_as_an_integer_kernel(files, tmp_path):
