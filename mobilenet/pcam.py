@@ -2,7 +2,9 @@
 
 A PCam root holds ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5`` (the official layout), or
 keeps them in ``root/pcam/`` (torchvision's ``PCAM`` layout, whose split is called ``"val"``: both names
-work). Each ``x`` file has a dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y``
+work), or is an image folder ``root/{train,valid,test}/{0,1}/*.{png,jpg,jpeg,tif,tiff}`` (the layout of
+several public re-releases; the folder name is the label; ``val`` also names the validation folder), each
+file a 96x96 8-bit RGB patch, decoded lazily with Pillow (:func:`mobilenet.images.read_image`). Each ``x`` file has a dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y``
 file a dataset ``y`` of shape ``(N, 1, 1, 1)`` uint8 (label 1 = tumour tissue in the central 32x32).
 Patches are read lazily with h5py (the official train split is 7 GB) and cropped to 95x95 (last row and
 column dropped, so the grid has a centre pixel); :class:`Normalizer` normalises batches per channel.
@@ -25,8 +27,9 @@ import torch.nn as nn
 from rotconv import check_choice
 
 from .files import file_fingerprint
+from .images import IMAGE_SUFFIXES, ImageError, read_image, require_pillow
 
-__all__ = ["SPLITS", "PCamError", "PCam", "split_paths", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch", "stain_jitter",
+__all__ = ["SPLITS", "PCamError", "PCam", "split_paths", "image_folder", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch", "stain_jitter",
            "balanced_subset", "CROP"]
 
 SPLITS = ("train", "valid", "test")
@@ -61,6 +64,57 @@ def split_paths(root: str, split: str) -> tuple[str, str]:
     if not os.path.exists(official[0]) and os.path.exists(torchvision[0]):
         return torchvision
     return official
+
+
+def image_folder(root: str, split: str) -> str | None:
+    """The image-folder directory of ``split`` under ``root`` (``root/<split>`` with a ``0`` or ``1``
+    subfolder; ``val``/``valid`` both name the validation split), or None where ``root`` has none."""
+    split = split_name(split)
+    names = [split] + [alias for alias, name in _SPLIT_ALIASES.items() if name == split]
+    for name in names:
+        directory = os.path.join(root, name)
+        if any(os.path.isdir(os.path.join(directory, label)) for label in ("0", "1")):
+            return directory
+    return None
+
+
+def _scan_image_folder(directory: str) -> tuple[list[str], np.ndarray]:
+    """The image files of a split folder (sorted within each label) and their labels; PCamError for a label
+    folder other than 0/1, an empty label folder or a split with no images."""
+    entries = sorted(os.listdir(directory))
+    strays = [name for name in entries if os.path.isdir(os.path.join(directory, name)) and name not in ("0", "1")
+              and not name.startswith(".")]
+    if strays:
+        raise PCamError(f"{os.path.join(directory, strays[0])}: a label folder must be named 0 or 1 "
+                        "(1 = tumour in the central 32x32)")
+    files, labels = [], []
+    for label in ("0", "1"):
+        folder = os.path.join(directory, label)
+        if not os.path.isdir(folder):
+            continue
+        names = sorted(name for name in os.listdir(folder)
+                       if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES)
+        if not names:
+            raise PCamError(f"{folder}: the label folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files += [os.path.join(folder, name) for name in names]
+        labels += [int(label)] * len(names)
+    return files, np.asarray(labels, dtype=np.uint8)
+
+
+def _check_image_headers(files: list[str]) -> None:
+    """Each file opens as one 96x96 8-bit RGB frame (headers only; pixels are decoded when read)."""
+    Image = require_pillow(files[0])
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                size, mode, frames = image.size, image.mode, getattr(image, "n_frames", 1)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise PCamError(f"{path}: not a readable image ({error})") from None
+        if mode != "RGB":
+            raise PCamError(f"{path}: image mode {mode!r}, expected 8-bit RGB (a PCam patch)")
+        if size != PATCH_SHAPE[:2] or frames != 1:
+            raise PCamError(f"{path}: {size[0]}x{size[1]} pixels in {frames} frame(s), expected one 96x96 frame "
+                            "(a PCam patch)")
 
 
 def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
@@ -138,10 +192,17 @@ class PCam(torch.utils.data.Dataset):
         if transform is not None and not callable(transform):
             raise ValueError(f"transform: expected a callable or None, got {type(transform).__name__}")
         self.transform = transform
-        self.x_path, self.y_path = split_paths(root, self.split)
-        self.total = _check_split(self.x_path, self.y_path)
-        with h5py.File(self.y_path, "r") as handle:
-            self.all_labels = handle["y"][:].reshape(-1)
+        self.folder = image_folder(root, self.split)
+        if self.folder is not None:
+            self.files, self.all_labels = _scan_image_folder(self.folder)
+            _check_image_headers(self.files)
+            self.x_path = self.y_path = self.folder
+            self.total = len(self.files)
+        else:
+            self.x_path, self.y_path = split_paths(root, self.split)
+            self.total = _check_split(self.x_path, self.y_path)
+            with h5py.File(self.y_path, "r") as handle:
+                self.all_labels = handle["y"][:].reshape(-1)
         self._x: h5py.Dataset | None = None
         self._pid: int | None = None
         self._images: torch.Tensor | None = None
@@ -178,6 +239,8 @@ class PCam(torch.utils.data.Dataset):
         if self._images is not None:
             return self._images[torch.from_numpy(positions)]
         rows = self.indices[positions]
+        if self.folder is not None:
+            return self._decode(rows)
         order = np.argsort(rows, kind="stable")
         unique, inverse = np.unique(rows[order], return_inverse=True)  # h5py wants increasing indices
         try:
@@ -186,6 +249,19 @@ class PCam(torch.utils.data.Dataset):
             raise PCamError(f"{self.x_path}: could not read patches (truncated file?): {error}") from None
         batch = np.empty((rows.size, CROP, CROP, 3), dtype=np.uint8)
         batch[order] = data[inverse]
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+
+    def _decode(self, rows: np.ndarray) -> torch.Tensor:
+        batch = np.empty((rows.size, CROP, CROP, 3), dtype=np.uint8)
+        for slot, row in enumerate(rows.tolist()):
+            path = self.files[row]
+            try:
+                image = read_image(path, max_frames=1)[0]
+            except ImageError as error:
+                raise PCamError(str(error)) from None
+            if image.shape != PATCH_SHAPE:
+                raise PCamError(f"{path}: decoded to {image.shape}, expected {PATCH_SHAPE} (a PCam patch)")
+            batch[slot] = image[:CROP, :CROP]
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
@@ -201,9 +277,22 @@ class PCam(torch.utils.data.Dataset):
 
 def data_fingerprint(root: str) -> dict:
     """Size and sampled content hash of every split file (see :func:`mobilenet.files.file_fingerprint`):
-    what identifies a data set for resuming, wherever it lies (symlinked, moved, copied)."""
+    what identifies a data set for resuming, wherever it lies (symlinked, moved, copied). An image folder:
+    per split, the count of files per label and a hash of their names and sizes."""
+    if any(image_folder(root, split) for split in SPLITS):
+        return {split: _folder_fingerprint(image_folder(root, split)) for split in SPLITS if image_folder(root, split)}
     return {os.path.basename(path).replace("camelyonpatch_level_2_split_", ""): file_fingerprint(path)
             for split in SPLITS for path in split_paths(root, split) if os.path.isfile(path)}
+
+
+def _folder_fingerprint(directory: str) -> dict:
+    import hashlib
+
+    files, labels = _scan_image_folder(directory)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{os.path.relpath(path, directory)}:{os.path.getsize(path)}\n".encode())
+    return {"files": len(files), "positives": int(labels.sum()), "sha256": digest.hexdigest()}
 
 
 def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed: int = 0,

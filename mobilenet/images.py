@@ -1,0 +1,86 @@
+"""Image files as uint8 RGB arrays, with one rule for every bit depth, mode and frame count.
+
+:func:`read_image` is what the image-folder PCam dataset and ``python -m benchmarks.predict`` read images with
+(Pillow decodes them; needs the ``images`` extra or any Pillow):
+
+* 8-bit RGB is taken as it is; 8-bit grayscale, palette, RGBA/LA (alpha dropped) and CMYK are converted to
+  RGB by Pillow.
+* 16-bit grayscale (``I;16`` PNG/TIFF) is scaled to 8 bits (``round(v / 257)``: 65535 -> 255), not clipped.
+  32-bit integer (``I``) and float (``F``) images carry no known white level and are refused.
+* Every frame of a multi-frame file (TIFF pages, animated PNG/GIF) is returned, in order.
+* A file that declares more pixels than Pillow's decompression-bomb limit, a truncated or corrupt file and
+  an unknown format raise :class:`ImageError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+__all__ = ["ImageError", "IMAGE_SUFFIXES", "read_image", "require_pillow"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+_CONVERTIBLE = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1", "PA", "RGBX", "La"}
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+
+
+class ImageError(ValueError):
+    """An image file cannot be read as 8-bit RGB (the message names the file and why)."""
+
+
+def require_pillow(path: str):
+    """The ``PIL.Image`` module; :class:`ImageError` naming ``path`` when Pillow is not installed."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImageError(f"{path}: reading image files needs Pillow (pip install pillow, or the "
+                         "'images' extra)") from None
+    return Image
+
+
+def _frame_rgb(frame, path: str) -> np.ndarray:
+    mode = frame.mode
+    if mode in _SIXTEEN_BIT:
+        values = np.asarray(frame, dtype=np.uint16) if mode != "I;16B" else np.asarray(frame).astype(np.uint16)
+        gray = np.floor(values.astype(np.float64) / 257 + 0.5).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "RGB":
+        return np.asarray(frame, dtype=np.uint8)
+    if mode in _CONVERTIBLE:
+        return np.asarray(frame.convert("RGB"), dtype=np.uint8)
+    raise ImageError(f"{path}: image mode {mode!r} has no known white level (32-bit integer or float pixels); "
+                     "save it as 8-bit RGB (or 16-bit grayscale)")
+
+
+def read_image(path: str, max_frames: int | None = None) -> np.ndarray:
+    """Every frame of the image file ``path`` as uint8 RGB ``(frames, H, W, 3)`` (rules: module docstring).
+
+    ``max_frames``: refuse files with more frames than this (``ImageError``); None accepts any count.
+    """
+    Image = require_pillow(path)
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                frames = getattr(image, "n_frames", 1)
+                if max_frames is not None and frames > max_frames:
+                    raise ImageError(f"{path}: {frames} frames, expected at most {max_frames}")
+                arrays = []
+                for index in range(frames):
+                    image.seek(index)
+                    arrays.append(_frame_rgb(image, path))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"{path}: declares too many pixels to decode safely ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as error:  # truncated data, corrupt chunks
+        raise ImageError(f"{path}: not a readable image (truncated or corrupt?): {error}") from None
+    shapes = {array.shape for array in arrays}
+    if len(shapes) != 1:
+        raise ImageError(f"{path}: its frames differ in size ({sorted(shapes)}); expected one size")
+    return np.stack(arrays)
