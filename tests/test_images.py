@@ -1,0 +1,129 @@
+"""Image files: mobilenet.images.read_image's rules (bit depth, modes, frames, bad files) and the image-folder
+PCam layout root/{train,valid,test}/{0,1}/*.png|jpg (same reader, same errors, same pixels as HDF5)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks import pcam as pcam_cli
+from mobilenet.images import ImageError, read_image
+from mobilenet.pcam import PCam, PCamError, data_fingerprint, open_pcam
+
+Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip install pillow)")
+
+
+def write_folder(root, sizes={"train": 6, "valid": 4, "test": 4}, seed=0, suffix=".png"):
+    """A tiny image-folder PCam (lossless PNG by default); returns {split: (images (N,96,96,3), labels)}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, count in sizes.items():
+        images = rng.integers(0, 256, (count, 96, 96, 3), dtype=np.uint8)
+        labels = np.arange(count) % 2
+        for index, (image, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, split, str(label))
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, f"patch{index:07d}{suffix}"))
+        written[split] = (images, labels)
+    return written
+
+
+def test_image_folder_reads_the_pixels_and_labels(tmp_path):
+    written = write_folder(str(tmp_path))
+    for split, (images, labels) in written.items():
+        dataset = PCam(str(tmp_path), split)
+        order = np.argsort(labels, kind="stable")  # files are listed label 0 first, each sorted by name
+        x, y = dataset.batch(np.arange(len(dataset)))
+        assert torch.equal(y, torch.from_numpy(labels[order]).long())
+        assert torch.equal(x, torch.from_numpy(images[order][:, :95, :95]).permute(0, 3, 1, 2))
+    preloaded = open_pcam(str(tmp_path))["train"]
+    assert torch.equal(preloaded.batch(np.arange(3))[0], PCam(str(tmp_path), "train").batch(np.arange(3))[0])
+    assert PCam(str(tmp_path), "val").split == "valid"
+    assert set(data_fingerprint(str(tmp_path))) == {"train", "valid", "test"}
+
+
+BAD = {
+    "truncated": (lambda root: _truncate(root / "train" / "0" / "patch0000000.png"), "patch0000000.png"),
+    "corrupt": (lambda root: (root / "train" / "1" / "patch0000001.png").write_bytes(b"\x89PNG not really"),
+                "patch0000001.png"),
+    "wrong size": (lambda root: Image.new("RGB", (64, 64)).save(root / "valid" / "0" / "patch0000002.png"),
+                   "64x64"),
+    "wrong mode": (lambda root: Image.new("L", (96, 96)).save(root / "test" / "1" / "patch0000003.png"), "mode 'L'"),
+    "empty class": (lambda root: [os.remove(p) for p in (root / "test" / "0").iterdir()], "holds no images"),
+    "other label": (lambda root: (root / "train" / "2").mkdir(), "named 0 or 1"),
+}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_image_folders_exit_2_naming_the_file(tmp_path, capsys, case):
+    write_folder(str(tmp_path))
+    damage, expected = BAD[case]
+    damage(tmp_path)
+    code = pcam_cli.main(["--data", str(tmp_path), "--runs", str(tmp_path / "runs"), "--epochs", "1",
+                          "--threads", "1"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert expected in error and "Traceback" not in error, error
+
+
+def test_truncated_file_is_named_when_read_lazily(tmp_path):
+    write_folder(str(tmp_path))
+    path = tmp_path / "train" / "1" / "patch0000005.png"
+    dataset = PCam(str(tmp_path), "train")  # headers are fine
+    _truncate(path)
+    with pytest.raises(PCamError, match="patch0000005.png"):
+        dataset.batch(np.arange(len(dataset)))
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32896], [65535, 1000, 40000]], dtype=np.uint16)
+    path = str(tmp_path / "deep.png")
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    image = read_image(path)
+    assert image.shape == (1, 2, 3, 3)
+    expected = np.floor(values / 257 + 0.5).astype(np.uint8)
+    assert np.array_equal(image[0, :, :, 0], expected) and np.array_equal(image[0, :, :, 2], expected)
+
+
+def test_float_images_are_refused(tmp_path):
+    path = str(tmp_path / "float.tif")
+    Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(path)
+    with pytest.raises(ImageError, match="float.tif.*white level"):
+        read_image(path)
+
+
+@settings(max_examples=5)
+@given(frames=st.integers(1, 4), seed=st.integers(0, 100))
+def test_every_frame_of_a_multi_frame_tiff_is_read(tmp_path_factory, frames, seed):
+    arrays = np.random.default_rng(seed).integers(0, 256, (frames, 5, 7, 3), dtype=np.uint8)
+    path = str(tmp_path_factory.mktemp("tiff") / "pages.tif")
+    images = [Image.fromarray(a) for a in arrays]
+    images[0].save(path, save_all=True, append_images=images[1:])
+    assert np.array_equal(read_image(path), arrays)
+    if frames > 1:
+        with pytest.raises(ImageError, match=f"{frames} frames"):
+            read_image(path, max_frames=1)
+
+
+def test_a_decompression_bomb_is_refused_with_the_file_named(tmp_path, monkeypatch):
+    path = str(tmp_path / "bomb.png")
+    Image.new("RGB", (300, 300)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 90,000 pixels is then a bomb (> 2x the limit)
+    with pytest.raises(ImageError, match="bomb.png: declares too many pixels"):
+        read_image(path)
+
+
+def test_grayscale_palette_and_rgba_become_rgb(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "a.png")
+    assert np.array_equal(read_image(str(tmp_path / "a.png"))[0], rgb)
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "g.png")
+    assert np.array_equal(read_image(str(tmp_path / "g.png"))[0], np.repeat(rgb[:, :, :1], 3, 2))
