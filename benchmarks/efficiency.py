@@ -10,6 +10,12 @@ table (mean ± std over seeds per size), writes JSON and, with --plots, a PNG of
     python -m benchmarks.efficiency --data DIR                     # sizes 256 512 1024 2048 3000, seeds 0 1 2
     python -m benchmarks.efficiency --data DIR --sizes 500 3000 --seeds 0 --steps 400
     python -m benchmarks.efficiency --quick                        # seconds, synthetic data (tests)
+    python -m benchmarks.efficiency --from-results results/efficiency --plots docs   # table + PNG from files
+
+``--results DIR`` also writes each finished run's small result (figures and training history, no
+checkpoint) to ``DIR/<run>.json``: files meant to be kept under version control, so that a curve measured
+run by run, on several machines, is never lost; ``--from-results DIR`` builds the table and the PNG from
+them without training (each model variant is its own series).
 
 Every run keeps its checkpoint, its best model (model.pt) and its result in
 RUNS/size<S>-<model>-lr<LR>[-<variant>...]-seed<k>/ (a variant suffix for every recipe or architecture option
@@ -41,7 +47,7 @@ from . import pcam
 from .common import add_memory_argument, initialize_rotconv_layers
 from .synthetic import write_synthetic_pcam
 
-__all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve"]
+__all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve", "load_results", "series_label"]
 
 DEFAULT_SIZES = [256, 512, 1024, 2048, 3000]
 QUICK = {"sizes": [16, 32], "seeds": [0], "steps": 4, "evaluations": 2, "batch_size": 8, "width_mult": 0.25,
@@ -134,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plots", help="directory for the PNG curve (needs matplotlib)")
     parser.add_argument("--valid-only", action="store_true",
                         help="recipe studies: report the best validation accuracy and loss; the test split is not read")
+    parser.add_argument("--results", metavar="DIR",
+                        help="also write each finished run's small result JSON here (for version control)")
+    parser.add_argument("--from-results", nargs="+", metavar="DIR",
+                        help="build the table (and --plots PNG) from the result files in DIR, no training")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests (seconds)")
     parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
                                                                 "synthetic-pcam"))
@@ -160,6 +170,8 @@ def _settings(args: argparse.Namespace) -> dict:
         _train_config(args, settings, lr, seed=0).validate()
     settings["sizes"] = sorted(set(settings["sizes"]))
     args.int8_backend = pcam.resolve_int8_backend(args.int8_backend)
+    if args.results:
+        check_writable(args.results, is_directory=True)
     return settings
 
 
@@ -231,9 +243,69 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         result["int8_backend"], result["relu6"] = args.int8_backend, args.relu6
     result.update({"size": size, "seed": seed, "model": name, "steps": settings["evaluations"] * per_evaluation,
                    "best_epoch": trained["best_epoch"], "history": trained["history"],
-                   "train_seconds": time.time() - started})
+                   "train_seconds": time.time() - started, "run": os.path.basename(run_dir),
+                   "series": name + variant, "recipe": _recipe(args, settings, config)})
     write_json(result, result_path)
     return result
+
+
+def _recipe(args: argparse.Namespace, settings: dict, config: TrainConfig) -> dict:
+    """What a result file needs to say how it was made (the data set by name only: no local paths)."""
+    return {"data": "synthetic" if args.data is None else os.path.basename(os.path.normpath(args.data)),
+            "steps": settings["steps"], "evaluations": settings["evaluations"], "batch_size": config.batch_size,
+            "lr": config.lr, "weight_decay": config.weight_decay, "augment": config.augment,
+            "stain_jitter": config.stain_jitter, "precision": config.precision, "valid_only": args.valid_only,
+            "int8_backend": args.int8_backend, "relu6": args.relu6, "width_mult": settings["width_mult"],
+            "min_fields": args.min_fields, "torch": torch.__version__}
+
+
+def load_results(directories: list[str]) -> list[dict]:
+    """Every result file (``*.json``) under ``directories``, each a run; UsageError for an unreadable one."""
+    runs = []
+    for directory in directories:
+        if not os.path.isdir(directory):
+            raise UsageError("--from-results", f"{directory}: not a directory")
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                with open(path) as handle:
+                    run = json.load(handle)
+                run.setdefault("series", run["model"])
+                run["size"], run["seed"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise UsageError("--from-results", f"{path}: not a result file ({error})") from None
+            runs.append(run)
+    if not runs:
+        raise UsageError("--from-results", f"no result files (*.json) in {directories}")
+    return runs
+
+
+def series_label(series: str) -> str:
+    """``"C12-min8-w0.8"`` -> ``"MobileNetV2, C_12-equivariant (min8, w0.8)"``: the model and its variant."""
+    model, _, variant = series.partition("-")
+    label = pcam.model_label(model)
+    return f"{label} ({variant.replace('-', ', ')})" if variant else label
+
+
+def results_from_files(args: argparse.Namespace) -> dict:
+    runs = load_results(args.from_results)
+    modes = {_mode([run]) for run in runs}
+    if len(modes) > 1:
+        raise UsageError("--from-results", "the files mix validation-only and test results; keep them apart")
+    for run in runs:
+        run["model"] = run["series"]
+    first = runs[0].get("recipe", {})
+    settings = {"lr": {run["series"]: run.get("recipe", {}).get("lr", run.get("lr")) for run in runs},
+                "steps": sorted({run["steps"] for run in runs}), "batch_size": first.get("batch_size"),
+                "seeds": sorted({run["seed"] for run in runs}), "augment": first.get("augment", True),
+                "valid_only": modes == {"valid"}, "int8_backend": first.get("int8_backend", "torch-ao"),
+                "backend": "x86"}
+    results = {"synthetic": first.get("data") == "synthetic", "data": first.get("data", "?"), "settings": settings,
+               "runs": runs, "curve": summarize_curve(runs)}
+    results["table"] = format_curve(results)
+    return results
 
 
 def summarize_curve(runs: list[dict]) -> dict:
@@ -241,7 +313,7 @@ def summarize_curve(runs: list[dict]) -> dict:
     curve: dict = {}
     for run in runs:
         curve.setdefault(str(run["size"]), {}).setdefault(run["model"], []).append(run)
-    return {size: {name: {key: pcam._mean_std([r[key] for r in chosen]) for key in _FIGURES[_mode(chosen)]}
+    return {size: {name: {key: pcam.mean_std([r[key] for r in chosen]) for key in _FIGURES[_mode(chosen)]}
                    | {"degenerate_runs": [r["seed"] for r in chosen if r["degenerate"]["fp32"]]}
                    for name, chosen in models.items()} for size, models in curve.items()}
 
@@ -266,7 +338,9 @@ def format_curve(results: dict) -> str:
         lines.append("**SYNTHETIC DATA**: these figures say nothing about PCam; pass --data for real files.")
     rates = ", ".join(f"{name} {rate:g}" for name, rate in results["settings"]["lr"].items())
     augment = "D4 augmentation" if results["settings"].get("augment", True) else "no augmentation"
-    lines.append(f"Data: {results['data']}; {results['settings']['steps']} optimizer steps per run (batch "
+    steps = results["settings"]["steps"]
+    steps = "/".join(map(str, steps)) if isinstance(steps, list) else steps
+    lines.append(f"Data: {results['data']}; {steps} optimizer steps per run (batch "
                  f"{results['settings']['batch_size']}, lr {rates}, {augment}), seeds {results['settings']['seeds']}, selection "
                  "on validation loss; " + ("VALIDATION split only (best epoch's accuracy / loss); the test split "
                                            "was not read." if valid_only else
@@ -276,7 +350,7 @@ def format_curve(results: dict) -> str:
     compared = [name for name in names if name != "conventional"] if "conventional" in names else []
     first, second = ("valid_accuracy", "valid_loss") if valid_only else ("fp32_accuracy", "int8_accuracy")
     columns = "validation accuracy (%) / loss" if valid_only else "FP32 / INT8 (%)"
-    header = " | ".join(f"{pcam.model_label(name)} {columns}" for name in names)
+    header = " | ".join(f"{series_label(name)} {columns}" for name in names)
     gaps = "".join(f" {name} - conventional {'validation' if valid_only else 'FP32'} (points) |" for name in compared)
     lines.append(f"| training patches | {header} |{gaps}")
     lines.append("|---" * (1 + len(names) + len(compared)) + "|")
@@ -289,8 +363,8 @@ def format_curve(results: dict) -> str:
         cells = []
         for name in names:
             stats = models.get(name)
-            cells.append("—" if stats is None else f"{pcam._percent(stats[first])} / "
-                         + (loss(stats[second]) if valid_only else pcam._percent(stats[second]))
+            cells.append("—" if stats is None else f"{pcam.percent(stats[first])} / "
+                         + (loss(stats[second]) if valid_only else pcam.percent(stats[second]))
                          + (f" (degenerate seeds {stats['degenerate_runs']})" if stats["degenerate_runs"] else ""))
         difference = "".join(
             f" {100 * (models[name][first]['mean'] - models['conventional'][first]['mean']):+.2f} |"
@@ -319,7 +393,7 @@ def plot_curve(results: dict, directory: str) -> str:
             shift = 1.025 ** (index - (len(series) - 1) / 2)  # side by side, so the error bars stay readable
             axis.errorbar([p[0] * shift for p in points], [100 * p[1]["mean"] for p in points],
                           yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
-                          label=f"{pcam.model_label(name)} {label}")
+                          label=f"{series_label(name)} {label}")
     axis.set_xscale("log")
     axis.set_xticks([int(s) for s in sizes], [f"{int(s):,}" for s in sizes])
     axis.minorticks_off()
@@ -338,6 +412,14 @@ def plot_curve(results: dict, directory: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.from_results:
+        results = results_from_files(args)
+        if args.plots:
+            results["plot"] = plot_curve(results, args.plots)
+        print(results["table"])
+        if args.out:
+            write_json(results, args.out)
+        return results
     settings = _settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,6 +443,9 @@ def run(args: argparse.Namespace) -> dict:
             for seed in settings["seeds"]:
                 for name in pcam.model_names(args.models, settings["groups"]):
                     runs.append(_run_one(size, seed, name, subset, splits, normalizer, args, settings))
+                    if args.results and "run" in runs[-1]:
+                        kept = runs[-1]["run"] + ("-valid" if args.valid_only else "") + ".json"
+                        write_json(runs[-1], os.path.join(args.results, kept))
         results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
                    "settings": {**settings, "weight_decay": args.weight_decay, "backend": args.backend,
                                 "int8_backend": args.int8_backend,

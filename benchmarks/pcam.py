@@ -44,7 +44,7 @@ from .common import (OutputError, RunLock, add_memory_argument, apply_memory_arg
                      write_json)
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
 
-__all__ = ["main", "PAPER", "PROFILES", "format_table"]
+__all__ = ["main", "PAPER", "PROFILES", "format_table", "mean_std", "percent", "model_label"]
 
 #: Test accuracy (%) in the paper: mean, std over runs.
 PAPER = {
@@ -376,7 +376,7 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
 
 
 # -- report ------------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> dict:
+def mean_std(values: list[float]) -> dict:
     array = np.asarray(values, dtype=np.float64)
     return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if array.size > 1 else 0.0,
             "n": int(array.size)}
@@ -388,13 +388,13 @@ def summarize(runs: list[dict]) -> dict:
         chosen = [run for run in runs if run["model"] == name]
         if not chosen:
             continue
-        summary[name] = {key: _mean_std([run[key] for run in chosen])
+        summary[name] = {key: mean_std([run[key] for run in chosen])
                          for key in ("fp32_accuracy", "int8_accuracy", "relative_drop")}
         if all(run["int8_simulated_accuracy"] is not None for run in chosen):
-            summary[name]["int8_simulated_accuracy"] = _mean_std([run["int8_simulated_accuracy"] for run in chosen])
+            summary[name]["int8_simulated_accuracy"] = mean_std([run["int8_simulated_accuracy"] for run in chosen])
         for precision in ("fp32", "int8"):
             for angle in ("90", "30", "correct_90", "correct_30"):
-                summary[name][f"stability_{angle}_{precision}"] = _mean_std(
+                summary[name][f"stability_{angle}_{precision}"] = mean_std(
                     [run["stability"][precision][angle] for run in chosen])
         summary[name]["degenerate_runs"] = [f"seed {run['seed']} {precision}: {run['degenerate'][precision]}"
                                             for run in chosen for precision in ("fp32", "int8")
@@ -404,7 +404,7 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def _percent(stats: dict) -> str:
+def percent(stats: dict) -> str:
     text = f"{100 * stats['mean']:.2f}"
     return text + (f" ± {100 * stats['std']:.2f}" if stats["n"] > 1 else "")
 
@@ -452,14 +452,14 @@ def format_table(results: dict) -> str:
             label += " **(degenerate runs, see below)**"
             flagged += [f"{model_label(name)}, {text}" for text in stats["degenerate_runs"]]
         lines.append(
-            f"| {label} | {_percent(stats['fp32_accuracy'])} | "
-            f"{_percent(stats['int8_accuracy'])} | {_percent(stats['relative_drop'])} | "
+            f"| {label} | {percent(stats['fp32_accuracy'])} | "
+            f"{percent(stats['int8_accuracy'])} | {percent(stats['relative_drop'])} | "
             f"{_paper(paper_figures(name).get('fp32'))} | {_paper(paper_figures(name).get('int8'))} | {stats['params']:,} | "
             f"{stats['macs'] / 1e6:.1f} M | {stats['int8_bytes'] / 2**20:.2f} MiB "
             f"({stats['fp32_bytes'] / stats['int8_bytes']:.1f}x smaller) | "
-            f"{_percent(stats['stability_90_fp32'])} / {_percent(stats['stability_90_int8'])} | "
-            f"{_percent(stats['stability_correct_90_fp32'])} / {_percent(stats['stability_correct_90_int8'])} | "
-            f"{_percent(stats['stability_30_fp32'])} / {_percent(stats['stability_30_int8'])} |")
+            f"{percent(stats['stability_90_fp32'])} / {percent(stats['stability_90_int8'])} | "
+            f"{percent(stats['stability_correct_90_fp32'])} / {percent(stats['stability_correct_90_int8'])} | "
+            f"{percent(stats['stability_30_fp32'])} / {percent(stats['stability_30_int8'])} |")
     lines.append(f"| P4M DenseNet (Veeling et al., paper only) | — | — | — | {_paper(PAPER['p4m_densenet']['fp32'])} "
                  "| — | — | — | — | — | — | — |")
     if flagged:

@@ -29,10 +29,24 @@ def test_order_is_nested_and_balanced(zeros, ones, seed):
 def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 32, "valid": 16, "test": 16}, seed=4)
     out, plots, runs = tmp_path / "curve.json", tmp_path / "plots", tmp_path / "runs"
+    kept = tmp_path / "results"
     arguments = ["--quick", "--data", data, "--runs", str(runs), "--out", str(out), "--threads", "1",
                  "--int8-backend", "torch-ao"]  # the ExecuTorch export is tested once, below (~10 s a model)
-    assert efficiency.main(arguments + ["--plots", str(plots)]) == 0
+    assert efficiency.main(arguments + ["--plots", str(plots), "--results", str(kept)]) == 0
     results = json.loads(out.read_text())
+    # every finished run left its small result file; the table built from those files alone is the same
+    assert sorted(os.listdir(kept)) == sorted(f"{r['run']}.json" for r in results["runs"])
+    assert all(os.path.getsize(kept / name) < 20_000 for name in os.listdir(kept))
+    assert json.loads((kept / os.listdir(kept)[0]).read_text())["recipe"]["data"] == "data"
+    rebuilt = tmp_path / "rebuilt.json"
+    assert efficiency.main(["--from-results", str(kept), "--out", str(rebuilt), "--plots", str(tmp_path / "p2")]) == 0
+    again = json.loads(rebuilt.read_text())
+    # the same figures; each series is named by its model and recipe variant (here the default stain jitter)
+    assert {size: {series.split("-")[0]: stats for series, stats in models.items()}
+            for size, models in again["curve"].items()} == results["curve"]
+    assert "MobileNetV2, C_4-equivariant (stain0.1)" in again["table"]
+    assert os.path.getsize(tmp_path / "p2" / "efficiency.png") > 1000
+    assert efficiency.main(["--from-results", str(tmp_path / "nothing-here")]) == 2
     assert set(results["curve"]) == {"16", "32"}
     for size, models in results["curve"].items():
         assert set(models) == {"conventional", "C4"}
