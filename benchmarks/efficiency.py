@@ -39,7 +39,7 @@ import torch
 import mobilenet
 import quant
 import rotconv
-from mobilenet.files import RunLock, check_writable, write_json
+from rotconv.files import RunLock, check_writable, write_json
 from mobilenet.pcam import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, train
 
@@ -164,6 +164,8 @@ def _settings(args: argparse.Namespace) -> dict:
         raise UsageError("--sizes", f"expected sizes >= 2, got {settings['sizes']}")
     if any(seed < 0 for seed in settings["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {settings['seeds']}")
+    if len(set(settings["seeds"])) != len(settings["seeds"]):
+        raise UsageError("--seeds", f"a seed is given twice ({settings['seeds']}); each seed is one sample")
     pcam.check_shared_arguments(args, settings["width_mult"])
     settings["lr"] = parse_learning_rates(args.lr, pcam.model_names(args.models, settings["groups"]))
     for lr in set(settings["lr"].values()):  # the training options (lr, weight decay, stain jitter, ...), up front

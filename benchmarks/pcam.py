@@ -191,6 +191,9 @@ def _settings(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{key.replace('_', '-')}", f"expected a positive count, got {profile[key]}")
     if any(seed < 0 for seed in profile["seeds"]):
         raise UsageError("--seeds", f"expected integers >= 0, got {profile['seeds']}")
+    repeated = sorted({seed for seed in profile["seeds"] if profile["seeds"].count(seed) > 1})
+    if repeated:
+        raise UsageError("--seeds", f"seed {repeated[0]} is given twice; each seed is one sample of the mean ± std")
     check_shared_arguments(args, args.width_mult)
     profile["groups"] = parse_groups(args.group, args.group_order)
     args.int8_backend = resolve_int8_backend(args.int8_backend)
@@ -498,6 +501,10 @@ def _open_data(args: argparse.Namespace, settings: dict, processes: Distributed,
             write_synthetic_pcam(directory, sizes, progress=show)
         processes.barrier()
     splits = open_pcam(directory, {s: settings[f"{s}_size"] for s in ("train", "valid", "test")})
+    for split, chosen in splits.items():
+        asked = settings[f"{split}_size"]
+        if asked is not None and asked > len(chosen):
+            log(f"note: --{split}-size {asked:,}: the {split} split has {len(chosen):,} patches; all are used")
     label = "synthetic PCam-like (benchmarks.synthetic)" if synthetic else directory
     return {"splits": splits, "directory": directory}, label, synthetic
 

@@ -1,11 +1,18 @@
 """Classify patches with a trained model file (``model.pt``, written by ``python -m benchmarks.pcam`` beside
 each run's checkpoint, or by ``mobilenet.save``).
 
-    python -m benchmarks.predict runs/pcam/equivariant-seed0/model.pt patches_x.h5 [more.h5 image.png ...]
+    python -m benchmarks.predict runs/pcam/C12-seed0/model.pt patches_x.h5 [more.h5 image.png ...]
+    python -m benchmarks.predict model.pt slide_region.png --tiles --out map.csv   # a probability per tile
 
-Inputs: HDF5 files with a dataset ``x`` of uint8 patches ``(N, 96, 96, 3)`` (the PCam layout), ``.npy``
-arrays of the same layout, or image files (PNG, JPEG, TIFF; needs Pillow). Writes one CSV line per patch
-(``source,index,probability_tumour,predicted``) to ``--out`` or stdout. Exit code 2 for a bad model or input.
+Inputs: HDF5 files with a dataset ``x`` of uint8 patches ``(N, H, W, 3)`` (the PCam layout; read in batches,
+so memory does not grow with the file), ``.npy`` arrays of the same layout, or image files (PNG, JPEG,
+TIFF, BMP; needs Pillow; every frame of a multi-frame file is a patch; 16-bit grayscale is scaled to 8
+bits: :func:`mobilenet.images.read_image`). Patches larger than the model's input are centre-cropped (a
+notice says so), or with ``--tiles`` cut into non-overlapping tiles, one CSV line each with its position.
+
+Writes one CSV line per patch (``source,index,probability_tumour,predicted``; with ``--tiles``
+``source,index,top,left,probability_tumour,predicted``) to ``--out`` or stdout. ``--out`` is checked before
+any work and never replaces an input or the model. Exit code 2 for a bad model, input or output path.
 """
 from __future__ import annotations
 
@@ -14,56 +21,102 @@ import csv
 import io
 import os
 import sys
+from typing import Iterator
 
 import h5py
 import numpy as np
+import torch
 
 import mobilenet
-from mobilenet.files import OutputError, atomic_write
+from rotconv.files import OutputError, atomic_write, check_writable
+from mobilenet.images import IMAGE_SUFFIXES, ImageError, read_image
 
 from .common import add_memory_argument, apply_memory_argument
 
-__all__ = ["main", "read_patches"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+__all__ = ["main", "read_patches", "iter_patches", "InputError", "check_output_path"]
 
 
 class InputError(ValueError):
     """An input file cannot be read as patches (the message names it)."""
 
 
-def read_patches(path: str) -> np.ndarray:
-    """uint8 ``(N, H, W, 3)`` patches from an HDF5 file (dataset ``x``), a ``.npy`` array or an image file."""
+def _hdf5_patches(path: str, chunk: int) -> Iterator[np.ndarray]:
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise InputError(f"{path}: not a readable HDF5 file ({error})") from None
+    with handle:
+        if "x" not in handle:
+            raise InputError(f"{path}: expected a dataset named 'x', found {list(handle.keys())}")
+        try:
+            x = handle["x"]
+        except (KeyError, OSError) as error:  # a dangling external or soft link
+            raise InputError(f"{path}: its entry 'x' cannot be opened (a broken link?): {error}") from None
+        if not isinstance(x, h5py.Dataset):
+            raise InputError(f"{path}: 'x' is a {type(x).__name__}, expected a dataset of patches (N, H, W, 3)")
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise InputError(f"{path}: expected 'x' to hold uint8 patches (N, H, W, 3), got {x.shape} {x.dtype}")
+        for start in range(0, x.shape[0], chunk):
+            try:
+                yield x[start:start + chunk]
+            except OSError as error:
+                raise InputError(f"{path}: could not read patches {start}-{start + chunk} (truncated?): "
+                                 f"{error}") from None
+
+
+def iter_patches(path: str, chunk: int = 256) -> Iterator[np.ndarray]:
+    """uint8 ``(n, H, W, 3)`` batches of at most ``chunk`` patches from an HDF5 file (dataset ``x``, read
+    batch by batch), a ``.npy`` array (memory-mapped) or an image file (all its frames)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".h5", ".hdf5"):
+        yield from _hdf5_patches(path, chunk)
+        return
+    if suffix == ".npy":
         try:
-            with h5py.File(path, "r") as handle:
-                if "x" not in handle:
-                    raise InputError(f"{path}: expected a dataset named 'x', found {list(handle.keys())}")
-                patches = handle["x"][:]
-        except OSError as error:
-            raise InputError(f"{path}: not a readable HDF5 file ({error})") from None
-    elif suffix == ".npy":
-        try:
-            patches = np.load(path, allow_pickle=False)
+            patches = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as error:
             raise InputError(f"{path}: not a readable .npy array ({error})") from None
     elif suffix in IMAGE_SUFFIXES:
         try:
-            from PIL import Image
-        except ImportError:
-            raise InputError(f"{path}: reading image files needs Pillow (pip install pillow)") from None
-        try:
-            patches = np.asarray(Image.open(path).convert("RGB"))[None]
-        except OSError as error:
-            raise InputError(f"{path}: not a readable image ({error})") from None
+            patches = read_image(path)
+        except ImageError as error:
+            raise InputError(str(error)) from None
     else:
         raise InputError(f"{path}: unknown kind of file; expected .h5, .npy or an image ({', '.join(IMAGE_SUFFIXES)})")
     if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[-1] != 3:
         raise InputError(f"{path}: expected uint8 patches (N, H, W, 3), got {patches.shape} {patches.dtype}")
-    return patches
+    for start in range(0, patches.shape[0], chunk):
+        yield np.array(patches[start:start + chunk])
+
+
+def read_patches(path: str) -> np.ndarray:
+    """All patches of ``path`` at once (see :func:`iter_patches`): uint8 ``(N, H, W, 3)``."""
+    batches = list(iter_patches(path))
+    return np.concatenate(batches) if batches else np.empty((0, 96, 96, 3), np.uint8)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(out: str, inputs: list[str]) -> None:
+    """Before any work: ``out`` is not one of ``inputs`` (nor the same file by another name), not a
+    directory, and a file can be written beside it (:class:`OutputError` naming it otherwise)."""
+    for path in inputs:
+        if _same_file(out, path):
+            raise OutputError(17, f"--out {out}: is the input {path}; refusing to replace it")
+    if os.path.isdir(out):
+        raise OutputError(21, f"--out {out}: is a directory, expected a CSV file path")
+    if os.path.exists(out) and not os.path.isfile(out):
+        raise OutputError(22, f"--out {out}: exists and is not a regular file")
+    check_writable(out)
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        raise OutputError(13, f"--out {out}: the file cannot be replaced (permission denied)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,8 +126,43 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", help="HDF5 / .npy / image files with patches")
     parser.add_argument("--out", help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--tiles", action="store_true",
+                        help="cut patches larger than the model's input into tiles (one line each) instead of "
+                             "classifying their centre")
     add_memory_argument(parser)
     return parser
+
+
+def _classify(model, path: str, args: argparse.Namespace, writer) -> int:
+    try:
+        return _classify_file(model, path, args, writer)
+    except InputError:
+        raise
+    except ValueError as error:  # mobilenet.predict's checks: name the file
+        raise InputError(f"{path}: {error}") from None
+
+
+def _classify_file(model, path: str, args: argparse.Namespace, writer) -> int:
+    size, count, noticed = model.input_size, 0, False
+    for patches in iter_patches(path, args.batch_size):
+        height, width = patches.shape[1:3]
+        if height < size or width < size:
+            raise InputError(f"{path}: {height}x{width} pixels, the model needs at least {size}x{size}")
+        if args.tiles:
+            tiles, positions = mobilenet.tile_images(patches, size)
+            probabilities = mobilenet.predict(model, tiles, batch_size=args.batch_size)
+            for (image, top, left), row in zip(positions.tolist(), probabilities.tolist()):
+                writer.writerow([path, count + image, top, left, f"{row[-1]:.6f}", int(np.argmax(row))])
+        else:
+            if max(height, width) > size + 1 and not noticed:  # 96x96 PCam patches lose one row and column
+                print(f"note: {path}: {height}x{width} pixels, classified on the central {size}x{size} "
+                      "(--tiles for one probability per tile)", file=sys.stderr)
+                noticed = True
+            probabilities = mobilenet.predict(model, patches, batch_size=args.batch_size)
+            for index, row in enumerate(probabilities.tolist()):
+                writer.writerow([path, count + index, f"{row[-1]:.6f}", int(np.argmax(row))])
+        count += patches.shape[0]
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,21 +171,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise InputError(f"--batch-size: expected >= 1, got {args.batch_size}")
-        model = mobilenet.load(args.model)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["source", "index", "probability_tumour", "predicted"])
-        total = 0
-        for path in args.inputs:
-            probabilities = mobilenet.predict(model, read_patches(path), batch_size=args.batch_size)
-            for index, row in enumerate(probabilities.tolist()):
-                writer.writerow([path, index, f"{row[-1]:.6f}", int(np.argmax(row))])
-            total += len(probabilities)
         if args.out:
-            atomic_write(args.out, lambda handle: handle.write(buffer.getvalue().encode()))
-            print(f"{total} patches classified; written to {args.out}", file=sys.stderr)
+            check_output_path(args.out, [args.model, *args.inputs])
+        for path in args.inputs:
+            if not os.path.isfile(path):
+                raise InputError(f"{path}: file not found")
+        model = mobilenet.load(args.model)
+
+        def write_csv(stream) -> int:  # line by line: memory does not grow with the inputs
+            writer = csv.writer(stream)
+            writer.writerow(["source", "index"] + (["top", "left"] if args.tiles else [])
+                            + ["probability_tumour", "predicted"])
+            with torch.inference_mode():
+                return sum(_classify(model, path, args, writer) for path in args.inputs)
+
+        if args.out:
+            counted = []
+
+            def write(handle) -> None:
+                text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+                counted.append(write_csv(text))
+                text.flush()
+                text.detach()
+
+            atomic_write(args.out, write)
+            print(f"{counted[0]} patches classified; written to {args.out}", file=sys.stderr)
         else:
-            sys.stdout.write(buffer.getvalue())
+            write_csv(sys.stdout)
     except (InputError, OutputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

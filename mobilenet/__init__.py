@@ -4,7 +4,7 @@ and use them: the PCam dataset (:mod:`mobilenet.pcam`), a trainer for any classi
 (:mod:`mobilenet.memory`)."""
 from rotconv.summary import ModelSummary, summary
 
-from .inference import load, predict, save
+from .inference import as_images, load, predict, save, tile_images
 from .memory import reuse_freed_memory
 from .model import INVERTED_RESIDUAL_SETTING, MobileNetV2, mobilenet_v2
 from .pcam import PCam, PCamError, Normalizer
@@ -12,4 +12,4 @@ from .training import DivergedError, TrainConfig, UsageError, evaluate_loss, tra
 
 __all__ = ["mobilenet_v2", "MobileNetV2", "INVERTED_RESIDUAL_SETTING", "summary", "ModelSummary", "PCam", "PCamError",
            "Normalizer", "TrainConfig", "train", "evaluate_loss", "UsageError", "DivergedError", "save", "load",
-           "predict", "reuse_freed_memory"]
+           "predict", "as_images", "tile_images", "reuse_freed_memory"]

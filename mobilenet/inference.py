@@ -4,6 +4,9 @@ evaluation, and class probabilities for raw PCam-style patches.
     mobilenet.save(model, "model.pt", normalizer=normalizer)     # ~9 MB; no optimizer state
     model = mobilenet.load("model.pt")                           # eval mode, model.normalizer attached
     probabilities = mobilenet.predict(model, patches)            # uint8 (N, 96, 96, 3) -> (N, 2)
+
+Prediction inputs: uint8 0-255, or float in [0, 1]; anything else is refused with a ValueError. Images
+larger than the model's input are centre-cropped; :func:`tile_images` cuts them into tiles instead.
 """
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ import torch
 
 import rotconv
 
-from .files import atomic_write
+from rotconv.files import atomic_write
 from .model import MobileNetV2, mobilenet_v2
 from .pcam import Normalizer
 
-__all__ = ["save", "load", "predict", "MODEL_FORMAT"]
+__all__ = ["save", "load", "predict", "as_images", "tile_images", "MODEL_FORMAT"]
 
 MODEL_FORMAT = "rotconv-mobilenet-v2/1"
 
@@ -71,10 +74,17 @@ def load(path: str, device: str | torch.device = "cpu") -> MobileNetV2:
     return model.to(device).eval()
 
 
-def _as_batch(images, input_size: int) -> torch.Tensor:
-    """``(N, H, W, 3)`` or ``(N, 3, H, W)`` (a single image without N too), numpy or tensor -> ``(N, 3, s, s)``
-    cropped to the model's input size from the top-left corner, as PCam's 96x96 patches are cropped to 95."""
-    batch = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+def as_images(images, input_size: int, normalised: bool = False) -> torch.Tensor:
+    """Images as the model's input batch ``(N, 3, s, s)``, ``s = input_size``: uint8 kept, float in ``[0, 1]``
+    scaled to ``[0, 255]`` (float), or (``normalised=True``) float taken as already normalised.
+
+    ``images``: ``(N, H, W, 3)`` or ``(N, 3, H, W)`` (a single image without N too), numpy or tensor.
+    Larger images are **centre-cropped** to ``s x s`` (PCam's 96x96 patches lose their last row and column,
+    as in training); for a probability map of a larger image use :func:`tile_images`. Other dtypes (16-bit,
+    integers, bool) and floats outside ``[0, 1]`` raise ValueError: 0-255 pixels must come as uint8."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = np.array(images)  # torch cannot share read-only memory (it would warn on every call)
+    batch = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
     if batch.dim() == 3:
         batch = batch.unsqueeze(0)
     if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
@@ -84,21 +94,56 @@ def _as_batch(images, input_size: int) -> torch.Tensor:
     if batch.shape[-2] < input_size or batch.shape[-1] < input_size:
         raise ValueError(f"images: expected at least {input_size}x{input_size} pixels, got "
                          f"{batch.shape[-2]}x{batch.shape[-1]}")
-    return batch[:, :, :input_size, :input_size]
+    top, left = (batch.shape[-2] - input_size) // 2, (batch.shape[-1] - input_size) // 2
+    batch = batch[:, :, top:top + input_size, left:left + input_size]
+    if batch.dtype == torch.uint8 or (normalised and batch.is_floating_point()):
+        return batch
+    if not batch.is_floating_point():
+        raise ValueError(f"images: expected uint8 (0-255) or float in [0, 1], got {batch.dtype}; scale other bit "
+                         "depths to 8 bits first")
+    if batch.numel():
+        low, high = float(batch.min()), float(batch.max())
+        if not (0.0 <= low and high <= 1.0):  # NaN fails too
+            raise ValueError(f"images: float images must lie in [0, 1], got values from {low:.4g} to {high:.4g} "
+                             "(0-255 pixels: pass them as uint8)")
+    return batch.float() * 255
+
+
+def tile_images(images, input_size: int, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``input_size x input_size`` tile of each image, row by row with step ``stride`` (default
+    ``input_size``: no overlap; a border narrower than a tile is left out): ``(tiles, positions)`` with
+    positions ``(T, 3)`` = (image, top, left). ``images``: ``(N, H, W, 3)`` or ``(N, 3, H, W)``, any dtype
+    :func:`predict` takes; each image at least one tile."""
+    stride = input_size if stride is None else rotconv.check_positive_int(stride, "stride")
+    batch = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.array(images))
+    if batch.dim() == 3:
+        batch = batch.unsqueeze(0)
+    if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
+        raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(batch.shape)}")
+    if batch.shape[1] != 3:
+        batch = batch.permute(0, 3, 1, 2)
+    height, width = batch.shape[-2:]
+    if height < input_size or width < input_size:
+        raise ValueError(f"images: expected at least {input_size}x{input_size} pixels, got {height}x{width}")
+    tops, lefts = range(0, height - input_size + 1, stride), range(0, width - input_size + 1, stride)
+    tiles = [batch[:, :, top:top + input_size, left:left + input_size] for top in tops for left in lefts]
+    positions = torch.tensor([(image, top, left) for image in range(batch.shape[0]) for top in tops for left in lefts])
+    return torch.stack(tiles, 1).flatten(0, 1), positions
 
 
 @torch.no_grad()
 def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
-    """Class probabilities ``(N, num_classes)`` of ``images`` (uint8 PCam patches, ``(N, 96, 96, 3)`` as in
-    the HDF5 files, or ``(N, 3, H, W)``): cropped, normalised with ``model.normalizer``, softmax of the logits.
-    Without a normalizer the images must already be float and normalised.
+    """Class probabilities ``(N, num_classes)`` of ``images``: uint8 (0-255) or float in ``[0, 1]``,
+    ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)``; centre-cropped to the model's input
+    (:func:`as_images`), normalised with ``model.normalizer``, softmax of the logits. Without a normalizer
+    the images must already be float and normalised.
 
     On the CPU the batches go in as channels_last (the model itself is left as it is): oneDNN then runs the
     whole network in that layout, 1.23-1.32x faster than contiguous inputs (2 cores, batch 64, both models);
     the logits differ from a contiguous forward only by float rounding (~1e-5 relative)."""
     rotconv.check_positive_int(batch_size, "batch_size")
-    batch = _as_batch(images, model.input_size)
     normalizer = getattr(model, "normalizer", None)
+    batch = as_images(images, model.input_size, normalised=normalizer is None)
     if normalizer is None and not batch.is_floating_point():
         raise ValueError("images: uint8 images need the model's normalizer (load the model with mobilenet.load, "
                          "or pass float images normalised as in training)")

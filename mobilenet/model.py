@@ -17,7 +17,7 @@ import torch.nn as nn
 import rotconv
 from rotconv.grid import equivariant_padding
 from rotconv.group import as_group
-from rotconv.validation import check_choice, check_int, check_positive_int, is_symbolic, shape_of
+from rotconv.validation import check_choice, check_int, check_normalised, check_positive_int, is_symbolic, shape_of
 
 __all__ = ["MobileNetV2", "mobilenet_v2", "INVERTED_RESIDUAL_SETTING", "STEM_CHANNELS", "LAST_CHANNELS"]
 
@@ -253,6 +253,10 @@ class MobileNetV2(nn.Module):
             shape = shape_of(x)
             hint = " (crop 96x96 PCam patches to 95x95)" if isinstance(x, torch.Tensor) and x.shape[-1] == 96 else ""
             raise ValueError(f"input: expected (B, 3, {self.input_size}, {self.input_size}), got {shape}{hint}")
+        if x.shape[0] == 0:
+            raise ValueError("input: an empty batch (0 images)")
+        if not self.training and x.is_floating_point():  # not in training: no sync per step
+            check_normalised(float(x.detach().abs().amax()) if x.numel() else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, input_size, input_size) -> (B, num_classes)``; ``torch.jit.script`` works on

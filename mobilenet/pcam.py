@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from rotconv import check_choice
 
-from .files import file_fingerprint
+from rotconv.files import file_fingerprint
 from .images import IMAGE_SUFFIXES, ImageError, read_image, require_pillow
 
 __all__ = ["SPLITS", "PCamError", "PCam", "split_paths", "image_folder", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch", "stain_jitter",
@@ -136,7 +136,15 @@ def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
         keys = list(handle.keys())
         handle.close()
         raise PCamError(f"{path}: expected a dataset named {name!r}, found {keys}")
-    return handle, handle[name]
+    try:
+        dataset = handle[name]
+    except (KeyError, OSError) as error:  # a dangling external or soft link
+        handle.close()
+        raise PCamError(f"{path}: its entry {name!r} cannot be opened (a broken link?): {error}") from None
+    if not isinstance(dataset, h5py.Dataset):
+        handle.close()
+        raise PCamError(f"{path}: {name!r} is a {type(dataset).__name__}, expected a dataset")
+    return handle, dataset
 
 
 def _check_split(x_path: str, y_path: str) -> int:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from rotconv.validation import check_positive_int
 
 from .distributed import Distributed, convert_batchnorm
-from .files import atomic_write, clean_temporary_files, differences
+from rotconv.files import atomic_write, clean_temporary_files, differences
 from .pcam import PCamError, augment_batch, stain_jitter
 
 __all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision",

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from mobilenet.files import atomic_write
+from rotconv.files import atomic_write, check_writable
 
 from .extras import DEPLOY_EXTRA, capture_native_stderr, require_extra, runtime_input
 from .pipeline import _check_float_model, prepare
@@ -224,6 +224,7 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
         bias_correction, relu6: as :func:`quant.prepare` (``relu6="keep"``: ReLU6 kept, clipped by the range).
     """
     api = _require_executorch()
+    check_writable(path)  # a directory or an unwritable place is refused before the export, not after it
     example = _example(model, example_input, example_batch)
     converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import rotconv
-from rotconv.validation import check_choice
+from rotconv.validation import check_choice, check_normalised
 
 from .graph import is_add, is_conv, module_of
 from .plan import QuantPlan
@@ -176,9 +176,12 @@ class Int8Model(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            raise ValueError("input: an empty batch (0 images)")
         if not torch.isfinite(x).all():
             raise ValueError("input: contains NaN or infinite values; an INT8 model would clamp them into range and "
                              "answer confidently (the FP32 model gives NaN)")
+        check_normalised(float(x.abs().amax()))
         with quantized_engine(self.backend), torch.no_grad():
             return self.graph_module(x)
 

@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from mobilenet.files import atomic_write
+from rotconv.files import atomic_write, check_writable
 
 from .executorch import _example, quantize_pt2e
 from .extras import require_extra, runtime_input
@@ -52,6 +52,7 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         dynamic_batch: the file accepts any batch size (else only the example's).
     """
     require_extra(("onnx", "onnxscript"), "quant.to_onnx")
+    check_writable(path)  # refused before the export, not after it
     if not isinstance(int8, bool):
         raise ValueError(f"int8: expected True or False, got {int8!r}")
     example = _example(model, example_input, example_batch)

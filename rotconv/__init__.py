@@ -22,7 +22,7 @@ from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableC
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
 from .summary import ModelSummary, summary
-from .validation import check_choice, check_int, check_positive_int
+from .validation import NORMALISED_LIMIT, check_choice, check_int, check_normalised, check_positive_int
 
 __version__ = "0.1.0"
 
@@ -54,5 +54,7 @@ __all__ = [
     "ModelSummary",
     "check_int",
     "check_positive_int",
+    "check_normalised",
+    "NORMALISED_LIMIT",
     "check_choice",
 ]

@@ -6,7 +6,13 @@ import warnings
 import torch
 import torch.fx
 
-__all__ = ["check_int", "check_positive_int", "check_choice", "renamed_flag", "is_symbolic", "shape_of"]
+__all__ = ["check_int", "check_positive_int", "check_choice", "renamed_flag", "is_symbolic", "shape_of",
+           "NORMALISED_LIMIT", "check_normalised"]
+
+# A per-channel normalised image, (x / 255 - mean) / std, stays within a few units for any real image set
+# (PCam: -2.4 to 2.7); raw 0-255 pixel values passed as floats reach 100 or more. Beyond this bound an input
+# is refused as not normalised.
+NORMALISED_LIMIT = 50.0
 
 
 def is_symbolic(x: object) -> bool:
@@ -55,3 +61,12 @@ def renamed_flag(value: bool, old_value: bool | None, old: str, new: str, defaul
     if value is not default:
         raise ValueError(f"{new}: pass {new}= only ({old}= is its deprecated old name)")
     return old_value
+
+
+def check_normalised(largest: float, name: str = "input") -> None:
+    """ValueError naming ``name`` when ``largest`` (the largest absolute input value) shows raw pixel values
+    instead of normalised ones (beyond :data:`NORMALISED_LIMIT`)."""
+    if largest > NORMALISED_LIMIT:
+        raise ValueError(f"{name}: values up to {largest:.4g}: the model takes normalised images ((x / 255 - mean) "
+                         f"/ std, within a few units); normalise raw pixels first (mobilenet.Normalizer, or "
+                         f"mobilenet.predict, which takes uint8 or [0, 1] images)")

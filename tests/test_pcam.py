@@ -37,11 +37,13 @@ def run_cli(args, **kwargs):
                           capture_output=True, text=True, **kwargs)
 
 
-def test_end_to_end_report_has_every_field(tiny_data, tmp_path):
+def test_end_to_end_report_has_every_field(tiny_data, tmp_path, capsys):
     out = tmp_path / "results.json"
     code = pcam.main(["--data", tiny_data, "--epochs", "2", "--runs", str(tmp_path / "runs"), "--out", str(out),
-                      "--simulated-int8", *TINY])
+                      "--simulated-int8", "--train-size", "100000", *TINY])
     assert code == 0
+    # a size beyond the split is said, not silently clamped
+    assert "--train-size 100,000: the train split has 32 patches; all are used" in capsys.readouterr().out
     results = json.loads(out.read_text())
     assert results["synthetic"] is False  # --data was given (these happen to be generated files)
     assert results["data_sizes"] == SIZES

@@ -19,7 +19,7 @@ import mobilenet
 import quant
 import rotconv
 from benchmarks import efficiency, pcam
-from mobilenet.files import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
+from rotconv.files import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
 from mobilenet.pcam import PCamError, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
 from mobilenet.distributed import Distributed

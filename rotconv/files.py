@@ -25,7 +25,8 @@ class OutputError(OSError):
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it to ``path``: readers see the
-    old file or the whole new one, never a part. On any failure (disk full, permissions, interruption) the
+    old file or the whole new one, never a part. The file gets the permissions of a plainly created one
+    (0666 less the umask), so another user, e.g. a model server, can read it. On any failure (disk full, permissions, interruption) the
     temporary file is removed and an :class:`OutputError` names ``path``."""
     directory = os.path.dirname(path) or "."
     try:
@@ -35,6 +36,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     except OSError as error:
         raise OutputError(error.errno, f"{path}: cannot write here ({error.strerror})") from None
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600: give the file the usual permissions
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
@@ -49,6 +51,13 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def clean_temporary_files(directory: str) -> list[str]:

@@ -1,0 +1,197 @@
+"""What goes into a prediction and what comes out: one input rule (uint8 0-255 or float in [0, 1]), centre
+crops and tiles, every frame, bit depths, bad files named with exit 2, outputs that never replace an input,
+the usual file permissions, and memory that does not grow with the input file."""
+import csv
+import io
+import os
+import stat
+import tracemalloc
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import mobilenet
+import quant
+from benchmarks import efficiency, pcam, predict
+from rotconv.files import OutputError, atomic_write
+
+Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip install pillow)")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = mobilenet.mobilenet_v2(group=4, width_mult=0.25).eval()
+    with torch.no_grad():
+        model.classifier[-1].weight.normal_()  # probabilities that depend on the input
+    path = str(tmp_path_factory.mktemp("model") / "model.pt")
+    mobilenet.save(model, path, mobilenet.Normalizer([0.7, 0.5, 0.7], [0.2, 0.25, 0.2]))
+    return path
+
+
+def patches(count=4, size=96, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def rows(text):
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def run(arguments, capsys):
+    code = predict.main(arguments)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_float_images_in_0_1_give_the_uint8_answer_and_other_ranges_are_refused(model_file):
+    model = mobilenet.load(model_file)
+    images = patches()
+    expected = mobilenet.predict(model, images)
+    assert torch.allclose(mobilenet.predict(model, images.astype(np.float32) / 255), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\].*uint8"):
+        mobilenet.predict(model, images.astype(np.float32))  # 0-255 as float
+    with pytest.raises(ValueError, match="expected uint8"):
+        mobilenet.predict(model, images.astype(np.uint16) * 257)
+
+
+def test_raw_pixels_and_empty_batches_are_refused_by_every_model(model_file):
+    model = mobilenet.load(model_file)
+    raw = torch.from_numpy(patches(2)).permute(0, 3, 1, 2)[:, :, :95, :95].float()
+    normalised = model.normalizer(raw)
+    model(normalised)  # fine
+    int8 = quant.dfq(model.export(), group=4, mode="int8")
+    for runs in (model, int8):
+        with pytest.raises(ValueError, match="normalised"):
+            runs(raw)
+        with pytest.raises(ValueError, match="empty batch"):
+            runs(normalised[:0])
+    with pytest.raises(ValueError, match="normalised"):
+        quant.extras.runtime_input(raw, (1, 3, 95, 95))  # what the .pte and .onnx modules call
+    with pytest.raises(ValueError, match="empty batch"):
+        quant.extras.runtime_input(normalised[:0], (1, 3, 95, 95))
+
+
+def test_larger_images_are_centre_cropped_with_a_notice_or_tiled(model_file, tmp_path, capsys):
+    model = mobilenet.load(model_file)
+    image = patches(1, 200)[0]
+    path = str(tmp_path / "big.png")
+    Image.fromarray(image).save(path)
+    code, out, err = run([model_file, path], capsys)
+    assert code == 0 and "central 95x95" in err
+    centre = mobilenet.predict(model, image[52:147, 52:147][None])
+    assert float(rows(out)[0]["probability_tumour"]) == pytest.approx(float(centre[0, 1]), abs=2e-6)
+    code, out, _ = run([model_file, path, "--tiles"], capsys)
+    tiles = rows(out)
+    assert code == 0 and [(int(r["top"]), int(r["left"])) for r in tiles] == [(0, 0), (0, 95), (95, 0), (95, 95)]
+    corner = mobilenet.predict(model, image[95:190, 0:95][None])
+    assert float(tiles[2]["probability_tumour"]) == pytest.approx(float(corner[0, 1]), abs=2e-6)
+
+
+def test_every_frame_and_sixteen_bit_images(model_file, tmp_path, capsys):
+    frames = patches(2)
+    path = str(tmp_path / "two.tif")
+    Image.fromarray(frames[0]).save(path, save_all=True, append_images=[Image.fromarray(frames[1])])
+    code, out, _ = run([model_file, path], capsys)
+    assert code == 0 and [r["index"] for r in rows(out)] == ["0", "1"]
+    gray8 = patches(1)[0, :, :, 0]
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    Image.fromarray(gray8).save(tmp_path / "flat.png")
+    code, out, _ = run([model_file, str(tmp_path / "deep.png"), str(tmp_path / "flat.png")], capsys)
+    deep, flat = rows(out)
+    assert code == 0 and deep["probability_tumour"] == flat["probability_tumour"]
+
+
+def test_outputs_never_replace_an_input_and_are_checked_first(model_file, tmp_path, capsys):
+    data = str(tmp_path / "x.h5")
+    with h5py.File(data, "w") as handle:
+        handle["x"] = patches()
+    before = open(data, "rb").read(), open(model_file, "rb").read()
+    for target in (data, model_file, str(tmp_path / "." / "x.h5")):
+        code, _, err = run([model_file, data, "--out", target], capsys)
+        assert code == 2 and "refusing to replace it" in err, err
+    assert (open(data, "rb").read(), open(model_file, "rb").read()) == before
+    code, _, err = run([model_file, data, "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in err
+    code, _, err = run([model_file, data, "--out", "/proc/version"], capsys)
+    assert code == 2 and "/proc/version" in err and "Traceback" not in err
+    with pytest.raises(OutputError, match="is a directory"):  # before the export, not after it
+        quant.to_onnx(mobilenet.load(model_file).export(), str(tmp_path), int8=False)
+
+
+def test_written_files_get_the_usual_permissions(model_file, tmp_path, capsys):
+    previous = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "a.bin"), lambda handle: handle.write(b"x"))
+        data = str(tmp_path / "x.h5")
+        with h5py.File(data, "w") as handle:
+            handle["x"] = patches(2)
+        assert run([model_file, data, "--out", str(tmp_path / "p.csv")], capsys)[0] == 0
+    finally:
+        os.umask(previous)
+    for name in ("a.bin", "p.csv"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+
+
+def _bomb(path):
+    Image.new("RGB", (300, 300)).save(path)
+
+
+BAD_INPUTS = {
+    "x is a group": (lambda p: h5py.File(p, "w").create_group("x"), "x.h5", "is a Group"),
+    "dangling link": (lambda p: h5py.File(p, "w").__setitem__("x", h5py.ExternalLink("gone.h5", "x")),
+                      "x.h5", "cannot be opened"),
+    "scalar x": (lambda p: h5py.File(p, "w").create_dataset("x", data=3), "x.h5", "uint8 patches"),
+    "small image": (lambda p: Image.new("RGB", (64, 64)).save(p), "small.png", "64x64 pixels"),
+    "float image": (lambda p: Image.fromarray(np.ones((96, 96), np.float32)).save(p), "f.tif", "white level"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_exit_2_naming_the_file(model_file, tmp_path, capsys, case):
+    make, name, message = BAD_INPUTS[case]
+    good = str(tmp_path / "good.png")
+    Image.fromarray(patches(1)[0]).save(good)
+    path = str(tmp_path / name)
+    handle = make(path)
+    if handle is not None and hasattr(handle, "close"):
+        handle.close()
+    code, _, err = run([model_file, good, path], capsys)
+    assert code == 2 and name in err and message in err and "Traceback" not in err, err
+
+
+def test_a_decompression_bomb_exits_2(model_file, tmp_path, capsys, monkeypatch):
+    _bomb(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    code, _, err = run([model_file, str(tmp_path / "bomb.png")], capsys)
+    assert code == 2 and "bomb.png: declares too many pixels" in err
+
+
+def test_hdf5_inputs_stream_in_batches(tmp_path):
+    path = str(tmp_path / "long.h5")
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("x", data=patches(1200), chunks=(64, 96, 96, 3))  # 33 MB of patches
+    tracemalloc.start()
+    seen = sum(batch.shape[0] for batch in predict.iter_patches(path, chunk=64))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seen == 1200
+    assert peak < 6 * 64 * 96 * 96 * 3  # a few batches (1.8 MB each), not the 33 MB file
+
+
+def test_image_inputs_give_no_warning(model_file):
+    model = mobilenet.load(model_file)
+    frozen = patches(1)
+    frozen.flags.writeable = False  # as np.asarray(PIL image) is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mobilenet.predict(model, frozen)
+
+
+def test_duplicate_seeds_are_refused(tmp_path, capsys):
+    assert pcam.main(["--seeds", "0", "0", "--runs", str(tmp_path)]) == 2
+    assert "seed 0 is given twice" in capsys.readouterr().err
+    assert efficiency.main(["--quick", "--seeds", "1", "1", "--runs", str(tmp_path)]) == 2
+    assert "given twice" in capsys.readouterr().err
