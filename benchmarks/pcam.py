@@ -38,6 +38,7 @@ import rotconv
 
 from mobilenet.distributed import Distributed
 from mobilenet.pcam import Normalizer, PCam, PCamError, data_fingerprint, open_pcam
+from mobilenet import training
 from mobilenet.training import PRECISIONS, DivergedError, Progress, TrainConfig, UsageError, resolve_precision, train
 
 from .common import (OutputError, RunLock, add_memory_argument, apply_memory_argument, check_writable, serialized_bytes,
@@ -67,7 +68,7 @@ PROFILES = {
 MODELS = ("conventional", "equivariant")  # --models; "equivariant" means one model per --group
 #: --stain-jitter default (benchmarks.pcam and benchmarks.efficiency): selected on the validation split, 3 seeds,
 #: 3,000 patches: +2.3 points for the conventional model, level for C_12 (docs/training.md section 8)
-STAIN_JITTER = 0.1
+STAIN_JITTER = training.STAIN_JITTER  # the library's default for uint8 RGB patches
 GROUP_POOL_MODES = rotconv.GroupPool.MODES  # --group-pool: the invariant readout of the equivariant models
 
 
@@ -307,7 +308,7 @@ DEPLOY_BACKENDS = {
 
 INT8_BACKENDS = ("auto", "executorch", "onnx", "torch-ao")
 #: quant.prepare(relu6=...) for the INT8 models of the benchmarks
-RELU6_DEFAULT = "keep"
+RELU6_DEFAULT = quant.RELU6_DEFAULT
 
 
 def resolve_int8_backend(choice: str, log=print) -> str:
@@ -315,7 +316,7 @@ def resolve_int8_backend(choice: str, log=print) -> str:
     torch.ao, 8-bit activations, bit-exact quarter turns at every batch size), else torch.ao with a notice."""
     if choice != "auto":
         return choice
-    if importlib.util.find_spec("executorch") is not None:
+    if quant.default_int8_runtime() == "executorch":
         return "executorch"
     log("notice: --int8-backend auto: executorch is not installed (pip install 'rotconv[deploy]'); INT8 runs on "
         "torch.ao's int8 kernels in this process")

@@ -194,8 +194,8 @@ def stock_executorch(model: nn.Module, group: str, calibration: torch.Tensor, pa
     """The stock ExecuTorch program of the same DFQ-prepared network, for comparison: torchao PT2E with
     ``XNNPACKQuantizer`` set globally (every supported op quantized, per-tensor symmetric), calibrated on
     ``calibration``, lowered to XNNPACK, written to ``path`` and loaded. Not bit-exact (a float pool); timed only."""
-    from quant.executorch import _require_executorch
-    api = _require_executorch()
+    from quant.executorch import require_executorch
+    api = require_executorch()
     prepared = quant.prepare(model, group=group, weight_scheme="symmetric")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -416,8 +416,9 @@ def allocator_benchmarks(rounds: int, group: str = "C12", batch: int = 32, steps
 
 def format_tables(results: dict) -> str:
     g = _name(results.get("group", "C12"))
-    lines = [f"Machine: {results['machine']}, {results['threads']} threads, torch {results['torch']}; "
-             "time ratios are medians of interleaved pairs (lower is faster for rotconv).", "",
+    machine = rotconv.hardware_line(results["hardware"]) if "hardware" in results else \
+        f"{results['machine']}, {results['threads']} threads, torch {results['torch']}"
+    lines = [f"Machine: {machine}; time ratios are medians of interleaved pairs (lower is faster for rotconv).", "",
              f"| layer ({g}, batch 32, 47x47) | channels | train step vs nn.Conv2d | eval forward vs nn.Conv2d |",
              "|---|---|---|---|"]
     for row in results["layers"]:
@@ -521,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (5 if args.quick else 7)
     if repeats < 1:
         parser.error("--repeats: expected >= 1")
+    hardware = rotconv.cpu_report()
+    print(rotconv.hardware_line(hardware))
     print("layers ...", file=sys.stderr)
-    results = {"machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".strip(),
+    results = {"machine": f"{hardware['cpu']} ({os.cpu_count()} cores)", "hardware": hardware,
                "threads": torch.get_num_threads(), "torch": torch.__version__, "backend": args.backend,
                "quick": args.quick, "group": args.group, "layers": layer_benchmarks(args.quick, repeats, group=args.group),
                "construction": construction_cost(group=args.group)}

@@ -37,7 +37,7 @@ from .distributed import Distributed, convert_batchnorm
 from rotconv.files import atomic_write, clean_temporary_files, differences
 from .pcam import PCamError, augment_batch, stain_jitter
 
-__all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision",
+__all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision", "resolve_stain_jitter", "STAIN_JITTER",
            "train", "training_step", "evaluate_loss", "load_checkpoint", "save_atomically", "Progress"]
 
 
@@ -64,8 +64,10 @@ class TrainConfig:
             ``"cosine"`` (to 0 over the run) or ``"constant"``.
         augment: random rotations by multiples of 90 degrees and flips (D4, exact on the pixel grid).
         stain_jitter: strength ``sigma`` of H&E stain augmentation (:func:`mobilenet.pcam.stain_jitter`): per
-            patch and stain, amount * U(1 - sigma, 1 + sigma) + U(-sigma, sigma); 0 (default) turns it off.
-            Needs uint8 RGB images from the data (PCam's are); Tellez et al.'s "light" setting is 0.05.
+            patch and stain, amount * U(1 - sigma, 1 + sigma) + U(-sigma, sigma); 0 turns it off. Needs
+            uint8 RGB images from the data (PCam's are). Default None: :data:`STAIN_JITTER` (0.1, selected on
+            PCam's validation split, docs/training.md) where the training images are uint8 RGB, off (with a
+            notice) where they are not. Tellez et al.'s "light" setting is 0.05.
         seed: seeds the initial RNG state, the sample order and the augmentation.
         precision: ``"bf16"`` autocast, ``"fp32"``, or ``"auto"`` (bf16 where the device has fast kernels).
         channels_last: train in channels_last memory layout.
@@ -74,14 +76,14 @@ class TrainConfig:
             validation and checkpoints still happen per epoch).
     """
 
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     optimizer: str = "adam"
     schedule: str = "cosine"
     augment: bool = True
-    stain_jitter: float = 0.0
+    stain_jitter: float | None = None
     seed: int = 0
     precision: str = "auto"
     channels_last: bool = True
@@ -104,8 +106,8 @@ class TrainConfig:
                 check_positive_int(self.steps_per_epoch, "steps_per_epoch")
             except ValueError as error:
                 raise UsageError("config.steps_per_epoch", str(error).split(": ", 1)[1]) from None
-        if not (isinstance(self.stain_jitter, (int, float)) and not isinstance(self.stain_jitter, bool)
-                and 0 <= self.stain_jitter < 1):
+        if self.stain_jitter is not None and not (isinstance(self.stain_jitter, (int, float))
+                                                  and not isinstance(self.stain_jitter, bool) and 0 <= self.stain_jitter < 1):
             raise UsageError("config.stain_jitter", f"expected a number in [0, 1), got {self.stain_jitter!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
@@ -125,6 +127,27 @@ def bf16_supported(device: str) -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+#: TrainConfig(stain_jitter=None) on uint8 RGB training images (H&E patches such as PCam's)
+STAIN_JITTER = 0.1
+
+
+def resolve_stain_jitter(stain_jitter: float | None, data, log=print) -> float:
+    """``stain_jitter`` as given, or for None :data:`STAIN_JITTER` where ``data``'s images are uint8 RGB
+    (its first image is looked at) and 0 otherwise, with a one-line notice."""
+    if stain_jitter is not None:
+        return float(stain_jitter)
+    dataset = getattr(data, "dataset", data)  # a DataLoader's dataset
+    try:
+        image = dataset.read(np.array([0]))[0] if hasattr(dataset, "read") else dataset[0][0]
+    except Exception:  # any dataset error shows up again, named, when training reads it
+        image = None
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3:
+        return STAIN_JITTER
+    log("notice: stain jitter off (the training images are not uint8 RGB); TrainConfig(stain_jitter=...) "
+        "sets it explicitly")
+    return 0.0
 
 
 def resolve_precision(precision: str, device: str, log=print) -> str:
@@ -248,8 +271,9 @@ def _apply_stain_jitter(images: torch.Tensor, factors: np.ndarray | None) -> tor
     if factors is None:
         return images
     if images.dtype != torch.uint8:
-        raise UsageError("config.stain_jitter", f"stain jitter needs uint8 RGB images from the data, got "
-                                                f"{images.dtype}")
+        raise UsageError("config.stain_jitter", f"stain jitter (default 0.1, for H&E-stained RGB patches) needs "
+                                                f"uint8 RGB images from the data, got {images.dtype}; set "
+                                                "TrainConfig(stain_jitter=0) for other data")
     factors = torch.from_numpy(factors)
     return stain_jitter(images, factors[:, 0], factors[:, 1])
 
@@ -367,12 +391,17 @@ def load_checkpoint(path: str, device: str = "cpu") -> dict:
     return checkpoint
 
 
+#: the value a config field had, in effect, in checkpoints written before the field existed (where the
+#: field's default is now resolved at run time, the old behaviour is what an absent field means)
+_BEFORE_THE_FIELD = {"stain_jitter": 0.0}
+
+
 def _restore(checkpoint: dict, path: str, identity: dict, model: nn.Module,
              optimizer: torch.optim.Optimizer) -> None:
     stored = checkpoint["identity"]
     if isinstance(stored.get("config"), dict) and isinstance(identity.get("config"), dict):
         # a config field added since the checkpoint was written counts as unchanged at its default value
-        defaults = asdict(TrainConfig())
+        defaults = {**asdict(TrainConfig()), **_BEFORE_THE_FIELD}
         added = {key for key, value in identity["config"].items()
                  if key not in stored["config"] and key in defaults and value == defaults[key]}
         identity = {**identity, "config": {k: v for k, v in identity["config"].items() if k not in added}}
@@ -510,7 +539,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
         raise UsageError("config.batch_size", f"{config.batch_size} does not split evenly over "
                                               f"{processes.world_size} processes")
     quiet = log if processes.main else (lambda *a, **k: None)
-    config = replace(config, precision=resolve_precision(config.precision, device, quiet))
+    config = replace(config, precision=resolve_precision(config.precision, device, quiet),
+                     stain_jitter=resolve_stain_jitter(config.stain_jitter, train_data, quiet))
     identity = {"config": asdict(config), **(identity or {})}
     if isinstance(preprocess, nn.Module):
         preprocess = preprocess.to(device)

@@ -15,9 +15,10 @@ other modules). Patterns it cannot quantize correctly raise ValueError naming th
 from .arithmetic import (REDUCED_RANGE_BACKENDS, WEIGHT_SCHEMES, fake_quantize_tensor, fake_quantize_weight,
                          quantization_parameters, weight_bits_for, weight_quantization_parameters)
 from .executorch import ExecuTorchModel, load_executorch, to_executorch
+from .extras import INT8_RUNTIMES, default_int8_runtime
 from .onnx import OnnxModel, load_onnx, to_onnx
 from .int8 import BACKENDS, ClampCodes, Int8Model, convert_int8
-from .pipeline import MODES, RELU6_MODES, dfq, prepare, quantize
+from .pipeline import MODES, RELU6_DEFAULT, RELU6_MODES, dfq, prepare, quantize
 from .plan import FakeQuantize, QuantPlan, plan_quantization, simulate
 from .registry import ModuleRule, register_module
 from .transforms import absorb_high_bias, correct_bias, equalize, fold_batchnorm, replace_relu6
@@ -26,5 +27,5 @@ __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "c
            "plan_quantization", "simulate", "convert_int8", "Int8Model", "ClampCodes", "QuantPlan", "FakeQuantize",
            "fake_quantize_tensor", "fake_quantize_weight", "quantization_parameters", "weight_quantization_parameters",
            "weight_bits_for", "register_module", "ModuleRule", "BACKENDS", "MODES", "WEIGHT_SCHEMES",
-           "REDUCED_RANGE_BACKENDS", "RELU6_MODES", "prepare", "to_executorch", "load_executorch", "ExecuTorchModel",
-           "to_onnx", "load_onnx", "OnnxModel"]
+           "REDUCED_RANGE_BACKENDS", "RELU6_MODES", "RELU6_DEFAULT", "prepare", "to_executorch", "load_executorch", "ExecuTorchModel",
+           "to_onnx", "load_onnx", "OnnxModel", "INT8_RUNTIMES", "default_int8_runtime"]

@@ -24,13 +24,13 @@ import torch.nn as nn
 from rotconv.files import atomic_write, check_writable
 
 from .extras import DEPLOY_EXTRA, capture_native_stderr, require_extra, runtime_input
-from .pipeline import _check_float_model, prepare
+from .pipeline import RELU6_DEFAULT, check_float_model, prepare
 from .plan import QuantPlan, plan_quantization
 
-__all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "quantize_pt2e", "DEPLOY_EXTRA"]
+__all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "quantize_pt2e", "traced_example", "require_executorch", "DEPLOY_EXTRA"]
 
 
-def _require_executorch():
+def require_executorch():
     require_extra(("executorch", "torchao"), "quant.to_executorch")
     try:
         with warnings.catch_warnings():
@@ -167,7 +167,7 @@ def _export_graph(plan: QuantPlan) -> fx.GraphModule:
     return graph_module
 
 
-def _example(model: nn.Module, example_input: torch.Tensor | None, batch: int) -> torch.Tensor:
+def traced_example(model: nn.Module, example_input: torch.Tensor | None, batch: int) -> torch.Tensor:
     if example_input is not None:
         if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
             raise ValueError("example_input: expected a (B, C, H, W) tensor")
@@ -180,12 +180,12 @@ def _example(model: nn.Module, example_input: torch.Tensor | None, batch: int) -
 
 def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
                   input_range: tuple[float, float] = (-3.0, 3.0), calibration: Iterable | None = None,
-                  bias_correction: bool = True, relu6: str = "replace") -> fx.GraphModule:
+                  bias_correction: bool = True, relu6: str = RELU6_DEFAULT) -> fx.GraphModule:
     """The data-free INT8 model as a PT2E graph (quantize/dequantize ops around int8 convolutions and adds,
     int8 weights, the plan's activation ranges): what :func:`to_executorch` lowers to XNNPACK and
     :func:`quant.to_onnx` writes as an ONNX QDQ model. Needs torchao (the ``deploy`` extra)."""
-    api = _require_executorch()
-    _check_float_model(model)
+    api = require_executorch()
+    check_float_model(model)
     prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False,
                        relu6=relu6)
     plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric",
@@ -208,7 +208,7 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
 
 def to_executorch(model: nn.Module, path: str, group: object = None, example_batch: int = 1,
                   example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
-                  calibration: Iterable | None = None, bias_correction: bool = True, relu6: str = "replace") -> str:
+                  calibration: Iterable | None = None, bias_correction: bool = True, relu6: str = RELU6_DEFAULT) -> str:
     """Quantize ``model`` (a float plain network, e.g. ``model.export()``) data-free and write it to ``path``
     as an ExecuTorch program for XNNPACK; returns ``path``.
 
@@ -223,9 +223,9 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
         calibration: optional batches to measure ranges instead.
         bias_correction, relu6: as :func:`quant.prepare` (``relu6="keep"``: ReLU6 kept, clipped by the range).
     """
-    api = _require_executorch()
+    api = require_executorch()
     check_writable(path)  # a directory or an unwritable place is refused before the export, not after it
-    example = _example(model, example_input, example_batch)
+    example = traced_example(model, example_input, example_batch)
     converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

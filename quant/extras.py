@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import logging
 import os
@@ -105,3 +106,16 @@ def runtime_input(x: torch.Tensor, shape: tuple) -> torch.Tensor:
         raise ValueError("input: contains NaN or infinite values")
     check_normalised(float(np.abs(values).max()))
     return x
+
+
+#: the INT8 runtimes the project offers: an ExecuTorch/XNNPACK program, an ONNX QDQ file for onnxruntime, or
+#: torch.ao's int8 kernels in this process (:func:`quant.dfq`)
+INT8_RUNTIMES = ("executorch", "onnx", "torch-ao")
+
+
+def default_int8_runtime() -> str:
+    """The recommended INT8 runtime on this machine: ``"executorch"`` where the ``deploy`` extra is installed
+    (the fastest measured on every CPU kind tried, 8-bit activations, bit-exact quarter turns on AVX2 and
+    AVX-512 alike), else ``"torch-ao"``. Every runtime is bit-exact under quarter turns on CPUs with and
+    without VNNI (tests/test_isa.py), so the choice is speed and installed packages only."""
+    return "executorch" if importlib.util.find_spec("executorch") is not None else "torch-ao"

@@ -28,9 +28,9 @@ import torch.nn as nn
 
 from rotconv.files import atomic_write, check_writable
 
-from .executorch import _example, quantize_pt2e
+from .executorch import quantize_pt2e, traced_example
 from .extras import require_extra, runtime_input
-from .pipeline import _check_float_model
+from .pipeline import RELU6_DEFAULT, check_float_model
 
 __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
 
@@ -38,7 +38,7 @@ __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
 def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True, example_batch: int = 1,
             example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
             calibration: Iterable | None = None, bias_correction: bool = True, dynamic_batch: bool = True,
-            relu6: str = "replace") -> str:
+            relu6: str = RELU6_DEFAULT) -> str:
     """Write ``model`` (a float plain network, e.g. ``model.export()``) to ``path`` as ONNX; returns ``path``.
 
     Args:
@@ -55,11 +55,11 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
     check_writable(path)  # refused before the export, not after it
     if not isinstance(int8, bool):
         raise ValueError(f"int8: expected True or False, got {int8!r}")
-    example = _example(model, example_input, example_batch)
+    example = traced_example(model, example_input, example_batch)
     if int8:
         network = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
     else:
-        _check_float_model(model)
+        check_float_model(model)
         network = model.eval()
     dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as directory:

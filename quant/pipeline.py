@@ -15,12 +15,15 @@ from .int8 import BACKENDS, Int8Model, convert_int8
 from .plan import FakeQuantize, plan_quantization, simulate
 from .transforms import absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, replace_relu6
 
-__all__ = ["quantize", "dfq", "prepare", "MODES"]
+__all__ = ["quantize", "dfq", "prepare", "MODES", "RELU6_MODES", "RELU6_DEFAULT", "check_float_model"]
 
 MODES = ("simulated", "int8")
 #: what :func:`prepare` does with ReLU6: "replace" it by ReLU and equalize through it (the DFQ paper), or "keep"
 #: it (its clip becomes the top of the quantization range) and leave the pairs through it unequalized
 RELU6_MODES = ("replace", "keep")
+#: ReLU6 handling of :func:`dfq` and the deployable exports: keeping ReLU6 (its clip becomes the top of the
+#: conv's range) lost less accuracy on trained PCam models than DFQ's ReLU6 -> ReLU (docs/quantization.md)
+RELU6_DEFAULT = "keep"
 
 
 def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
@@ -55,7 +58,7 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
     return convert_int8(plan, backend)
 
 
-def _check_float_model(model: nn.Module) -> None:
+def check_float_model(model: nn.Module) -> None:
     """Refuse what DFQ cannot start from: an already quantized model, non-finite weights or statistics."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -72,7 +75,7 @@ def _check_float_model(model: nn.Module) -> None:
 
 def prepare(model: nn.Module, group: object = None, bias_correction: bool = True, weight_bits: int = 8,
             weight_scheme: str = "asymmetric", reduce_range: bool = False, *, fields: int | None = None,
-            relu6: str = "replace") -> fx.GraphModule:
+            relu6: str = RELU6_DEFAULT) -> fx.GraphModule:
     """The data-free steps before quantization: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``),
     absorb high biases, and (``bias_correction``) correct biases for the given weight quantization.
 
@@ -81,7 +84,7 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
     in MobileNetV2 is every pair. Replacing ReLU6 by ReLU changes the float function wherever activations
     exceed 6; on trained PCam models that change was most of the INT8 error (docs/quantization.md)."""
     check_choice(relu6, "relu6", RELU6_MODES)
-    _check_float_model(model)
+    check_float_model(model)
     size = field_size(group, fields, caller="dfq", stacklevel=4)
     prepared: fx.GraphModule = fold_batchnorm(model)
     if relu6 == "replace":
@@ -94,7 +97,7 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
 
 
 def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *, fields: int | None = None,
-        relu6: str = "replace", **quantize_kwargs) -> nn.Module:
+        relu6: str = RELU6_DEFAULT, **quantize_kwargs) -> nn.Module:
     """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: a rotconv group,
     its name or N, as the network was built with), absorb high biases, correct biases, quantize
     (``quantize_kwargs`` go to :func:`quantize`). ``relu6``: see :func:`prepare`. ``fields=N`` is the

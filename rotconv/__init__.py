@@ -11,12 +11,15 @@ Public API::
     export                                        to plain torch.nn           (rotconv.export)
     equivariance_error, smooth_noise, randomize_batchnorm   numerical checks (rotconv.checks)
     summary, ModelSummary                         params / MACs / memory      (rotconv.summary)
-    check_int, check_positive_int, check_choice   argument checks             (rotconv.validation)
+    check_int, check_positive_int, check_choice, check_normalised   argument checks  (rotconv.validation)
+    cpu_report, hardware_line                     what the CPU offers kernels (rotconv.hardware)
+    atomic_write, RunLock, ...                    files never half-written    (rotconv.files)
 """
 from .basis import SteerableBasis, steerable_basis
 from .checks import equivariance_error, randomize_batchnorm, smooth_noise
 from .export import export
 from .grid import equivariant_output_size, equivariant_padding
+from .hardware import cpu_report, hardware_line
 from .group import CyclicGroup, DihedralGroup, Group, as_group, mirror_image, rotate_image
 from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableConv2d
 from .norm import GroupBatchNorm2d
@@ -55,6 +58,8 @@ __all__ = [
     "check_int",
     "check_positive_int",
     "check_normalised",
+    "cpu_report",
+    "hardware_line",
     "NORMALISED_LIMIT",
     "check_choice",
 ]

@@ -1,0 +1,72 @@
+"""What this machine offers the kernels: CPU model, instruction set as torch dispatches it, native bf16, the
+integer dot-product instructions (VNNI), quantized engines, threads. One line of it heads every timing.
+
+    >>> rotconv.hardware_line()      # doctest: +SKIP
+    'AMD EPYC (2 cores) | ATen AVX512 | VNNI yes | bf16 yes | AMX no | int8 engines qnnpack, onednn, x86, fbgemm | 2 threads'
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+__all__ = ["cpu_report", "hardware_line", "cpu_flags"]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_report() -> dict:
+    """The facts :func:`hardware_line` prints, as a dict (kept beside timings in JSON results).
+
+    ``vnni``: the CPU has AVX512-VNNI or AVX-VNNI, and the environment does not cap fbgemm below it
+    (``FBGEMM_ENABLE_INSTRUCTIONS``); without it fbgemm and onnxruntime multiply uint8 x int8 through
+    saturating int16 pair sums (see :class:`quant.ClampCodes`)."""
+    flags = cpu_flags()
+    capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX512")
+    bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}) and not capped,
+        "bf16": bf16,
+        "amx": bool(flags & {"amx_tile", "amx_bf16"}),
+        "int8_engines": list(torch.backends.quantized.supported_engines),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def hardware_line(report: dict | None = None) -> str:
+    """One line naming the CPU and what the kernels can use on it (``report``: default :func:`cpu_report`)."""
+    r = report or cpu_report()
+
+    def yes(value: bool) -> str:
+        return "yes" if value else "no"
+
+    return (f"{r['cpu']} ({r['cores']} cores) | ATen {r['capability']} | VNNI {yes(r['vnni'])} | "
+            f"bf16 {yes(r['bf16'])} | AMX {yes(r['amx'])} | int8 engines {', '.join(r['int8_engines'])} | "
+            f"{r['threads']} threads | torch {r['torch']}")
