@@ -125,9 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
     parser.add_argument("--stability-samples", type=int, help="test patches for rotation stability (default 128)")
     parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
-    parser.add_argument("--int8-backend", choices=pcam.INT8_BACKENDS, default="auto",
-                        help="where INT8 runs, as in benchmarks.pcam (auto: the ExecuTorch program where rotconv[deploy] "
-                             "is installed, else torch.ao); --resume evaluates finished runs again when it changed")
+    parser.add_argument(
+        "--int8-backend",
+        choices=pcam.INT8_BACKENDS,
+        default="auto",
+        help="where INT8 runs, as in benchmarks.pcam (auto: the ExecuTorch program where rotconv[deploy] "
+        "is installed, else torch.ao); --resume evaluates finished runs again when it changed",
+    )
     parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric")
     parser.add_argument("--relu6", choices=quant.RELU6_MODES, default=pcam.RELU6_DEFAULT,
                         help="DFQ with ReLU6, as in benchmarks.pcam; --resume evaluates finished runs again when it "
@@ -197,10 +201,14 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
 def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, normalizer: Normalizer,
              args: argparse.Namespace, settings: dict) -> dict:
     equivariant = name != "conventional"
-    variant = ("-noaug" if args.no_augment else "") + (f"-stain{args.stain_jitter:g}" if args.stain_jitter else "") + ("-fanout" if args.init == "fan_out" and equivariant else "") \
-        + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "") \
-        + (f"-min{args.min_fields}" if args.min_fields != 1 and equivariant else "") \
+    variant = (
+        ("-noaug" if args.no_augment else "")
+        + (f"-stain{args.stain_jitter:g}" if args.stain_jitter else "")
+        + ("-fanout" if args.init == "fan_out" and equivariant else "")
+        + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "")
+        + (f"-min{args.min_fields}" if args.min_fields != 1 and equivariant else "")
         + (f"-w{args.width_mult:g}" if args.width_mult is not None and args.width_mult != 1 else "")
+    )
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
     evaluation_args, evaluation_settings = _evaluation_args(args, settings)
@@ -231,7 +239,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
           f"({settings['evaluations']} x {per_evaluation} steps) ==", flush=True)
     started = time.time()
     trained = train(model, train_split, splits["valid"], config, run_dir, preprocess=normalizer,
-                    resume=args.resume, overwrite=args.overwrite, log=print)
+                    resume=args.resume, overwrite=args.overwrite, log=print, identity=identity)
     model.load_state_dict(trained["best_state"])
     mobilenet.save(model, os.path.join(run_dir, "model.pt"), normalizer,  # for mobilenet.load / benchmarks.predict
                    metadata={"model": name, "seed": seed, "size": size, "best_epoch": trained["best_epoch"]})
@@ -329,7 +337,9 @@ def _mode(runs: list[dict]) -> str:
 
 def _runtime(settings: dict) -> str:
     backend = settings.get("int8_backend", "torch-ao")
-    return pcam.DEPLOY_BACKENDS[backend][4] if backend in pcam.DEPLOY_BACKENDS else f"{settings['backend']} int8 kernels."
+    return (
+        pcam.DEPLOY_BACKENDS[backend][4] if backend in pcam.DEPLOY_BACKENDS else f"{settings['backend']} int8 kernels."
+    )
 
 
 def format_curve(results: dict) -> str:
@@ -342,11 +352,16 @@ def format_curve(results: dict) -> str:
     augment = "D4 augmentation" if results["settings"].get("augment", True) else "no augmentation"
     steps = results["settings"]["steps"]
     steps = "/".join(map(str, steps)) if isinstance(steps, list) else steps
-    lines.append(f"Data: {results['data']}; {steps} optimizer steps per run (batch "
-                 f"{results['settings']['batch_size']}, lr {rates}, {augment}), seeds {results['settings']['seeds']}, selection "
-                 "on validation loss; " + ("VALIDATION split only (best epoch's accuracy / loss); the test split "
-                                           "was not read." if valid_only else
-                                           "test split; INT8: DFQ, data-free, on " + _runtime(results["settings"])))
+    lines.append(
+        f"Data: {results['data']}; {steps} optimizer steps per run (batch "
+        f"{results['settings']['batch_size']}, lr {rates}, {augment}), seeds {results['settings']['seeds']}, selection "
+        "on validation loss; "
+        + (
+            "VALIDATION split only (best epoch's accuracy / loss); the test split was not read."
+            if valid_only
+            else "test split; INT8: DFQ, data-free, on " + _runtime(results["settings"])
+        )
+    )
     lines.append("")
     names = list(dict.fromkeys(run["model"] for run in results["runs"]))
     compared = [name for name in names if name != "conventional"] if "conventional" in names else []
@@ -448,12 +463,25 @@ def run(args: argparse.Namespace) -> dict:
                     if args.results and "run" in runs[-1]:
                         kept = runs[-1]["run"] + ("-valid" if args.valid_only else "") + ".json"
                         write_json(runs[-1], os.path.join(args.results, kept))
-        results = {"synthetic": synthetic, "data": "synthetic PCam-like" if synthetic else directory,
-                   "settings": {**settings, "weight_decay": args.weight_decay, "backend": args.backend,
-                                "int8_backend": args.int8_backend,
-                                "valid_only": args.valid_only, "augment": not args.no_augment, "stain_jitter": args.stain_jitter, "init": args.init,
-                                "weight_scheme": args.weight_scheme, "relu6": args.relu6, "models": args.models},
-                   "runs": runs, "curve": summarize_curve(runs)}
+        results = {
+            "synthetic": synthetic,
+            "data": "synthetic PCam-like" if synthetic else directory,
+            "settings": {
+                **settings,
+                "weight_decay": args.weight_decay,
+                "backend": args.backend,
+                "int8_backend": args.int8_backend,
+                "valid_only": args.valid_only,
+                "augment": not args.no_augment,
+                "stain_jitter": args.stain_jitter,
+                "init": args.init,
+                "weight_scheme": args.weight_scheme,
+                "relu6": args.relu6,
+                "models": args.models,
+            },
+            "runs": runs,
+            "curve": summarize_curve(runs),
+        }
         results["table"] = format_curve(results)
         if args.plots:
             results["plot"] = plot_curve(results, args.plots)

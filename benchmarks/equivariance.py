@@ -232,16 +232,25 @@ def format_sweep(results: dict) -> str:
     degrees = results["degrees"]
     group = (results.get("groups") or ["C12"])[0]
     shown = [d for d in (5, 30, 45, 90, 135, 180) if d in degrees]
-    lines = [f"Inputs: {results['inputs']}; models {'trained (from --runs)' if results['trained_models'] else 'with RANDOM weights'}.",
-             "", f"| layer type ({group[0]}_{group[1:]}, float64) | input | " + " | ".join(f"{d:g}°" for d in shown) + " | mean |",
-             "|---|---|" + "---|" * (len(shown) + 1)]
+    lines = [
+        f"Inputs: {results['inputs']}; models "
+        f"{'trained (from --runs)' if results['trained_models'] else 'with RANDOM weights'}.",
+        "",
+        f"| layer type ({group[0]}_{group[1:]}, float64) | input | "
+        + " | ".join(f"{d:g}°" for d in shown)
+        + " | mean |",
+        "|---|---|" + "---|" * (len(shown) + 1),
+    ]
     for name, families in results["layers"].items():
         for family, errors in families.items():
             values = [errors[degrees.index(d)] for d in shown]
             lines.append(f"| {name} | {family} | " + " | ".join(f"{100 * v:.2f}%" for v in values)
                          + f" | {100 * np.mean(errors):.2f}% |")
-    lines += ["", "| MobileNetV2 | " + " | ".join(f"{d:g}°" for d in shown) + " | mean | stability (mean over angles) |",
-              "|---|" + "---|" * (len(shown) + 2)]
+    lines += [
+        "",
+        "| MobileNetV2 | " + " | ".join(f"{d:g}°" for d in shown) + " | mean | stability (mean over angles) |",
+        "|---|" + "---|" * (len(shown) + 2),
+    ]
     for name, value in results["models"].items():
         errors = value["logit_error"]
         lines.append(f"| {name} | " + " | ".join(f"{100 * errors[degrees.index(d)]:.2f}%" for d in shown)

@@ -19,7 +19,6 @@ made from it says so. Exit code 2 for bad arguments or bad data files.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -56,8 +55,8 @@ PAPER = {
 
 PROFILES = {
     # 2 CPU cores, both models, one seed: under 10 minutes
-    "quick": {"train_size": 2048, "valid_size": 512, "test_size": 1024, "epochs": 5, "batch_size": 32,
-              "lr": 3e-3, "stability_samples": 192, "seeds": [0], "simulated_int8": False},
+    "quick": {"train_size": 1024, "valid_size": 256, "test_size": 512, "epochs": 5, "batch_size": 32,
+              "lr": 3e-3, "stability_samples": 64, "seeds": [0], "simulated_int8": False},
     # the recipe of docs/training.md's validation study (3,000 patches, ~750 steps, lr 3e-3): ~10 min per seed
     "medium": {"train_size": 3000, "valid_size": 512, "test_size": 1024, "epochs": 8, "batch_size": 32,
                "lr": 3e-3, "stability_samples": 192, "seeds": [0, 1, 2], "simulated_int8": False},
@@ -281,7 +280,8 @@ def degenerate(predicted: np.ndarray, labels: np.ndarray, accuracy_value: float)
         return f"predicts class {int(classes[0])} for every patch"
     chance = max(float((labels == c).mean()) for c in np.unique(labels))
     if accuracy_value <= chance + CHANCE_MARGIN:
-        return f"accuracy {100 * accuracy_value:.1f}% is within {100 * CHANCE_MARGIN:.0f} points of chance ({100 * chance:.1f}%)"
+        return (f"accuracy {100 * accuracy_value:.1f}% is within {100 * CHANCE_MARGIN:.0f} points of chance "
+                f"({100 * chance:.1f}%)")
     return None
 
 
@@ -294,15 +294,30 @@ def stability(model: nn.Module, split: PCam, normalizer: Normalizer, count: int,
     predicted = predictions(model, split, normalizer, count, angles, batch_size, device, description)
     labels = split.labels[:count].numpy()
     quarter = predicted[::3]  # 0, 90, 180, 270 degrees
-    return {"90": float((quarter == quarter[:1]).all(0).mean()), "30": float((predicted == predicted[:1]).all(0).mean()),
-            "correct_90": float((quarter == labels).all(0).mean()), "correct_30": float((predicted == labels).all(0).mean())}
+    return {
+        "90": float((quarter == quarter[:1]).all(0).mean()),
+        "30": float((predicted == predicted[:1]).all(0).mean()),
+        "correct_90": float((quarter == labels).all(0).mean()),
+        "correct_30": float((predicted == labels).all(0).mean()),
+    }
 
 
 # --int8-backend values that write a deployable file: (exporter, loader, file name, table label, report wording)
 DEPLOY_BACKENDS = {
-    "executorch": (quant.to_executorch, quant.load_executorch, "model.pte", "ExecuTorch XNNPACK",
-                   "an ExecuTorch XNNPACK program (.pte)."),
-    "onnx": (quant.to_onnx, quant.load_onnx, "model.onnx", "onnxruntime QDQ", "an ONNX QDQ file in onnxruntime (.onnx)."),
+    "executorch": (
+        quant.to_executorch,
+        quant.load_executorch,
+        "model.pte",
+        "ExecuTorch XNNPACK",
+        "an ExecuTorch XNNPACK program (.pte).",
+    ),
+    "onnx": (
+        quant.to_onnx,
+        quant.load_onnx,
+        "model.onnx",
+        "onnxruntime QDQ",
+        "an ONNX QDQ file in onnxruntime (.onnx).",
+    ),
 }
 
 
@@ -458,12 +473,14 @@ def format_table(results: dict) -> str:
         lines.append(
             f"| {label} | {percent(stats['fp32_accuracy'])} | "
             f"{percent(stats['int8_accuracy'])} | {percent(stats['relative_drop'])} | "
-            f"{_paper(paper_figures(name).get('fp32'))} | {_paper(paper_figures(name).get('int8'))} | {stats['params']:,} | "
+            f"{_paper(paper_figures(name).get('fp32'))} | {_paper(paper_figures(name).get('int8'))} | "
+            f"{stats['params']:,} | "
             f"{stats['macs'] / 1e6:.1f} M | {stats['int8_bytes'] / 2**20:.2f} MiB "
             f"({stats['fp32_bytes'] / stats['int8_bytes']:.1f}x smaller) | "
             f"{percent(stats['stability_90_fp32'])} / {percent(stats['stability_90_int8'])} | "
             f"{percent(stats['stability_correct_90_fp32'])} / {percent(stats['stability_correct_90_int8'])} | "
-            f"{percent(stats['stability_30_fp32'])} / {percent(stats['stability_30_int8'])} |")
+            f"{percent(stats['stability_30_fp32'])} / {percent(stats['stability_30_int8'])} |"
+        )
     lines.append(f"| P4M DenseNet (Veeling et al., paper only) | — | — | — | {_paper(PAPER['p4m_densenet']['fp32'])} "
                  "| — | — | — | — | — | — | — |")
     if flagged:

@@ -5,7 +5,8 @@ FP32.
 
 Every comparison runs its two candidates interleaved in one process (A, B, A, B, ...) after warm-up and
 reports the median time of each and the median of the per-pair ratios, so drifts of the machine's speed
-affect both alike. ``--group`` picks the group (default C12; e.g. D12). Layers (C_12, batch 32, 47x47): a train step (forward + backward of a mean-square loss,
+affect both alike. ``--group`` picks the group (default C12; e.g. D12). Layers (C_12, batch 32, 47x47): a
+train step (forward + backward of a mean-square loss,
 filter expansion from the coefficients included) and an eval forward (expanded filter cached) against
 ``nn.Conv2d`` with the same channel counts. Models (95x95): conventional vs C_12 MobileNetV2 (train step,
 inference), the exported C_12 network vs the conventional one, INT8 (DFQ, real int8 kernels) vs FP32 at
@@ -22,7 +23,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +39,14 @@ import mobilenet
 import quant
 import rotconv
 
-from .common import add_memory_argument, apply_memory_argument, atomic_write, serialized_bytes, untrained_but_generic, write_json
+from .common import (
+    add_memory_argument,
+    apply_memory_argument,
+    atomic_write,
+    serialized_bytes,
+    untrained_but_generic,
+    write_json,
+)
 from mobilenet.training import bf16_supported, training_step
 from quant.int8 import quantized_engine
 
@@ -114,7 +121,9 @@ def layer_cases(group: rotconv.CyclicGroup, quick: bool) -> dict[str, nn.Module]
     fields = 4 if quick else 8  # 48 / 96 channels with N = 12
     return {
         "LiftingConv2d k5 (3 -> %d fields)" % fields: rotconv.LiftingConv2d(3, fields, 5, group),
-        "GroupConv2d k1 (%d -> %d fields)" % (2 * fields, 2 * fields): rotconv.GroupConv2d(2 * fields, 2 * fields, 1, group),
+        "GroupConv2d k1 (%d -> %d fields)" % (2 * fields, 2 * fields): rotconv.GroupConv2d(
+            2 * fields, 2 * fields, 1, group
+        ),
         "GroupConv2d k3 (%d -> %d fields)" % (fields, fields): rotconv.GroupConv2d(fields, fields, 3, group),
         "GroupConv2d k5 (%d -> %d fields)" % (fields, fields): rotconv.GroupConv2d(fields, fields, 5, group),
         "DepthwiseGroupConv2d k3 (%d fields)" % (4 * fields): rotconv.DepthwiseGroupConv2d(4 * fields, 3, group),
@@ -233,8 +242,11 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
     print(f"  train step: {result['train_step_b32']['ratio']:.3f}x", file=sys.stderr)
     result["inference_b32"] = inference(equivariant, conventional, x32)
     result["exported_inference_b32"] = inference(exported, conventional, x32)
-    print(f"  inference: {result['inference_b32']['ratio']:.3f}x, exported {result['exported_inference_b32']['ratio']:.3f}x",
-          file=sys.stderr)
+    print(
+        f"  inference: {result['inference_b32']['ratio']:.3f}x, "
+        f"exported {result['exported_inference_b32']['ratio']:.3f}x",
+        file=sys.stderr,
+    )
     for scheme, network in int8.items():
         for batch, x in ((1, x1), (32, x32)):
             key = f"int8_{scheme}_vs_fp32_b{batch}"
@@ -275,7 +287,10 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
                     print(f"  onnxruntime {name.upper()} / torch FP32 at batch {batch}: {result[key]['ratio']:.3f}x",
                           file=sys.stderr)
             result["size"]["onnx_int8_bytes"] = os.path.getsize(files["int8"])
-    result["macs"] = {"conventional": mobilenet.summary(conventional).macs, "equivariant": mobilenet.summary(equivariant).macs}
+    result["macs"] = {
+        "conventional": mobilenet.summary(conventional).macs,
+        "equivariant": mobilenet.summary(equivariant).macs,
+    }
     return result
 
 
@@ -332,7 +347,9 @@ def training_throughput(repeats: int, batch: int = 32, group: str = "C12") -> li
     return rows
 
 
-def allocator_probe(reuse: bool, group: str = "C12", batch: int = 32, steps: int = 4, threads: int | None = None) -> dict:
+def allocator_probe(
+    reuse: bool, group: str = "C12", batch: int = 32, steps: int = 4, threads: int | None = None
+) -> dict:
     """In this process (meant to be a fresh one): :func:`mobilenet.memory.reuse_freed_memory` on, or glibc's
     defaults left as they are (``reuse=False``); then for both models a batch inference forward (fp32, contiguous;
     first, as in a process that only predicts) and the trainer's step in fp32 contiguous and in the default setting
@@ -369,7 +386,10 @@ def allocator_probe(reuse: bool, group: str = "C12", batch: int = 32, steps: int
     for name, model in models.items():  # inference first: a process that only predicts (nothing trained before)
         result[f"{name}_inference"] = measure(_inference(model, x))
     for name, model in models.items():
-        for label, (precision, channels_last) in (("train_fp32_contiguous", ("fp32", False)), ("train_default", default)):
+        for label, (precision, channels_last) in (
+            ("train_fp32_contiguous", ("fp32", False)),
+            ("train_default", default),
+        ):
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             inputs = x.contiguous(memory_format=memory_format)
             network = model.to(memory_format=memory_format).train()
@@ -388,9 +408,13 @@ def allocator_benchmarks(rounds: int, group: str = "C12", batch: int = 32, steps
     probes: dict[bool, list[dict]] = {False: [], True: []}
     for index in range(rounds):
         for reuse in ((False, True) if index % 2 == 0 else (True, False)):
-            code = ("import json, sys; from benchmarks.speed import allocator_probe; "
-                    f"print(json.dumps(allocator_probe({reuse}, {group!r}, {batch}, {steps}, {torch.get_num_threads()})))")
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=root)
+            code = (
+                "import json, sys; from benchmarks.speed import allocator_probe; "
+                f"print(json.dumps(allocator_probe({reuse}, {group!r}, {batch}, {steps}, {torch.get_num_threads()})))"
+            )
+            done = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=root
+            )
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 raise RuntimeError(f"allocator probe (reuse={reuse}) failed: {last}")
@@ -427,37 +451,71 @@ def format_tables(results: dict) -> str:
                      f"{row['eval']['ratio']:.3f}x ({1e3 * row['eval']['first_s']:.1f} vs "
                      f"{1e3 * row['eval']['second_s']:.1f} ms) |")
     built = results["construction"]
-    lines += ["", f"Construction of {built['layer']}: {1e3 * built['cold_s']:.1f} ms cold (basis built), "
-              f"{1e3 * built['warm_s']:.2f} ms warm; parameters {built['parameter_bytes'] / 1024:.0f} KiB, buffers "
-              f"{built['buffer_bytes'] / 1024:.0f} KiB, expanded filter {built['expanded_filter_bytes'] / 2**20:.2f} MiB, "
-              f"expansion {1e3 * built['filter_expansion_s']:.1f} ms.", ""]
+    lines += [
+        "",
+        f"Construction of {built['layer']}: {1e3 * built['cold_s']:.1f} ms cold (basis built), "
+        f"{1e3 * built['warm_s']:.2f} ms warm; parameters {built['parameter_bytes'] / 1024:.0f} KiB, buffers "
+        f"{built['buffer_bytes'] / 1024:.0f} KiB, expanded filter {built['expanded_filter_bytes'] / 2**20:.2f} MiB, "
+        f"expansion {1e3 * built['filter_expansion_s']:.1f} ms.",
+        "",
+    ]
     models = results["models"]
     lines += ["| MobileNetV2 at 95x95 | time | ratio |", "|---|---|---|"]
-    labels = [("train_step_b32", f"{g} vs conventional, train step, batch 32"),
-              ("inference_b32", f"{g} vs conventional, inference, batch 32"),
-              ("exported_inference_b32", f"exported {g} vs conventional, inference, batch 32"),
-              *[(f"int8_{scheme}_vs_fp32_b{batch}",
-                 f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported {g}, batch {batch}")
-                for scheme in ("symmetric", "asymmetric") for batch in (1, 32)],
-              *[(f"int8_symmetric_vs_stock_fx_b{batch}",
-                 f"INT8 (dfq, symmetric) vs stock torch.ao FX INT8 (calibrated, not bit-exact), exported {g}, batch {batch}")
-                for batch in (1, 32) if f"int8_symmetric_vs_stock_fx_b{batch}" in models],
-              *[(f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported {g}, batch {batch}")
-                for batch in (1, 32) if f"executorch_vs_fp32_b{batch}" in models],
-              *[(f"executorch_vs_stock_b{batch}", f"INT8 .pte vs stock ExecuTorch PT2E (every op quantized, calibrated, "
-                 f"not bit-exact), exported {g}, batch {batch}")
-                for batch in (1, 32) if f"executorch_vs_stock_b{batch}" in models],
-              *[(f"onnx_{name}_vs_fp32_b{batch}", f"onnxruntime {name.upper()} vs torch FP32, exported {g}, batch {batch}")
-                for name in ("fp32", "int8") for batch in (1, 32) if f"onnx_{name}_vs_fp32_b{batch}" in models]]
+    labels = [
+        ("train_step_b32", f"{g} vs conventional, train step, batch 32"),
+        ("inference_b32", f"{g} vs conventional, inference, batch 32"),
+        ("exported_inference_b32", f"exported {g} vs conventional, inference, batch 32"),
+        *[
+            (
+                f"int8_{scheme}_vs_fp32_b{batch}",
+                f"INT8 ({results['backend']}, {scheme} weights) vs FP32, exported {g}, batch {batch}",
+            )
+            for scheme in ("symmetric", "asymmetric")
+            for batch in (1, 32)
+        ],
+        *[
+            (
+                f"int8_symmetric_vs_stock_fx_b{batch}",
+                f"INT8 (dfq, symmetric) vs stock torch.ao FX INT8 (calibrated, not bit-exact), exported {g}, "
+                f"batch {batch}",
+            )
+            for batch in (1, 32)
+            if f"int8_symmetric_vs_stock_fx_b{batch}" in models
+        ],
+        *[
+            (f"executorch_vs_fp32_b{batch}", f"INT8 ExecuTorch XNNPACK .pte vs FP32, exported {g}, batch {batch}")
+            for batch in (1, 32)
+            if f"executorch_vs_fp32_b{batch}" in models
+        ],
+        *[
+            (
+                f"executorch_vs_stock_b{batch}",
+                f"INT8 .pte vs stock ExecuTorch PT2E (every op quantized, calibrated, "
+                f"not bit-exact), exported {g}, batch {batch}",
+            )
+            for batch in (1, 32)
+            if f"executorch_vs_stock_b{batch}" in models
+        ],
+        *[
+            (f"onnx_{name}_vs_fp32_b{batch}", f"onnxruntime {name.upper()} vs torch FP32, exported {g}, batch {batch}")
+            for name in ("fp32", "int8")
+            for batch in (1, 32)
+            if f"onnx_{name}_vs_fp32_b{batch}" in models
+        ],
+    ]
     for key, label in labels:
         row = models[key]
-        lines.append(f"| {label} | {1e3 * row['first_s']:.1f} vs {1e3 * row['second_s']:.1f} ms | {row['ratio']:.3f}x |")
+        lines.append(
+            f"| {label} | {1e3 * row['first_s']:.1f} vs {1e3 * row['second_s']:.1f} ms | {row['ratio']:.3f}x |"
+        )
     size = models["size"]
     lines.append(f"| INT8 vs FP32 size (serialised state dict) | {size['int8_bytes'] / 2**20:.2f} vs "
                  f"{size['fp32_bytes'] / 2**20:.2f} MiB | {size['int8_bytes'] / size['fp32_bytes']:.3f}x |")
     if "pte_bytes" in size:
-        lines.append(f"| ExecuTorch .pte vs FP32 size | {size['pte_bytes'] / 2**20:.2f} vs {size['fp32_bytes'] / 2**20:.2f} "
-                     f"MiB | {size['pte_bytes'] / size['fp32_bytes']:.3f}x |")
+        lines.append(
+            f"| ExecuTorch .pte vs FP32 size | {size['pte_bytes'] / 2**20:.2f} vs {size['fp32_bytes'] / 2**20:.2f} "
+            f"MiB | {size['pte_bytes'] / size['fp32_bytes']:.3f}x |"
+        )
     rows = results.get("training", [])
     if rows:
         base = {name: rows[0][f"{name}_patches_per_s"] for name in ("conventional", "equivariant")}
@@ -466,10 +524,12 @@ def format_tables(results: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for row in rows:
             label = f"{row['precision']}, {'channels_last' if row['channels_last'] else 'contiguous'}"
-            lines.append(f"| {label} | {row['conventional_patches_per_s']:.1f} | {row['equivariant_patches_per_s']:.1f} | "
-                         f"{row['ratio']:.3f}x | {row['plain_twin_ratio']:.3f}x | "
-                         f"{row['conventional_patches_per_s'] / base['conventional']:.2f}x / "
-                         f"{row['equivariant_patches_per_s'] / base['equivariant']:.2f}x |")
+            lines.append(
+                f"| {label} | {row['conventional_patches_per_s']:.1f} | {row['equivariant_patches_per_s']:.1f} | "
+                f"{row['ratio']:.3f}x | {row['plain_twin_ratio']:.3f}x | "
+                f"{row['conventional_patches_per_s'] / base['conventional']:.2f}x / "
+                f"{row['equivariant_patches_per_s'] / base['equivariant']:.2f}x |"
+            )
         lines += ["", f"Plain twin: the {g} network exported to nn.Conv2d / nn.BatchNorm2d with its channel counts and "
                       "trained as a plain network (what rotconv's filter expansion and field-shared norm add)."]
     allocator = results.get("allocator")
@@ -487,8 +547,11 @@ def format_tables(results: dict) -> str:
                      f"{side['minor_faults']:.0f} page faults" for side in (row["system_allocator"], row["reuse"])]
             lines.append(f"| {label} | {cells[0]} | {cells[1]} | {row['ratio']:.3f}x |")
         speed_up = allocator["default_with_reuse_vs_fp32_contiguous"]
-        lines += ["", f"Default training ({default}, reuse) vs fp32 contiguous with the system allocator: "
-                      f"conventional {speed_up['conventional']:.2f}x, {g} {speed_up['equivariant']:.2f}x the patches/s."]
+        lines += [
+            "",
+            f"Default training ({default}, reuse) vs fp32 contiguous with the system allocator: "
+            f"conventional {speed_up['conventional']:.2f}x, {g} {speed_up['equivariant']:.2f}x the patches/s.",
+        ]
         if not allocator["applied"]:
             lines.append("(reuse not applied: the C library is not glibc; both columns are the system allocator)")
     return "\n".join(lines)
@@ -525,10 +588,17 @@ def main(argv: list[str] | None = None) -> int:
     hardware = rotconv.cpu_report()
     print(rotconv.hardware_line(hardware))
     print("layers ...", file=sys.stderr)
-    results = {"machine": f"{hardware['cpu']} ({os.cpu_count()} cores)", "hardware": hardware,
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "backend": args.backend,
-               "quick": args.quick, "group": args.group, "layers": layer_benchmarks(args.quick, repeats, group=args.group),
-               "construction": construction_cost(group=args.group)}
+    results = {
+        "machine": f"{hardware['cpu']} ({os.cpu_count()} cores)",
+        "hardware": hardware,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "backend": args.backend,
+        "quick": args.quick,
+        "group": args.group,
+        "layers": layer_benchmarks(args.quick, repeats, group=args.group),
+        "construction": construction_cost(group=args.group),
+    }
     print("models ...", file=sys.stderr)
     results["models"] = model_benchmarks(max(3, repeats // 2) if args.quick else repeats, args.backend, args.group)
     print("training throughput ...", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Conventional and C_N-equivariant MobileNetV2 for 95x95 PatchCamelyon patches, with what it takes to train
 and use them: the PCam dataset (:mod:`mobilenet.pcam`), a trainer for any classifier and dataset
-(:mod:`mobilenet.training`), model files and prediction (:mod:`mobilenet.inference`), freed-memory reuse for CPU processes
+(:mod:`mobilenet.training`), model files and prediction (:mod:`mobilenet.inference`), freed-memory reuse for CPU
+processes
 (:mod:`mobilenet.memory`)."""
 from rotconv.summary import ModelSummary, summary
 

@@ -28,7 +28,8 @@ MODEL_FORMAT = "rotconv-mobilenet-v2/1"
 
 def save(model: MobileNetV2, path: str, normalizer: Normalizer | None = None, metadata: dict | None = None) -> None:
     """Write ``model``'s architecture arguments, ``normalizer`` (the input preprocessing; default: the
-    ``model.normalizer`` that :func:`load` attaches) and weights to ``path`` atomically. ``metadata`` (plain values: numbers, strings, lists, dicts) is stored beside them."""
+    ``model.normalizer`` that :func:`load` attaches) and weights to ``path`` atomically. ``metadata`` (plain
+    values: numbers, strings, lists, dicts) is stored beside them."""
     if not isinstance(model, MobileNetV2):
         raise ValueError(f"model: expected a mobilenet.MobileNetV2, got {type(model).__name__}")
     if model.group is not None and not any(isinstance(m, rotconv.SteerableConv2d) for m in model.modules()):

@@ -15,7 +15,8 @@ of 2.9 ms.
 stay in the heap and the next step reuses them without faults. The price: the process keeps its peak heap until
 it exits (the memory is reused by later allocations, not returned to the system), as PyTorch's CUDA caching
 allocator does on a GPU. It is a process-wide setting; the command-line tools (benchmarks.pcam, .efficiency, .scales,
-.speed, .predict) call it first unless told ``--no-reuse-memory``. Other allocators with the same effect (jemalloc, tcmalloc via ``LD_PRELOAD``) work as well.
+.speed, .predict) call it first unless told ``--no-reuse-memory``. Other allocators with the same effect
+(jemalloc, tcmalloc via ``LD_PRELOAD``) work as well.
 """
 from __future__ import annotations
 

@@ -147,7 +147,9 @@ class InvertedResidual(nn.Module):
         self.use_residual = stride == 1 and in_width == out_width
         blocks: list[nn.Module] = []
         if expand_ratio != 1:
-            blocks.append(ConvNormActivation(layers.conv(in_width, hidden, 1, 1, size), layers.norm(hidden), activation))
+            blocks.append(
+                ConvNormActivation(layers.conv(in_width, hidden, 1, 1, size), layers.norm(hidden), activation)
+            )
         else:
             hidden = in_width
         blocks.append(ConvNormActivation(layers.depthwise(hidden, 3, stride, size), layers.norm(hidden), activation,

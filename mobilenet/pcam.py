@@ -4,7 +4,8 @@ A PCam root holds ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5`` (t
 keeps them in ``root/pcam/`` (torchvision's ``PCAM`` layout, whose split is called ``"val"``: both names
 work), or is an image folder ``root/{train,valid,test}/{0,1}/*.{png,jpg,jpeg,tif,tiff}`` (the layout of
 several public re-releases; the folder name is the label; ``val`` also names the validation folder), each
-file a 96x96 8-bit RGB patch, decoded lazily with Pillow (:func:`mobilenet.images.read_image`). Each ``x`` file has a dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y``
+file a 96x96 8-bit RGB patch, decoded lazily with Pillow (:func:`mobilenet.images.read_image`). Each ``x``
+file has a dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y``
 file a dataset ``y`` of shape ``(N, 1, 1, 1)`` uint8 (label 1 = tumour tissue in the central 32x32).
 Patches are read lazily with h5py (the official train split is 7 GB) and cropped to 95x95 (last row and
 column dropped, so the grid has a centre pixel); :class:`Normalizer` normalises batches per channel.
@@ -29,8 +30,20 @@ from rotconv import check_choice
 from rotconv.files import file_fingerprint
 from .images import IMAGE_SUFFIXES, ImageError, read_image, require_pillow
 
-__all__ = ["SPLITS", "PCamError", "PCam", "split_paths", "image_folder", "open_pcam", "data_fingerprint", "Normalizer", "augment_batch", "stain_jitter",
-           "balanced_subset", "CROP"]
+__all__ = [
+    "SPLITS",
+    "PCamError",
+    "PCam",
+    "split_paths",
+    "image_folder",
+    "open_pcam",
+    "data_fingerprint",
+    "Normalizer",
+    "augment_batch",
+    "stain_jitter",
+    "balanced_subset",
+    "CROP",
+]
 
 SPLITS = ("train", "valid", "test")
 _SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
@@ -156,7 +169,9 @@ def _check_split(x_path: str, y_path: str) -> int:
             raise PCamError(f"{x_path}: expected x of shape (N, 96, 96, 3) and dtype uint8, "
                             f"got {tuple(x.shape)} {x.dtype}")
         if y.dtype != np.uint8 or y.ndim != 4 or tuple(y.shape[1:]) != (1, 1, 1):
-            raise PCamError(f"{y_path}: expected y of shape (N, 1, 1, 1) and dtype uint8, got {tuple(y.shape)} {y.dtype}")
+            raise PCamError(
+                f"{y_path}: expected y of shape (N, 1, 1, 1) and dtype uint8, got {tuple(y.shape)} {y.dtype}"
+            )
         if x.shape[0] != y.shape[0]:
             raise PCamError(f"{x_path}: {x.shape[0]} patches but {os.path.basename(y_path)} has {y.shape[0]} labels")
         if x.shape[0] == 0:
@@ -367,7 +382,8 @@ class Normalizer(nn.Module):
         return (batch.float() / 255 - self.mean) / self.std
 
     def extra_repr(self) -> str:
-        return f"mean={[round(v, 4) for v in self.mean.flatten().tolist()]}, std={[round(v, 4) for v in self.std.flatten().tolist()]}"
+        mean, std = ([round(v, 4) for v in t.flatten().tolist()] for t in (self.mean, self.std))
+        return f"mean={mean}, std={std}"
 
     def value_range(self) -> tuple[float, float]:
         """The range of normalised values (what a data-free quantizer needs for the network input)."""

@@ -37,8 +37,22 @@ from .distributed import Distributed, convert_batchnorm
 from rotconv.files import atomic_write, clean_temporary_files, differences
 from .pcam import PCamError, augment_batch, stain_jitter
 
-__all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision", "resolve_stain_jitter", "STAIN_JITTER",
-           "train", "training_step", "evaluate_loss", "load_checkpoint", "save_atomically", "Progress"]
+__all__ = [
+    "UsageError",
+    "DivergedError",
+    "TrainConfig",
+    "PRECISIONS",
+    "bf16_supported",
+    "resolve_precision",
+    "resolve_stain_jitter",
+    "STAIN_JITTER",
+    "train",
+    "training_step",
+    "evaluate_loss",
+    "load_checkpoint",
+    "save_atomically",
+    "Progress",
+]
 
 
 class UsageError(ValueError):
@@ -106,8 +120,11 @@ class TrainConfig:
                 check_positive_int(self.steps_per_epoch, "steps_per_epoch")
             except ValueError as error:
                 raise UsageError("config.steps_per_epoch", str(error).split(": ", 1)[1]) from None
-        if self.stain_jitter is not None and not (isinstance(self.stain_jitter, (int, float))
-                                                  and not isinstance(self.stain_jitter, bool) and 0 <= self.stain_jitter < 1):
+        if self.stain_jitter is not None and not (
+            isinstance(self.stain_jitter, (int, float))
+            and not isinstance(self.stain_jitter, bool)
+            and 0 <= self.stain_jitter < 1
+        ):
             raise UsageError("config.stain_jitter", f"expected a number in [0, 1), got {self.stain_jitter!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
@@ -315,7 +332,10 @@ def _train_batches(data, config: TrainConfig, epoch: int, processes: Distributed
                 images, labels = item[0], torch.as_tensor(item[1])
                 size = images.shape[0]
                 if config.augment:
-                    turns, flips = torch.from_numpy(rng.integers(0, 4, size)), torch.from_numpy(rng.integers(0, 2, size))
+                    turns, flips = (
+                        torch.from_numpy(rng.integers(0, 4, size)),
+                        torch.from_numpy(rng.integers(0, 2, size)),
+                    )
                     images = augment_batch(images, turns, flips)
                 images = _apply_stain_jitter(images, _stain_factors(rng, config.stain_jitter, size))
                 yield images, labels
@@ -548,7 +568,9 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     history, best = state["history"], state["best"]
     network: nn.Module = model
     if processes.world_size > 1:
-        network = nn.parallel.DistributedDataParallel(model, device_ids=[processes.local_rank] if device.startswith("cuda") else None)
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[processes.local_rank] if device.startswith("cuda") else None
+        )
     for epoch in range(state["start_epoch"], config.epochs + 1):
         batches, steps = _train_batches(train_data, config, epoch, processes, workers, device)
         progress = Progress(steps, f"epoch {epoch}/{config.epochs} train", processes.main)

@@ -27,7 +27,15 @@ from .extras import DEPLOY_EXTRA, capture_native_stderr, require_extra, runtime_
 from .pipeline import RELU6_DEFAULT, check_float_model, prepare
 from .plan import QuantPlan, plan_quantization
 
-__all__ = ["to_executorch", "load_executorch", "ExecuTorchModel", "quantize_pt2e", "traced_example", "require_executorch", "DEPLOY_EXTRA"]
+__all__ = [
+    "to_executorch",
+    "load_executorch",
+    "ExecuTorchModel",
+    "quantize_pt2e",
+    "traced_example",
+    "require_executorch",
+    "DEPLOY_EXTRA",
+]
 
 
 def require_executorch():

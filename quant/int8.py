@@ -107,7 +107,8 @@ class IntegerMaskedGlobalAvgPool(nn.Module):
     -> ``(B, C)`` float.
 
     The pooling weights are rounded to integers ``w = round(weight * 2**WEIGHT_BITS)`` (each weight moves by
-    at most 2**-25: a relative change below 1e-6 at the 11x11 map of a 95x95 MobileNetV2) and ``sum_p q_p w_p`` is computed exactly, so it does not depend on the summation order:
+    at most 2**-25: a relative change below 1e-6 at the 11x11 map of a 95x95 MobileNetV2) and
+    ``sum_p q_p w_p`` is computed exactly, so it does not depend on the summation order:
     when the int8 feature map of a rotated input is the rotated feature map (and the weights are
     rotation-symmetric, as a disc is under quarter turns), the pooled features are bit-identical. A float
     sum would differ in the last bits, because a rotation changes the order of the terms.

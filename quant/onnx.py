@@ -10,7 +10,8 @@ same real values as torchao's int8 codes): onnxruntime on x86 converts int8 acti
 front of convolutions, so with int8 activations the 17 projection convolutions (uint8 in, int8 out towards
 an add) and the adds stayed float operations on dequantized values, 20-40% slower and not bit-exact. The
 weights are written as uint8 too (zero point 128): onnxruntime's uint8 x int8 kernels saturate int16 sums
-on x86 CPUs without VNNI, uint8 x uint8 never do. Every remaining operation on the feature maps is integer, so the logits of a patch rotated by 90
+on x86 CPUs without VNNI, uint8 x uint8 never do. Every remaining operation on the feature maps is integer, so
+the logits of a patch rotated by 90
 degrees are bit-identical (tested, at several batch sizes).
 
 Needs the optional extra: ``pip install 'rotconv[deploy]'`` (onnx, onnxscript, onnxruntime; INT8 also

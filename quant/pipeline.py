@@ -63,8 +63,11 @@ def check_float_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
-        if isinstance(module, (FakeQuantize, Int8Model)) or type(module).__module__.startswith("torch.ao.nn.quantized") \
-                or type(module).__module__.startswith("torch.ao.nn.intrinsic.quantized"):
+        if (
+            isinstance(module, (FakeQuantize, Int8Model))
+            or type(module).__module__.startswith("torch.ao.nn.quantized")
+            or type(module).__module__.startswith("torch.ao.nn.intrinsic.quantized")
+        ):
             raise ValueError(f"model: already quantized ({name or 'the model'} is {type(module).__name__}); "
                              "pass the float model")
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):

@@ -244,7 +244,12 @@ def simulate(plan: QuantPlan) -> fx.GraphModule:
         if is_conv(graph_module, node):
             conv = module_of(graph_module, node)
             source = node.args[0]
-            if plan.integer_bias and conv.bias is not None and isinstance(source, fx.Node) and source.name in plan.points:
+            if (
+                plan.integer_bias
+                and conv.bias is not None
+                and isinstance(source, fx.Node)
+                and source.name in plan.points
+            ):
                 step = plan.activation_qparams(source.name)[0] * plan.weight_qparams(conv)[0]
                 conv.bias.copy_(torch.round(conv.bias / step) * step)
             conv.weight.copy_(fake_quantize_weight(conv.weight, plan.weight_bits_of(conv), plan.weight_scheme))

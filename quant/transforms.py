@@ -70,7 +70,9 @@ def _input_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return weight.flatten(1).amax(dim=1)  # depthwise: input channel i is output channel i
 
 
-def field_size(group: object = None, fields: object = None, caller: str = "equalize", stacklevel: int = 4) -> int | None:
+def field_size(
+    group: object = None, fields: object = None, caller: str = "equalize", stacklevel: int = 4
+) -> int | None:
     """The channels of one regular field for ``group`` (an int N or a group object with ``order``), or
     None for a network without group structure. ``fields`` is the old name of ``group`` (deprecated)."""
     if fields is not None:

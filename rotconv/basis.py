@@ -28,7 +28,14 @@ import torch
 
 from .validation import check_int, check_positive_int
 
-__all__ = ["SteerableBasis", "steerable_basis", "clear_cache", "default_rings", "default_sigmas", "default_max_frequency"]
+__all__ = [
+    "SteerableBasis",
+    "steerable_basis",
+    "clear_cache",
+    "default_rings",
+    "default_sigmas",
+    "default_max_frequency",
+]
 
 #: Frequency cutoff factor: an inner ring of radius r carries harmonics m <= floor(DEFAULT_FREQUENCY_FACTOR * r);
 #: the outermost ring, which the square support truncates at the corners and samples most sparsely relative
@@ -196,7 +203,8 @@ def steerable_basis(
         rings: ring radii in pixels; default 0, 1, ..., (k-1)/2.
         sigma: Gaussian width of each ring (a float for all rings); default :func:`default_sigmas`.
         max_frequency: band limit per ring, a callable ``radius -> m_max`` or one int per ring; default
-            :func:`default_max_frequency` (which treats the outermost ring specially). Rings at the origin always carry only m = 0.
+            :func:`default_max_frequency` (which treats the outermost ring specially). Rings at the origin
+            always carry only m = 0.
         supersample: points per pixel side for integrating the functions over each pixel.
     Returns:
         :class:`SteerableBasis`; identical arguments return the same (cached) object.

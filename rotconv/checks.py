@@ -47,7 +47,9 @@ def equivariance_error(
     expected = group.act(module(x), k, regular=output_regular)
     actual = module(group.act(x, k, regular=input_regular))
     if actual.shape != expected.shape:
-        raise ValueError(f"module: output shapes differ under rotation: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+        raise ValueError(
+            f"module: output shapes differ under rotation: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+        )
     if mask is None:
         mask = expected.dim() == 4 and not group.is_exact(k)
     if mask:
@@ -87,7 +89,9 @@ def randomize_batchnorm(model: nn.Module, inputs: torch.Tensor | list[torch.Tens
             module.reset_running_stats()
             module.momentum = None
             if module.affine:
-                module.weight.copy_(torch.empty_like(module.weight, device="cpu").uniform_(*weight, generator=generator))
+                module.weight.copy_(
+                    torch.empty_like(module.weight, device="cpu").uniform_(*weight, generator=generator)
+                )
                 module.bias.copy_(torch.empty_like(module.bias, device="cpu").uniform_(*bias, generator=generator))
     model.train()
     for batch in inputs if isinstance(inputs, (list, tuple)) else [inputs]:

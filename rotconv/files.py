@@ -26,7 +26,8 @@ class OutputError(OSError):
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it to ``path``: readers see the
     old file or the whole new one, never a part. The file gets the permissions of a plainly created one
-    (0666 less the umask), so another user, e.g. a model server, can read it. On any failure (disk full, permissions, interruption) the
+    (0666 less the umask), so another user, e.g. a model server, can read it. On any failure (disk full,
+    permissions, interruption) the
     temporary file is removed and an :class:`OutputError` names ``path``."""
     directory = os.path.dirname(path) or "."
     try:
@@ -46,7 +47,9 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise OutputError(error.errno, f"{path}: could not be written ({reason}); nothing was left half-written") from None
+        raise OutputError(
+            error.errno, f"{path}: could not be written ({reason}); nothing was left half-written"
+        ) from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)

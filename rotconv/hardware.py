@@ -2,7 +2,7 @@
 integer dot-product instructions (VNNI), quantized engines, threads. One line of it heads every timing.
 
     >>> rotconv.hardware_line()      # doctest: +SKIP
-    'AMD EPYC (2 cores) | ATen AVX512 | VNNI yes | bf16 yes | AMX no | int8 engines qnnpack, onednn, x86, fbgemm | 2 threads'
+    'AMD EPYC (2 cores) | ATen AVX512 | VNNI yes | bf16 yes | AMX no | int8 engines qnnpack, ... | 2 threads'
 """
 from __future__ import annotations
 

@@ -297,7 +297,9 @@ class SteerableConv2d(nn.Module):
         ``padding='equivariant'``, whose padding depends on the input size."""
         if self.padding == "equivariant" and self.stride > 1:
             if input_size is None:
-                raise ValueError("input_size: a strided layer with padding='equivariant' needs the input size to export")
+                raise ValueError(
+                    "input_size: a strided layer with padding='equivariant' needs the input size to export"
+                )
             height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
             pad_h = self._padding_for(height, "input_size")
             pad_w = self._padding_for(width, "input_size")

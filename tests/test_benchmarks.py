@@ -212,20 +212,46 @@ def test_allocator_benchmarks_run_both_allocators_in_fresh_processes():
         assert row["ratio"] == pytest.approx(row["reuse"]["wall_s"] / row["system_allocator"]["wall_s"])
     assert result["applied"] == (_glibc() is not None)
     assert set(result["default_with_reuse_vs_fp32_contiguous"]) == {"conventional", "equivariant"}
-    table = speed.format_tables({"machine": "m", "threads": 1, "torch": "t", "group": "C12", "layers": [],
-                                 "construction": dict.fromkeys(("cold_s", "warm_s", "parameter_bytes", "buffer_bytes",
-                                                                "expanded_filter_bytes", "filter_expansion_s"), 0)
-                                 | {"layer": "l"},
-                                 "models": {"size": {"int8_bytes": 1, "fp32_bytes": 1}} | {
-                                     key: {"first_s": 1.0, "second_s": 1.0, "ratio": 1.0} for key in
-                                     ["train_step_b32", "inference_b32", "exported_inference_b32"]
-                                     + [f"int8_{scheme}_vs_fp32_b{batch}" for scheme in ("symmetric", "asymmetric")
-                                        for batch in (1, 32)]},
-                                 "backend": "x86", "allocator": result,
-                                 "training": [{"precision": "fp32", "channels_last": False, "equivariant_patches_per_s": 30.0,
-                                               "conventional_patches_per_s": 32.0, "ratio": 1.05, "plain_twin_ratio": 0.9},
-                                              {"precision": "bf16", "channels_last": True, "equivariant_patches_per_s": 60.0,
-                                               "conventional_patches_per_s": 48.0, "ratio": 0.8, "plain_twin_ratio": 0.95}]})
+    table = speed.format_tables(
+        {
+            "machine": "m",
+            "threads": 1,
+            "torch": "t",
+            "group": "C12",
+            "layers": [],
+            "construction": dict.fromkeys(
+                ("cold_s", "warm_s", "parameter_bytes", "buffer_bytes", "expanded_filter_bytes", "filter_expansion_s"),
+                0,
+            )
+            | {"layer": "l"},
+            "models": {"size": {"int8_bytes": 1, "fp32_bytes": 1}}
+            | {
+                key: {"first_s": 1.0, "second_s": 1.0, "ratio": 1.0}
+                for key in ["train_step_b32", "inference_b32", "exported_inference_b32"]
+                + [f"int8_{scheme}_vs_fp32_b{batch}" for scheme in ("symmetric", "asymmetric") for batch in (1, 32)]
+            },
+            "backend": "x86",
+            "allocator": result,
+            "training": [
+                {
+                    "precision": "fp32",
+                    "channels_last": False,
+                    "equivariant_patches_per_s": 30.0,
+                    "conventional_patches_per_s": 32.0,
+                    "ratio": 1.05,
+                    "plain_twin_ratio": 0.9,
+                },
+                {
+                    "precision": "bf16",
+                    "channels_last": True,
+                    "equivariant_patches_per_s": 60.0,
+                    "conventional_patches_per_s": 48.0,
+                    "ratio": 0.8,
+                    "plain_twin_ratio": 0.95,
+                },
+            ],
+        }
+    )
     assert "freed-memory reuse" in table and "C_12 inference (fp32)" in table
     assert table.count("page faults") == 2 * len(result["rows"])
     # the training table: the plain-twin column and the speed-up against the first (fp32 contiguous) row

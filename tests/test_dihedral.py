@@ -77,7 +77,9 @@ def test_thirty_degree_rotation_and_mirror_bounded_on_smooth_inputs():
     # measured 3-5% in benchmarks.equivariance); a mirrored 30-degree rotation is no worse than the rotation.
     torch.manual_seed(0)
     group = rotconv.DihedralGroup(12)
-    stack = nn.Sequential(rotconv.LiftingConv2d(3, 2, 5, group), nn.ReLU(), rotconv.GroupConv2d(2, 2, 5, group)).double()
+    stack = nn.Sequential(
+        rotconv.LiftingConv2d(3, 2, 5, group), nn.ReLU(), rotconv.GroupConv2d(2, 2, 5, group)
+    ).double()
     x = smooth_masked_input(2, 3, 33, sigma=2.0, seed=1)
     rotation = rotconv.equivariance_error(stack, group, x, 1)
     mirrored = rotconv.equivariance_error(stack, group, x, 13)

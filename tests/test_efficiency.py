@@ -58,7 +58,9 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     assert "| 16 |" in results["table"] and "| 32 |" in results["table"]
     # a resumed run reuses every finished result (nothing retrains) and reports the same numbers
     before = {(r["size"], r["model"]): r["fp32_accuracy"] for r in results["runs"]}
-    os.remove(runs / "size32-C4-lr0.003-stain0.1-seed0" / "result.json")  # as if killed after training, before the result
+    os.remove(
+        runs / "size32-C4-lr0.003-stain0.1-seed0" / "result.json"
+    )  # as if killed after training, before the result
     capsys.readouterr()
     assert efficiency.main(arguments + ["--resume"]) == 0
     printed = capsys.readouterr().out
@@ -114,7 +116,10 @@ def test_valid_only_never_opens_the_test_split(tmp_path):
         assert run["lr"] == {"conventional": 3e-3, "C4": 1e-2}[run["model"]]
     assert "VALIDATION split only" in results["table"]
     # the same runs are kept per learning rate, so a study of several rates shares one --runs directory
-    assert sorted(os.listdir(tmp_path / "runs"))[:2] == ["size16-C4-lr0.01-stain0.1-seed0", "size16-conventional-lr0.003-stain0.1-seed0"]
+    assert sorted(os.listdir(tmp_path / "runs"))[:2] == [
+        "size16-C4-lr0.01-stain0.1-seed0",
+        "size16-conventional-lr0.003-stain0.1-seed0",
+    ]
 
 
 @pytest.mark.parametrize("variant, suffix, attribute, value", [

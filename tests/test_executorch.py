@@ -3,7 +3,6 @@ import builtins
 import importlib.util
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch

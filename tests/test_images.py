@@ -15,8 +15,9 @@ from mobilenet.pcam import PCam, PCamError, data_fingerprint, open_pcam
 Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip install pillow)")
 
 
-def write_folder(root, sizes={"train": 6, "valid": 4, "test": 4}, seed=0, suffix=".png"):
+def write_folder(root, sizes=(("train", 6), ("valid", 4), ("test", 4)), seed=0, suffix=".png"):
     """A tiny image-folder PCam (lossless PNG by default); returns {split: (images (N,96,96,3), labels)}."""
+    sizes = dict(sizes)
     rng = np.random.default_rng(seed)
     written = {}
     for split, count in sizes.items():

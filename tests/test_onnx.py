@@ -141,8 +141,13 @@ def test_bad_files_and_inputs_are_named(files, tmp_path):
         quant.to_onnx(nn.Conv2d(3, 3, 1), str(tmp_path / "x.onnx"), int8="yes")
 
 
-@pytest.mark.parametrize("backend, file_name, wording", [
-    ("executorch", "model.pte", "an ExecuTorch XNNPACK program"), ("onnx", "model.onnx", "an ONNX QDQ file in onnxruntime")])
+@pytest.mark.parametrize(
+    "backend, file_name, wording",
+    [
+        ("executorch", "model.pte", "an ExecuTorch XNNPACK program"),
+        ("onnx", "model.onnx", "an ONNX QDQ file in onnxruntime"),
+    ],
+)
 def test_pcam_benchmark_reports_the_deployed_file(tmp_path, backend, file_name, wording):
     # benchmarks.pcam --int8-backend executorch|onnx: the INT8 figures come from the file kept beside the run,
     # and the C_4 model's INT8 predictions never change under quarter turns.

@@ -235,8 +235,27 @@ def test_torchrun_two_processes_train_like_one(tiny_data, tmp_path):
     # colours give these synthetic patches batch statistics that amplify the rounding of the synced
     # statistics past 1e-5 (1.4e-5 measured); that the processes see the same jittered patches is tested
     # exactly in tests/test_training_api.py.
-    common = ["--data", tiny_data, "--models", "conventional", "--epochs", "1", "--dropout", "0", "--precision", "fp32", "--optimizer",
-              "sgd", "--lr", "0.01", "--stain-jitter", "0", *TINY, "--train-size", "16"]
+    common = [
+        "--data",
+        tiny_data,
+        "--models",
+        "conventional",
+        "--epochs",
+        "1",
+        "--dropout",
+        "0",
+        "--precision",
+        "fp32",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.01",
+        "--stain-jitter",
+        "0",
+        *TINY,
+        "--train-size",
+        "16",
+    ]
     single = run_cli([*common, "--runs", str(tmp_path / "one"), "--out", str(tmp_path / "one.json")], timeout=600)
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -247,8 +266,12 @@ def test_torchrun_two_processes_train_like_one(tiny_data, tmp_path):
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
-    assert two["runs"][0]["history"][0]["train_loss"] == pytest.approx(one["runs"][0]["history"][0]["train_loss"], rel=1e-5)
-    assert two["runs"][0]["history"][0]["valid_loss"] == pytest.approx(one["runs"][0]["history"][0]["valid_loss"], rel=1e-4)
+    assert two["runs"][0]["history"][0]["train_loss"] == pytest.approx(
+        one["runs"][0]["history"][0]["train_loss"], rel=1e-5
+    )
+    assert two["runs"][0]["history"][0]["valid_loss"] == pytest.approx(
+        one["runs"][0]["history"][0]["valid_loss"], rel=1e-4
+    )
     first = torch.load(tmp_path / "one" / "conventional-seed0" / "last.pt", weights_only=False)["model"]
     second = torch.load(tmp_path / "two" / "conventional-seed0" / "last.pt", weights_only=False)["model"]
     assert first.keys() == second.keys()  # plain batch-norm state: the checkpoint loads into either

@@ -78,7 +78,9 @@ def test_trainer_takes_any_dataset_or_loader(tmp_path, as_loader):
     assert result["best_valid_loss"] < before  # it learned something (the labels are a simple function)
     assert os.path.exists(tmp_path / "run" / "last.pt")
     model.load_state_dict(result["best_state"])
-    assert mobilenet.evaluate_loss(model, valid_data, None, 16, show=False)[0] == pytest.approx(result["best_valid_loss"])
+    assert mobilenet.evaluate_loss(model, valid_data, None, 16, show=False)[0] == pytest.approx(
+        result["best_valid_loss"]
+    )
 
 
 @pytest.mark.parametrize("change, argument", [
@@ -279,6 +281,8 @@ def test_each_process_gets_its_share_of_the_augmented_global_batch(data, process
     order, turns, flips, stains = _epoch_plan(config, 0, 16)
     whole = _EpochBatches(train.batch, order, turns, flips, stains, 16, 0, 16, 1)[0]
     local = 16 // processes
-    shares = [_EpochBatches(train.batch, order, turns, flips, stains, 16, rank, local, 1)[0] for rank in range(processes)]
+    shares = [
+        _EpochBatches(train.batch, order, turns, flips, stains, 16, rank, local, 1)[0] for rank in range(processes)
+    ]
     assert torch.equal(torch.cat([images for images, _ in shares]), whole[0])
     assert torch.equal(torch.cat([labels for _, labels in shares]), whole[1])
