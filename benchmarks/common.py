@@ -10,25 +10,8 @@ import torch.nn as nn
 
 import rotconv
 from mobilenet.memory import reuse_freed_memory
-from rotconv.files import (OutputError, RunLock, atomic_write, check_writable, clean_temporary_files, differences,
-                             file_fingerprint, strict_json, write_json)
-
-__all__ = [
-    "add_memory_argument",
-    "apply_memory_argument",
-    "serialized_bytes",
-    "untrained_but_generic",
-    "initialize_rotconv_layers",
-    "atomic_write",
-    "clean_temporary_files",
-    "check_writable",
-    "strict_json",
-    "write_json",
-    "file_fingerprint",
-    "differences",
-    "RunLock",
-    "OutputError",
-]
+__all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "untrained_but_generic",
+           "initialize_rotconv_layers"]
 
 
 def add_memory_argument(parser: argparse.ArgumentParser) -> None:

@@ -33,7 +33,9 @@ import torch.nn as nn
 
 import rotconv
 
-from .common import untrained_but_generic, write_json
+from rotconv.files import write_json
+
+from .common import untrained_but_generic
 
 
 def e2cnn_test_net(group: rotconv.CyclicGroup, seed: int, basis_options: dict | None = None) -> nn.Module:

@@ -40,8 +40,9 @@ from mobilenet.pcam import Normalizer, PCam, PCamError, data_fingerprint, open_p
 from mobilenet import training
 from mobilenet.training import PRECISIONS, DivergedError, Progress, TrainConfig, UsageError, resolve_precision, train
 
-from .common import (OutputError, RunLock, add_memory_argument, apply_memory_argument, check_writable, serialized_bytes,
-                     write_json)
+from rotconv.files import OutputError, RunLock, check_writable, write_json
+
+from .common import add_memory_argument, apply_memory_argument, serialized_bytes
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
 
 __all__ = ["main", "PAPER", "PROFILES", "format_table", "mean_std", "percent", "model_label"]

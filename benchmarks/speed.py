@@ -39,14 +39,9 @@ import mobilenet
 import quant
 import rotconv
 
-from .common import (
-    add_memory_argument,
-    apply_memory_argument,
-    atomic_write,
-    serialized_bytes,
-    untrained_but_generic,
-    write_json,
-)
+from rotconv.files import atomic_write, write_json
+
+from .common import add_memory_argument, apply_memory_argument, serialized_bytes, untrained_but_generic
 from mobilenet.training import bf16_supported, training_step
 from quant.int8 import quantized_engine
 

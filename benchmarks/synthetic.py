@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from .common import atomic_write
+from rotconv.files import atomic_write
 from mobilenet.pcam import SPLITS, split_paths
 
 __all__ = ["generate_patch", "write_synthetic_pcam", "DEFAULT_SIZES"]
