@@ -1,15 +1,18 @@
-"""Conventional and C_N-equivariant MobileNetV2 for 95x95 PatchCamelyon patches.
+"""Conventional and equivariant (C_N, D_N) MobileNetV2 for 95x95 PatchCamelyon patches.
 
 MobileNetV2 (Sandler et al. 2018): inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 linear
 projection), expansion 6, ReLU6, residual connections where shapes allow. Adapted to PCam as in Mohamed et
 al.: 95x95 (odd) inputs, the stride of two stages reduced from 2 to 1 (the 64- and 160-channel stages) so
 the last feature map is 11x11 instead of 3x3, odd grids kept by every strided layer
 (``rotconv.equivariant_padding``), a circular mask on the input and a circular field of view in the
-global pooling. The equivariant network uses the same table with ``round(c / N)`` regular fields (at least
+global pooling. The equivariant network uses the same table with ``round(c / order)`` regular fields (``order``: the
+group's elements, N for C_N, 2N for D_N) (at least
 ``min_fields``, 1 by default) where the conventional one has ``c`` channels, and an invariant head: masked
-global average pooling, pooling over the N rotations (max by default; ``group_pool="sort"`` keeps every order
+global average pooling, pooling over the group (max by default; ``group_pool="sort"`` keeps every order
 statistic), linear classifier.
 """
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -43,9 +46,13 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class _PlainLayers:
-    """Builds the conventional layers (unconstrained nn.Conv2d filters)."""
+    """Builds the conventional layers (unconstrained nn.Conv2d filters); ``norm_layer(channels)`` (default
+    ``nn.BatchNorm2d``)."""
 
     group = None
+
+    def __init__(self, norm_layer: Callable[..., nn.Module] | None = None) -> None:
+        self.norm_layer = norm_layer or nn.BatchNorm2d
 
     def width(self, channels: int) -> int:
         return channels
@@ -62,18 +69,21 @@ class _PlainLayers:
         return nn.Conv2d(channels, channels, kernel_size, stride, padding, groups=channels, bias=False)
 
     def norm(self, channels: int) -> nn.Module:
-        return nn.BatchNorm2d(channels)
+        return self.norm_layer(channels)
 
     def pool_rotations(self, mode: str) -> nn.Module:
         return nn.Identity()
 
 
 class _EquivariantLayers:
-    """Builds the equivariant layers; ``c`` conventional channels become ``max(min_fields, round(c/N))`` fields."""
+    """Builds the equivariant layers; ``c`` conventional channels become ``max(min_fields, round(c / order))``
+    fields; ``norm_layer(fields, group)`` (default :class:`rotconv.GroupBatchNorm2d`)."""
 
-    def __init__(self, group: rotconv.Group, min_fields: int = 1) -> None:
+    def __init__(self, group: rotconv.Group, min_fields: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
         self.group = group
         self.min_fields = min_fields
+        self.norm_layer = norm_layer or rotconv.GroupBatchNorm2d
 
     def fields(self, channels: int) -> int:
         return max(self.min_fields, round(channels / self.group.order))
@@ -83,16 +93,17 @@ class _EquivariantLayers:
 
     def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, size: int,
              lifting: bool = False) -> nn.Module:
-        N = self.group.order
+        order = self.group.order
         if lifting:
-            return rotconv.LiftingConv2d(in_channels, out_channels // N, kernel_size, self.group, stride, bias=False)
-        return rotconv.GroupConv2d(in_channels // N, out_channels // N, kernel_size, self.group, stride, bias=False)
+            return rotconv.LiftingConv2d(in_channels, out_channels // order, kernel_size, self.group, stride, bias=False)
+        return rotconv.GroupConv2d(in_channels // order, out_channels // order, kernel_size, self.group, stride,
+                                   bias=False)
 
     def depthwise(self, channels: int, kernel_size: int, stride: int, size: int) -> nn.Module:
         return rotconv.DepthwiseGroupConv2d(channels // self.group.order, kernel_size, self.group, stride, bias=False)
 
     def norm(self, channels: int) -> nn.Module:
-        return rotconv.GroupBatchNorm2d(channels // self.group.order, self.group)
+        return self.norm_layer(channels // self.group.order, self.group)
 
     def pool_rotations(self, mode: str) -> nn.Module:
         return rotconv.GroupPool(self.group, mode)
@@ -164,16 +175,49 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 for square ``input_size`` RGB patches; see :func:`mobilenet_v2`.
+    """MobileNetV2 for square ``input_size`` RGB patches (build it with :func:`mobilenet_v2`).
 
     Shapes: ``(B, 3, input_size, input_size) -> (B, num_classes)`` logits.
+
+    Args:
+        num_classes: classifier outputs (2 for PCam).
+        group: ``None`` for the conventional network (plain ``nn.Conv2d``), or the group of the equivariant
+            one: a :class:`rotconv.CyclicGroup` or its number of rotations N (the paper uses ``group=12``), or a
+            :class:`rotconv.DihedralGroup` / ``"D12"`` for rotations and reflections.
+        width_mult: channel multiplier (as torchvision).
+        input_size: odd side of the square input (95 for PCam's 96x96 patches cropped by one pixel).
+        activation: ``"relu6"`` (MobileNetV2) or ``"relu"``.
+        dropout: dropout before the classifier.
+        group_pool: the invariant readout of an equivariant model (:class:`rotconv.GroupPool` mode):
+            ``"max"`` over each field's ``order`` channels (the paper's; the classifier sees ``round(1280 / order)``
+            features), ``"mean"``, or ``"sort"`` (each field's ``order`` values in ascending order: as many features as
+            the conventional model, still exactly invariant).
+        min_fields: the fewest regular fields of any equivariant layer. With ``round(c / order)`` a large group leaves
+            the narrow early layers one or two fields (C_12: one 12-channel field after block 1; D_12: one
+            24-channel field from the stem on), i.e. one or two distinct features in ``order`` poses; ``min_fields=3``
+            widens only those layers (C_12: +2.7% MACs, D_12: +18% over the conventional model), ``min_fields=8``
+            every layer below 96 channels (C_12: +29%); docs/training.md section 10 measures both.
+        inverted_residual_setting: the block table, rows ``(t, c, n, s)`` (default
+            :data:`INVERTED_RESIDUAL_SETTING`; ``c`` in conventional channels, fields follow ``min_fields``).
+        norm_layer: the normalisation: ``norm_layer(channels)`` for the conventional model (default
+            ``nn.BatchNorm2d``), ``norm_layer(fields, group)`` for an equivariant one (default
+            :class:`rotconv.GroupBatchNorm2d`; it must be equivariant, e.g. field-wise).
     """
 
     def __init__(self, num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
-                 group_pool: str = "max", min_fields: int = 1) -> None:
+                 group_pool: str = "max", min_fields: int = 1,
+                 inverted_residual_setting: list[tuple[int, int, int, int]] | None = None,
+                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
+        setting = [tuple(row) for row in (inverted_residual_setting or INVERTED_RESIDUAL_SETTING)]
+        if not setting or any(len(row) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                          for v in row) or row[3] not in (1, 2) for row in setting):
+            raise ValueError("inverted_residual_setting: expected a non-empty list of (t, c, n, s) positive integers "
+                             f"with stride s 1 or 2, got {inverted_residual_setting!r}")
+        if norm_layer is not None and not callable(norm_layer):
+            raise ValueError(f"norm_layer: expected a callable or None, got {norm_layer!r}")
         group = None if group is None else as_group(group)
         if not isinstance(width_mult, (int, float)) or width_mult <= 0:
             raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
@@ -197,7 +241,9 @@ class MobileNetV2(nn.Module):
         self.width_mult = width_mult
         self.activation = activation
         self.dropout = dropout
-        layers = _PlainLayers() if group is None else _EquivariantLayers(group, min_fields)
+        self.inverted_residual_setting = None if inverted_residual_setting is None else [list(row) for row in setting]
+        self.norm_layer = norm_layer
+        layers = _PlainLayers(norm_layer) if group is None else _EquivariantLayers(group, min_fields, norm_layer)
         act = _ACTIVATIONS[activation]
 
         size = input_size
@@ -208,7 +254,7 @@ class MobileNetV2(nn.Module):
         size = rotconv.equivariant_output_size(size, 3, 2)
         self.sizes = [size]
         in_channels = _make_divisible(STEM_CHANNELS * width_mult)
-        for t, c, n, s in INVERTED_RESIDUAL_SETTING:
+        for t, c, n, s in setting:
             out_channels = _make_divisible(c * width_mult)
             for i in range(n):
                 stride = s if i == 0 else 1
@@ -283,37 +329,29 @@ class MobileNetV2(nn.Module):
         stores)."""
         group = None if self.group is None else self.group.N if isinstance(self.group, rotconv.CyclicGroup) \
             else str(self.group)
-        return {"num_classes": self.num_classes, "group": group,
-                "width_mult": self.width_mult, "input_size": self.input_size, "activation": self.activation,
-                "dropout": self.dropout, "group_pool": self.group_pool, "min_fields": self.min_fields}
+        if self.norm_layer is not None:
+            raise ValueError("model: a custom norm_layer cannot be stored as an argument; save the state_dict and "
+                             "build the model again with the same norm_layer")
+        arguments = {"num_classes": self.num_classes, "group": group,
+                     "width_mult": self.width_mult, "input_size": self.input_size, "activation": self.activation,
+                     "dropout": self.dropout, "group_pool": self.group_pool, "min_fields": self.min_fields}
+        if self.inverted_residual_setting is not None:
+            arguments["inverted_residual_setting"] = self.inverted_residual_setting
+        return arguments
 
     def extra_repr(self) -> str:
         group = "conventional" if self.group is None else f"group={self.group!r}"
         return f"{group}, input_size={self.input_size}, num_classes={self.num_classes}"
 
 
-def mobilenet_v2(num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
-                 input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
-                 group_pool: str = "max", min_fields: int = 1) -> MobileNetV2:
-    """Build MobileNetV2 for PCam.
+def mobilenet_v2(*, weights: str | None = None, **kwargs) -> MobileNetV2:
+    """Build MobileNetV2 for PCam: ``MobileNetV2(**kwargs)`` (every argument is documented there), or with
+    ``weights=NAME`` the shipped model of that name trained on real PCam patches (:func:`mobilenet.pretrained`;
+    no other argument then)."""
+    if weights is not None:
+        if kwargs:
+            raise ValueError(f"weights: a pretrained model has its own architecture; got also {sorted(kwargs)}")
+        from .pretrained import pretrained
 
-    Args:
-        num_classes: classifier outputs (2 for PCam).
-        group: ``None`` for the conventional network (plain ``nn.Conv2d``), or the group of the equivariant
-            one: a :class:`rotconv.CyclicGroup` or its order N (the paper uses ``group=12``), or a
-            :class:`rotconv.DihedralGroup` / ``"D12"`` for rotations and reflections.
-        width_mult: channel multiplier (as torchvision).
-        input_size: odd side of the square input (95 for PCam's 96x96 patches cropped by one pixel).
-        activation: ``"relu6"`` (MobileNetV2) or ``"relu"``.
-        dropout: dropout before the classifier.
-        group_pool: the invariant readout of an equivariant model (:class:`rotconv.GroupPool` mode):
-            ``"max"`` over each field's N channels (the paper's; the classifier sees ``round(1280 / N)``
-            features), ``"mean"``, or ``"sort"`` (each field's N values in ascending order: as many features as
-            the conventional model, still exactly invariant).
-        min_fields: the fewest regular fields of any equivariant layer. With ``round(c / N)`` a large group leaves
-            the narrow early layers one or two fields (C_12: one 12-channel field after block 1; D_12: one
-            24-channel field from the stem on), i.e. one or two distinct features in N poses; ``min_fields=3``
-            widens only those layers (C_12: +2.7% MACs, D_12: +18% over the conventional model), ``min_fields=8``
-            every layer below 96 channels (C_12: +29%); docs/training.md section 10 measures both.
-    """
-    return MobileNetV2(num_classes, group, width_mult, input_size, activation, dropout, group_pool, min_fields)
+        return pretrained(weights)
+    return MobileNetV2(**kwargs)

@@ -1,0 +1,52 @@
+"""Models trained on real PatchCamelyon patches, shipped with the package and loaded by name.
+
+    mobilenet.list_pretrained()                  # ['pcam-c12', 'pcam-conventional']
+    model = mobilenet.pretrained("pcam-c12")     # eval mode, normaliser attached, as mobilenet.load gives
+    mobilenet.predict(model, patches)            # uint8 (N, 96, 96, 3) -> (N, 2) probabilities
+
+What each was trained on, how, and its measured test accuracy are in ``model.metadata`` (and in the
+README). They are research models, trained on 20,000 patches of a public data set: **not** diagnostic devices.
+The weights are stored in float16 (half the size; test predictions checked against the float32 weights
+when the files were made) and load as float32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rotconv.files import atomic_write
+
+from .inference import load, save
+from .model import MobileNetV2
+
+__all__ = ["list_pretrained", "pretrained", "save_pretrained", "WEIGHTS_DIRECTORY"]
+
+#: where the shipped weight files are (``<name>.pt``)
+WEIGHTS_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def list_pretrained() -> list[str]:
+    """The names :func:`pretrained` takes, sorted."""
+    if not os.path.isdir(WEIGHTS_DIRECTORY):
+        return []
+    return sorted(name[:-3] for name in os.listdir(WEIGHTS_DIRECTORY) if name.endswith(".pt"))
+
+
+def pretrained(name: str, device: str | torch.device = "cpu") -> MobileNetV2:
+    """The shipped model ``name`` (one of :func:`list_pretrained`) on ``device``, in eval mode, with
+    ``model.normalizer`` and ``model.metadata`` (training data, recipe, test accuracy). ValueError for an
+    unknown name."""
+    names = list_pretrained()
+    if name not in names:
+        raise ValueError(f"name: expected one of {names}, got {name!r}")
+    return load(os.path.join(WEIGHTS_DIRECTORY, f"{name}.pt"), device)
+
+
+def save_pretrained(model: MobileNetV2, path: str, metadata: dict) -> None:
+    """Write ``model`` (with its ``normalizer``) as a shippable file: float weights stored as float16."""
+    save(model, path, metadata=metadata)
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    content["state_dict"] = {key: value.half() if value.is_floating_point() else value
+                             for key, value in content["state_dict"].items()}
+    atomic_write(path, lambda handle: torch.save(content, handle))
