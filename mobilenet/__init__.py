@@ -9,7 +9,7 @@ from .inference import as_images, load, predict, save, tile_images
 from .memory import reuse_freed_memory
 from .model import INVERTED_RESIDUAL_SETTING, MobileNetV2, mobilenet_v2
 from .pcam import PCam, PCamError, Normalizer
-from .pretrained import list_pretrained, pretrained
+from .pretrained_models import list_pretrained, pretrained
 from .training import DivergedError, TrainConfig, UsageError, evaluate_loss, train
 
 __all__ = ["mobilenet_v2", "MobileNetV2", "INVERTED_RESIDUAL_SETTING", "summary", "ModelSummary", "PCam", "PCamError",

@@ -95,7 +95,9 @@ class _EquivariantLayers:
              lifting: bool = False) -> nn.Module:
         order = self.group.order
         if lifting:
-            return rotconv.LiftingConv2d(in_channels, out_channels // order, kernel_size, self.group, stride, bias=False)
+            return rotconv.LiftingConv2d(
+                in_channels, out_channels // order, kernel_size, self.group, stride, bias=False
+            )
         return rotconv.GroupConv2d(in_channels // order, out_channels // order, kernel_size, self.group, stride,
                                    bias=False)
 
@@ -351,7 +353,7 @@ def mobilenet_v2(*, weights: str | None = None, **kwargs) -> MobileNetV2:
     if weights is not None:
         if kwargs:
             raise ValueError(f"weights: a pretrained model has its own architecture; got also {sorted(kwargs)}")
-        from .pretrained import pretrained
+        from .pretrained_models import pretrained
 
         return pretrained(weights)
     return MobileNetV2(**kwargs)

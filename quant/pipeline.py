@@ -77,7 +77,7 @@ def check_float_model(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, group: object = None, bias_correction: bool = True, weight_bits: int = 8,
-            weight_scheme: str = "asymmetric", reduce_range: bool = False, *, fields: int | None = None,
+            weight_scheme: str = "asymmetric", reduce_range: bool = False, *,
             relu6: str = RELU6_DEFAULT) -> fx.GraphModule:
     """The data-free steps before quantization: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``),
     absorb high biases, and (``bias_correction``) correct biases for the given weight quantization.
@@ -88,7 +88,7 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
     exceed 6; on trained PCam models that change was most of the INT8 error (docs/quantization.md)."""
     check_choice(relu6, "relu6", RELU6_MODES)
     check_float_model(model)
-    size = field_size(group, fields, caller="dfq", stacklevel=4)
+    size = field_size(group)
     prepared: fx.GraphModule = fold_batchnorm(model)
     if relu6 == "replace":
         prepared = replace_relu6(prepared)
@@ -99,13 +99,12 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
     return prepared
 
 
-def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *, fields: int | None = None,
+def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
         relu6: str = RELU6_DEFAULT, **quantize_kwargs) -> nn.Module:
     """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: a rotconv group,
     its name or N, as the network was built with), absorb high biases, correct biases, quantize
-    (``quantize_kwargs`` go to :func:`quantize`). ``relu6``: see :func:`prepare`. ``fields=N`` is the
-    deprecated old name of ``group``."""
+    (``quantize_kwargs`` go to :func:`quantize`). ``relu6``: see :func:`prepare` (default: kept)."""
     prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
                        quantize_kwargs.get("weight_scheme", "asymmetric"),
-                       reduces_range(quantize_kwargs.get("backend", "x86")), fields=fields, relu6=relu6)
+                       reduces_range(quantize_kwargs.get("backend", "x86")), relu6=relu6)
     return quantize(prepared, **quantize_kwargs)

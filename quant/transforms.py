@@ -9,7 +9,6 @@ data-free activation ranges need.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.fx as fx
@@ -70,17 +69,9 @@ def _input_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return weight.flatten(1).amax(dim=1)  # depthwise: input channel i is output channel i
 
 
-def field_size(
-    group: object = None, fields: object = None, caller: str = "equalize", stacklevel: int = 4
-) -> int | None:
-    """The channels of one regular field for ``group`` (an int N or a group object with ``order``), or
-    None for a network without group structure. ``fields`` is the old name of ``group`` (deprecated)."""
-    if fields is not None:
-        warnings.warn(f"{caller}(fields=N) is deprecated: pass group=N (fields counts fields elsewhere)",
-                      DeprecationWarning, stacklevel=stacklevel)
-        if group is not None:
-            raise ValueError("group: pass group=N only (fields= is its deprecated old name)")
-        group = fields
+def field_size(group: object = None) -> int | None:
+    """The channels of one regular field for ``group`` (a rotconv group, its name, or N for C_N): the group's
+    ``order``; None for a network without group structure."""
     if group is None:
         return None
     return as_group(group).order
@@ -112,7 +103,7 @@ def _scale_pair(pair: ConvPair, scale: torch.Tensor) -> None:
 
 @torch.no_grad()
 def equalize(model: nn.Module, group: object = None, max_iterations: int = 100, tolerance: float = 1e-6,
-             *, fields: int | None = None, keep_relu6: bool = False) -> fx.GraphModule:
+             *, keep_relu6: bool = False) -> fx.GraphModule:
     """Cross-layer range equalization of every conv -> ReLU -> conv pair, iterated until the scales
     converge (the depthwise-separable chains share convs between pairs).
 
@@ -120,12 +111,12 @@ def equalize(model: nn.Module, group: object = None, max_iterations: int = 100, 
     ``s_i = sqrt(r1_i * r2_i) / r2_i``; afterwards both ranges equal ``sqrt(r1_i * r2_i)``. ReLU is
     positively homogeneous, so the function is unchanged (ReLU6 is not: call :func:`replace_relu6` first, or
     pass ``keep_relu6=True`` to leave the pairs through a ReLU6 as they are).
-    With ``group`` (an int N or a rotconv group of order N) the ranges and scales are shared by the N
+    With ``group`` (a rotconv group, its name, or N for C_N) the ranges and scales are shared by the ``order``
     channels of every regular field (maximum over the field), so an equivariant network stays exactly
     equivariant: a group element permutes channels within fields, and the scaling is the same for all of
     them. Chains through other activations (SiLU, ...) are left unequalized with a warning naming them.
     """
-    size = field_size(group, fields)
+    size = field_size(group)
     graph_module = trace(model)
     pairs = conv_pairs(graph_module, warn=True)
     for pair in pairs:

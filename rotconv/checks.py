@@ -8,7 +8,6 @@ from scipy import ndimage
 
 from .group import Group, as_group
 from .pooling import disc_mask
-from .validation import renamed_flag
 
 __all__ = ["equivariance_error", "smooth_noise", "randomize_batchnorm"]
 
@@ -22,9 +21,6 @@ def equivariance_error(
     input_regular: bool = False,
     output_regular: bool = True,
     mask: bool | None = None,
-    *,
-    in_fields: bool | None = None,
-    out_fields: bool | None = None,
 ) -> float:
     """Relative error ``||module(g x) - g module(x)|| / ||g module(x)||`` for the group element ``k``.
 
@@ -42,8 +38,6 @@ def equivariance_error(
         the relative L2 error as a Python float (0 for an exactly equivariant module).
     """
     group = as_group(group)
-    input_regular = renamed_flag(input_regular, in_fields, "in_fields", "input_regular", default=False)
-    output_regular = renamed_flag(output_regular, out_fields, "out_fields", "output_regular", default=True)
     expected = group.act(module(x), k, regular=output_regular)
     actual = module(group.act(x, k, regular=input_regular))
     if actual.shape != expected.shape:

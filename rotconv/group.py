@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .validation import check_positive_int, renamed_flag
+from .validation import check_positive_int
 
 __all__ = ["Group", "CyclicGroup", "DihedralGroup", "rotate_image", "mirror_image", "as_group"]
 
@@ -154,10 +154,8 @@ class Group:
             out = out.index_select(2, self.permutation(element).to(out.device)).reshape(shape)
         return out
 
-    def rotate(self, x: torch.Tensor, k: int, regular: bool = True, *, fields: bool | None = None) -> torch.Tensor:
-        """Act with the rotation ``R_k`` (angle ``2*pi*k/N``); see :meth:`act`. ``fields``: deprecated name of
-        ``regular``."""
-        regular = renamed_flag(regular, fields, "fields", "regular", default=True)
+    def rotate(self, x: torch.Tensor, k: int, regular: bool = True) -> torch.Tensor:
+        """Act with the rotation ``R_k`` (angle ``2*pi*k/N``); see :meth:`act`."""
         return self.act(x, k % self.N, regular)
 
 
@@ -165,8 +163,9 @@ class CyclicGroup(Group):
     """The rotation group C_N = {rotations by 2*pi*k/N : k = 0..N-1} and its regular representation.
 
     Args:
-        N: group order, at least 1. Rotations by multiples of 90 degrees are exact symmetries of the
-            pixel grid; when ``N % 4 == 0`` the elements ``k`` with ``4*k/N`` integer are such rotations.
+        N: the number of rotations (here also the group's ``order``), at least 1. Rotations by multiples
+            of 90 degrees are exact symmetries of the pixel grid; when ``N % 4 == 0`` the elements ``k``
+            with ``4*k/N`` integer are such rotations.
 
     Example::
 

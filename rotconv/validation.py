@@ -1,12 +1,10 @@
 """Argument checks shared by every package: a ValueError that names the argument, raised up front."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.fx
 
-__all__ = ["check_int", "check_positive_int", "check_choice", "renamed_flag", "is_symbolic", "shape_of",
+__all__ = ["check_int", "check_positive_int", "check_choice", "is_symbolic", "shape_of",
            "NORMALISED_LIMIT", "check_normalised"]
 
 # A per-channel normalised image, (x / 255 - mean) / std, stays within a few units for any real image set
@@ -50,17 +48,6 @@ def check_positive_int(value: object, name: str) -> int:
     """``value`` if it is an integer >= 1 (bools excluded), else a ValueError naming ``name``."""
     return check_int(value, name, minimum=1)
 
-
-def renamed_flag(value: bool, old_value: bool | None, old: str, new: str, default: bool) -> bool:
-    """The value of a keyword renamed from ``old`` to ``new``: ``old_value`` (with a DeprecationWarning) when
-    the caller used the old name, else ``value``. Both given: ValueError."""
-    if old_value is None:
-        return value
-    warnings.warn(f"{old}= is deprecated here, use {new}= ('fields' only counts fields)", DeprecationWarning,
-                  stacklevel=3)
-    if value is not default:
-        raise ValueError(f"{new}: pass {new}= only ({old}= is its deprecated old name)")
-    return old_value
 
 
 def check_normalised(largest: float, name: str = "input") -> None:

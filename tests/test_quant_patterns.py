@@ -156,12 +156,11 @@ def test_registered_range_keeping_module_passes_the_input_range():
         quant.register_module(int, keeps_range=True)
 
 
-def test_old_fields_keyword_still_works_with_a_deprecation_warning():
+def test_the_group_is_passed_as_group():
+    # the pre-release keyword fields= is gone: one name, group, for what the network was built with
     model = ConvChain(None, 3, 4, 0, module_activation=nn.ReLU())
-    with pytest.warns(DeprecationWarning, match="group="):
+    with pytest.raises(TypeError, match="fields"):
         quant.dfq(model, fields=1, mode="simulated")
-    with pytest.raises(ValueError, match="group"):
-        quant.equalize(quant.fold_batchnorm(model), group=2, fields=2)
 
 
 def test_submodules_are_not_shadowed():
