@@ -213,7 +213,8 @@ class MobileNetV2(nn.Module):
                  norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
-        setting = [tuple(row) for row in (inverted_residual_setting or INVERTED_RESIDUAL_SETTING)]
+        setting = [tuple(row) for row in (INVERTED_RESIDUAL_SETTING if inverted_residual_setting is None
+                                          else inverted_residual_setting)]
         if not setting or any(len(row) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                                           for v in row) or row[3] not in (1, 2) for row in setting):
             raise ValueError("inverted_residual_setting: expected a non-empty list of (t, c, n, s) positive integers "
