@@ -299,7 +299,7 @@ class PCam(torch.utils.data.Dataset):
 
 
 def data_fingerprint(root: str) -> dict:
-    """Size and sampled content hash of every split file (see :func:`mobilenet.files.file_fingerprint`):
+    """Size and sampled content hash of every split file (see :func:`rotconv.files.file_fingerprint`):
     what identifies a data set for resuming, wherever it lies (symlinked, moved, copied). An image folder:
     per split, the count of files per label and a hash of their names and sizes."""
     if any(image_folder(root, split) for split in SPLITS):

@@ -209,7 +209,7 @@ class Progress:
 
 
 def save_atomically(state: dict, path: str) -> None:
-    """``torch.save`` through :func:`mobilenet.files.atomic_write` (never a half-written file)."""
+    """``torch.save`` through :func:`rotconv.files.atomic_write` (never a half-written file)."""
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
