@@ -8,11 +8,13 @@ graph optimizer fuses them into integer kernels: all 52 convolutions of MobileNe
 the 11 residual adds QLinearAdd. For that the activations are written as **uint8** (zero point + 128, the
 same real values as torchao's int8 codes): onnxruntime on x86 converts int8 activations to uint8 only in
 front of convolutions, so with int8 activations the 17 projection convolutions (uint8 in, int8 out towards
-an add) and the adds stayed float operations on dequantized values, 20-40% slower and not bit-exact. The
-weights are written as uint8 too (zero point 128): onnxruntime's uint8 x int8 kernels saturate int16 sums
-on x86 CPUs without VNNI, uint8 x uint8 never do. Every remaining operation on the feature maps is integer, so
-the logits of a patch rotated by 90
-degrees are bit-identical (tested, at several batch sizes).
+an add) and the adds stayed float operations on dequantized values, 20-40% slower and not bit-exact.
+Weights stay int8 in the file (onnxruntime's fast uint8 x int8 kernels on VNNI CPUs). On x86 CPUs without
+VNNI those kernels add products in saturating int16 pairs, which breaks exactness: :func:`load_onnx` then
+stores the weights as uint8 (zero point 128, the same real values) for its session, whose uint8 x uint8
+kernels never saturate (2.6x slower at batch 32 on a VNNI CPU, so only where needed). Every remaining
+operation on the feature maps is integer, so the logits of a patch rotated by 90 degrees are bit-identical
+(tested, at several batch sizes, on CPUs with and without VNNI).
 
 Needs the optional extra: ``pip install 'rotconv[deploy]'`` (onnx, onnxscript, onnxruntime; INT8 also
 executorch's quantizer).
@@ -20,6 +22,7 @@ executorch's quantizer).
 from __future__ import annotations
 
 import os
+import platform
 import tempfile
 import warnings
 from typing import Iterable
@@ -28,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from rotconv.files import atomic_write, check_writable
+from rotconv.hardware import has_vnni
 
 from .executorch import quantize_pt2e, traced_example
 from .extras import require_extra, runtime_input
@@ -73,7 +77,6 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
 
             proto = onnx.load(temporary)
             _activations_to_uint8(proto)
-            _weights_to_uint8(proto)
             data = proto.SerializeToString()
         else:
             with open(temporary, "rb") as handle:
@@ -130,6 +133,12 @@ def _activations_to_uint8(proto) -> int:
         graph.node.remove(node)
     onnx.checker.check_model(proto)
     return changed
+
+
+def _u8s8_saturates() -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels add products in saturating int16 pairs here (x86 without
+    VNNI)."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") and not has_vnni()
 
 
 def _weights_to_uint8(proto) -> int:
@@ -210,8 +219,19 @@ class OnnxModel(nn.Module):
         # next in this process (torch, measured: torch FP32 2x slower right after an onnxruntime call)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
+        source: str | bytes = path
+        self.uint8_weights = _u8s8_saturates()
+        if self.uint8_weights:  # see the module docstring: exact integers on CPUs without VNNI
+            import onnx
+
+            try:
+                proto = onnx.load(path)
+            except Exception as error:  # protobuf raises its own types for a bad file
+                raise ValueError(f"{path}: not a loadable ONNX model ({type(error).__name__})") from None
+            _weights_to_uint8(proto)
+            source = proto.SerializeToString()
         try:
-            self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types for a bad file
             raise ValueError(f"{path}: not a loadable ONNX model ({type(error).__name__})") from None
         meta = self.session.get_inputs()[0]
@@ -229,7 +249,7 @@ class OnnxModel(nn.Module):
         return torch.from_numpy(output)
 
     def extra_repr(self) -> str:
-        return f"path={self.path!r}, input_shape={self.input_shape}"
+        return f"path={self.path!r}, input_shape={self.input_shape}, uint8_weights={self.uint8_weights}"
 
 
 def load_onnx(path: str, threads: int | None = None) -> OnnxModel:

@@ -11,7 +11,7 @@ import platform
 
 import torch
 
-__all__ = ["cpu_report", "hardware_line", "cpu_flags"]
+__all__ = ["cpu_report", "hardware_line", "cpu_flags", "has_vnni"]
 
 
 def cpu_flags() -> set[str]:
@@ -37,21 +37,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI, asked of the CPU itself (cpuid, through torch's cpuinfo; an emulated
+    CPU answers for itself). Without it fbgemm and onnxruntime multiply uint8 by int8 through saturating int16
+    pair sums (``vpmaddubsw``). AVX-VNNI (256-bit) is not seen here: such CPUs are treated as without."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    if probe is not None:
+        return bool(probe())
+    return "avx512_vnni" in cpu_flags()
+
+
 def cpu_report() -> dict:
     """The facts :func:`hardware_line` prints, as a dict (kept beside timings in JSON results).
 
-    ``vnni``: the CPU has AVX512-VNNI or AVX-VNNI, and the environment does not cap fbgemm below it
-    (``FBGEMM_ENABLE_INSTRUCTIONS``); without it fbgemm and onnxruntime multiply uint8 x int8 through
-    saturating int16 pair sums (see :class:`quant.ClampCodes`)."""
+    ``vnni``: :func:`has_vnni`; ``fbgemm_isa``: the cap set by ``FBGEMM_ENABLE_INSTRUCTIONS``, if any."""
     flags = cpu_flags()
-    capped = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS", "").upper() in ("AVX2", "AVX512")
     bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "capability": torch.backends.cpu.get_cpu_capability(),
-        "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}) and not capped,
+        "vnni": has_vnni(),
+        "fbgemm_isa": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS") or None,
         "bf16": bf16,
         "amx": bool(flags & {"amx_tile", "amx_bf16"}),
         "int8_engines": list(torch.backends.quantized.supported_engines),
@@ -67,6 +75,7 @@ def hardware_line(report: dict | None = None) -> str:
     def yes(value: bool) -> str:
         return "yes" if value else "no"
 
-    return (f"{r['cpu']} ({r['cores']} cores) | ATen {r['capability']} | VNNI {yes(r['vnni'])} | "
+    capped = f" (fbgemm capped at {r['fbgemm_isa']})" if r.get("fbgemm_isa") else ""
+    return (f"{r['cpu']} ({r['cores']} cores) | ATen {r['capability']} | VNNI {yes(r['vnni'])}{capped} | "
             f"bf16 {yes(r['bf16'])} | AMX {yes(r['amx'])} | int8 engines {', '.join(r['int8_engines'])} | "
             f"{r['threads']} threads | torch {r['torch']}")

@@ -230,7 +230,8 @@ def test_torchrun_two_processes_train_like_one(tiny_data, tmp_path):
     # dropout off (its masks come from per-process RNGs). The arithmetic is checked in float64 above. In float32
     # a freshly initialised network amplifies rounding: a 1e-7 relative perturbation of the weights changes
     # some batch-norm updates by more than 100% within 3 steps (measured), so the run is one step (train size
-    # 16 = one global batch): its training loss is the same forward pass (1e-5), and the validation loss after
+    # 16 = one global batch): its training loss is the same forward pass (3e-5: the synced batch statistics
+    # are float32 sums in another order; 1.07e-5 measured on these synthetic patches), and the validation loss after
     # the one update agrees to 1e-4 (gradients and batch statistics equal to rounding). No stain jitter: its
     # colours give these synthetic patches batch statistics that amplify the rounding of the synced
     # statistics past 1e-5 (1.4e-5 measured); that the processes see the same jittered patches is tested
@@ -267,7 +268,7 @@ def test_torchrun_two_processes_train_like_one(tiny_data, tmp_path):
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
     assert two["runs"][0]["history"][0]["train_loss"] == pytest.approx(
-        one["runs"][0]["history"][0]["train_loss"], rel=1e-5
+        one["runs"][0]["history"][0]["train_loss"], rel=3e-5
     )
     assert two["runs"][0]["history"][0]["valid_loss"] == pytest.approx(
         one["runs"][0]["history"][0]["valid_loss"], rel=1e-4
