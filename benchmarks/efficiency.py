@@ -364,7 +364,8 @@ def format_curve(results: dict) -> str:
     )
     lines.append("")
     names = list(dict.fromkeys(run["model"] for run in results["runs"]))
-    compared = [name for name in names if name != "conventional"] if "conventional" in names else []
+    baseline = next((name for name in names if name.split("-")[0] == "conventional"), None)  # a series name too
+    compared = [name for name in names if name != baseline] if baseline else []
     first, second = ("valid_accuracy", "valid_loss") if valid_only else ("fp32_accuracy", "int8_accuracy")
     columns = "validation accuracy (%) / loss" if valid_only else "FP32 / INT8 (%)"
     header = " | ".join(f"{series_label(name)} {columns}" for name in names)
@@ -384,8 +385,8 @@ def format_curve(results: dict) -> str:
                          + (loss(stats[second]) if valid_only else pcam.percent(stats[second]))
                          + (f" (degenerate seeds {stats['degenerate_runs']})" if stats["degenerate_runs"] else ""))
         difference = "".join(
-            f" {100 * (models[name][first]['mean'] - models['conventional'][first]['mean']):+.2f} |"
-            if name in models and "conventional" in models else " — |" for name in compared)
+            f" {100 * (models[name][first]['mean'] - models[baseline][first]['mean']):+.2f} |"
+            if name in models and baseline in models else " — |" for name in compared)
         lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |" + difference)
     return "\n".join(lines)
 
