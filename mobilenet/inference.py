@@ -75,6 +75,18 @@ def load(path: str, device: str | torch.device = "cpu") -> MobileNetV2:
     return model.to(device).eval()
 
 
+def _channels_first(images) -> torch.Tensor:
+    """``(N, H, W, 3)`` or ``(N, 3, H, W)`` (or one image without N), numpy or tensor -> ``(N, 3, H, W)``."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = np.array(images)  # torch cannot share read-only memory (it would warn on every call)
+    batch = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    if batch.dim() == 3:
+        batch = batch.unsqueeze(0)
+    if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
+        raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(batch.shape)}")
+    return batch if batch.shape[1] == 3 else batch.permute(0, 3, 1, 2)
+
+
 def as_images(images, input_size: int, normalised: bool = False) -> torch.Tensor:
     """Images as the model's input batch ``(N, 3, s, s)``, ``s = input_size``: uint8 kept, float in ``[0, 1]``
     scaled to ``[0, 255]`` (float), or (``normalised=True``) float taken as already normalised.
@@ -83,15 +95,7 @@ def as_images(images, input_size: int, normalised: bool = False) -> torch.Tensor
     Larger images are **centre-cropped** to ``s x s`` (PCam's 96x96 patches lose their last row and column,
     as in training); for a probability map of a larger image use :func:`tile_images`. Other dtypes (16-bit,
     integers, bool) and floats outside ``[0, 1]`` raise ValueError: 0-255 pixels must come as uint8."""
-    if isinstance(images, np.ndarray) and not images.flags.writeable:
-        images = np.array(images)  # torch cannot share read-only memory (it would warn on every call)
-    batch = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
-    if batch.dim() == 3:
-        batch = batch.unsqueeze(0)
-    if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
-        raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(batch.shape)}")
-    if batch.shape[1] != 3:
-        batch = batch.permute(0, 3, 1, 2)
+    batch = _channels_first(images)
     if batch.shape[-2] < input_size or batch.shape[-1] < input_size:
         raise ValueError(f"images: expected at least {input_size}x{input_size} pixels, got "
                          f"{batch.shape[-2]}x{batch.shape[-1]}")
@@ -116,13 +120,7 @@ def tile_images(images, input_size: int, stride: int | None = None) -> tuple[tor
     positions ``(T, 3)`` = (image, top, left). ``images``: ``(N, H, W, 3)`` or ``(N, 3, H, W)``, any dtype
     :func:`predict` takes; each image at least one tile."""
     stride = input_size if stride is None else rotconv.check_positive_int(stride, "stride")
-    batch = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.array(images))
-    if batch.dim() == 3:
-        batch = batch.unsqueeze(0)
-    if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
-        raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(batch.shape)}")
-    if batch.shape[1] != 3:
-        batch = batch.permute(0, 3, 1, 2)
+    batch = _channels_first(images)
     height, width = batch.shape[-2:]
     if height < input_size or width < input_size:
         raise ValueError(f"images: expected at least {input_size}x{input_size} pixels, got {height}x{width}")

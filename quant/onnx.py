@@ -85,6 +85,23 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
     return path
 
 
+def _constant_reader(proto):
+    """``name -> numpy array`` of an initializer or Constant node of ``proto`` (None for other values)."""
+    from onnx import numpy_helper
+
+    initializers = {tensor.name: tensor for tensor in proto.graph.initializer}
+    constants = {node.output[0]: node for node in proto.graph.node if node.op_type == "Constant"}
+
+    def value(name: str):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        if name in constants:
+            return numpy_helper.to_array(constants[name].attribute[0].t)
+        return None
+
+    return value
+
+
 def _activations_to_uint8(proto) -> int:
     """Rewrite every activation QuantizeLinear/DequantizeLinear of ``proto`` (an ONNX ModelProto) from int8
     to uint8 in place: zero point ``z`` becomes ``z + 128``, so ``scale * (q - z)`` is unchanged for
@@ -96,13 +113,7 @@ def _activations_to_uint8(proto) -> int:
     graph = proto.graph
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
-
-    def value(name: str):
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        if name in constants:
-            return numpy_helper.to_array(constants[name].attribute[0].t)
-        return None
+    value = _constant_reader(proto)
 
     changed, outputs, replaced = 0, set(), set()
     for node in graph.node:
@@ -155,16 +166,7 @@ def _weights_to_uint8(proto) -> int:
     from onnx import numpy_helper
 
     graph = proto.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    constants = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
-
-    def array(name: str):
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        if name in constants:
-            return numpy_helper.to_array(constants[name].attribute[0].t)
-        return None
-
+    array = _constant_reader(proto)
     changed, replaced = 0, set()
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 3:
