@@ -85,7 +85,10 @@ def check_writable(path: str, is_directory: bool = False) -> None:
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise OutputError(error.errno, f"{path}: cannot write here ({error.strerror or error})") from None
+        reason = error.strerror or str(error)
+        if error.errno == errno.ENOENT and os.path.isdir(directory):  # /proc, /sys: the directory is there
+            reason = f"{directory} does not accept new files"
+        raise OutputError(error.errno, f"{path}: cannot write here ({reason})") from None
 
 
 def strict_json(value):
