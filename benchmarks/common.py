@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 
 import rotconv
-from mobilenet.memory import reuse_freed_memory
+from mobilenet.training import reuse_freed_memory
 __all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "untrained_but_generic",
            "initialize_rotconv_layers"]
 
 
 def add_memory_argument(parser: argparse.ArgumentParser) -> None:
-    """``--reuse-memory`` / ``--no-reuse-memory`` (default on): :func:`mobilenet.memory.reuse_freed_memory`."""
+    """``--reuse-memory`` / ``--no-reuse-memory`` (default on): :func:`mobilenet.training.reuse_freed_memory`."""
     parser.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=None,
                         help="keep freed tensor memory in the process for reuse (glibc: no page faults for the "
                              "tens of MB a step allocates; the process keeps its peak heap; default: on where the "

@@ -40,7 +40,7 @@ import mobilenet
 import quant
 import rotconv
 from rotconv.files import RunLock, check_writable, write_json
-from mobilenet.pcam import Normalizer, PCam, open_pcam
+from mobilenet.data import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, train
 
 from . import pcam

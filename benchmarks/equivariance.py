@@ -162,7 +162,7 @@ def model_sweep(models: dict[str, nn.Module], images: torch.Tensor, degrees: lis
 
 def patch_inputs(count: int, data: str | None, seed: int = 0) -> tuple[torch.Tensor, str, tuple[float, float]]:
     """``count`` normalised 95x95 patches: the first of ``data``'s test split, else synthetic PCam-like ones."""
-    from mobilenet.pcam import Normalizer, PCam
+    from mobilenet.data import Normalizer, PCam
     from .synthetic import generate_patch
 
     if data:

@@ -35,8 +35,8 @@ import mobilenet
 import quant
 import rotconv
 
-from mobilenet.distributed import Distributed
-from mobilenet.pcam import Normalizer, PCam, PCamError, data_fingerprint, open_pcam
+from mobilenet.training import Distributed
+from mobilenet.data import Normalizer, PCam, PCamError, data_fingerprint, open_pcam
 from mobilenet import training
 from mobilenet.training import PRECISIONS, DivergedError, Progress, TrainConfig, UsageError, resolve_precision, train
 

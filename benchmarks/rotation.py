@@ -28,7 +28,7 @@ import torch
 import mobilenet
 import quant
 import rotconv
-from mobilenet.pcam import open_pcam
+from mobilenet.data import open_pcam
 from mobilenet.training import UsageError
 from rotconv.files import write_json
 

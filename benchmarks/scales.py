@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import mobilenet
 import rotconv
 from rotconv.files import check_writable, write_json
-from mobilenet.pcam import Normalizer, PCam, augment_batch
+from mobilenet.data import Normalizer, PCam, augment_batch
 from mobilenet.training import UsageError, training_step
 
 from . import pcam

@@ -13,7 +13,7 @@ inference), the exported C_12 network vs the conventional one, INT8 (DFQ, real i
 batch 1 and 32, the same INT8 model vs stock torch.ao FX quantization of the same network, serialised size.
 Training throughput of both models in each precision x memory layout, and the equivariant model against its plain
 twin (the same channel counts in nn.Conv2d / nn.BatchNorm2d), which tells rotconv's own overhead apart from the
-cost of the equivariant channel table. Freed-memory reuse (:mod:`mobilenet.memory`, on unless ``--no-reuse-memory``)
+cost of the equivariant channel table. Freed-memory reuse (:mod:`mobilenet.training`, on unless ``--no-reuse-memory``)
 against the system allocator, each in fresh processes: wall time, system time and page faults of train steps and
 inference.
 """
@@ -345,13 +345,13 @@ def training_throughput(repeats: int, batch: int = 32, group: str = "C12") -> li
 def allocator_probe(
     reuse: bool, group: str = "C12", batch: int = 32, steps: int = 4, threads: int | None = None
 ) -> dict:
-    """In this process (meant to be a fresh one): :func:`mobilenet.memory.reuse_freed_memory` on, or glibc's
+    """In this process (meant to be a fresh one): :func:`mobilenet.training.reuse_freed_memory` on, or glibc's
     defaults left as they are (``reuse=False``); then for both models a batch inference forward (fp32, contiguous;
     first, as in a process that only predicts) and the trainer's step in fp32 contiguous and in the default setting
     (bf16 channels_last where the CPU has bf16 kernels, else fp32 channels_last). Per measurement: median wall time,
     mean system CPU time and minor page faults per call over ``steps`` calls after two warm-up calls."""
     import resource
-    from mobilenet.memory import reuse_freed_memory
+    from mobilenet.training import reuse_freed_memory
 
     if threads is not None:
         torch.set_num_threads(threads)

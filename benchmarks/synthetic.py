@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from rotconv.files import atomic_write
-from mobilenet.pcam import SPLITS, split_paths
+from mobilenet.data import SPLITS, split_paths
 
 __all__ = ["generate_patch", "write_synthetic_pcam", "DEFAULT_SIZES"]
 

@@ -19,7 +19,7 @@ import rotconv
 
 from rotconv.files import atomic_write
 from .model import MobileNetV2, mobilenet_v2
-from .pcam import Normalizer
+from .data import Normalizer
 
 __all__ = ["save", "load", "predict", "as_images", "tile_images", "MODEL_FORMAT"]
 

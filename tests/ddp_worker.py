@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mobilenet
 import rotconv
-from mobilenet.distributed import convert_batchnorm
+from mobilenet.training import convert_batchnorm
 
 
 def tiny_model(equivariant: bool) -> nn.Module:

@@ -13,12 +13,13 @@ ALLOWED = {"rotconv": {"rotconv"}, "mobilenet": {"rotconv", "mobilenet"}, "quant
 
 def _modules():
     for package in ALLOWED:
-        for path in sorted(glob.glob(os.path.join(ROOT, package, "*.py"))):
+        for path in sorted(glob.glob(os.path.join(ROOT, package, "**", "*.py"), recursive=True)):
             yield package, os.path.relpath(path, ROOT), ast.parse(open(path).read())
 
 
-def _imports(package: str, tree: ast.AST):
-    """(imported module, names) for every import, relative ones resolved within ``package``."""
+def _imports(own: str, tree: ast.AST):
+    """(imported module, names) for every import of module ``own`` (dotted; a package's is ``pkg.__init__``),
+    relative ones resolved as Python does."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -26,7 +27,8 @@ def _imports(package: str, tree: ast.AST):
         elif isinstance(node, ast.ImportFrom):
             module = node.module or ""
             if node.level:
-                module = package + ("." + module if module else "")
+                base = own.split(".")[:-node.level]  # "pkg.__init__" drops "__init__" at level 1: the package
+                module = ".".join(base + ([module] if module else []))
             yield module, [alias.name for alias in node.names]
 
 
@@ -34,7 +36,7 @@ def _imports(package: str, tree: ast.AST):
                          ids=lambda value: value if isinstance(value, str) else "")
 def test_layers_only_look_down_and_private_names_stay_home(package, path, tree):
     own = path[:-3].replace(os.sep, ".")
-    for module, names in _imports(package, tree):
+    for module, names in _imports(own, tree):
         top = module.split(".")[0]
         if top in ALLOWED:
             assert top in ALLOWED[package], f"{path} imports {module}: {package} may use only {ALLOWED[package]}"

@@ -200,7 +200,7 @@ def test_plain_training_twin_is_plain_with_the_same_channels():
 def test_allocator_benchmarks_run_both_allocators_in_fresh_processes():
     """Structure of benchmarks.speed's allocator section on a tiny batch (timings are not checked): every
     measurement has both sides, the reuse side really ran with reuse applied (glibc) and the table shows it."""
-    from mobilenet.memory import _glibc
+    from mobilenet.training.memory import _glibc
 
     result = speed.allocator_benchmarks(rounds=1, batch=2, steps=1)
     names = {row["measurement"] for row in result["rows"]}

@@ -1,4 +1,4 @@
-"""Image files: mobilenet.images.read_image's rules (bit depth, modes, frames, bad files) and the image-folder
+"""Image files: mobilenet.data.read_image's rules (bit depth, modes, frames, bad files) and the image-folder
 PCam layout root/{train,valid,test}/{0,1}/*.png|jpg (same reader, same errors, same pixels as HDF5)."""
 import os
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import pcam as pcam_cli
-from mobilenet.images import ImageError, read_image
-from mobilenet.pcam import PCam, PCamError, data_fingerprint, open_pcam
+from mobilenet.data import ImageError, read_image
+from mobilenet.data import PCam, PCamError, data_fingerprint, open_pcam
 
 Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip install pillow)")
 

@@ -1,4 +1,4 @@
-"""mobilenet.memory.reuse_freed_memory: freed large tensors are reused without page faults (glibc only).
+"""mobilenet.training.reuse_freed_memory: freed large tensors are reused without page faults (glibc only).
 
 Each case runs in a fresh interpreter, so the allocator settings of the test process stay untouched and the
 measured process starts from glibc's defaults."""
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mobilenet import memory
+from mobilenet.training import memory
 
 GLIBC = memory._glibc() is not None
 
@@ -20,7 +20,7 @@ GLIBC = memory._glibc() is not None
 SCRIPT = r"""
 import json, resource, sys
 import torch
-from mobilenet.memory import reuse_freed_memory
+from mobilenet.training import reuse_freed_memory
 modes = sys.argv[1].split(",")
 out = {}
 for mode in modes:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import pcam, predict
-from mobilenet.pcam import Normalizer, PCam, augment_batch, balanced_subset, open_pcam, split_paths
+from mobilenet.data import Normalizer, PCam, augment_batch, balanced_subset, open_pcam, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

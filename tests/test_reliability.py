@@ -20,10 +20,11 @@ import quant
 import rotconv
 from benchmarks import efficiency, pcam
 from rotconv.files import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
-from mobilenet.pcam import PCamError, split_paths
+from mobilenet.data import PCamError, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
-from mobilenet.distributed import Distributed
-from mobilenet.training import Progress, TrainConfig, _train_batches, _train_epoch
+from mobilenet.training import Distributed
+from mobilenet.training import Progress, TrainConfig
+from mobilenet.training.loop import _train_batches, _train_epoch
 
 SIZES = {"train": 32, "valid": 16, "test": 16}
 TINY = ["--width-mult", "0.25", "--group", "C4", "--batch-size", "16", "--stability-samples", "4",
@@ -217,7 +218,7 @@ def test_a_data_error_in_a_worker_arrives_as_its_own_message():
 
 
 def test_unreadable_files_are_not_called_missing(tmp_path):
-    from mobilenet.pcam import open_pcam
+    from mobilenet.data import open_pcam
     directory = write_synthetic_pcam(str(tmp_path / "data"), SIZES, seed=3)
     x_path, _ = split_paths(directory, "valid")
     os.unlink(x_path)

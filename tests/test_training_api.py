@@ -12,7 +12,7 @@ import torch.nn as nn
 import mobilenet
 from benchmarks import predict
 from benchmarks.synthetic import write_synthetic_pcam
-from mobilenet.pcam import split_paths
+from mobilenet.data import split_paths
 
 SIZES = {"train": 16, "valid": 8, "test": 8}
 
@@ -184,7 +184,7 @@ def test_predict_command_names_bad_inputs(data, tmp_path, capsys):
 
 from hypothesis import given, settings as hypothesis_settings, strategies as st  # noqa: E402
 
-from mobilenet.training import _epoch_plan  # noqa: E402
+from mobilenet.training.loop import _epoch_plan  # noqa: E402
 
 
 @hypothesis_settings(max_examples=30)
@@ -202,7 +202,7 @@ def test_fixed_step_epochs_stream_through_whole_passes(size, steps, batch, epoch
     assert np.array_equal(orders[-1], _epoch_plan(config, epochs, size)[0])  # a function of (seed, epoch)
 
 
-from mobilenet.pcam import stain_jitter  # noqa: E402
+from mobilenet.data import stain_jitter  # noqa: E402
 
 
 @hypothesis_settings(max_examples=20, deadline=None)
@@ -274,8 +274,9 @@ def test_stain_jitter_in_the_trainer_is_seeded_and_old_checkpoints_still_resume(
 def test_each_process_gets_its_share_of_the_augmented_global_batch(data, processes):
     # The per-process batches of a distributed step, put together, are the one-process batch: the same
     # patches with the same quarter turns, flips and stain factors (the epoch plan is indexed by position).
-    from mobilenet.pcam import open_pcam
-    from mobilenet.training import TrainConfig, _EpochBatches, _epoch_plan
+    from mobilenet.data import open_pcam
+    from mobilenet.training import TrainConfig
+    from mobilenet.training.loop import _EpochBatches, _epoch_plan
     train = open_pcam(data)["train"]
     config = TrainConfig(epochs=1, batch_size=16, stain_jitter=0.1, seed=3)
     order, turns, flips, stains = _epoch_plan(config, 0, 16)

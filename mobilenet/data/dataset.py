@@ -4,11 +4,12 @@ A PCam root holds ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5`` (t
 keeps them in ``root/pcam/`` (torchvision's ``PCAM`` layout, whose split is called ``"val"``: both names
 work), or is an image folder ``root/{train,valid,test}/{0,1}/*.{png,jpg,jpeg,tif,tiff}`` (the layout of
 several public re-releases; the folder name is the label; ``val`` also names the validation folder), each
-file a 96x96 8-bit RGB patch, decoded lazily with Pillow (:func:`mobilenet.images.read_image`). Each ``x``
+file a 96x96 8-bit RGB patch, decoded lazily with Pillow (:func:`mobilenet.data.read_image`). Each ``x``
 file has a dataset ``x`` of shape ``(N, 96, 96, 3)`` uint8 (RGB patches) and each ``y``
 file a dataset ``y`` of shape ``(N, 1, 1, 1)`` uint8 (label 1 = tumour tissue in the central 32x32).
 Patches are read lazily with h5py (the official train split is 7 GB) and cropped to 95x95 (last row and
-column dropped, so the grid has a centre pixel); :class:`Normalizer` normalises batches per channel.
+column dropped, so the grid has a centre pixel); :class:`mobilenet.data.Normalizer` normalises batches
+per channel.
 
     train = PCam("/data/pcam", "train")          # items: (uint8 tensor (3, 95, 95), int label)
     valid = PCam("/data/pcam", "val", transform=Normalizer.fit(train))
@@ -23,7 +24,6 @@ from typing import Callable
 import h5py
 import numpy as np
 import torch
-import torch.nn as nn
 
 from rotconv import check_choice
 
@@ -38,9 +38,6 @@ __all__ = [
     "image_folder",
     "open_pcam",
     "data_fingerprint",
-    "Normalizer",
-    "augment_batch",
-    "stain_jitter",
     "balanced_subset",
     "CROP",
 ]
@@ -351,85 +348,3 @@ def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     first = min(size - second, by_class[0].size)
     chosen = [rng.choice(members, count, replace=False) for members, count in zip(by_class, (first, second))]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
-
-
-class Normalizer(nn.Module):
-    """Per-channel ``(x / 255 - mean) / std``: uint8 ``(B, 3, H, W)`` or ``(3, H, W)`` -> float32.
-
-    A module (mean and std are buffers), so it can lead an ``nn.Sequential`` and travels with ``.to()``.
-    """
-
-    def __init__(self, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
-            raise ValueError(f"mean/std: expected 3 values each, std > 0; got {mean!r}, {std!r}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(3, 1, 1))
-
-    @classmethod
-    def fit(cls, dataset: torch.utils.data.Dataset, samples: int = 1024, seed: int = 0) -> "Normalizer":
-        """Mean and std of up to ``samples`` uint8 images of ``dataset`` (``read`` is used where it has one)."""
-        rng = np.random.default_rng(seed)
-        positions = np.sort(rng.choice(len(dataset), min(samples, len(dataset)), replace=False))
-        if hasattr(dataset, "read"):
-            images = dataset.read(positions)
-        else:
-            images = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in positions])
-        pixels = images.float().div_(255).transpose(0, 1).reshape(3, -1)
-        return cls(pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist())
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return (batch.float() / 255 - self.mean) / self.std
-
-    def extra_repr(self) -> str:
-        mean, std = ([round(v, 4) for v in t.flatten().tolist()] for t in (self.mean, self.std))
-        return f"mean={mean}, std={std}"
-
-    def value_range(self) -> tuple[float, float]:
-        """The range of normalised values (what a data-free quantizer needs for the network input)."""
-        low, high = -self.mean / self.std, (1 - self.mean) / self.std
-        return float(low.min()), float(high.max())
-
-    def state(self) -> dict:
-        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
-
-
-def augment_batch(batch: torch.Tensor, quarter_turns: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Rotate sample ``i`` by ``quarter_turns[i]`` x 90 degrees and flip it left-right where ``flips[i]``:
-    the dihedral group D4, exact on the pixel grid. ``(B, C, H, W)`` -> same."""
-    out = batch.clone()
-    for turns in range(1, 4):
-        chosen = quarter_turns == turns
-        if chosen.any():
-            out[chosen] = torch.rot90(batch[chosen], turns, dims=(-2, -1))
-    flipped = flips.bool()
-    if flipped.any():
-        out[flipped] = torch.flip(out[flipped], dims=(-1,))
-    return out
-
-
-# Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB) in optical-density space, normalised
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
-_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
-_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
-
-
-def stain_jitter(batch: torch.Tensor, scales: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """H&E stain augmentation (Tellez et al. 2018): each pixel's optical density ``-ln(rgb / 255)`` is split
-    into haematoxylin, eosin and DAB amounts (Ruifrok & Johnston's stain vectors), sample ``i``'s amount of
-    stain ``s`` becomes ``amount * scales[i, s] + shifts[i, s]`` (shifts in optical-density units, natural log),
-    and the result is mapped back to uint8 RGB. A per-pixel colour map: it commutes with rotations and flips,
-    so it leaves every equivariance property of the models alone.
-
-    ``batch``: ``(B, 3, H, W)`` uint8 RGB; ``scales``, ``shifts``: ``(B, 3)``. Returns uint8, same shape."""
-    if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
-        raise ValueError(f"batch: stain_jitter expects (B, 3, H, W) uint8 RGB, got "
-                         f"{tuple(batch.shape)} {batch.dtype}")
-    if scales.shape != (batch.shape[0], 3) or shifts.shape != (batch.shape[0], 3):
-        raise ValueError(f"scales, shifts: expected ({batch.shape[0]}, 3) each, got {tuple(scales.shape)} and "
-                         f"{tuple(shifts.shape)}")
-    density = -torch.log(batch.float().clamp(min=1.0) / 255.0)  # 0 counts as 1: finite density
-    stains = torch.einsum("bchw,cs->bshw", density, _HED_FROM_RGB.float())
-    stains = stains * scales.float()[:, :, None, None] + shifts.float()[:, :, None, None]
-    density = torch.einsum("bshw,sc->bchw", stains, _RGB_FROM_HED.float())
-    return (torch.exp(-density) * 255.0).round_().clamp_(0, 255).to(torch.uint8)

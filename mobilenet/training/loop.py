@@ -7,13 +7,13 @@ data-parallel training with torch.distributed (torchrun).
     model.load_state_dict(result["best_state"])
 
 Items of a dataset are ``(image, label)`` pairs; a dataset with a ``batch(positions)`` method (such as
-:class:`mobilenet.pcam.PCam`) is read a batch at a time. ``preprocess`` (e.g. a :class:`mobilenet.Normalizer`)
+:class:`mobilenet.PCam`) is read a batch at a time. ``preprocess`` (e.g. a :class:`mobilenet.Normalizer`)
 runs on each batch on the training device. Errors name the config field or argument at fault
 (:class:`UsageError`), never a command-line option.
 
 Data parallelism: every global batch (the same for any number of processes, drawn from a seeded
 permutation) is split evenly over the processes; gradients are averaged by DistributedDataParallel and
-batch-norm statistics are computed over the whole global batch (:mod:`mobilenet.distributed`), so a run on R
+batch-norm statistics are computed over the whole global batch (:mod:`mobilenet.training.distributed`), so a run on R
 processes computes what a run on one process does with the same seeds, up to floating-point summation order.
 """
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -31,186 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rotconv.validation import check_positive_int
+from rotconv.files import clean_temporary_files
 
+from ..data import PCamError, augment_batch, stain_jitter
+from .checkpoints import load_checkpoint, restore_checkpoint, save_atomically
+from .config import DivergedError, TrainConfig, UsageError, resolve_precision, resolve_stain_jitter
 from .distributed import Distributed, convert_batchnorm
-from rotconv.files import atomic_write, clean_temporary_files, differences
-from .pcam import PCamError, augment_batch, stain_jitter
+from .progress import Progress
 
-__all__ = [
-    "UsageError",
-    "DivergedError",
-    "TrainConfig",
-    "PRECISIONS",
-    "bf16_supported",
-    "resolve_precision",
-    "resolve_stain_jitter",
-    "STAIN_JITTER",
-    "train",
-    "training_step",
-    "evaluate_loss",
-    "load_checkpoint",
-    "save_atomically",
-    "Progress",
-]
-
-
-class UsageError(ValueError):
-    """A setting, a checkpoint or a data set does not fit the run. ``argument`` names what is at fault: a
-    config field (``"config.lr"``) or an argument of :func:`train` (``"run_dir"``, ``"train_data"``)."""
-
-    def __init__(self, argument: str, message: str) -> None:
-        super().__init__(f"{argument}: {message}")
-        self.argument = argument
-
-
-class DivergedError(RuntimeError):
-    """Training produced a non-finite loss, or never produced a model better than its initialisation."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings (stored in every checkpoint; a resumed run must match them).
-
-    Attributes:
-        epochs, batch_size: passes over the training set; global batch size (split over processes).
-        lr, weight_decay, optimizer, schedule: peak learning rate; ``"adam"`` or ``"sgd"`` (Nesterov, 0.9);
-            ``"cosine"`` (to 0 over the run) or ``"constant"``.
-        augment: random rotations by multiples of 90 degrees and flips (D4, exact on the pixel grid).
-        stain_jitter: strength ``sigma`` of H&E stain augmentation (:func:`mobilenet.pcam.stain_jitter`): per
-            patch and stain, amount * U(1 - sigma, 1 + sigma) + U(-sigma, sigma); 0 turns it off. Needs
-            uint8 RGB images from the data (PCam's are). Default None: :data:`STAIN_JITTER` (0.1, selected on
-            PCam's validation split, docs/training.md) where the training images are uint8 RGB, off (with a
-            notice) where they are not. Tellez et al.'s "light" setting is 0.05.
-        seed: seeds the initial RNG state, the sample order and the augmentation.
-        precision: ``"bf16"`` autocast, ``"fp32"``, or ``"auto"`` (bf16 where the device has fast kernels).
-        channels_last: train in channels_last memory layout.
-        steps_per_epoch: None: an epoch is one pass over the data; an int: an epoch is that many steps,
-            drawn from a continuing stream of shuffled passes (a fixed step budget whatever the data size;
-            validation and checkpoints still happen per epoch).
-    """
-
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    augment: bool = True
-    stain_jitter: float | None = None
-    seed: int = 0
-    precision: str = "auto"
-    channels_last: bool = True
-    steps_per_epoch: int | None = None
-
-    def validate(self) -> None:
-        """Raise :class:`UsageError` naming the first field that is out of range."""
-        for name in ("epochs", "batch_size"):
-            try:
-                check_positive_int(getattr(self, name), name)
-            except ValueError as error:
-                raise UsageError(f"config.{name}", str(error).split(": ", 1)[1]) from None
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError("config.lr", f"expected a finite positive learning rate, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0):
-            raise UsageError("config.weight_decay", f"expected a finite number >= 0, got {self.weight_decay!r}")
-        if self.steps_per_epoch is not None:
-            try:
-                check_positive_int(self.steps_per_epoch, "steps_per_epoch")
-            except ValueError as error:
-                raise UsageError("config.steps_per_epoch", str(error).split(": ", 1)[1]) from None
-        if self.stain_jitter is not None and not (
-            isinstance(self.stain_jitter, (int, float))
-            and not isinstance(self.stain_jitter, bool)
-            and 0 <= self.stain_jitter < 1
-        ):
-            raise UsageError("config.stain_jitter", f"expected a number in [0, 1), got {self.stain_jitter!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
-        choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "precision": PRECISIONS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"config.{name}", f"expected one of {allowed}, got {getattr(self, name)!r}")
-
-
-#: Training precisions: "bf16" runs forward and backward under bfloat16 autocast (batch-norm statistics, the
-#: loss, the optimizer and checkpoints stay float32); "auto" is bf16 where the device has bf16 kernels.
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def bf16_supported(device: str) -> bool:
-    """Whether ``device`` has fast bfloat16 kernels (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-#: TrainConfig(stain_jitter=None) on uint8 RGB training images (H&E patches such as PCam's)
-STAIN_JITTER = 0.1
-
-
-def resolve_stain_jitter(stain_jitter: float | None, data, log=print) -> float:
-    """``stain_jitter`` as given, or for None :data:`STAIN_JITTER` where ``data``'s images are uint8 RGB
-    (its first image is looked at) and 0 otherwise, with a one-line notice."""
-    if stain_jitter is not None:
-        return float(stain_jitter)
-    dataset = getattr(data, "dataset", data)  # a DataLoader's dataset
-    try:
-        image = dataset.read(np.array([0]))[0] if hasattr(dataset, "read") else dataset[0][0]
-    except Exception:  # any dataset error shows up again, named, when training reads it
-        image = None
-    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3:
-        return STAIN_JITTER
-    log("notice: stain jitter off (the training images are not uint8 RGB); TrainConfig(stain_jitter=...) "
-        "sets it explicitly")
-    return 0.0
-
-
-def resolve_precision(precision: str, device: str, log=print) -> str:
-    """``"bf16"`` or ``"fp32"``: ``"auto"`` picks bf16 where supported; an explicit ``"bf16"`` on a device
-    without bf16 kernels falls back to fp32 with a one-line notice."""
-    if precision == "fp32":
-        return "fp32"
-    if bf16_supported(device):
-        return "bf16"
-    if precision == "bf16":
-        log(f"notice: {device} has no fast bfloat16 kernels; training in fp32")
-    return "fp32"
-
-
-# -- output ------------------------------------------------------------------------------------------------
-class Progress:
-    """A progress line on stderr: redrawn in place on a terminal, every 25% otherwise (logs, CI)."""
-
-    def __init__(self, total: int, description: str, enabled: bool = True) -> None:
-        self.total, self.description, self.enabled = max(total, 1), description, enabled
-        self.count, self.start, self.last_draw, self.next_mark = 0, time.time(), 0.0, 0.25
-        self.terminal = sys.stderr.isatty()
-
-    def update(self, steps: int = 1, **values: float) -> None:
-        self.count += steps
-        if not self.enabled:
-            return
-        fraction = self.count / self.total
-        now = time.time()
-        text = ", ".join(f"{key} {value:.4g}" for key, value in values.items())
-        line = (f"{self.description}: {self.count}/{self.total} ({100 * fraction:.0f}%) "
-                f"{now - self.start:.0f}s{', ' + text if text else ''}")
-        if self.terminal and (now - self.last_draw > 0.2 or self.count >= self.total):
-            sys.stderr.write("\r" + line.ljust(100) + ("\n" if self.count >= self.total else ""))
-            sys.stderr.flush()
-            self.last_draw = now
-        elif not self.terminal and (fraction >= self.next_mark or self.count >= self.total):
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-            while self.next_mark <= fraction:
-                self.next_mark += 0.25
-
-
-def save_atomically(state: dict, path: str) -> None:
-    """``torch.save`` through :func:`rotconv.files.atomic_write` (never a half-written file)."""
-    atomic_write(path, lambda handle: torch.save(state, handle))
+__all__ = ["train", "training_step", "evaluate_loss"]
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -387,58 +214,6 @@ def evaluate_loss(model: nn.Module, data, preprocess: Callable | None, batch_siz
     return loss_sum / examples, correct / examples
 
 
-# -- checkpoints -------------------------------------------------------------------------------------------
-CHECKPOINT_KEYS = ("identity", "epoch", "model", "optimizer", "rng", "history", "best")
-
-
-def load_checkpoint(path: str, device: str = "cpu") -> dict:
-    """Read a training checkpoint written by :func:`train`; every failure is a :class:`UsageError` naming
-    ``path`` (missing, a directory, empty, truncated, not a checkpoint, or another program's file)."""
-    if os.path.isdir(path):
-        raise UsageError("run_dir", f"{path} is a directory, not a checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise UsageError("run_dir", f"{path}: checkpoint not found") from None
-    except Exception as error:  # torch.load raises EOFError, UnpicklingError, RuntimeError, ... for bad files
-        kind = "empty" if os.path.getsize(path) == 0 else "truncated or not a checkpoint"
-        raise UsageError("run_dir", f"{path}: unreadable checkpoint ({kind}: {type(error).__name__}); delete it "
-                                    "or start the run with overwrite=True") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise UsageError("run_dir", f"{path}: not a checkpoint of this trainer (missing {', '.join(missing)}); "
-                                    "delete it or start the run with overwrite=True")
-    return checkpoint
-
-
-#: the value a config field had, in effect, in checkpoints written before the field existed (where the
-#: field's default is now resolved at run time, the old behaviour is what an absent field means)
-_BEFORE_THE_FIELD = {"stain_jitter": 0.0}
-
-
-def _restore(checkpoint: dict, path: str, identity: dict, model: nn.Module,
-             optimizer: torch.optim.Optimizer) -> None:
-    stored = checkpoint["identity"]
-    if isinstance(stored.get("config"), dict) and isinstance(identity.get("config"), dict):
-        # a config field added since the checkpoint was written counts as unchanged at its default value
-        defaults = {**asdict(TrainConfig()), **_BEFORE_THE_FIELD}
-        added = {key for key, value in identity["config"].items()
-                 if key not in stored["config"] and key in defaults and value == defaults[key]}
-        identity = {**identity, "config": {k: v for k, v in identity["config"].items() if k not in added}}
-    changed = differences(stored, identity)
-    if changed:
-        raise UsageError("resume", f"{path} belongs to another run; what differs (checkpoint -> this run): "
-                         + "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
-                         + ". Use another run_dir, or overwrite=True to start afresh")
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"])
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise UsageError("run_dir", f"{path}: the checkpoint does not fit this model "
-                                    f"({str(error).splitlines()[0]})") from None
-
-
 # -- training ----------------------------------------------------------------------------------------------
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
@@ -515,7 +290,7 @@ def _start(model: nn.Module, config: TrainConfig, run_dir: str | None, resume: b
              "start_epoch": 1}
     if resume and path is not None and os.path.exists(path):
         checkpoint = load_checkpoint(path, device)
-        _restore(checkpoint, path, identity, model, optimizer)
+        restore_checkpoint(checkpoint, path, identity, model, optimizer)
         state = {"history": checkpoint["history"], "best": checkpoint["best"], "start_epoch": checkpoint["epoch"] + 1}
         log(f"resumed {run_dir} after epoch {checkpoint['epoch']}")
     elif resume:

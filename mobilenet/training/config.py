@@ -1,0 +1,138 @@
+"""The training recipe (:class:`TrainConfig`, whose defaults are the recommended ones), the precision and
+stain-jitter choices resolved for a device and data set, and the errors a run reports."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rotconv.validation import check_positive_int
+
+__all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision",
+           "resolve_stain_jitter", "STAIN_JITTER"]
+
+
+class UsageError(ValueError):
+    """A setting, a checkpoint or a data set does not fit the run. ``argument`` names what is at fault: a
+    config field (``"config.lr"``) or an argument of :func:`train` (``"run_dir"``, ``"train_data"``)."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(f"{argument}: {message}")
+        self.argument = argument
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss, or never produced a model better than its initialisation."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (stored in every checkpoint; a resumed run must match them).
+
+    Attributes:
+        epochs, batch_size: passes over the training set; global batch size (split over processes).
+        lr, weight_decay, optimizer, schedule: peak learning rate; ``"adam"`` or ``"sgd"`` (Nesterov, 0.9);
+            ``"cosine"`` (to 0 over the run) or ``"constant"``.
+        augment: random rotations by multiples of 90 degrees and flips (D4, exact on the pixel grid).
+        stain_jitter: strength ``sigma`` of H&E stain augmentation (:func:`mobilenet.data.stain_jitter`): per
+            patch and stain, amount * U(1 - sigma, 1 + sigma) + U(-sigma, sigma); 0 turns it off. Needs
+            uint8 RGB images from the data (PCam's are). Default None: :data:`STAIN_JITTER` (0.1, selected on
+            PCam's validation split, docs/training.md) where the training images are uint8 RGB, off (with a
+            notice) where they are not. Tellez et al.'s "light" setting is 0.05.
+        seed: seeds the initial RNG state, the sample order and the augmentation.
+        precision: ``"bf16"`` autocast, ``"fp32"``, or ``"auto"`` (bf16 where the device has fast kernels).
+        channels_last: train in channels_last memory layout.
+        steps_per_epoch: None: an epoch is one pass over the data; an int: an epoch is that many steps,
+            drawn from a continuing stream of shuffled passes (a fixed step budget whatever the data size;
+            validation and checkpoints still happen per epoch).
+    """
+
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    augment: bool = True
+    stain_jitter: float | None = None
+    seed: int = 0
+    precision: str = "auto"
+    channels_last: bool = True
+    steps_per_epoch: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming the first field that is out of range."""
+        for name in ("epochs", "batch_size"):
+            try:
+                check_positive_int(getattr(self, name), name)
+            except ValueError as error:
+                raise UsageError(f"config.{name}", str(error).split(": ", 1)[1]) from None
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError("config.lr", f"expected a finite positive learning rate, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise UsageError("config.weight_decay", f"expected a finite number >= 0, got {self.weight_decay!r}")
+        if self.steps_per_epoch is not None:
+            try:
+                check_positive_int(self.steps_per_epoch, "steps_per_epoch")
+            except ValueError as error:
+                raise UsageError("config.steps_per_epoch", str(error).split(": ", 1)[1]) from None
+        if self.stain_jitter is not None and not (
+            isinstance(self.stain_jitter, (int, float))
+            and not isinstance(self.stain_jitter, bool)
+            and 0 <= self.stain_jitter < 1
+        ):
+            raise UsageError("config.stain_jitter", f"expected a number in [0, 1), got {self.stain_jitter!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
+        choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "precision": PRECISIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"config.{name}", f"expected one of {allowed}, got {getattr(self, name)!r}")
+
+
+#: Training precisions: "bf16" runs forward and backward under bfloat16 autocast (batch-norm statistics, the
+#: loss, the optimizer and checkpoints stay float32); "auto" is bf16 where the device has bf16 kernels.
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def bf16_supported(device: str) -> bool:
+    """Whether ``device`` has fast bfloat16 kernels (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+#: TrainConfig(stain_jitter=None) on uint8 RGB training images (H&E patches such as PCam's)
+STAIN_JITTER = 0.1
+
+
+def resolve_stain_jitter(stain_jitter: float | None, data, log=print) -> float:
+    """``stain_jitter`` as given, or for None :data:`STAIN_JITTER` where ``data``'s images are uint8 RGB
+    (its first image is looked at) and 0 otherwise, with a one-line notice."""
+    if stain_jitter is not None:
+        return float(stain_jitter)
+    dataset = getattr(data, "dataset", data)  # a DataLoader's dataset
+    try:
+        image = dataset.read(np.array([0]))[0] if hasattr(dataset, "read") else dataset[0][0]
+    except Exception:  # any dataset error shows up again, named, when training reads it
+        image = None
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 3:
+        return STAIN_JITTER
+    log("notice: stain jitter off (the training images are not uint8 RGB); TrainConfig(stain_jitter=...) "
+        "sets it explicitly")
+    return 0.0
+
+
+def resolve_precision(precision: str, device: str, log=print) -> str:
+    """``"bf16"`` or ``"fp32"``: ``"auto"`` picks bf16 where supported; an explicit ``"bf16"`` on a device
+    without bf16 kernels falls back to fp32 with a one-line notice."""
+    if precision == "fp32":
+        return "fp32"
+    if bf16_supported(device):
+        return "bf16"
+    if precision == "bf16":
+        log(f"notice: {device} has no fast bfloat16 kernels; training in fp32")
+    return "fp32"
