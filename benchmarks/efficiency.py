@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where INT8 runs, as in benchmarks.pcam (auto: the ExecuTorch program where rotconv[deploy] "
         "is installed, else torch.ao); --resume evaluates finished runs again when it changed",
     )
-    parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric")
+    parser.add_argument("--weight-scheme", choices=quant.WEIGHT_SCHEMES, default=quant.WEIGHT_SCHEME_DEFAULT)
     parser.add_argument("--relu6", choices=quant.RELU6_MODES, default=pcam.RELU6_DEFAULT,
                         help="DFQ with ReLU6, as in benchmarks.pcam; --resume evaluates finished runs again when it "
                              "changed")
@@ -186,7 +186,8 @@ def _train_config(args: argparse.Namespace, settings: dict, lr: float, seed: int
     return TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=lr,
                        weight_decay=args.weight_decay, seed=seed, precision=args.precision,
                        steps_per_epoch=math.ceil(settings["steps"] / settings["evaluations"]),
-                       augment=not args.no_augment, stain_jitter=args.stain_jitter)
+                       augment=not args.no_augment, stain_jitter=args.stain_jitter,
+                       warmup_steps=args.warmup_steps, label_smoothing=args.label_smoothing)
 
 
 def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse.Namespace, dict]:
@@ -194,7 +195,8 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
     namespace = argparse.Namespace(device="cpu", backend=args.backend, int8_backend=args.int8_backend,
                                    weight_scheme=args.weight_scheme, relu6=args.relu6,
                                    width_mult=settings["width_mult"],
-                                   dropout=args.dropout, group_pool=args.group_pool, min_fields=args.min_fields)
+                                   dropout=args.dropout, group_pool=args.group_pool, min_fields=args.min_fields,
+                                   depthwise=args.depthwise)
     return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
 
 
@@ -208,6 +210,9 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         + (f"-{args.group_pool}" if args.group_pool != "max" and equivariant else "")
         + (f"-min{args.min_fields}" if args.min_fields != 1 and equivariant else "")
         + (f"-w{args.width_mult:g}" if args.width_mult is not None and args.width_mult != 1 else "")
+        + ("-dwfield" if args.depthwise == "field" and equivariant else "")
+        + (f"-warm{args.warmup_steps}" if args.warmup_steps else "")
+        + (f"-ls{args.label_smoothing:g}" if args.label_smoothing else "")
     )
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
@@ -266,7 +271,8 @@ def _recipe(args: argparse.Namespace, settings: dict, config: TrainConfig) -> di
             "lr": config.lr, "weight_decay": config.weight_decay, "augment": config.augment,
             "stain_jitter": config.stain_jitter, "precision": config.precision, "valid_only": args.valid_only,
             "int8_backend": args.int8_backend, "relu6": args.relu6, "width_mult": settings["width_mult"],
-            "min_fields": args.min_fields, "torch": torch.__version__}
+            "min_fields": args.min_fields, "depthwise": args.depthwise, "warmup_steps": config.warmup_steps,
+            "label_smoothing": config.label_smoothing, "torch": torch.__version__}
 
 
 def load_results(directories: list[str]) -> list[dict]:
@@ -476,6 +482,9 @@ def run(args: argparse.Namespace) -> dict:
                 "augment": not args.no_augment,
                 "stain_jitter": args.stain_jitter,
                 "init": args.init,
+                "depthwise": args.depthwise,
+                "warmup_steps": args.warmup_steps,
+                "label_smoothing": args.label_smoothing,
                 "weight_scheme": args.weight_scheme,
                 "relu6": args.relu6,
                 "models": args.models,

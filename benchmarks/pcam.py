@@ -95,7 +95,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--group", nargs="+", help="group(s) of the equivariant model(s): C4 C8 C12 D4 D8 D12 ... "
                                                    "(default C12); one model is trained per group")
-    parser.add_argument("--group-order", type=int, help="deprecated: --group CN")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (profile: quick 0; medium 0-2; paper 0-4)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="global batch size (split over torchrun processes)")
@@ -123,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
                              "model.pte), an ONNX QDQ file in onnxruntime (RUNS/<model>-seed<k>/model.onnx), both "
                              "from rotconv[deploy], or torch.ao's int8 kernels in this process; auto (default): "
                              "executorch where rotconv[deploy] is installed, else torch-ao (docs/quantization.md)")
-    parser.add_argument("--weight-scheme", choices=("asymmetric", "symmetric"), default="symmetric",
+    parser.add_argument("--weight-scheme", choices=quant.WEIGHT_SCHEMES, default=quant.WEIGHT_SCHEME_DEFAULT,
                         help="INT8 per-tensor weights: symmetric (default: fbgemm's fast depthwise kernels, "
                              "bit-exact rotations on x86) or asymmetric (DFQ's choice)")
     parser.add_argument("--relu6", choices=quant.RELU6_MODES, default=RELU6_DEFAULT,
@@ -160,6 +159,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, width_default: float | 
                         help="the fewest regular fields of any equivariant layer (default 1: round(c / N) as the "
                              "paper; mobilenet_v2(min_fields=...); benchmarks.efficiency's run dirs end -min<K> when "
                              "not 1)")
+    parser.add_argument("--depthwise", choices=mobilenet.DEPTHWISE_MODES, default="channel",
+                        help="spatial conv of the equivariant blocks: channel (default, MobileNetV2's FLOPs) or field "
+                             "(each field's channels mixed by a regular filter: |G| x the depthwise MACs; "
+                             "mobilenet_v2(depthwise=...); benchmarks.efficiency's run dirs end -dwfield)")
+    parser.add_argument("--warmup-steps", type=int, default=0, metavar="STEPS",
+                        help="linear learning-rate warm-up over the first STEPS steps (default 0; "
+                             "benchmarks.efficiency's run dirs end -warm<STEPS>)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+                        help="label smoothing of the training loss (default 0; selection stays on plain validation "
+                             "cross-entropy; benchmarks.efficiency's run dirs end -ls<EPS>)")
 
 
 def check_shared_arguments(args: argparse.Namespace, width_mult: float) -> None:
@@ -174,6 +183,10 @@ def check_shared_arguments(args: argparse.Namespace, width_mult: float) -> None:
         raise UsageError("--width-mult", f"expected a positive number, got {width_mult}")
     if args.min_fields < 1:
         raise UsageError("--min-fields", f"expected an integer >= 1, got {args.min_fields}")
+    if args.warmup_steps < 0:
+        raise UsageError("--warmup-steps", f"expected an integer >= 0, got {args.warmup_steps}")
+    if not (math.isfinite(args.label_smoothing) and 0 <= args.label_smoothing < 1):
+        raise UsageError("--label-smoothing", f"expected a number in [0, 1), got {args.label_smoothing}")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads", f"expected >= 1, got {args.threads}")
     if args.resume and args.overwrite:
@@ -196,7 +209,7 @@ def _settings(args: argparse.Namespace) -> dict:
     if repeated:
         raise UsageError("--seeds", f"seed {repeated[0]} is given twice; each seed is one sample of the mean ± std")
     check_shared_arguments(args, args.width_mult)
-    profile["groups"] = parse_groups(args.group, args.group_order)
+    profile["groups"] = parse_groups(args.group)
     args.int8_backend = resolve_int8_backend(args.int8_backend)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", "cuda is not available on this machine")
@@ -205,15 +218,16 @@ def _settings(args: argparse.Namespace) -> dict:
     config = TrainConfig(epochs=profile["epochs"], batch_size=profile["batch_size"], lr=profile["lr"],
                          weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter, precision=args.precision,
-                         channels_last=args.channels_last)
+                         channels_last=args.channels_last, warmup_steps=args.warmup_steps,
+                         label_smoothing=args.label_smoothing)
     config.validate()  # a UsageError naming config.<field>; main() shows it as the option
     return {**profile, "config": config}
 
 
-def parse_groups(names: list[str] | None, group_order: int | None = None) -> list[str]:
-    """Validated group names (``--group``; ``--group-order N`` is the old spelling of ``--group CN``)."""
+def parse_groups(names: list[str] | None) -> list[str]:
+    """Validated group names (``--group``; default C12), duplicates dropped."""
     if names is None:
-        names = [f"C{group_order}"] if group_order is not None else ["C12"]
+        names = ["C12"]
     groups = []
     for name in names:
         try:
@@ -231,7 +245,8 @@ def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.Mob
     if group is None:  # the conventional model has no group to pool over and no fields
         return mobilenet.mobilenet_v2(width_mult=args.width_mult, dropout=args.dropout)
     return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout,
-                                  group_pool=args.group_pool, min_fields=args.min_fields)
+                                  group_pool=args.group_pool, min_fields=args.min_fields,
+                                  depthwise=getattr(args, "depthwise", "channel"))
 
 
 def model_label(name: str) -> str:
@@ -541,6 +556,8 @@ def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: a
         identity["group_pool"] = args.group_pool
     if name != "conventional" and args.min_fields != 1:  # (likewise)
         identity["min_fields"] = args.min_fields
+    if name != "conventional" and args.depthwise != "channel":  # (likewise)
+        identity["depthwise"] = args.depthwise
     log(f"== {model_label(name)}, seed {seed} ==")
     started = time.time()
     trained = train(build_model(name, args, seed), splits["train"], splits["valid"], config, run_dir,
@@ -614,6 +631,7 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
 #: How the library's names for settings read on this command line.
 OPTIONS = {"config.epochs": "--epochs", "config.batch_size": "--batch-size", "config.lr": "--lr",
            "config.weight_decay": "--weight-decay", "config.stain_jitter": "--stain-jitter",
+           "config.warmup_steps": "--warmup-steps", "config.label_smoothing": "--label-smoothing",
            "config.optimizer": "--optimizer", "config.schedule": "--schedule",
            "config.precision": "--precision", "config.seed": "--seeds", "run_dir": "--runs", "resume=True": "--resume",
            "overwrite=True": "--overwrite", "resume:": "--resume:"}

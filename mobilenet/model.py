@@ -5,11 +5,10 @@ projection), expansion 6, ReLU6, residual connections where shapes allow. Adapte
 al.: 95x95 (odd) inputs, the stride of two stages reduced from 2 to 1 (the 64- and 160-channel stages) so
 the last feature map is 11x11 instead of 3x3, odd grids kept by every strided layer
 (``rotconv.equivariant_padding``), a circular mask on the input and a circular field of view in the
-global pooling. The equivariant network uses the same table with ``round(c / order)`` regular fields (``order``: the
-group's elements, N for C_N, 2N for D_N) (at least
-``min_fields``, 1 by default) where the conventional one has ``c`` channels, and an invariant head: masked
-global average pooling, pooling over the group (max by default; ``group_pool="sort"`` keeps every order
-statistic), linear classifier.
+global pooling. The equivariant network uses the same table with ``round(c / order)`` regular fields
+(``order``: the group's elements, N for C_N, 2N for D_N; at least ``min_fields``, 1 by default) where the
+conventional one has ``c`` channels, and an invariant head: masked global average pooling, pooling over
+the group (max by default; ``group_pool="sort"`` keeps every order statistic), linear classifier.
 """
 
 from typing import Callable
@@ -22,7 +21,8 @@ from rotconv.grid import equivariant_padding
 from rotconv.group import as_group
 from rotconv.validation import check_choice, check_int, check_normalised, check_positive_int, is_symbolic, shape_of
 
-__all__ = ["MobileNetV2", "mobilenet_v2", "INVERTED_RESIDUAL_SETTING", "STEM_CHANNELS", "LAST_CHANNELS"]
+__all__ = ["MobileNetV2", "mobilenet_v2", "INVERTED_RESIDUAL_SETTING", "STEM_CHANNELS", "LAST_CHANNELS",
+           "DEPTHWISE_MODES"]
 
 #: (expansion t, output channels c, repeats n, first stride s). Strides of the 64- and 160-channel stages
 #: are 1 here (2 in the ImageNet model): the total stride is 8, 95 -> 47 -> 23 -> 11.
@@ -38,6 +38,8 @@ INVERTED_RESIDUAL_SETTING: list[tuple[int, int, int, int]] = [
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 _ACTIVATIONS = {"relu6": nn.ReLU6, "relu": nn.ReLU}
+#: the spatial conv of an equivariant block: per channel (MobileNetV2's FLOPs) or per field (regular -> regular)
+DEPTHWISE_MODES = ("channel", "field")
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -80,9 +82,10 @@ class _EquivariantLayers:
     fields; ``norm_layer(fields, group)`` (default :class:`rotconv.GroupBatchNorm2d`)."""
 
     def __init__(self, group: rotconv.Group, min_fields: int = 1,
-                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
+                 norm_layer: Callable[..., nn.Module] | None = None, depthwise: str = "channel") -> None:
         self.group = group
         self.min_fields = min_fields
+        self.depthwise_mode = depthwise
         self.norm_layer = norm_layer or rotconv.GroupBatchNorm2d
 
     def fields(self, channels: int) -> int:
@@ -102,7 +105,10 @@ class _EquivariantLayers:
                                    bias=False)
 
     def depthwise(self, channels: int, kernel_size: int, stride: int, size: int) -> nn.Module:
-        return rotconv.DepthwiseGroupConv2d(channels // self.group.order, kernel_size, self.group, stride, bias=False)
+        fields = channels // self.group.order
+        if self.depthwise_mode == "field":
+            return rotconv.GroupConv2d(fields, fields, kernel_size, self.group, stride, bias=False, groups=fields)
+        return rotconv.DepthwiseGroupConv2d(fields, kernel_size, self.group, stride, bias=False)
 
     def norm(self, channels: int) -> nn.Module:
         return self.norm_layer(channels // self.group.order, self.group)
@@ -199,6 +205,11 @@ class MobileNetV2(nn.Module):
             24-channel field from the stem on), i.e. one or two distinct features in ``order`` poses; ``min_fields=3``
             widens only those layers (C_12: +2.7% MACs, D_12: +18% over the conventional model), ``min_fields=8``
             every layer below 96 channels (C_12: +29%); docs/training.md section 10 measures both.
+        depthwise: the spatial conv of every block in an equivariant model: ``"channel"`` (default; each
+            channel filtered on its own, :class:`rotconv.DepthwiseGroupConv2d`, the FLOPs of MobileNetV2's
+            depthwise conv) or ``"field"`` (each field's ``order`` channels mixed by a regular-to-regular filter,
+            :class:`rotconv.GroupConv2d` with ``groups=fields``: ``order`` times the depthwise MACs and free
+            filters).
         inverted_residual_setting: the block table, rows ``(t, c, n, s)`` (default
             :data:`INVERTED_RESIDUAL_SETTING`; ``c`` in conventional channels, fields follow ``min_fields``).
         norm_layer: the normalisation: ``norm_layer(channels)`` for the conventional model (default
@@ -208,7 +219,7 @@ class MobileNetV2(nn.Module):
 
     def __init__(self, num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
-                 group_pool: str = "max", min_fields: int = 1,
+                 group_pool: str = "max", min_fields: int = 1, depthwise: str = "channel",
                  inverted_residual_setting: list[tuple[int, int, int, int]] | None = None,
                  norm_layer: Callable[..., nn.Module] | None = None) -> None:
         super().__init__()
@@ -236,7 +247,12 @@ class MobileNetV2(nn.Module):
         if group is None and min_fields != 1:
             raise ValueError(f"min_fields: only an equivariant model (group=...) has fields, got "
                              f"min_fields={min_fields} with group=None")
+        check_choice(depthwise, "depthwise", DEPTHWISE_MODES)
+        if group is None and depthwise != "channel":
+            raise ValueError(f"depthwise: only an equivariant model (group=...) has fields to mix, got "
+                             f"depthwise={depthwise!r} with group=None")
         self.min_fields = min_fields
+        self.depthwise = depthwise
         self.group = group
         self.group_pool = group_pool
         self.input_size = input_size
@@ -246,7 +262,8 @@ class MobileNetV2(nn.Module):
         self.dropout = dropout
         self.inverted_residual_setting = None if inverted_residual_setting is None else [list(row) for row in setting]
         self.norm_layer = norm_layer
-        layers = _PlainLayers(norm_layer) if group is None else _EquivariantLayers(group, min_fields, norm_layer)
+        layers = (_PlainLayers(norm_layer) if group is None
+                  else _EquivariantLayers(group, min_fields, norm_layer, depthwise))
         act = _ACTIVATIONS[activation]
 
         size = input_size
@@ -338,6 +355,8 @@ class MobileNetV2(nn.Module):
         arguments = {"num_classes": self.num_classes, "group": group,
                      "width_mult": self.width_mult, "input_size": self.input_size, "activation": self.activation,
                      "dropout": self.dropout, "group_pool": self.group_pool, "min_fields": self.min_fields}
+        if self.depthwise != "channel":  # files of models built before the option keep their form
+            arguments["depthwise"] = self.depthwise
         if self.inverted_residual_setting is not None:
             arguments["inverted_residual_setting"] = self.inverted_residual_setting
         return arguments

@@ -12,8 +12,9 @@ other modules). Patterns it cannot quantize correctly raise ValueError naming th
 :func:`to_executorch` writes the same data-free INT8 model as an ExecuTorch/XNNPACK program (optional extra
 ``rotconv[deploy]``).
 """
-from .arithmetic import (REDUCED_RANGE_BACKENDS, WEIGHT_SCHEMES, fake_quantize_tensor, fake_quantize_weight,
-                         quantization_parameters, weight_bits_for, weight_quantization_parameters)
+from .arithmetic import (REDUCED_RANGE_BACKENDS, WEIGHT_SCHEME_DEFAULT, WEIGHT_SCHEMES, fake_quantize_tensor,
+                         fake_quantize_weight, quantization_parameters, weight_bits_for,
+                         weight_quantization_parameters)
 from .executorch import ExecuTorchModel, load_executorch, to_executorch
 from .extras import INT8_RUNTIMES, default_int8_runtime
 from .onnx import OnnxModel, load_onnx, to_onnx
@@ -48,6 +49,7 @@ __all__ = [
     "BACKENDS",
     "MODES",
     "WEIGHT_SCHEMES",
+    "WEIGHT_SCHEME_DEFAULT",
     "REDUCED_RANGE_BACKENDS",
     "RELU6_MODES",
     "RELU6_DEFAULT",

@@ -7,10 +7,15 @@ import torch.nn as nn
 
 from rotconv.validation import check_choice
 
-__all__ = ["WEIGHT_SCHEMES", "REDUCED_RANGE_BACKENDS", "quantization_parameters", "weight_quantization_parameters",
-           "fake_quantize_tensor", "fake_quantize_weight", "is_depthwise", "weight_bits_for", "reduces_range"]
+__all__ = ["WEIGHT_SCHEMES", "WEIGHT_SCHEME_DEFAULT", "REDUCED_RANGE_BACKENDS", "quantization_parameters",
+           "weight_quantization_parameters", "fake_quantize_tensor", "fake_quantize_weight", "is_depthwise",
+           "weight_bits_for", "reduces_range"]
 
 WEIGHT_SCHEMES = ("asymmetric", "symmetric")
+#: per-tensor weights with zero point 0 (range +-127): what XNNPACK and ONNX QDQ need, and on x86/fbgemm the
+#: scheme that keeps depthwise convs on their fast kernel (an asymmetric weight falls back to a generic kernel
+#: 10-100x slower); DFQ's asymmetric [min, max] weights stay available with ``weight_scheme="asymmetric"``
+WEIGHT_SCHEME_DEFAULT = "symmetric"
 #: Engines whose kernels add u8 x s8 products in saturating int16: 7-bit activations, 7-bit depthwise weights.
 REDUCED_RANGE_BACKENDS = ("x86", "fbgemm")
 

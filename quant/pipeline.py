@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from rotconv.validation import check_choice
 
-from .arithmetic import reduces_range
+from .arithmetic import WEIGHT_SCHEME_DEFAULT, reduces_range
 from .int8 import BACKENDS, Int8Model, convert_int8
 from .plan import FakeQuantize, plan_quantization, simulate
 from .transforms import absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, replace_relu6
@@ -28,7 +28,7 @@ RELU6_DEFAULT = "keep"
 
 def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
              backend: str = "x86", calibration: Iterable | None = None,
-             input_range: tuple[float, float] = (-3.0, 3.0), weight_scheme: str = "asymmetric") -> nn.Module:
+             input_range: tuple[float, float] = (-3.0, 3.0), weight_scheme: str = WEIGHT_SCHEME_DEFAULT) -> nn.Module:
     """Quantize a BN-folded network: per-tensor weights and activations.
 
     Args:
@@ -42,9 +42,9 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
             ranges; without it ranges come data-free from the BN statistics, and a conv fed by anything
             whose range is not data-free (SiLU, Linear, ...) raises ValueError.
         input_range: the range of the network input used when no calibration is given.
-        weight_scheme: ``"asymmetric"`` (per-tensor [min, max] with a zero point, as DFQ) or ``"symmetric"``
-            (zero point 0). On x86/fbgemm, depthwise convs with a non-zero weight zero point fall back to a
-            generic kernel 10-100x slower than the depthwise one: use ``"symmetric"`` for speed there.
+        weight_scheme: ``"symmetric"`` (zero point 0; the default, :data:`WEIGHT_SCHEME_DEFAULT`) or
+            ``"asymmetric"`` (per-tensor [min, max] with a zero point, as the DFQ paper). On x86/fbgemm,
+            depthwise convs with a non-zero weight zero point fall back to a generic kernel 10-100x slower.
     """
     check_choice(mode, "mode", MODES)
     if mode == "int8" and (weight_bits != 8 or act_bits != 8):
@@ -77,7 +77,7 @@ def check_float_model(model: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, group: object = None, bias_correction: bool = True, weight_bits: int = 8,
-            weight_scheme: str = "asymmetric", reduce_range: bool = False, *,
+            weight_scheme: str = WEIGHT_SCHEME_DEFAULT, reduce_range: bool = False, *,
             relu6: str = RELU6_DEFAULT) -> fx.GraphModule:
     """The data-free steps before quantization: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``),
     absorb high biases, and (``bias_correction``) correct biases for the given weight quantization.
@@ -105,6 +105,6 @@ def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
     its name or N, as the network was built with), absorb high biases, correct biases, quantize
     (``quantize_kwargs`` go to :func:`quantize`). ``relu6``: see :func:`prepare` (default: kept)."""
     prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
-                       quantize_kwargs.get("weight_scheme", "asymmetric"),
+                       quantize_kwargs.get("weight_scheme", WEIGHT_SCHEME_DEFAULT),
                        reduces_range(quantize_kwargs.get("backend", "x86")), relu6=relu6)
     return quantize(prepared, **quantize_kwargs)

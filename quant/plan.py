@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from rotconv.validation import check_choice, check_int
 
-from .arithmetic import (WEIGHT_SCHEMES, fake_quantize_weight, quantization_parameters, weight_bits_for,
-                         weight_quantization_parameters)
+from .arithmetic import (WEIGHT_SCHEME_DEFAULT, WEIGHT_SCHEMES, fake_quantize_weight, quantization_parameters,
+                         weight_bits_for, weight_quantization_parameters)
 from .graph import describe, is_add, is_conv, module_of, trace
 from .registry import ModuleRule, rule_for
 
@@ -55,7 +55,7 @@ class QuantPlan:
     weight_bits: int
     act_bits: int
     reduce_range: bool
-    weight_scheme: str = "asymmetric"
+    weight_scheme: str = WEIGHT_SCHEME_DEFAULT
     integer_bias: bool = False
 
     def activation_qparams(self, name: str) -> tuple[float, int, int, int]:
@@ -171,7 +171,7 @@ def _calibrate(graph_module: fx.GraphModule, names: list[str], calibration: Iter
 
 def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
                       calibration: Iterable | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
-                      reduce_range: bool = False, weight_scheme: str = "asymmetric",
+                      reduce_range: bool = False, weight_scheme: str = WEIGHT_SCHEME_DEFAULT,
                       integer_bias: bool = False) -> QuantPlan:
     """Trace ``model`` (BN folded: see :func:`quant.fold_batchnorm`) and choose quantization points/ranges.
 

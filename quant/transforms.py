@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from rotconv.group import as_group
 
-from .arithmetic import fake_quantize_weight, weight_bits_for
+from .arithmetic import WEIGHT_SCHEME_DEFAULT, fake_quantize_weight, weight_bits_for
 from .graph import ConvPair, conv_pairs, module_of, remove_identities, trace
 
 __all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias", "field_size"]
@@ -182,7 +182,7 @@ def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = "asymmetric",
+def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = WEIGHT_SCHEME_DEFAULT,
                  reduce_range: bool = False) -> fx.GraphModule:
     """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
     input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract

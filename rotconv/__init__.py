@@ -1,4 +1,5 @@
-"""rotconv: rotation-equivariant (C_N) convolutions with steerable filters, for small, fast CNNs.
+"""rotconv: rotation- and reflection-equivariant (C_N, D_N) convolutions with steerable filters, for small, fast
+CNNs.
 
 Public API::
 

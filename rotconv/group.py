@@ -242,4 +242,4 @@ def as_group(group: Group | int | str, name: str = "group") -> Group:
     if isinstance(group, str) and len(group) > 1 and group[0] in "CcDd" and group[1:].isdigit() and int(group[1:]) > 0:
         return (CyclicGroup if group[0] in "Cc" else DihedralGroup)(int(group[1:]))
     raise ValueError(f"{name}: expected a rotconv group (CyclicGroup, DihedralGroup), its name ('C12', 'D12') or "
-                     f"the order N of C_N (an int), got {group!r}")
+                     f"N, the number of rotations of C_N (an int), got {group!r}")

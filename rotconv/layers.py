@@ -1,7 +1,8 @@
-"""C_N-equivariant convolutions on regular feature fields, parametrised by rotated steerable filters.
+"""C_N- and D_N-equivariant convolutions on regular feature fields, parametrised by rotated steerable filters.
 
-All layers take and return plain tensors. A regular feature tensor has shape ``(B, F*N, H, W)``; channel
-``f*N + i`` is rotation ``i`` of field ``f`` (see :mod:`rotconv.group`).
+``N`` is the number of rotations; ``order`` the number of group elements (N for C_N, 2N for D_N). All layers
+take and return plain tensors. A regular feature tensor has shape ``(B, F*order, H, W)``; channel
+``f*order + i`` is group element ``i`` of field ``f`` (see :mod:`rotconv.group`).
 
 The kernel constraint for regular representations, ``K(g x) = rho(g) K(x) rho(g)^-1``, is solved by
 *rotated filters*: the filter from input rotation ``j`` to output rotation ``i`` is a free steerable filter
@@ -76,7 +77,7 @@ class SteerableConv2d(nn.Module):
         weight: the steerable coefficients ``(*coefficient_shape, basis_size)``.
         bias: one bias per output field, or None.
         in_channels, out_channels, out_fields, groups, kernel_size, stride, padding, padding_mode, group:
-            as their names say; ``out_channels = out_fields * N``.
+            as their names say; ``out_channels = out_fields * order``.
     """
 
     weight: nn.Parameter
@@ -212,7 +213,7 @@ class SteerableConv2d(nn.Module):
         return contracted.index_select(0, self._index).view(shape)
 
     def expanded_bias(self) -> torch.Tensor | None:
-        """``(out_channels,)``: the field bias repeated over the N rotations, or None."""
+        """``(out_channels,)``: the field bias repeated over the field's ``order`` channels, or None."""
         if self.bias is None:
             return None
         return self.bias.repeat_interleave(self.group.order)
@@ -275,7 +276,7 @@ class SteerableConv2d(nn.Module):
         return f"{self.in_channels} channels"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_channels, H, W) -> (B, out_fields * N, H', W')``."""
+        """``(B, in_channels, H, W) -> (B, out_fields * order, H', W')``."""
         self._check_input(x)
         pad_h = self._padding_for(x.shape[-2], "input height")
         pad_w = self._padding_for(x.shape[-1], "input width")
@@ -342,19 +343,20 @@ class SteerableConv2d(nn.Module):
 
 
 class LiftingConv2d(SteerableConv2d):
-    """Scalar channels -> regular fields (the first layer of a C_N-equivariant network).
+    """Scalar channels -> regular fields (the first layer of a C_N- or D_N-equivariant network).
 
-    Output rotation ``i`` of field ``f`` correlates the input with the field's filters rotated by
-    ``2*pi*i/N``. Shapes: ``(B, in_channels, H, W) -> (B, out_fields*N, H', W')``. Group action: input
+    Output element ``i`` of field ``f`` correlates the input with the field's filters transformed by element
+    ``i`` (for C_N the rotation by ``2*pi*i/N``). Shapes: ``(B, in_channels, H, W) -> (B, out_fields*order, H',
+    W')``. Group action: input
     channels are scalars (rotate spatially only); output fields are regular. Parameters: ``out_fields x
     in_channels x B`` coefficients (``B`` = basis size) and one bias per output field.
 
     Args:
         in_channels: scalar input channels (e.g. 3 for RGB).
-        out_fields: regular output fields (``out_fields * N`` channels).
+        out_fields: regular output fields (``out_fields * order`` channels).
         kernel_size: odd filter size.
-        group: :class:`~rotconv.CyclicGroup` or :class:`~rotconv.DihedralGroup`, its name (``"D12"``) or the
-            order N of C_N.
+        group: :class:`~rotconv.CyclicGroup` or :class:`~rotconv.DihedralGroup`, its name (``"D12"``) or N, the
+            number of rotations of C_N.
         stride, padding, padding_mode, bias: as :class:`torch.nn.Conv2d`; ``padding='equivariant'`` (default)
             applies the odd-grid stride policy of :mod:`rotconv.grid`.
         basis: a :class:`~rotconv.SteerableBasis` to use instead of the default one.
@@ -375,29 +377,41 @@ class LiftingConv2d(SteerableConv2d):
         return full.reshape(self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
 
 class GroupConv2d(SteerableConv2d):
-    """Regular fields -> regular fields (group convolution on C_N).
+    """Regular fields -> regular fields (group convolution on C_N or D_N).
 
-    The filter from input rotation ``j`` to output rotation ``i`` is ``rotate_i(Psi_{(j-i) mod N})`` with N
-    free steerable filters ``Psi_d`` per field pair; ``kernel_size=1`` gives the block-circulant pointwise
-    conv. Shapes: ``(B, in_fields*N, H, W) -> (B, out_fields*N, H', W')``. Group action: both sides regular
-    (spatial rotation + cyclic shift inside every field). Parameters: ``out_fields x in_fields x N x B``
-    coefficients and one bias per output field.
+    The filter from input element ``h`` to output element ``g`` is ``T_g Psi_{g^-1 h}`` with ``order`` free
+    steerable filters ``Psi_d`` per field pair (for C_N: ``rotate_i(Psi_{(j-i) mod N})``); ``kernel_size=1``
+    gives the block-circulant pointwise conv. Shapes: ``(B, in_fields*order, H, W) -> (B, out_fields*order, H',
+    W')``. Group action: both sides regular (spatial transformation + permutation inside every field).
+    Parameters: ``out_fields x (in_fields / groups) x order x B`` coefficients and one bias per output field.
+
+    ``groups`` splits the fields into that many consecutive sets, each mapped to its own share of the output
+    fields (as :class:`torch.nn.Conv2d`'s ``groups``, counted in fields, so every set holds whole fields and
+    the layer stays equivariant). ``groups=fields`` with ``in_fields == out_fields`` is a *field-wise*
+    depthwise conv: each field's ``order`` channels mixed by a regular-to-regular filter, ``order`` times the
+    MACs and free filters of :class:`DepthwiseGroupConv2d`.
 
     Args:
-        in_fields, out_fields: regular fields on each side.
+        in_fields, out_fields: regular fields on each side (both divisible by ``groups``).
         kernel_size, group, stride, padding, bias, padding_mode, basis, device, dtype: as :class:`LiftingConv2d`.
+        groups: independent sets of fields (default 1: every output field sees every input field).
     """
 
     def __init__(self, in_fields: int, out_fields: int, kernel_size: int, group: Group | int | str, stride: int = 1,
                  padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
-                 basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
+                 basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None,
+                 groups: int = 1) -> None:
         check_positive_int(in_fields, "in_fields")
         check_positive_int(out_fields, "out_fields")
+        check_positive_int(groups, "groups")
+        if in_fields % groups or out_fields % groups:
+            raise ValueError(f"groups: in_fields ({in_fields}) and out_fields ({out_fields}) must both be divisible "
+                             f"by groups, got groups={groups}")
         group = as_group(group)
         super().__init__(in_fields * group.order, out_fields, kernel_size, group, stride, padding, padding_mode, bias,
-                         1, basis)
+                         groups, basis)
         self.in_fields = in_fields
-        self._create_weight((out_fields, in_fields, group.order, self.basis_size), device, dtype)
+        self._create_weight((out_fields, in_fields // groups, group.order, self.basis_size), device, dtype)
 
     def _place(self, ids: torch.Tensor) -> torch.Tensor:
         # ids (Fo, Fi, D, Q, k, k): free filter Psi_d (d a group element) rotated by the computed rotations.
@@ -406,9 +420,9 @@ class GroupConv2d(SteerableConv2d):
         elements = self._element_positions(ids)  # (Fo, Fi, D, order, k, k): T_e Psi_d
         g = torch.arange(order).view(-1, 1).expand(order, order)
         d = torch.stack([self.group.permutation(int(element)) for element in range(order)])  # d[g, h] = g^-1 h
-        full = elements[:, :, d, g]  # (Fo, Fi, g, h, k, k)
-        return full.permute(0, 2, 1, 3, 4, 5).reshape(self.out_channels, self.in_channels, self.kernel_size,
-                                                      self.kernel_size)
+        full = elements[:, :, d, g]  # (Fo, Fi / groups, g, h, k, k)
+        return full.permute(0, 2, 1, 3, 4, 5).reshape(self.out_channels, self.in_channels // self.groups,
+                                                      self.kernel_size, self.kernel_size)
 
     def _channel_description(self) -> str:
         return f"{self.in_channels} channels (in_fields={self.in_fields} x {self.group.order})"
@@ -416,13 +430,17 @@ class GroupConv2d(SteerableConv2d):
     def _in_repr(self) -> str:
         return f"in_fields={self.in_fields}"
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", groups={self.groups}" if self.groups != 1 else "")
+
 
 class DepthwiseGroupConv2d(SteerableConv2d):
     """Equivariant depthwise conv: each channel filtered on its own, with exactly the FLOPs of
-    ``nn.Conv2d(F*N, F*N, k, groups=F*N)``.
+    ``nn.Conv2d(F*order, F*order, k, groups=F*order)``.
 
-    Channel ``i`` of field ``f`` is correlated with the field's single filter rotated by ``2*pi*i/N``.
-    Shapes: ``(B, fields*N, H, W) -> (B, fields*N, H', W')``. Group action: regular on both sides.
+    Channel ``i`` of field ``f`` is correlated with the field's single filter transformed by element ``i``
+    (for C_N the rotation by ``2*pi*i/N``). Shapes: ``(B, fields*order, H, W) -> (B, fields*order, H', W')``.
+    Group action: regular on both sides.
     Parameters: ``fields x B`` coefficients and one bias per field.
 
     Args:

@@ -13,14 +13,15 @@ __all__ = ["GroupBatchNorm2d"]
 
 
 class GroupBatchNorm2d(nn.Module):
-    """Batch norm whose statistics and affine parameters are shared by the N channels of a field.
+    """Batch norm whose statistics and affine parameters are shared by the ``order`` channels of a field (N for
+    C_N, 2N for D_N).
 
     Sharing over the group keeps the layer equivariant (a group element permutes the channels of a field,
-    which leaves their joint statistics unchanged). Shapes: ``(B, fields*N, H, W) -> same``.
+    which leaves their joint statistics unchanged). Shapes: ``(B, fields*order, H, W) -> same``.
 
     Args:
         fields: number of regular fields.
-        group: a rotconv group (C_N or D_N), its name or the order N of C_N.
+        group: a rotconv group (C_N or D_N), its name, or N (the rotations of C_N).
         eps, momentum, affine, track_running_stats, device, dtype: as :class:`torch.nn.BatchNorm2d`.
     """
 
@@ -31,7 +32,7 @@ class GroupBatchNorm2d(nn.Module):
         check_positive_int(fields, "fields")
         self.group = as_group(group)
         self.fields = fields
-        # The per-field statistics are those of an ordinary BatchNorm over (B, fields, N*H*W).
+        # The per-field statistics are those of an ordinary BatchNorm over (B, fields, order*H*W).
         self.norm = nn.BatchNorm1d(fields, eps=eps, momentum=momentum, affine=affine,
                                    track_running_stats=track_running_stats, device=device, dtype=dtype)
 
@@ -45,40 +46,40 @@ class GroupBatchNorm2d(nn.Module):
                              f"(fields={self.fields} x {self.group.order}), got {shape_of(x)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, fields*N, H, W) -> same`` (export to ``nn.BatchNorm2d`` for TorchScript)."""
+        """``(B, fields*order, H, W) -> same`` (export to ``nn.BatchNorm2d`` for TorchScript)."""
         self._check_input(x)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            norm, N = self.norm, self.group.order
+            norm, order = self.norm, self.group.order
             if type(norm) is nn.BatchNorm1d and norm.track_running_stats:  # not a converted (cross-process) norm
                 if self.training:
-                    return _FieldBatchNorm.apply(x, norm.weight, norm.bias, norm, N)
+                    return _FieldBatchNorm.apply(x, norm.weight, norm.bias, norm, order)
                 rows, lanes = _lane_view(x)  # eval: one per-column affine pass over the 2-D view
-                y = _lane_batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, N, lanes,
+                y = _lane_batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, order, lanes,
                                      norm.eps)
                 return _from_rows(y, x.shape)
-            # a converted norm: channels_last memory is (B, H, W, fields, N)
+            # a converted norm: channels_last memory is (B, H, W, fields, order)
             batch, channels, height, width = x.shape
-            fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, N)
+            fields = x.permute(0, 2, 3, 1).reshape(-1, self.fields, order)
             return norm(fields).view(batch, height, width, channels).permute(0, 3, 1, 2)
-        # contiguous memory is (B, fields, N*H*W)
+        # contiguous memory is (B, fields, order*H*W)
         return self.norm(x.reshape(x.shape[0], self.fields, -1)).view_as(x)
 
     def export(self) -> nn.BatchNorm2d:
-        """A plain ``nn.BatchNorm2d(fields*N)`` with the statistics and parameters repeated per rotation."""
+        """A plain ``nn.BatchNorm2d(fields*order)`` with the statistics and parameters repeated per element."""
         src = self.norm
         reference = src.running_mean if src.track_running_stats else src.weight
         bn = nn.BatchNorm2d(self.num_channels, eps=src.eps, momentum=src.momentum, affine=src.affine,
                             track_running_stats=src.track_running_stats,
                             device=None if reference is None else reference.device,
                             dtype=None if reference is None else reference.dtype)
-        N = self.group.order
+        order = self.group.order
         with torch.no_grad():
             if src.affine:
-                bn.weight.copy_(src.weight.repeat_interleave(N))
-                bn.bias.copy_(src.bias.repeat_interleave(N))
+                bn.weight.copy_(src.weight.repeat_interleave(order))
+                bn.bias.copy_(src.bias.repeat_interleave(order))
             if src.track_running_stats:
-                bn.running_mean.copy_(src.running_mean.repeat_interleave(N))
-                bn.running_var.copy_(src.running_var.repeat_interleave(N))
+                bn.running_mean.copy_(src.running_mean.repeat_interleave(order))
+                bn.running_var.copy_(src.running_var.repeat_interleave(order))
                 bn.num_batches_tracked.copy_(src.num_batches_tracked)
         bn.train(self.training)
         return bn
@@ -88,7 +89,7 @@ class GroupBatchNorm2d(nn.Module):
 
 
 class _FieldBatchNorm(torch.autograd.Function):
-    """Training-mode batch norm with statistics shared by the N channels of each field, for channels_last
+    """Training-mode batch norm with statistics shared by the ``order`` channels of each field, for channels_last
     inputs, built on torch's fast per-channel kernels (a field is not contiguous in channels_last memory,
     so the field view of the contiguous path would cost copies).
 
@@ -105,7 +106,7 @@ class _FieldBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                norm: nn.BatchNorm1d, N: int) -> torch.Tensor:
+                norm: nn.BatchNorm1d, order: int) -> torch.Tensor:
         # Per-column statistics only (native_batch_norm would also write an output that is not used). Given
         # running buffers (left unchanged by momentum 0) the kernel returns them in float32 also for bf16 x;
         # without, it would round the means to bf16 (an error of up to 2**-9 |mean|, not small against std).
@@ -117,12 +118,12 @@ class _FieldBatchNorm(torch.autograd.Function):
         mean_c, var_c = torch.batch_norm_update_stats(rows, rows.new_zeros(columns, dtype=dtype),
                                                       rows.new_ones(columns, dtype=dtype), 0.0)
         # per field, without cancellation (all columns hold equal counts): var_f = mean(var_c) + var(mean_c)
-        spread, mean_f = torch.var_mean(mean_c.view(lanes, -1, N), dim=(0, 2), correction=0)
-        var_f = var_c.view(lanes, -1, N).mean((0, 2)).add_(spread)
+        spread, mean_f = torch.var_mean(mean_c.view(lanes, -1, order), dim=(0, 2), correction=0)
+        var_f = var_c.view(lanes, -1, order).mean((0, 2)).add_(spread)
         running_mean, running_var = norm.running_mean, norm.running_var
         if mean_f.dtype != running_mean.dtype:
             mean_f, var_f = mean_f.to(running_mean.dtype), var_f.to(running_mean.dtype)
-        count = rows.shape[0] * lanes * N  # values per field
+        count = rows.shape[0] * lanes * order  # values per field
         momentum, tracked = norm.momentum, norm.num_batches_tracked
         if tracked is not None:
             tracked.add_(1)
@@ -132,25 +133,25 @@ class _FieldBatchNorm(torch.autograd.Function):
         running_var.lerp_(var_f * (count / max(count - 1, 1)), momentum)
         # every per-field vector repeated per column in one gather
         vectors = [mean_f, var_f] + [t for t in (weight, bias) if t is not None]
-        per_column = _per_lane(torch.stack(vectors), N, lanes).unbind(0)
+        per_column = _per_lane(torch.stack(vectors), order, lanes).unbind(0)
         y = torch.native_batch_norm(rows, per_column[2] if weight is not None else None,
                                     per_column[-1] if bias is not None else None, per_column[0], per_column[1],
                                     False, 0.0, norm.eps)[0]
         ctx.save_for_backward(rows, per_column[0], per_column[1], weight, mean_f, var_f)
-        ctx.N, ctx.lanes, ctx.count, ctx.eps, ctx.shape = N, lanes, count, norm.eps, x.shape
+        ctx.order, ctx.lanes, ctx.count, ctx.eps, ctx.shape = order, lanes, count, norm.eps, x.shape
         return _from_rows(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         rows, mean_c, var_c, weight, mean_f, var_f = ctx.saved_tensors
-        N, lanes, count = ctx.N, ctx.lanes, ctx.count
+        order, lanes, count = ctx.order, ctx.lanes, ctx.count
         # the gradient in the same (rows, columns) view (a copy only where it does not arrive in channels_last)
         grad_rows = grad.permute(0, 2, 3, 1).reshape(rows.shape)
         # one reduction pass: per-column sum(dy * xhat) and sum(dy) (torch's kernel, input gradient not asked
         # for), combined per field
         _, sum_dy_xhat_c, sum_dy_c = torch.ops.aten.native_batch_norm_backward(
             grad_rows, rows, None, mean_c, var_c, None, None, False, ctx.eps, [False, True, True])
-        sum_dy, sum_dy_xhat = torch.stack((sum_dy_c, sum_dy_xhat_c)).view(2, lanes, -1, N).sum((1, 3))
+        sum_dy, sum_dy_xhat = torch.stack((sum_dy_c, sum_dy_xhat_c)).view(2, lanes, -1, order).sum((1, 3))
         invstd_f = torch.rsqrt(var_f + ctx.eps)
         scale = invstd_f if weight is None else weight * invstd_f
         # dx = scale * (dy - (sum_dy + xhat * sum_dy_xhat) / count) = a * dy + b * x + c, per column:
@@ -159,7 +160,7 @@ class _FieldBatchNorm(torch.autograd.Function):
         b = step * invstd_f * sum_dy_xhat
         c = torch.addcmul(step * sum_dy, b, mean_f, value=-1)
         # coefficients in x's dtype: mixed bf16/float32 operands would send both passes through dtype copies
-        c_c, b_c, scale_c = _per_lane(torch.stack((c, b, scale)).to(rows.dtype), N, lanes).unbind(0)
+        c_c, b_c, scale_c = _per_lane(torch.stack((c, b, scale)).to(rows.dtype), order, lanes).unbind(0)
         grad_input = torch.addcmul(c_c, rows, b_c).addcmul_(grad_rows, scale_c)
         needs_weight, needs_bias = ctx.needs_input_grad[1:3]
         grad_weight = sum_dy_xhat if weight is not None and needs_weight else None
@@ -194,26 +195,26 @@ def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _lane_batch_norm(rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
-                     bias: torch.Tensor | None, N: int, lanes: int, eps: float) -> torch.Tensor:
+                     bias: torch.Tensor | None, order: int, lanes: int, eps: float) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps) * weight + bias`` on a :func:`_lane_view`, from per-field vectors, in one
     per-column pass of torch's kernel (eval mode)."""
-    mean_c, var_c = _per_lane(torch.stack([mean, var]), N, lanes)
+    mean_c, var_c = _per_lane(torch.stack([mean, var]), order, lanes)
     affine = [t for t in (weight, bias) if t is not None]  # gathered apart: they may require grad, the stats not
-    vectors = _per_lane(torch.stack(affine), N, lanes) if affine else ()
+    vectors = _per_lane(torch.stack(affine), order, lanes) if affine else ()
     weight_c = vectors[0] if weight is not None else None
     bias_c = vectors[-1] if bias is not None else None
     return torch.nn.functional.batch_norm(rows, mean_c, var_c, weight_c, bias_c, False, 0.0, eps)
 
 
-def _per_lane(per_field: torch.Tensor, N: int, lanes: int) -> torch.Tensor:
-    """``(k, fields) -> (k, lanes * fields * N)``: each field's value repeated for its N channels and for every
-    lane, in contiguous memory (one gather; an expanded view would have stride 0 for one field, which torch's
-    batch-norm kernels, called directly, read as if contiguous)."""
-    return torch.index_select(per_field, 1, _lane_index(per_field.shape[1], N, lanes, per_field.device))
+def _per_lane(per_field: torch.Tensor, order: int, lanes: int) -> torch.Tensor:
+    """``(k, fields) -> (k, lanes * fields * order)``: each field's value repeated for its ``order`` channels
+    and for every lane, in contiguous memory (one gather; an expanded view would have stride 0 for one field,
+    which torch's batch-norm kernels, called directly, read as if contiguous)."""
+    return torch.index_select(per_field, 1, _lane_index(per_field.shape[1], order, lanes, per_field.device))
 
 
 @functools.lru_cache(maxsize=512)
-def _lane_index(fields: int, N: int, lanes: int, device: torch.device) -> torch.Tensor:
-    """The field of every column of a :func:`_lane_view`: ``[0]*N + [1]*N + ... + [fields-1]*N``, ``lanes``
+def _lane_index(fields: int, order: int, lanes: int, device: torch.device) -> torch.Tensor:
+    """The field of every column of a :func:`_lane_view`: ``[0]*order + [1]*order + ... + [fields-1]*order``, ``lanes``
     times (cached: built once per layer shape)."""
-    return torch.arange(fields, device=device).repeat_interleave(N).repeat(lanes)
+    return torch.arange(fields, device=device).repeat_interleave(order).repeat(lanes)

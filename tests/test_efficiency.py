@@ -124,7 +124,8 @@ def test_valid_only_never_opens_the_test_split(tmp_path):
 
 @pytest.mark.parametrize("variant, suffix, attribute, value", [
     (["--group-pool", "sort"], "-sort", "group_pool", "sort"), (["--min-fields", "2"], "-min2", "min_fields", 2),
-    (["--width-mult", "0.5"], "-w0.5", "width_mult", 0.5)])
+    (["--width-mult", "0.5"], "-w0.5", "width_mult", 0.5),
+    (["--depthwise", "field"], "-dwfield", "depthwise", "field")])
 def test_architecture_variant_keeps_its_own_runs(tmp_path, variant, suffix, attribute, value):
     # a recipe variant must not resume (or overwrite) the runs of the default architecture
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=7)
@@ -147,3 +148,18 @@ def test_learning_rates_per_model_are_checked(tmp_path, capsys):
         assert efficiency.main(base + ["--lr", *bad]) == 2
         error = capsys.readouterr().err
         assert "--lr" in error and says in error, (bad, error)
+
+
+@pytest.mark.parametrize("option, value, suffix", [("--warmup-steps", "3", "-warm3"),
+                                                   ("--label-smoothing", "0.1", "-ls0.1")])
+def test_recipe_variants_keep_their_own_runs_and_bad_values_exit_2(tmp_path, capsys, option, value, suffix):
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=7)
+    base = ["--quick", "--data", data, "--runs", str(tmp_path / "runs"), "--threads", "1", "--valid-only",
+            "--sizes", "16", "--models", "conventional"]
+    assert efficiency.main(base + [option, value]) == 0
+    run = f"size16-conventional-lr0.003-stain0.1{suffix}-seed0"
+    assert sorted(os.listdir(tmp_path / "runs")) == ["efficiency.json", run]
+    capsys.readouterr()
+    for bad in ("-1", "1.5") if option == "--label-smoothing" else ("-1",):
+        assert efficiency.main(base + [option, bad]) == 2
+        assert option in capsys.readouterr().err

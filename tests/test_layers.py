@@ -316,6 +316,8 @@ def test_group_batch_norm_shares_statistics_within_fields():
     (lambda: rotconv.GroupConv2d(2, 2, 3, rotconv.CyclicGroup(4), padding="same"), "padding"),
     (lambda: rotconv.GroupConv2d(2, 2, 3, rotconv.CyclicGroup(4), padding_mode="mirror"), "padding_mode"),
     (lambda: rotconv.GroupConv2d(2, 2, 3, "P4"), "group"),
+    (lambda: rotconv.GroupConv2d(4, 3, 3, 4, groups=2), "groups"),  # 3 output fields do not split in 2
+    (lambda: rotconv.GroupConv2d(4, 4, 3, 4, groups=0), "groups"),
     (lambda: rotconv.GroupPool(rotconv.CyclicGroup(4), mode="median"), "mode"),
     (lambda: rotconv.GroupBatchNorm2d(0, rotconv.CyclicGroup(4)), "fields"),
     (lambda: rotconv.CircularMask(0), "size"),
@@ -529,3 +531,32 @@ def test_channels_last_group_batch_norm_bf16_is_the_float64_one_rounded(N, field
     assert actual.is_contiguous(memory_format=torch.channels_last)
     assert ((y.double() - y64).abs() <= 2 ** -7 * y64.abs().clamp(min=1)).all()
     assert (actual.double() - expected).abs().max() <= 2 ** -6 * expected.abs().max()
+
+
+@settings(max_examples=30, deadline=None)
+@given(group=st.sampled_from([1, 2, 4, 6, 8, 12, "D2", "D4"]), groups=st.integers(1, 3), in_per=st.integers(1, 2),
+       out_per=st.integers(1, 2), kernel_size=KERNELS, stride=st.sampled_from([1, 2]), size=ODD_SIZES,
+       seed=st.integers(0, 2**16))
+def test_grouped_group_conv_is_its_sets_side_by_side_and_equivariant(group, groups, in_per, out_per, kernel_size,
+                                                                       stride, size, seed):
+    # groups=G is G independent GroupConv2d's on consecutive sets of whole fields: each output set computed
+    # from its input set alone, with the coefficients of that set (same expansion, so equal to float
+    # rounding: 1e-5 for float32 sums of a few hundred products). Exact symmetries stay exact (< 1e-5).
+    torch.manual_seed(seed)
+    group = rotconv.as_group(group)
+    layer = randomise_bias(rotconv.GroupConv2d(in_per * groups, out_per * groups, kernel_size, group, stride=stride,
+                                               groups=groups)).eval()
+    assert layer.weight.shape[:3] == (out_per * groups, in_per, group.order)
+    x = torch.randn(2, layer.in_channels, size, size)
+    y = layer(x)
+    for j in range(groups):
+        part = rotconv.GroupConv2d(in_per, out_per, kernel_size, group, stride=stride).eval()
+        with torch.no_grad():
+            part.weight.copy_(layer.weight[j * out_per:(j + 1) * out_per])
+            part.bias.copy_(layer.bias[j * out_per:(j + 1) * out_per])
+        inputs = x[:, j * in_per * group.order:(j + 1) * in_per * group.order]
+        outputs = y[:, j * out_per * group.order:(j + 1) * out_per * group.order]
+        torch.testing.assert_close(outputs, part(inputs), atol=1e-5, rtol=1e-5)
+    for k in group.exact_elements():
+        assert rotconv.equivariance_error(layer, group, x, k, input_regular=True) < 1e-5, k
+    torch.testing.assert_close(layer.export(size)(x), y, atol=1e-5, rtol=1e-5)

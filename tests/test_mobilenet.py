@@ -48,6 +48,7 @@ def test_logits_invariant_to_quarter_turns(models, N):
 @pytest.mark.parametrize("group, options", [
     ("C4", dict(group_pool="sort")), ("D4", dict(group_pool="sort")),  # every order statistic of each field
     ("C12", dict(min_fields=3)), ("D4", dict(min_fields=3)),  # the narrow layers widened
+    ("C12", dict(depthwise="field")), ("D4", dict(depthwise="field")),  # field-wise spatial convs
 ])
 def test_model_variant_is_invariant_exports_and_round_trips(group, options, tmp_path):
     # Architecture options of an equivariant model: still invariant to float64 rounding under the grid's
@@ -172,6 +173,7 @@ def test_wrong_inputs_raise(models, shape, message):
     (dict(group_pool="sort"), "group_pool"),  # the conventional model has no group to pool over
     (dict(group=12, min_fields=0), "min_fields"), (dict(group=12, min_fields=1.5), "min_fields"),
     (dict(min_fields=2), "min_fields"),  # the conventional model has no fields
+    (dict(group=4, depthwise="full"), "depthwise"), (dict(depthwise="field"), "depthwise"),
 ])
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -251,3 +253,33 @@ def test_float32_block_under_autocast_is_the_float32_block(group, size, seed):
     assert out.dtype == torch.float32 and torch.equal(out, reference)
     out.square().sum().backward()
     assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("group", ["C4", "D4"])
+def test_field_wise_depthwise_mixes_each_field_and_costs_order_times_the_macs(group):
+    # depthwise="field": every block's spatial conv is a GroupConv2d with groups=fields (a field's channels
+    # mixed by one regular-to-regular filter, no field seeing another), order x the depthwise conv's MACs;
+    # every other layer is the same as in the channel-wise model.
+    g = rotconv.as_group(group)
+    channel = mobilenet.mobilenet_v2(group=group, width_mult=0.35)
+    field = mobilenet.mobilenet_v2(group=group, width_mult=0.35, depthwise="field")
+    spatial = [m for m in field.modules() if isinstance(m, rotconv.GroupConv2d) and m.kernel_size == 3]
+    assert spatial and all(m.groups == m.in_fields == m.out_fields for m in spatial)
+    assert not any(isinstance(m, rotconv.DepthwiseGroupConv2d) for m in field.modules())
+    depthwise_macs, field_macs = _spatial_macs(channel), _spatial_macs(field)
+    assert field_macs == g.order * depthwise_macs
+    assert rotconv.summary(field, 95).macs - field_macs == rotconv.summary(channel, 95).macs - depthwise_macs
+
+
+def _spatial_macs(model):
+    """MACs of the blocks' 3x3 convs on one 95x95 input: outputs x (input channels per group) x 9."""
+    macs = []
+    hooks = [m.register_forward_hook(lambda m, i, out: macs.append(out.numel() * m.in_channels // m.groups * 9))
+             for m in model.modules()
+             if isinstance(m, (rotconv.GroupConv2d, rotconv.DepthwiseGroupConv2d)) and m.kernel_size == 3]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 95, 95))
+    for hook in hooks:
+        hook.remove()
+    assert len(macs) == len(hooks) > 0
+    return sum(macs)

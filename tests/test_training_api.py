@@ -1,5 +1,6 @@
 """The reusable pieces without the CLI: the PCam Dataset (official and torchvision layouts), the trainer on
 any dataset or DataLoader with errors that name config fields, model files, prediction."""
+import math
 import os
 import shutil
 from dataclasses import replace
@@ -88,6 +89,8 @@ def test_trainer_takes_any_dataset_or_loader(tmp_path, as_loader):
     (dict(optimizer="lion"), "config.optimizer"), (dict(seed=-1), "config.seed"),
     (dict(batch_size=1000), "config.batch_size"), (dict(stain_jitter=1.0), "config.stain_jitter"),
     (dict(stain_jitter=0.05), "config.stain_jitter"),  # float images: nothing to re-stain
+    (dict(warmup_steps=-1), "config.warmup_steps"), (dict(warmup_steps=2.5), "config.warmup_steps"),
+    (dict(label_smoothing=1.0), "config.label_smoothing"), (dict(label_smoothing=True), "config.label_smoothing"),
 ])
 def test_trainer_errors_name_the_config_field(change, argument):
     config = mobilenet.TrainConfig(epochs=1, precision="fp32", **change)
@@ -287,3 +290,44 @@ def test_each_process_gets_its_share_of_the_augmented_global_batch(data, process
     ]
     assert torch.equal(torch.cat([images for images, _ in shares]), whole[0])
     assert torch.equal(torch.cat([labels for _, labels in shares]), whole[1])
+
+
+@given(lr=st.floats(1e-4, 1.0), warmup=st.integers(0, 50), total=st.integers(1, 400),
+       schedule=st.sampled_from(["cosine", "constant"]))
+def test_learning_rate_warms_up_linearly_then_follows_the_schedule(lr, warmup, total, schedule):
+    # Rises by lr / warmup per step to exactly lr at the last warm-up step; never above lr; the cosine part
+    # starts at lr and falls monotonically to ~0 (lr/2 (1 + cos(pi t/T)) at t = T - 1 is < lr * (pi/T)^2 / 4);
+    # without warm-up it is the schedule alone.
+    from mobilenet.training import learning_rate
+    config = mobilenet.TrainConfig(lr=lr, warmup_steps=warmup, schedule=schedule)
+    total = total + warmup
+    rates = [learning_rate(config, step, total) for step in range(total)]
+    assert all(0 <= rate <= lr * (1 + 1e-12) for rate in rates)
+    for step in range(warmup):
+        assert rates[step] == pytest.approx(lr * (step + 1) / warmup)
+    after = rates[warmup:]
+    if schedule == "constant":
+        assert all(rate == lr for rate in after)
+    else:
+        assert after[0] == pytest.approx(lr)
+        assert all(a >= b for a, b in zip(after, after[1:]))
+        rest = total - warmup
+        assert after[-1] <= lr * (math.pi / rest) ** 2 / 4 + 1e-12
+
+
+def test_label_smoothing_changes_the_training_loss_not_the_selection_loss():
+    # One step from the same state: smoothed cross-entropy equals (1 - e) CE + e * mean over classes of
+    # -log p, the value F.cross_entropy documents (checked by hand here); validation loss stays plain CE.
+    from mobilenet.training import training_step
+    torch.manual_seed(0)
+    net = _small_net()
+    inputs, labels = torch.randn(8, 3, 9, 9), torch.randint(0, 2, (8,))
+    with torch.no_grad():
+        log_p = torch.log_softmax(net(inputs), 1)
+    expected = (0.9 * -log_p.gather(1, labels[:, None]).mean() + 0.1 * -log_p.mean(1).mean()).item()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    loss, _ = training_step(net, optimizer, inputs, labels, "fp32", label_smoothing=0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    plain, _ = training_step(net, optimizer, inputs, labels, "fp32")
+    assert plain.item() == pytest.approx(-log_p.gather(1, labels[:, None]).mean().item(), rel=1e-6)
+    assert abs(plain.item() - loss.item()) > 1e-4

@@ -47,6 +47,10 @@ class TrainConfig:
         steps_per_epoch: None: an epoch is one pass over the data; an int: an epoch is that many steps,
             drawn from a continuing stream of shuffled passes (a fixed step budget whatever the data size;
             validation and checkpoints still happen per epoch).
+        warmup_steps: the learning rate rises linearly from ``lr / warmup_steps`` to ``lr`` over the first
+            ``warmup_steps`` optimizer steps, then follows ``schedule`` over the rest (0: no warm-up).
+        label_smoothing: the training loss's label smoothing (as :func:`torch.nn.functional.cross_entropy`);
+            validation loss, and so model selection, is always plain cross-entropy.
     """
 
     epochs: int = 8
@@ -61,6 +65,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     steps_per_epoch: int | None = None
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
 
     def validate(self) -> None:
         """Raise :class:`UsageError` naming the first field that is out of range."""
@@ -85,6 +91,11 @@ class TrainConfig:
             and 0 <= self.stain_jitter < 1
         ):
             raise UsageError("config.stain_jitter", f"expected a number in [0, 1), got {self.stain_jitter!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise UsageError("config.warmup_steps", f"expected an integer >= 0, got {self.warmup_steps!r}")
+        if isinstance(self.label_smoothing, bool) or not (isinstance(self.label_smoothing, (int, float))
+                                                          and 0 <= self.label_smoothing < 1):
+            raise UsageError("config.label_smoothing", f"expected a number in [0, 1), got {self.label_smoothing!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "precision": PRECISIONS}

@@ -37,7 +37,7 @@ from .config import DivergedError, TrainConfig, UsageError, resolve_precision, r
 from .distributed import Distributed, convert_batchnorm
 from .progress import Progress
 
-__all__ = ["train", "training_step", "evaluate_loss"]
+__all__ = ["train", "training_step", "evaluate_loss", "learning_rate"]
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -222,21 +222,26 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
                            nesterov=True)
 
 
-def _learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) of ``total_steps``: linear warm-up over
+    ``config.warmup_steps``, then ``config.schedule`` (cosine to 0 at the end, or constant) over the rest."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return config.lr
+    step, total_steps = step - config.warmup_steps, total_steps - config.warmup_steps
     return 0.5 * config.lr * (1 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
 def training_step(network: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
-                  precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  precision: str, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch; forward and backward under bf16 autocast for ``precision="bf16"``
-    (loss and optimizer in float32). Returns the (float32) loss and logits. A non-finite loss is returned
-    without a step, so the weights stay as they were."""
+    (loss and optimizer in float32), cross-entropy with ``label_smoothing``. Returns the (float32) loss and
+    logits. A non-finite loss is returned without a step, so the weights stay as they were."""
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = network(inputs)
     logits = logits.float()
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if torch.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -257,10 +262,10 @@ def _train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, batches: 
             raise PCamError(item)
         images, labels = item
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, (epoch - 1) * steps + step, config.epochs * steps)
+            group["lr"] = learning_rate(config, (epoch - 1) * steps + step, config.epochs * steps)
         inputs = _prepare(images, preprocess, device, memory_format)
         labels = labels.to(device)
-        loss, logits = training_step(network, optimizer, inputs, labels, config.precision)
+        loss, logits = training_step(network, optimizer, inputs, labels, config.precision, config.label_smoothing)
         if not torch.isfinite(loss):
             raise DivergedError(f"training diverged: loss {loss.item()} at epoch {epoch}, step {step + 1} "
                                 f"(config.lr {config.lr:g}); lower config.lr or check the data")
