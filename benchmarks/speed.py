@@ -302,6 +302,42 @@ def _checked_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: to
                            f"{'equivariant' if getattr(model, 'group', None) is not None else 'conventional'} model)")
 
 
+def memory_layouts(repeats: int, batch: int = 32, group: str = "C12") -> list[dict]:
+    """channels_last against contiguous memory, interleaved, for both MobileNetV2s: the trainer's step (fp32, and
+    bf16 where the CPU has bf16 kernels) and an eval forward (fp32). ``ratio`` < 1: channels_last is faster. What
+    ``TrainConfig(channels_last=...)`` and ``mobilenet.predict``'s layout should be on this CPU."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 95, 95)
+    labels = torch.randint(0, 2, (batch,))
+    rows = []
+    for name, build in (("conventional", lambda: mobilenet.mobilenet_v2()),
+                        (_name(group), lambda: mobilenet.mobilenet_v2(group=group))):
+        for task in ("train fp32", "train bf16", "inference fp32"):
+            if task == "train bf16" and not bf16_supported("cpu"):
+                continue
+            calls = []
+            for memory_format in (torch.channels_last, torch.contiguous_format):
+                torch.manual_seed(0)
+                model = build().to(memory_format=memory_format)
+                inputs = x.contiguous(memory_format=memory_format)
+                if task.startswith("train"):
+                    optimizer = torch.optim.Adam(model.train().parameters(), lr=1e-4)
+                    precision = task.split()[1]
+                    calls.append(lambda m=model, o=optimizer, i=inputs: _checked_step(m, o, i, labels, precision))
+                else:
+                    model = model.eval()
+                    calls.append(lambda m=model, i=inputs: _inference_call(m, i))
+            timing = compare(calls[0], calls[1], repeats)
+            rows.append({"model": name, "task": task, "batch": batch, "ratio": timing["ratio"], "timing": timing})
+            print(f"  {name} {task}: channels_last / contiguous {timing['ratio']:.3f}x", file=sys.stderr)
+    return rows
+
+
+@torch.no_grad()
+def _inference_call(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return model(inputs)
+
+
 def plain_training_twin(model: mobilenet.MobileNetV2) -> nn.Module:
     """The equivariant ``model`` as plain torch layers for a training-time comparison: :meth:`export`'s
     ``nn.Conv2d`` / ``nn.BatchNorm2d`` network with the same channel counts, in training mode (its filters are free
@@ -527,6 +563,11 @@ def format_tables(results: dict) -> str:
             )
         lines += ["", f"Plain twin: the {g} network exported to nn.Conv2d / nn.BatchNorm2d with its channel counts and "
                       "trained as a plain network (what rotconv's filter expansion and field-shared norm add)."]
+    layouts = results.get("layouts", [])
+    if layouts:
+        lines += ["", "| memory layout (batch 32, 95x95) | channels_last / contiguous time |", "|---|---|"]
+        lines += [f"| {row['model']}, {row['task']} | {row['ratio']:.3f}x ({1e3 * row['timing']['first_s']:.1f} vs "
+                  f"{1e3 * row['timing']['second_s']:.1f} ms) |" for row in layouts]
     allocator = results.get("allocator")
     if allocator:
         precision, channels_last = allocator["default_setting"]
@@ -598,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     results["models"] = model_benchmarks(max(3, repeats // 2) if args.quick else repeats, args.backend, args.group)
     print("training throughput ...", file=sys.stderr)
     results["training"] = training_throughput(max(3, repeats // 2) if args.quick else repeats, group=args.group)
+    print("memory layouts ...", file=sys.stderr)
+    results["layouts"] = memory_layouts(max(3, repeats // 2) if args.quick else repeats, group=args.group)
     print("allocator (fresh processes) ...", file=sys.stderr)
     results["allocator"] = allocator_benchmarks(1 if args.quick else 3, args.group)
     results["table"] = format_tables(results)

@@ -1,5 +1,7 @@
 """benchmarks.equivariance (angle sweep) and benchmarks.speed on small settings: structure and the exact
 properties the sweep must show (not timings)."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -256,3 +258,15 @@ def test_allocator_benchmarks_run_both_allocators_in_fresh_processes():
     assert table.count("page faults") == 2 * len(result["rows"])
     # the training table: the plain-twin column and the speed-up against the first (fp32 contiguous) row
     assert "| bf16, channels_last | 48.0 | 60.0 | 0.800x | 0.950x | 1.50x / 2.00x |" in table
+
+
+def test_memory_layouts_time_both_layouts_of_both_models():
+    # one row per model and task (bf16 training only where the CPU has bf16 kernels), each a finite positive
+    # channels_last / contiguous ratio of two real timings
+    from mobilenet.training import bf16_supported
+    rows = speed.memory_layouts(1, batch=2, group="C4")
+    tasks = ["train fp32"] + (["train bf16"] if bf16_supported("cpu") else []) + ["inference fp32"]
+    assert [(row["model"], row["task"]) for row in rows] == [(m, t) for m in ("conventional", "C_4") for t in tasks]
+    for row in rows:
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["timing"]["first_s"] > 0 and row["timing"]["second_s"] > 0
