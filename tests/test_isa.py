@@ -23,12 +23,16 @@ import pytest
 import quant
 
 WORKER = os.path.join(os.path.dirname(__file__), "isa_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVX2_SWITCHES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout: int = 900) -> dict:
-    completed = subprocess.run(prefix + [sys.executable, WORKER, *arguments], env={**os.environ, **env},
-                               capture_output=True, text=True, timeout=timeout)
+    # the repository on the path, installed or not (the worker imports the packages under test from here)
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    completed = subprocess.run(prefix + [sys.executable, WORKER, *arguments],
+                               env={**os.environ, "PYTHONPATH": path, **env}, capture_output=True, text=True,
+                               timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
