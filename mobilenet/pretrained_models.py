@@ -7,14 +7,8 @@
 Each is the seed-0 run of its configuration, trained on 20,000 real PCam patches (2,400 steps of the default
 recipe, selected on 3,000 validation patches); test accuracy on 1,000 PCam test patches (FP32 / INT8 .pte):
 
-============================  ====================  ================================  =======================
-name                          architecture          shipped seed                      seeds 0-2, mean ± std
-============================  ====================  ================================  =======================
-``pcam-c12``                  C_12, ``min_fields=8,  83.8 / 83.3                      83.57 ± 0.40 /
-                              width_mult=0.8``                                        83.17 ± 0.51
-``pcam-conventional``         conventional          82.1 / 82.1                       81.40 ± 1.57 /
-                                                                                      81.50 ± 1.49
-============================  ====================  ================================  =======================
+    pcam-c12           C_12, min_fields=8, width_mult=0.8  shipped seed 83.8 / 83.3  seeds 0-2 83.57±0.40 / 83.17±0.51
+    pcam-conventional  conventional MobileNetV2            shipped seed 82.1 / 82.1  seeds 0-2 81.40±1.57 / 81.50±1.49
 
 ``model.metadata`` holds the same (``"test_accuracy"``, ``"test_accuracy_over_seeds"``) with the recipe. They
 are research models, trained on 20,000 patches of a public data set: **not** diagnostic devices.
