@@ -325,17 +325,11 @@ def memory_layouts(repeats: int, batch: int = 32, group: str = "C12") -> list[di
                     precision = task.split()[1]
                     calls.append(lambda m=model, o=optimizer, i=inputs: _checked_step(m, o, i, labels, precision))
                 else:
-                    model = model.eval()
-                    calls.append(lambda m=model, i=inputs: _inference_call(m, i))
+                    calls.append(_inference(model, inputs))
             timing = compare(calls[0], calls[1], repeats)
             rows.append({"model": name, "task": task, "batch": batch, "ratio": timing["ratio"], "timing": timing})
             print(f"  {name} {task}: channels_last / contiguous {timing['ratio']:.3f}x", file=sys.stderr)
     return rows
-
-
-@torch.no_grad()
-def _inference_call(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    return model(inputs)
 
 
 def plain_training_twin(model: mobilenet.MobileNetV2) -> nn.Module:
