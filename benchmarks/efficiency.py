@@ -187,7 +187,8 @@ def _train_config(args: argparse.Namespace, settings: dict, lr: float, seed: int
                        weight_decay=args.weight_decay, seed=seed, precision=args.precision,
                        steps_per_epoch=math.ceil(settings["steps"] / settings["evaluations"]),
                        augment=not args.no_augment, stain_jitter=args.stain_jitter,
-                       warmup_steps=args.warmup_steps, label_smoothing=args.label_smoothing)
+                       warmup_steps=args.warmup_steps, label_smoothing=args.label_smoothing,
+                       patience=args.patience)
 
 
 def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse.Namespace, dict]:
@@ -213,6 +214,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         + ("-dwfield" if args.depthwise == "field" and equivariant else "")
         + (f"-warm{args.warmup_steps}" if args.warmup_steps else "")
         + (f"-ls{args.label_smoothing:g}" if args.label_smoothing else "")
+        + (f"-pat{args.patience}" if args.patience else "")
     )
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
@@ -230,7 +232,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
                                evaluation_args, evaluation_settings, print, artifact_dir=run_dir)
         result.update({key: cached[key] for key in ("size", "seed", "model", "steps", "best_epoch", "history",
                                                     "train_seconds")}, int8_backend=args.int8_backend,
-                      relu6=args.relu6)
+                      relu6=args.relu6, stopped_epoch=cached.get("stopped_epoch"))
         write_json(result, result_path)
         return result
     config = _train_config(args, settings, settings["lr"][name], seed)
@@ -258,7 +260,8 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         result["int8_backend"], result["relu6"] = args.int8_backend, args.relu6
     result.update({"size": size, "seed": seed, "model": name, "steps": settings["evaluations"] * per_evaluation,
                    "best_epoch": trained["best_epoch"], "history": trained["history"],
-                   "train_seconds": time.time() - started, "run": os.path.basename(run_dir),
+                   "stopped_epoch": trained["stopped_epoch"], "train_seconds": time.time() - started,
+                   "run": os.path.basename(run_dir),
                    "series": name + variant, "recipe": _recipe(args, settings, config)})
     write_json(result, result_path)
     return result
@@ -272,7 +275,7 @@ def _recipe(args: argparse.Namespace, settings: dict, config: TrainConfig) -> di
             "stain_jitter": config.stain_jitter, "precision": config.precision, "valid_only": args.valid_only,
             "int8_backend": args.int8_backend, "relu6": args.relu6, "width_mult": settings["width_mult"],
             "min_fields": args.min_fields, "depthwise": args.depthwise, "warmup_steps": config.warmup_steps,
-            "label_smoothing": config.label_smoothing, "torch": torch.__version__}
+            "label_smoothing": config.label_smoothing, "patience": config.patience, "torch": torch.__version__}
 
 
 def load_results(directories: list[str]) -> list[dict]:
@@ -485,6 +488,7 @@ def run(args: argparse.Namespace) -> dict:
                 "depthwise": args.depthwise,
                 "warmup_steps": args.warmup_steps,
                 "label_smoothing": args.label_smoothing,
+                "patience": args.patience,
                 "weight_scheme": args.weight_scheme,
                 "relu6": args.relu6,
                 "models": args.models,

@@ -169,6 +169,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, width_default: float | 
     parser.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
                         help="label smoothing of the training loss (default 0; selection stays on plain validation "
                              "cross-entropy; benchmarks.efficiency's run dirs end -ls<EPS>)")
+    parser.add_argument("--patience", type=int, metavar="EPOCHS",
+                        help="early stopping: end a run after EPOCHS evaluations without a lower validation loss "
+                             "(default: none; the schedule stays planned over all epochs; benchmarks.efficiency's "
+                             "run dirs end -pat<EPOCHS>)")
 
 
 def check_shared_arguments(args: argparse.Namespace, width_mult: float) -> None:
@@ -187,6 +191,8 @@ def check_shared_arguments(args: argparse.Namespace, width_mult: float) -> None:
         raise UsageError("--warmup-steps", f"expected an integer >= 0, got {args.warmup_steps}")
     if not (math.isfinite(args.label_smoothing) and 0 <= args.label_smoothing < 1):
         raise UsageError("--label-smoothing", f"expected a number in [0, 1), got {args.label_smoothing}")
+    if args.patience is not None and args.patience < 1:
+        raise UsageError("--patience", f"expected an integer >= 1, got {args.patience}")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads", f"expected >= 1, got {args.threads}")
     if args.resume and args.overwrite:
@@ -219,7 +225,7 @@ def _settings(args: argparse.Namespace) -> dict:
                          weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
                          augment=not args.no_augment, stain_jitter=args.stain_jitter, precision=args.precision,
                          channels_last=args.channels_last, warmup_steps=args.warmup_steps,
-                         label_smoothing=args.label_smoothing)
+                         label_smoothing=args.label_smoothing, patience=args.patience)
     config.validate()  # a UsageError naming config.<field>; main() shows it as the option
     return {**profile, "config": config}
 
@@ -575,6 +581,7 @@ def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: a
     result = evaluate(name, best.to(device), splits, normalizer, args, settings, log, artifact_dir=run_dir)
     return {"model": name, "seed": seed, **result, "best_epoch": trained["best_epoch"],
             "best_valid_loss": trained["best_valid_loss"], "history": trained["history"],
+            "stopped_epoch": trained["stopped_epoch"],
             "train_seconds": train_seconds}
 
 
@@ -632,7 +639,7 @@ def _run(args: argparse.Namespace, settings: dict, processes: Distributed) -> di
 OPTIONS = {"config.epochs": "--epochs", "config.batch_size": "--batch-size", "config.lr": "--lr",
            "config.weight_decay": "--weight-decay", "config.stain_jitter": "--stain-jitter",
            "config.warmup_steps": "--warmup-steps", "config.label_smoothing": "--label-smoothing",
-           "config.optimizer": "--optimizer", "config.schedule": "--schedule",
+           "config.patience": "--patience", "config.optimizer": "--optimizer", "config.schedule": "--schedule",
            "config.precision": "--precision", "config.seed": "--seeds", "run_dir": "--runs", "resume=True": "--resume",
            "overwrite=True": "--overwrite", "resume:": "--resume:"}
 

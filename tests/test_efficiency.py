@@ -151,7 +151,8 @@ def test_learning_rates_per_model_are_checked(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option, value, suffix", [("--warmup-steps", "3", "-warm3"),
-                                                   ("--label-smoothing", "0.1", "-ls0.1")])
+                                                   ("--label-smoothing", "0.1", "-ls0.1"),
+                                                   ("--patience", "1", "-pat1")])
 def test_recipe_variants_keep_their_own_runs_and_bad_values_exit_2(tmp_path, capsys, option, value, suffix):
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=7)
     base = ["--quick", "--data", data, "--runs", str(tmp_path / "runs"), "--threads", "1", "--valid-only",
@@ -160,6 +161,6 @@ def test_recipe_variants_keep_their_own_runs_and_bad_values_exit_2(tmp_path, cap
     run = f"size16-conventional-lr0.003-stain0.1{suffix}-seed0"
     assert sorted(os.listdir(tmp_path / "runs")) == ["efficiency.json", run]
     capsys.readouterr()
-    for bad in ("-1", "1.5") if option == "--label-smoothing" else ("-1",):
+    for bad in {"--label-smoothing": ("-1", "1.5"), "--patience": ("0", "-1")}.get(option, ("-1",)):
         assert efficiency.main(base + [option, bad]) == 2
         assert option in capsys.readouterr().err

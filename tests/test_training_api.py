@@ -91,6 +91,8 @@ def test_trainer_takes_any_dataset_or_loader(tmp_path, as_loader):
     (dict(stain_jitter=0.05), "config.stain_jitter"),  # float images: nothing to re-stain
     (dict(warmup_steps=-1), "config.warmup_steps"), (dict(warmup_steps=2.5), "config.warmup_steps"),
     (dict(label_smoothing=1.0), "config.label_smoothing"), (dict(label_smoothing=True), "config.label_smoothing"),
+    (dict(patience=0), "config.patience"), (dict(patience=True), "config.patience"),
+    (dict(patience=1.5), "config.patience"),
 ])
 def test_trainer_errors_name_the_config_field(change, argument):
     config = mobilenet.TrainConfig(epochs=1, precision="fp32", **change)
@@ -331,3 +333,50 @@ def test_label_smoothing_changes_the_training_loss_not_the_selection_loss():
     plain, _ = training_step(net, optimizer, inputs, labels, "fp32")
     assert plain.item() == pytest.approx(-log_p.gather(1, labels[:, None]).mean().item(), rel=1e-6)
     assert abs(plain.item() - loss.item()) > 1e-4
+
+
+@hypothesis_settings(max_examples=60)
+@given(losses=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=12), patience=st.integers(1, 5))
+def test_patience_is_spent_exactly_when_the_best_is_patience_epochs_old(losses, patience):
+    # Replays a run epoch by epoch: the best is the first epoch with the lowest loss so far (a tie does not
+    # improve); the rule fires at the first epoch that many epochs after the best, and never with None.
+    best_epoch, best, fired = 0, math.inf, None
+    for epoch, loss in enumerate(losses, 1):
+        if loss < best:
+            best_epoch, best = epoch, loss
+        history = [{"epoch": e} for e in range(1, epoch + 1)]
+        assert not mobilenet.training.patience_spent(history, best_epoch, None)
+        if mobilenet.training.patience_spent(history, best_epoch, patience):
+            fired = epoch
+            break
+    assert fired == (best_epoch + patience if best_epoch + patience <= len(losses) else None)
+    assert not mobilenet.training.patience_spent([], 0, patience)
+
+
+def test_early_stopping_ends_the_run_and_a_stopped_run_stays_stopped_on_resume(tmp_path):
+    # Validation labels are the training labels flipped: once the first epoch has fitted the (learnable) labels,
+    # further training raises the validation loss, so patience must end the run before its last epoch. The run
+    # stops at the first epoch the rule allows; resuming with the same patience trains nothing more, without
+    # patience (not part of the run's identity) it continues to the planned end.
+    train_data = _tensor_data(64, 0)
+    images, labels = _tensor_data(32, 1).tensors
+    valid_data = torch.utils.data.TensorDataset(images, 1 - labels)
+    config = mobilenet.TrainConfig(epochs=8, batch_size=16, lr=2e-2, precision="fp32", augment=False, patience=2)
+    run_dir = str(tmp_path / "run")
+    result = mobilenet.train(_small_net(), train_data, valid_data, config, run_dir, log=lambda *a: None)
+    epochs = [h["epoch"] for h in result["history"]]
+    stopped = result["stopped_epoch"]
+    assert stopped is not None and stopped < config.epochs and epochs == list(range(1, stopped + 1))
+    assert stopped == result["best_epoch"] + config.patience
+    for last in range(1, stopped):  # the rule did not fire earlier
+        history = result["history"][:last]
+        best = min(history, key=lambda h: (h["valid_loss"], h["epoch"]))["epoch"]
+        assert not mobilenet.training.patience_spent(history, best, config.patience)
+    assert result["best_valid_loss"] == min(h["valid_loss"] for h in result["history"])
+    lines = []
+    again = mobilenet.train(_small_net(), train_data, valid_data, config, run_dir, resume=True, log=lines.append)
+    assert again["stopped_epoch"] == stopped and len(again["history"]) == stopped
+    assert any(line.startswith(f"early stop after epoch {stopped}") for line in lines)
+    longer = mobilenet.train(_small_net(), train_data, valid_data, replace(config, patience=None), run_dir,
+                             resume=True, log=lambda *a: None)
+    assert longer["stopped_epoch"] is None and [h["epoch"] for h in longer["history"]] == list(range(1, 9))

@@ -51,6 +51,10 @@ class TrainConfig:
             ``warmup_steps`` optimizer steps, then follows ``schedule`` over the rest (0: no warm-up).
         label_smoothing: the training loss's label smoothing (as :func:`torch.nn.functional.cross_entropy`);
             validation loss, and so model selection, is always plain cross-entropy.
+        patience: early stopping: end the run once ``patience`` epochs in a row have not lowered the best
+            validation loss (None: train all ``epochs``). The schedule is still planned over ``epochs``, so a
+            stopped run ends where it stopped improving, not at a shortened schedule's end. Not part of a
+            run's identity: a resumed run may change it, and one that had already stopped stays stopped.
     """
 
     epochs: int = 8
@@ -67,6 +71,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     warmup_steps: int = 0
     label_smoothing: float = 0.0
+    patience: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`UsageError` naming the first field that is out of range."""
@@ -96,6 +101,9 @@ class TrainConfig:
         if isinstance(self.label_smoothing, bool) or not (isinstance(self.label_smoothing, (int, float))
                                                           and 0 <= self.label_smoothing < 1):
             raise UsageError("config.label_smoothing", f"expected a number in [0, 1), got {self.label_smoothing!r}")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+                                          or self.patience < 1):
+            raise UsageError("config.patience", f"expected an integer >= 1 or None, got {self.patience!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "precision": PRECISIONS}

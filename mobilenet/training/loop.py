@@ -37,7 +37,7 @@ from .config import DivergedError, TrainConfig, UsageError, resolve_precision, r
 from .distributed import Distributed, convert_batchnorm
 from .progress import Progress
 
-__all__ = ["train", "training_step", "evaluate_loss", "learning_rate"]
+__all__ = ["train", "training_step", "evaluate_loss", "learning_rate", "patience_spent"]
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -307,7 +307,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
           preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None, resume: bool = False,
           overwrite: bool = False, device: str = "cpu", processes: Distributed | None = None,
           identity: dict | None = None, log=print, workers: int = 0) -> dict:
-    """Train ``model`` (in place); return ``{"best_state", "best_epoch", "best_valid_loss", "history"}``.
+    """Train ``model`` (in place); return ``{"best_state", "best_epoch", "best_valid_loss", "history",
+    "stopped_epoch"}`` (the last epoch of a run ended by ``config.patience``, else None).
 
     Args:
         model: any classifier ``(B, C, H, W) -> (B, classes)``.
@@ -341,7 +342,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     quiet = log if processes.main else (lambda *a, **k: None)
     config = replace(config, precision=resolve_precision(config.precision, device, quiet),
                      stain_jitter=resolve_stain_jitter(config.stain_jitter, train_data, quiet))
-    identity = {"config": asdict(config), **(identity or {})}
+    # patience only decides when to stop, not what a step does: a resumed run may change it
+    identity = {"config": {k: v for k, v in asdict(config).items() if k != "patience"}, **(identity or {})}
     if isinstance(preprocess, nn.Module):
         preprocess = preprocess.to(device)
     optimizer, state = _start(model, config, run_dir, resume, overwrite, identity, device, processes, quiet)
@@ -351,7 +353,14 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[processes.local_rank] if device.startswith("cuda") else None
         )
+    stopped = None
     for epoch in range(state["start_epoch"], config.epochs + 1):
+        if patience_spent(history, best["epoch"], config.patience):
+            stopped = epoch - 1
+            if processes.main:
+                log(f"early stop after epoch {stopped}: no lower validation loss in {config.patience} epochs "
+                    f"(best: epoch {best['epoch']}, {best['valid_loss']:.4f})")
+            break
         batches, steps = _train_batches(train_data, config, epoch, processes, workers, device)
         progress = Progress(steps, f"epoch {epoch}/{config.epochs} train", processes.main)
         loss_sum, correct, seen = processes.sum(list(_train_epoch(network, optimizer, batches, steps, preprocess,
@@ -376,4 +385,11 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
         raise DivergedError(f"training never produced a finite validation loss (last: "
                             f"{history[-1]['valid_loss'] if history else 'none'}); nothing to evaluate")
     return {"best_state": best["state"], "best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
-            "history": history}
+            "history": history, "stopped_epoch": stopped}
+
+
+def patience_spent(history: list[dict], best_epoch: int, patience: int | None) -> bool:
+    """Whether early stopping ends a run whose finished epochs are ``history`` (records with ``"epoch"``)
+    and whose lowest validation loss came at ``best_epoch``: ``patience`` epochs after it without a lower one
+    (never for ``patience`` None or an empty history)."""
+    return patience is not None and bool(history) and history[-1]["epoch"] - best_epoch >= patience
