@@ -323,6 +323,7 @@ def results_from_files(args: argparse.Namespace) -> dict:
                 "backend": "x86"}
     results = {"synthetic": first.get("data") == "synthetic", "data": first.get("data", "?"), "settings": settings,
                "runs": runs, "curve": summarize_curve(runs)}
+    results["crossings"] = curve_crossings(results)
     results["table"] = format_curve(results)
     return results
 
@@ -342,6 +343,59 @@ _FIGURES = {"test": ("fp32_accuracy", "int8_accuracy"), "valid": ("valid_accurac
 
 def _mode(runs: list[dict]) -> str:
     return "valid" if "valid_accuracy" in runs[0] else "test"
+
+
+def gap_crossings(sizes: list[int], gaps: list[float]) -> list[dict]:
+    """Where a gap measured at increasing ``sizes`` changes sign: for each consecutive pair with gaps of
+    opposite signs, ``{"between": (a, b), "size": s}`` with ``s`` the zero of the gap interpolated linearly in
+    log(size) (the curve's x axis); a gap of exactly zero at a measured size ``a`` is ``(a, a)`` at ``a``."""
+    found = []
+    for index, (a, gap_a) in enumerate(zip(sizes, gaps)):
+        if gap_a == 0:
+            found.append({"between": (a, a), "size": float(a)})
+        elif index + 1 < len(sizes) and gap_a * gaps[index + 1] < 0:
+            b = sizes[index + 1]
+            fraction = gap_a / (gap_a - gaps[index + 1])
+            size = math.exp(math.log(a) + fraction * math.log(b / a))
+            found.append({"between": (a, b), "size": min(max(size, float(a)), float(b))})  # no rounding outside
+    return found
+
+
+def curve_crossings(results: dict) -> dict:
+    """Per series other than the conventional baseline: where its mean (FP32 test, or validation accuracy)
+    crosses the baseline's over the sizes both have (:func:`gap_crossings`)."""
+    names = list(dict.fromkeys(run["model"] for run in results["runs"]))
+    baseline = next((name for name in names if name.split("-")[0] == "conventional"), None)
+    key = "valid_accuracy" if results["settings"].get("valid_only", False) else "fp32_accuracy"
+    found = {}
+    for name in names:
+        if baseline is None or name == baseline:
+            continue
+        sizes = sorted((int(size) for size, models in results["curve"].items()
+                        if name in models and baseline in models))
+        gaps = [results["curve"][str(size)][name][key]["mean"] - results["curve"][str(size)][baseline][key]["mean"]
+                for size in sizes]
+        found[name] = {"sizes": sizes, "gaps": gaps, "crossings": gap_crossings(sizes, gaps)}
+    return found
+
+
+def _crossing_lines(results: dict) -> list[str]:
+    lines = []
+    for name, found in curve_crossings(results).items():
+        sizes, gaps = found["sizes"], found["gaps"]
+        if len(sizes) < 2:
+            continue
+        label = series_label(name)
+        if not found["crossings"]:
+            side = "above" if gaps[0] > 0 else "below"
+            lines.append(f"{label} is {side} the conventional model at every size from {sizes[0]:,} to "
+                         f"{sizes[-1]:,}: the lines do not cross.")
+        for crossing in found["crossings"]:
+            a, b = crossing["between"]
+            where = f"at {a:,}" if a == b else f"between {a:,} and {b:,} (about {crossing['size']:,.0f} " \
+                                                f"by log-linear interpolation of the mean gap)"
+            lines.append(f"{label} crosses the conventional model {where}.")
+    return lines
 
 
 def _runtime(settings: dict) -> str:
@@ -379,8 +433,8 @@ def format_curve(results: dict) -> str:
     columns = "validation accuracy (%) / loss" if valid_only else "FP32 / INT8 (%)"
     header = " | ".join(f"{series_label(name)} {columns}" for name in names)
     gaps = "".join(f" {name} - conventional {'validation' if valid_only else 'FP32'} (points) |" for name in compared)
-    lines.append(f"| training patches | {header} |{gaps}")
-    lines.append("|---" * (1 + len(names) + len(compared)) + "|")
+    lines.append(f"| training patches | seeds | {header} |{gaps}")
+    lines.append("|---" * (2 + len(names) + len(compared)) + "|")
 
     def loss(stats: dict) -> str:
         return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if stats["std"] is not None else f"{stats['mean']:.3f}"
@@ -396,7 +450,11 @@ def format_curve(results: dict) -> str:
         difference = "".join(
             f" {100 * (models[name][first]['mean'] - models[baseline][first]['mean']):+.2f} |"
             if name in models and baseline in models else " — |" for name in compared)
-        lines.append(f"| {int(size):,} | " + " | ".join(cells) + " |" + difference)
+        counts = list(dict.fromkeys(models[name][first]["n"] for name in names if name in models))
+        lines.append(f"| {int(size):,} | {' / '.join(map(str, counts))} | " + " | ".join(cells) + " |" + difference)
+    crossings = _crossing_lines(results)
+    if crossings:
+        lines += [""] + crossings
     return "\n".join(lines)
 
 
@@ -421,11 +479,18 @@ def plot_curve(results: dict, directory: str) -> str:
             axis.errorbar([p[0] * shift for p in points], [100 * p[1]["mean"] for p in points],
                           yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
                           label=f"{series_label(name)} {label}")
+    for name, found in curve_crossings(results).items():
+        for crossing in found["crossings"]:
+            axis.axvline(crossing["size"], color="grey", linestyle=":", linewidth=1)
+            axis.annotate(f"crossing ~{crossing['size']:,.0f}", (crossing["size"], 0.02), fontsize=7, color="grey",
+                          xycoords=("data", "axes fraction"), rotation=90, ha="right")
     axis.set_xscale("log")
     axis.set_xticks([int(s) for s in sizes], [f"{int(s):,}" for s in sizes])
     axis.minorticks_off()
-    seeds = sorted({run["seed"] for run in results["runs"]})
-    axis.set_title(f"mean ± std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=9)
+    counts = sorted({len([run for run in results["runs"] if str(run["size"]) == size and run["model"] == name])
+                     for size in sizes for name in results["curve"][size]})
+    seeds = "-".join(map(str, (counts[0], counts[-1]) if len(counts) > 1 else counts))
+    axis.set_title(f"mean ± std over {seeds} seed{'s' if counts[-1] > 1 else ''} per point", fontsize=9)
     axis.set_xlabel("training patches")
     axis.set_ylabel("validation accuracy (%)" if valid_only else "test accuracy (%)")
     axis.legend(fontsize=7)
@@ -496,6 +561,7 @@ def run(args: argparse.Namespace) -> dict:
             "runs": runs,
             "curve": summarize_curve(runs),
         }
+        results["crossings"] = curve_crossings(results)
         results["table"] = format_curve(results)
         if args.plots:
             results["plot"] = plot_curve(results, args.plots)

@@ -164,3 +164,60 @@ def test_recipe_variants_keep_their_own_runs_and_bad_values_exit_2(tmp_path, cap
     for bad in {"--label-smoothing": ("-1", "1.5"), "--patience": ("0", "-1")}.get(option, ("-1",)):
         assert efficiency.main(base + [option, bad]) == 2
         assert option in capsys.readouterr().err
+
+
+@settings(max_examples=80)
+@given(data=st.data(), count=st.integers(1, 8))
+def test_gap_crossings_are_the_sign_changes_with_a_log_linear_zero_between(data, count):
+    sizes = sorted(data.draw(st.sets(st.integers(2, 10**6), min_size=count, max_size=count)))
+    gaps = data.draw(st.lists(st.sampled_from([0.0]) | st.floats(-0.2, 0.2), min_size=count, max_size=count))
+    found = efficiency.gap_crossings(sizes, gaps)
+    expected = sum(gap == 0 for gap in gaps) + sum(a * b < 0 for a, b in zip(gaps, gaps[1:]))
+    assert len(found) == expected
+    for crossing in found:
+        a, b = crossing["between"]
+        i, j = sizes.index(a), sizes.index(b)
+        assert a <= crossing["size"] <= b
+        if a == b:
+            assert gaps[i] == 0
+        else:  # neighbours with opposite signs; the interpolated gap vanishes at the crossing
+            assert j == i + 1 and gaps[i] * gaps[j] < 0
+            t = np.log(crossing["size"] / a) / np.log(b / a)
+            assert abs(gaps[i] + t * (gaps[j] - gaps[i])) <= 1e-9
+
+
+def _result_file(directory, series, size, seed, fp32):
+    run = {"series": series, "model": series.split("-")[0], "size": size, "seed": seed, "steps": 100,
+           "fp32_accuracy": fp32, "int8_accuracy": fp32, "degenerate": {"fp32": None, "int8": None},
+           "recipe": {"data": "pcam-20k", "lr": 0.003, "batch_size": 32}}
+    (directory / f"size{size}-{series}-seed{seed}.json").write_text(json.dumps(run))
+
+
+def test_table_and_plot_from_results_name_the_crossing_and_the_seeds_per_size(tmp_path):
+    # C12 below the conventional model at 256 and 1,024, above at 3,000: one crossing, between 1,024 and 3,000,
+    # at sqrt(1024 * 3000) ~ 1,753 for gaps -1 and +1 point (the middle on a log axis); seeds counted per row.
+    kept = tmp_path / "results"
+    kept.mkdir()
+    for size, conventional, c12 in ((256, 0.70, 0.68), (1024, 0.75, 0.74), (3000, 0.78, 0.79)):
+        _result_file(kept, "conventional-stain0.1", size, 0, conventional)
+        _result_file(kept, "C12-stain0.1", size, 0, c12)
+    for seed in (1, 2):
+        _result_file(kept, "conventional-stain0.1", 3000, seed, 0.78)
+        _result_file(kept, "C12-stain0.1", 3000, seed, 0.79)
+    out = tmp_path / "curve.json"
+    assert efficiency.main(["--from-results", str(kept), "--out", str(out), "--plots", str(tmp_path / "p")]) == 0
+    results = json.loads(out.read_text())
+    (crossing,) = results["crossings"]["C12-stain0.1"]["crossings"]
+    assert crossing["between"] == [1024, 3000] and crossing["size"] == pytest.approx((1024 * 3000) ** 0.5)
+    assert "crosses the conventional model between 1,024 and 3,000 (about 1,753" in results["table"]
+    assert "| 256 | 1 |" in results["table"] and "| 3,000 | 3 |" in results["table"]
+    assert os.path.getsize(tmp_path / "p" / "efficiency.png") > 1000
+    for name in os.listdir(kept):  # C12 ahead everywhere: no crossing, said so
+        if name.startswith("size256-C12") or name.startswith("size1024-C12"):
+            run = json.loads((kept / name).read_text())
+            run["fp32_accuracy"] = 0.9
+            (kept / name).write_text(json.dumps(run))
+    assert efficiency.main(["--from-results", str(kept), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["crossings"]["C12-stain0.1"]["crossings"] == []
+    assert "above the conventional model at every size from 256 to 3,000: the lines do not cross" in results["table"]
