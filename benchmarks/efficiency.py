@@ -313,8 +313,21 @@ def results_from_files(args: argparse.Namespace) -> dict:
     modes = {_mode([run]) for run in runs}
     if len(modes) > 1:
         raise UsageError("--from-results", "the files mix validation-only and test results; keep them apart")
+    seen: dict = {}
     for run in runs:
         run["model"] = run["series"]
+        key = (run["series"], run["size"], run["seed"])
+        if key in seen:
+            raise UsageError("--from-results", f"{run['run'] if 'run' in run else key} is in the files twice "
+                                               f"({seen[key]['steps']} and {run['steps']} steps); one result per "
+                                               "series, size and seed: keep other budgets in another folder")
+        seen[key] = run
+    for (series, size, _), run in seen.items():
+        budgets = {other["steps"] for (s, z, _), other in seen.items() if (s, z) == (series, size)}
+        if len(budgets) > 1:
+            raise UsageError("--from-results", f"{series} at {size:,} patches mixes step budgets "
+                                               f"{sorted(budgets)}; a mean over seeds needs one budget: keep other "
+                                               "budgets in another folder")
     first = runs[0].get("recipe", {})
     settings = {"lr": {run["series"]: run.get("recipe", {}).get("lr", run.get("lr")) for run in runs},
                 "steps": sorted({run["steps"] for run in runs}), "batch_size": first.get("batch_size"),

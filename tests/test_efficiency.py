@@ -221,3 +221,24 @@ def test_table_and_plot_from_results_name_the_crossing_and_the_seeds_per_size(tm
     results = json.loads(out.read_text())
     assert results["crossings"]["C12-stain0.1"]["crossings"] == []
     assert "above the conventional model at every size from 256 to 3,000: the lines do not cross" in results["table"]
+
+
+def test_results_that_would_mix_budgets_or_repeat_a_run_are_refused_by_name(tmp_path, capsys):
+    # A mean over seeds must be over one recipe: the same run twice (another folder) or two step budgets at one
+    # size exit 2 and say what to do, rather than averaging silently.
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    _result_file(first, "C12-stain0.1", 3000, 0, 0.8)
+    _result_file(second, "C12-stain0.1", 3000, 0, 0.8)
+    assert efficiency.main(["--from-results", str(first), str(second)]) == 2
+    assert "twice" in capsys.readouterr().err
+    run = json.loads((second / "size3000-C12-stain0.1-seed0.json").read_text())
+    (second / "size3000-C12-stain0.1-seed0.json").unlink()
+    run.update(seed=1, steps=200)
+    (second / "size3000-C12-stain0.1-seed1.json").write_text(json.dumps(run))
+    assert efficiency.main(["--from-results", str(first), str(second)]) == 2
+    error = capsys.readouterr().err
+    assert "--from-results" in error and "mixes step budgets [100, 200]" in error
+    run.update(steps=100)
+    (second / "size3000-C12-stain0.1-seed1.json").write_text(json.dumps(run))
+    assert efficiency.main(["--from-results", str(first), str(second), "--out", str(tmp_path / "c.json")]) == 0
