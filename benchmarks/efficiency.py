@@ -375,8 +375,9 @@ def gap_crossings(sizes: list[int], gaps: list[float]) -> list[dict]:
 
 
 def curve_crossings(results: dict) -> dict:
-    """Per series other than the conventional baseline: where its mean (FP32 test, or validation accuracy)
-    crosses the baseline's over the sizes both have (:func:`gap_crossings`)."""
+    """Per series other than the conventional baseline, over the sizes both have: the mean gap (FP32 test, or
+    validation, accuracy), its standard error where both have several seeds (None otherwise), the seeds per
+    size, and where the gap changes sign (:func:`gap_crossings`)."""
     names = list(dict.fromkeys(run["model"] for run in results["runs"]))
     baseline = next((name for name in names if name.split("-")[0] == "conventional"), None)
     key = "valid_accuracy" if results["settings"].get("valid_only", False) else "fp32_accuracy"
@@ -386,9 +387,14 @@ def curve_crossings(results: dict) -> dict:
             continue
         sizes = sorted((int(size) for size, models in results["curve"].items()
                         if name in models and baseline in models))
-        gaps = [results["curve"][str(size)][name][key]["mean"] - results["curve"][str(size)][baseline][key]["mean"]
-                for size in sizes]
-        found[name] = {"sizes": sizes, "gaps": gaps, "crossings": gap_crossings(sizes, gaps)}
+        pairs = [(results["curve"][str(size)][name][key], results["curve"][str(size)][baseline][key])
+                 for size in sizes]
+        gaps = [ours["mean"] - theirs["mean"] for ours, theirs in pairs]
+        errors = [math.sqrt(ours["std"] ** 2 / ours["n"] + theirs["std"] ** 2 / theirs["n"])
+                  if ours["n"] > 1 and theirs["n"] > 1 else None for ours, theirs in pairs]
+        found[name] = {"sizes": sizes, "gaps": gaps, "gap_errors": errors,
+                       "seeds": [min(ours["n"], theirs["n"]) for ours, theirs in pairs],
+                       "crossings": gap_crossings(sizes, gaps)}
     return found
 
 
@@ -398,6 +404,13 @@ def _crossing_lines(results: dict) -> list[str]:
         sizes, gaps = found["sizes"], found["gaps"]
         if len(sizes) < 2:
             continue
+
+        def gap(size: int) -> str:
+            index = sizes.index(size)
+            error, seeds = found["gap_errors"][index], found["seeds"][index]
+            spread = f" ± {100 * error:.2f} (standard error)" if error is not None else ""
+            return f"{size:,}: {100 * gaps[index]:+.2f}{spread}, {seeds} seed{'s' if seeds > 1 else ''}"
+
         label = series_label(name)
         if not found["crossings"]:
             side = "above" if gaps[0] > 0 else "below"
@@ -405,8 +418,9 @@ def _crossing_lines(results: dict) -> list[str]:
                          f"{sizes[-1]:,}: the lines do not cross.")
         for crossing in found["crossings"]:
             a, b = crossing["between"]
-            where = f"at {a:,}" if a == b else f"between {a:,} and {b:,} (about {crossing['size']:,.0f} " \
-                                                f"by log-linear interpolation of the mean gap)"
+            where = f"at {a:,} ({gap(a)})" if a == b else (
+                f"between {a:,} and {b:,} (about {crossing['size']:,.0f} by log-linear interpolation of the mean "
+                f"gap; gap in points at {gap(a)}; at {gap(b)})")
             lines.append(f"{label} crosses the conventional model {where}.")
     return lines
 
@@ -495,8 +509,8 @@ def plot_curve(results: dict, directory: str) -> str:
     for name, found in curve_crossings(results).items():
         for crossing in found["crossings"]:
             axis.axvline(crossing["size"], color="grey", linestyle=":", linewidth=1)
-            axis.annotate(f"crossing ~{crossing['size']:,.0f}", (crossing["size"], 0.02), fontsize=7, color="grey",
-                          xycoords=("data", "axes fraction"), rotation=90, ha="right")
+            axis.annotate(f"crossing ~{crossing['size']:,.0f}", (crossing["size"], 0.98), fontsize=7, color="grey",
+                          xycoords=("data", "axes fraction"), rotation=90, ha="right", va="top")
     axis.set_xscale("log")
     axis.set_xticks([int(s) for s in sizes], [f"{int(s):,}" for s in sizes])
     axis.minorticks_off()
