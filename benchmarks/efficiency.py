@@ -432,6 +432,16 @@ def _runtime(settings: dict) -> str:
     )
 
 
+def _passes(results: dict, size: int) -> str:
+    """How many times a run at ``size`` saw its training set (steps x batch / size), e.g. "7.7"; "?" where the
+    batch size is not recorded."""
+    batch = results["settings"].get("batch_size")
+    budgets = sorted({run["steps"] for run in results["runs"] if run["size"] == size})
+    if not batch:
+        return "?"
+    return " / ".join(f"{steps * batch / size:.{0 if steps * batch / size >= 10 else 1}f}" for steps in budgets)
+
+
 def format_curve(results: dict) -> str:
     """Markdown table of the curve (rows: sizes)."""
     valid_only = results["settings"].get("valid_only", False)
@@ -460,8 +470,8 @@ def format_curve(results: dict) -> str:
     columns = "validation accuracy (%) / loss" if valid_only else "FP32 / INT8 (%)"
     header = " | ".join(f"{series_label(name)} {columns}" for name in names)
     gaps = "".join(f" {name} - conventional {'validation' if valid_only else 'FP32'} (points) |" for name in compared)
-    lines.append(f"| training patches | seeds | {header} |{gaps}")
-    lines.append("|---" * (2 + len(names) + len(compared)) + "|")
+    lines.append(f"| training patches | passes over them | seeds | {header} |{gaps}")
+    lines.append("|---" * (3 + len(names) + len(compared)) + "|")
 
     def loss(stats: dict) -> str:
         return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if stats["std"] is not None else f"{stats['mean']:.3f}"
@@ -478,7 +488,9 @@ def format_curve(results: dict) -> str:
             f" {100 * (models[name][first]['mean'] - models[baseline][first]['mean']):+.2f} |"
             if name in models and baseline in models else " — |" for name in compared)
         counts = list(dict.fromkeys(models[name][first]["n"] for name in names if name in models))
-        lines.append(f"| {int(size):,} | {' / '.join(map(str, counts))} | " + " | ".join(cells) + " |" + difference)
+        passes = _passes(results, int(size))
+        lines.append(f"| {int(size):,} | {passes} | {' / '.join(map(str, counts))} | " + " | ".join(cells) + " |"
+                     + difference)
     crossings = _crossing_lines(results)
     if crossings:
         lines += [""] + crossings

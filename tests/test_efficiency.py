@@ -210,7 +210,7 @@ def test_table_and_plot_from_results_name_the_crossing_and_the_seeds_per_size(tm
     (crossing,) = results["crossings"]["C12-stain0.1"]["crossings"]
     assert crossing["between"] == [1024, 3000] and crossing["size"] == pytest.approx((1024 * 3000) ** 0.5)
     assert "crosses the conventional model between 1,024 and 3,000 (about 1,753" in results["table"]
-    assert "| 256 | 1 |" in results["table"] and "| 3,000 | 3 |" in results["table"]
+    assert "| 256 | 12 | 1 |" in results["table"] and "| 3,000 | 1.1 | 3 |" in results["table"]  # 100 steps x 32
     assert os.path.getsize(tmp_path / "p" / "efficiency.png") > 1000
     for name in os.listdir(kept):  # C12 ahead everywhere: no crossing, said so
         if name.startswith("size256-C12") or name.startswith("size1024-C12"):
