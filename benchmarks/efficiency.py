@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run, the same for every size (default 600)")
     parser.add_argument("--evaluations", type=int, help="validations per run (model selection points; default 8)")
+    parser.add_argument("--min-passes", type=float, metavar="P",
+                        help="a budget that grows with the data: at least P passes over the training set, i.e. "
+                             "max(--steps, P x size / batch) steps per run (default: --steps at every size; run "
+                             "dirs end -pass<P>)")
     parser.add_argument("--models", nargs="+", choices=pcam.MODELS, default=list(pcam.MODELS))
     parser.add_argument("--group", nargs="+", help="group(s) of the equivariant model(s), e.g. C12 D12 (default C12)")
     parser.add_argument("--batch-size", type=int, help="default 32")
@@ -164,6 +168,9 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in ("steps", "evaluations", "batch_size"):
         if settings[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')}", f"expected an integer >= 1, got {settings[key]}")
+    if args.min_passes is not None and not (math.isfinite(args.min_passes) and args.min_passes > 0):
+        raise UsageError("--min-passes", f"expected a positive number, got {args.min_passes}")
+    settings["min_passes"] = args.min_passes
     if any(size < 2 for size in settings["sizes"]):
         raise UsageError("--sizes", f"expected sizes >= 2, got {settings['sizes']}")
     if any(seed < 0 for seed in settings["seeds"]):
@@ -181,11 +188,19 @@ def _settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def _train_config(args: argparse.Namespace, settings: dict, lr: float, seed: int) -> TrainConfig:
-    """One run's recipe: ``settings["evaluations"]`` epochs of ``ceil(steps / evaluations)`` steps each."""
+def run_steps(settings: dict, size: int) -> int:
+    """A run's step budget at ``size`` training patches: ``settings["steps"]``, or with ``min_passes`` at least
+    that many passes over the set (``ceil(min_passes * size / batch_size)``)."""
+    passes = settings.get("min_passes")
+    steps = settings["steps"]
+    return max(steps, math.ceil(passes * size / settings["batch_size"])) if passes else steps
+
+
+def _train_config(args: argparse.Namespace, settings: dict, lr: float, seed: int, size: int = 2) -> TrainConfig:
+    """One run's recipe: ``settings["evaluations"]`` epochs of ``ceil(run_steps / evaluations)`` steps each."""
     return TrainConfig(epochs=settings["evaluations"], batch_size=settings["batch_size"], lr=lr,
                        weight_decay=args.weight_decay, seed=seed, precision=args.precision,
-                       steps_per_epoch=math.ceil(settings["steps"] / settings["evaluations"]),
+                       steps_per_epoch=math.ceil(run_steps(settings, size) / settings["evaluations"]),
                        augment=not args.no_augment, stain_jitter=args.stain_jitter,
                        warmup_steps=args.warmup_steps, label_smoothing=args.label_smoothing,
                        patience=args.patience)
@@ -215,6 +230,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         + (f"-warm{args.warmup_steps}" if args.warmup_steps else "")
         + (f"-ls{args.label_smoothing:g}" if args.label_smoothing else "")
         + (f"-pat{args.patience}" if args.patience else "")
+        + (f"-pass{args.min_passes:g}" if args.min_passes else "")
     )
     run_dir = os.path.join(args.runs, f"size{size}-{name}-lr{settings['lr'][name]:g}{variant}-seed{seed}")
     result_path = os.path.join(run_dir, "valid-result.json" if args.valid_only else "result.json")
@@ -235,7 +251,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
                       relu6=args.relu6, stopped_epoch=cached.get("stopped_epoch"))
         write_json(result, result_path)
         return result
-    config = _train_config(args, settings, settings["lr"][name], seed)
+    config = _train_config(args, settings, settings["lr"][name], seed, size)
     per_evaluation = config.steps_per_epoch
     model = pcam.build_model(name, evaluation_args, seed)
     if args.init != "fan_in":
@@ -270,7 +286,8 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
 def _recipe(args: argparse.Namespace, settings: dict, config: TrainConfig) -> dict:
     """What a result file needs to say how it was made (the data set by name only: no local paths)."""
     return {"data": "synthetic" if args.data is None else os.path.basename(os.path.normpath(args.data)),
-            "steps": settings["steps"], "evaluations": settings["evaluations"], "batch_size": config.batch_size,
+            "steps": config.steps_per_epoch * config.epochs, "min_passes": settings["min_passes"],
+            "evaluations": settings["evaluations"], "batch_size": config.batch_size,
             "lr": config.lr, "weight_decay": config.weight_decay, "augment": config.augment,
             "stain_jitter": config.stain_jitter, "precision": config.precision, "valid_only": args.valid_only,
             "int8_backend": args.int8_backend, "relu6": args.relu6, "width_mult": settings["width_mult"],
@@ -452,6 +469,8 @@ def format_curve(results: dict) -> str:
     augment = "D4 augmentation" if results["settings"].get("augment", True) else "no augmentation"
     steps = results["settings"]["steps"]
     steps = "/".join(map(str, steps)) if isinstance(steps, list) else steps
+    if results["settings"].get("min_passes"):
+        steps = f"max({steps}, {results['settings']['min_passes']:g} passes over the set)"
     lines.append(
         f"Data: {results['data']}; {steps} optimizer steps per run (batch "
         f"{results['settings']['batch_size']}, lr {rates}, {augment}), seeds {results['settings']['seeds']}, selection "

@@ -242,3 +242,21 @@ def test_results_that_would_mix_budgets_or_repeat_a_run_are_refused_by_name(tmp_
     run.update(steps=100)
     (second / "size3000-C12-stain0.1-seed1.json").write_text(json.dumps(run))
     assert efficiency.main(["--from-results", str(first), str(second), "--out", str(tmp_path / "c.json")]) == 0
+
+
+def test_min_passes_grows_the_budget_with_the_size(tmp_path, capsys):
+    # --quick: 4 steps, 2 evaluations, batch 8. With 3 passes at least: 16 patches -> max(4, 3 * 16 / 8) = 6
+    # steps, 32 -> 12; each run's result records its own budget, the run dirs say -pass3, bad values exit 2.
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 32, "valid": 8, "test": 8}, seed=8)
+    base = ["--quick", "--data", data, "--runs", str(tmp_path / "runs"), "--threads", "1", "--valid-only",
+            "--models", "conventional", "--out", str(tmp_path / "curve.json")]
+    assert efficiency.main(base + ["--min-passes", "3"]) == 0
+    results = json.loads((tmp_path / "curve.json").read_text())
+    assert {run["size"]: run["steps"] for run in results["runs"]} == {16: 6, 32: 12}
+    assert all(run["run"].endswith("-pass3-seed0") for run in results["runs"])
+    assert "max(4, 3 passes over the set)" in results["table"] and "| 16 | 3.0 |" in results["table"]
+    assert efficiency.run_steps({"steps": 100, "batch_size": 32, "min_passes": 2}, 1000) == 100  # never fewer
+    capsys.readouterr()
+    for bad in ("0", "-1", "nan"):
+        assert efficiency.main(base + ["--min-passes", bad]) == 2
+        assert "--min-passes" in capsys.readouterr().err
