@@ -41,7 +41,7 @@ import quant
 import rotconv
 from rotconv.files import RunLock, check_writable, write_json
 from mobilenet.data import Normalizer, PCam, open_pcam
-from mobilenet.training import PRECISIONS, TrainConfig, UsageError, train
+from mobilenet.training import PRECISIONS, TrainConfig, UsageError, resolve_precision, train
 
 from . import pcam
 from .common import add_memory_argument, initialize_rotconv_layers
@@ -289,7 +289,8 @@ def _recipe(args: argparse.Namespace, settings: dict, config: TrainConfig) -> di
             "steps": config.steps_per_epoch * config.epochs, "min_passes": settings["min_passes"],
             "evaluations": settings["evaluations"], "batch_size": config.batch_size,
             "lr": config.lr, "weight_decay": config.weight_decay, "augment": config.augment,
-            "stain_jitter": config.stain_jitter, "precision": config.precision, "valid_only": args.valid_only,
+            "stain_jitter": config.stain_jitter, "valid_only": args.valid_only,
+            "precision": resolve_precision(config.precision, "cpu", lambda *_: None),  # as trained, not "auto"
             "int8_backend": args.int8_backend, "relu6": args.relu6, "width_mult": settings["width_mult"],
             "min_fields": args.min_fields, "depthwise": args.depthwise, "warmup_steps": config.warmup_steps,
             "label_smoothing": config.label_smoothing, "patience": config.patience, "torch": torch.__version__}

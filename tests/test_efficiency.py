@@ -37,7 +37,8 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     # every finished run left its small result file; the table built from those files alone is the same
     assert sorted(os.listdir(kept)) == sorted(f"{r['run']}.json" for r in results["runs"])
     assert all(os.path.getsize(kept / name) < 20_000 for name in os.listdir(kept))
-    assert json.loads((kept / os.listdir(kept)[0]).read_text())["recipe"]["data"] == "data"
+    recipe = json.loads((kept / os.listdir(kept)[0]).read_text())["recipe"]
+    assert recipe["data"] == "data" and recipe["precision"] in ("bf16", "fp32")  # as trained, never "auto"
     rebuilt = tmp_path / "rebuilt.json"
     assert efficiency.main(["--from-results", str(kept), "--out", str(rebuilt), "--plots", str(tmp_path / "p2")]) == 0
     again = json.loads(rebuilt.read_text())
