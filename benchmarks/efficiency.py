@@ -332,6 +332,7 @@ def results_from_files(args: argparse.Namespace) -> dict:
     if len(modes) > 1:
         raise UsageError("--from-results", "the files mix validation-only and test results; keep them apart")
     seen: dict = {}
+    budgets: dict = {}  # (series, size) -> the step budgets of its runs
     for run in runs:
         run["model"] = run["series"]
         key = (run["series"], run["size"], run["seed"])
@@ -340,11 +341,11 @@ def results_from_files(args: argparse.Namespace) -> dict:
                                                f"({seen[key]['steps']} and {run['steps']} steps); one result per "
                                                "series, size and seed: keep other budgets in another folder")
         seen[key] = run
-    for (series, size, _), run in seen.items():
-        budgets = {other["steps"] for (s, z, _), other in seen.items() if (s, z) == (series, size)}
-        if len(budgets) > 1:
+        budgets.setdefault((run["series"], run["size"]), set()).add(run["steps"])
+    for (series, size), steps in budgets.items():
+        if len(steps) > 1:
             raise UsageError("--from-results", f"{series} at {size:,} patches mixes step budgets "
-                                               f"{sorted(budgets)}; a mean over seeds needs one budget: keep other "
+                                               f"{sorted(steps)}; a mean over seeds needs one budget: keep other "
                                                "budgets in another folder")
     first = runs[0].get("recipe", {})
     settings = {"lr": {run["series"]: run.get("recipe", {}).get("lr", run.get("lr")) for run in runs},
@@ -418,7 +419,7 @@ def curve_crossings(results: dict) -> dict:
 
 def _crossing_lines(results: dict) -> list[str]:
     lines = []
-    for name, found in curve_crossings(results).items():
+    for name, found in (results.get("crossings") or curve_crossings(results)).items():
         sizes, gaps = found["sizes"], found["gaps"]
         if len(sizes) < 2:
             continue
@@ -538,7 +539,7 @@ def plot_curve(results: dict, directory: str) -> str:
             axis.errorbar([p[0] * shift for p in points], [100 * p[1]["mean"] for p in points],
                           yerr=[100 * p[1]["std"] for p in points], fmt=style, capsize=3,
                           label=f"{series_label(name)} {label}")
-    for name, found in curve_crossings(results).items():
+    for name, found in (results.get("crossings") or curve_crossings(results)).items():
         for crossing in found["crossings"]:
             axis.axvline(crossing["size"], color="grey", linestyle=":", linewidth=1)
             axis.annotate(f"crossing ~{crossing['size']:,.0f}", (crossing["size"], 0.98), fontsize=7, color="grey",
