@@ -11,8 +11,10 @@ same disc, unrotated, so the drop measures the rotation alone.
 For every run directory under ``--runs`` with a ``model.pt`` (written by ``benchmarks.pcam`` and
 ``benchmarks.efficiency``): FP32 accuracy upright and rotated, and the same for the INT8 ExecuTorch program
 kept beside it (``model.pte``) where there is one. Writes ``rotation.json`` into each run directory and,
-with ``--results``, adds the figures (key ``random_rotation``) to the run's result file there. Exit code 2
-for bad arguments or data.
+with ``--results``, adds the figures (key ``random_rotation``) to the run's result file there. A run whose
+``rotation.json`` is newer than its model files and was made with the same angle seed and patch count is
+not evaluated again (``--again`` re-evaluates every run), so the figures grow run by run as the study does.
+Exit code 2 for bad arguments or data.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from rotconv.files import write_json
 
 from . import pcam
 
-__all__ = ["rotated_inputs", "accuracy", "evaluate_run", "main"]
+__all__ = ["rotated_inputs", "accuracy", "evaluate_run", "current_figures", "main"]
 
 
 def rotated_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed: int = 0,
@@ -71,6 +73,27 @@ def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed:
     return result
 
 
+def current_figures(run_dir: str, seed: int, patches: int) -> dict | None:
+    """The run's ``rotation.json`` if it is newer than ``model.pt`` (and ``model.pte``) and was made with this
+    angle seed and patch count, else None (absent, stale or unreadable: the run is evaluated again)."""
+    path = os.path.join(run_dir, "rotation.json")
+    if not os.path.isfile(path):
+        return None
+    models = [os.path.join(run_dir, name) for name in ("model.pt", "model.pte")]
+    if any(os.path.isfile(model) and os.path.getmtime(model) > os.path.getmtime(path) for model in models):
+        return None
+    try:
+        with open(path) as handle:
+            figures = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(figures, dict) or figures.get("seed") != seed or figures.get("patches") != patches:
+        return None
+    if os.path.isfile(models[1]) != ("int8" in figures):
+        return None
+    return figures
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rotation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", help="result files (benchmarks.efficiency --results) to add the figures to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the angles (default 0)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
+    parser.add_argument("--again", action="store_true",
+                        help="evaluate every run, also those whose rotation.json is up to date")
     return parser
 
 
@@ -93,9 +118,12 @@ def run(args: argparse.Namespace) -> dict:
     images, labels = test.batch(np.arange(len(test)))
     table = {}
     for name in runs:
-        print(f"== {name} ==", flush=True)
-        result = evaluate_run(os.path.join(args.runs, name), images, labels, args.seed)
-        write_json(result, os.path.join(args.runs, name, "rotation.json"))
+        run_dir = os.path.join(args.runs, name)
+        result = None if args.again else current_figures(run_dir, args.seed, int(images.shape[0]))
+        print(f"== {name}{' (up to date, kept)' if result else ''} ==", flush=True)
+        if result is None:
+            result = evaluate_run(run_dir, images, labels, args.seed)
+            write_json(result, os.path.join(run_dir, "rotation.json"))
         kept = os.path.join(args.results, name + ".json") if args.results else None
         if kept and os.path.isfile(kept):
             with open(kept) as handle:
