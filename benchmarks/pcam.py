@@ -284,10 +284,17 @@ def predictions(model: nn.Module, split: PCam, normalizer: Normalizer, count: in
 def accuracy(model: nn.Module, split: PCam, normalizer: Normalizer, batch_size: int, device: str,
              description: str) -> tuple[float, str | None]:
     """Accuracy on ``split`` and, for a degenerate model, why it is one (else None)."""
+    value, why, _ = scored(model, split, normalizer, batch_size, device, description)
+    return value, why
+
+
+def scored(model: nn.Module, split: PCam, normalizer: Normalizer, batch_size: int, device: str,
+           description: str) -> tuple[float, str | None, np.ndarray]:
+    """:func:`accuracy` and the predicted classes ``(len(split),)`` it was computed from."""
     predicted = predictions(model, split, normalizer, len(split), [0.0], batch_size, device, description)[0]
     labels = split.labels.numpy()
     value = float((predicted == labels).mean())
-    return value, degenerate(predicted, labels, value)
+    return value, degenerate(predicted, labels, value), predicted
 
 
 #: A model within this many accuracy points of always answering the majority class is flagged.
@@ -384,13 +391,15 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     test = splits["test"]
     count = min(settings["stability_samples"] or len(test), len(test))
     model.eval()
-    fp32_accuracy, fp32_degenerate = accuracy(model, test, normalizer, batch, device, "test FP32")
+    fp32_accuracy, fp32_degenerate, fp32_classes = scored(model, test, normalizer, batch, device, "test FP32")
     fp32_stability = stability(model, test, normalizer, count, batch, device, "rotation stability FP32")
     plain = model.export().cpu()
     options = {"group": group_of(name), "backend": args.backend, "input_range": normalizer.value_range(),
                "weight_scheme": args.weight_scheme, "relu6": args.relu6}
     int8, int8_bytes, int8_label = _int8_model(name, plain, normalizer, args, batch, artifact_dir)
-    int8_accuracy, int8_degenerate = accuracy(int8, test, normalizer, batch, "cpu", f"test INT8 ({int8_label})")
+    int8_accuracy, int8_degenerate, int8_classes = scored(int8, test, normalizer, batch, "cpu",
+                                                          f"test INT8 ({int8_label})")
+    agreement = float((int8_classes == fp32_classes).mean())
     simulated_accuracy = None
     if settings["simulated_int8"]:
         simulated = quant.dfq(plain, mode="simulated", **options)
@@ -398,13 +407,15 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     int8_stability = stability(int8, test, normalizer, count, batch, "cpu", "rotation stability INT8")
     counts = mobilenet.summary(model.cpu())
     model.to(device)
-    log(f"{name}: test FP32 {100 * fp32_accuracy:.2f}% INT8 {100 * int8_accuracy:.2f}%"
+    log(f"{name}: test FP32 {100 * fp32_accuracy:.2f}% INT8 {100 * int8_accuracy:.2f}% "
+        f"(same class as FP32 on {100 * agreement:.1f}%)"
         + (f" (simulated {100 * simulated_accuracy:.2f}%)" if simulated_accuracy is not None else "")
         + (f"; DEGENERATE: {fp32_degenerate}" if fp32_degenerate else ""))
     return {
         "fp32_accuracy": fp32_accuracy,
         "int8_accuracy": int8_accuracy,
         "int8_simulated_accuracy": simulated_accuracy,
+        "int8_agreement": agreement,
         "relative_drop": (fp32_accuracy - int8_accuracy) / fp32_accuracy if fp32_accuracy else 0.0,
         "params": counts.params,
         "exported_params": counts.exported_params,

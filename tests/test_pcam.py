@@ -54,6 +54,10 @@ def test_end_to_end_report_has_every_field(tiny_data, tmp_path, capsys):
             assert run[key] * SIZES["test"] == pytest.approx(round(run[key] * SIZES["test"]))  # a fraction of 16
         assert run["relative_drop"] == pytest.approx((run["fp32_accuracy"] - run["int8_accuracy"])
                                                      / run["fp32_accuracy"])
+        # the share of patches where INT8 and FP32 answer alike bounds how far their accuracies can differ
+        assert 0.0 <= run["int8_agreement"] <= 1.0
+        assert run["int8_agreement"] * SIZES["test"] == pytest.approx(round(run["int8_agreement"] * SIZES["test"]))
+        assert abs(run["fp32_accuracy"] - run["int8_accuracy"]) <= 1.0 - run["int8_agreement"] + 1e-9
         assert run["params"] > 0 and run["macs"] > 0
         assert 3.0 < run["fp32_bytes"] / run["int8_bytes"] < 4.5
         assert [h["epoch"] for h in run["history"]] == [1, 2]
