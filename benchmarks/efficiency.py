@@ -361,13 +361,34 @@ def results_from_files(args: argparse.Namespace) -> dict:
 
 
 def summarize_curve(runs: list[dict]) -> dict:
-    """mean ± std per (size, model) of FP32/INT8 test accuracy (validation accuracy and loss for --valid-only)."""
+    """mean ± std per (size, model) of FP32/INT8 test accuracy (validation accuracy and loss for --valid-only),
+    and of the random-angle figures (:func:`summarize_rotation`) where every run of the cell has them."""
     curve: dict = {}
     for run in runs:
         curve.setdefault(str(run["size"]), {}).setdefault(run["model"], []).append(run)
-    return {size: {name: {key: pcam.mean_std([r[key] for r in chosen]) for key in _FIGURES[_mode(chosen)]}
-                   | {"degenerate_runs": [r["seed"] for r in chosen if r["degenerate"]["fp32"]]}
-                   for name, chosen in models.items()} for size, models in curve.items()}
+    summary = {size: {name: {key: pcam.mean_std([r[key] for r in chosen]) for key in _FIGURES[_mode(chosen)]}
+                      | {"degenerate_runs": [r["seed"] for r in chosen if r["degenerate"]["fp32"]]}
+                      for name, chosen in models.items()} for size, models in curve.items()}
+    for size, models in curve.items():
+        for name, chosen in models.items():
+            rotation = summarize_rotation(chosen)
+            if rotation:
+                summary[size][name]["random_rotation"] = rotation
+    return summary
+
+
+def summarize_rotation(runs: list[dict]) -> dict | None:
+    """mean ± std over ``runs`` of ``benchmarks.rotation``'s figures (upright, rotated, drop; FP32 and INT8 where
+    every run has them), or None unless every run was measured with the same angle seed and patch count."""
+    figures = [run.get("random_rotation") for run in runs]
+    if not all(isinstance(f, dict) for f in figures) or len({(f.get("seed"), f.get("patches")) for f in figures}) != 1:
+        return None
+    summary: dict = {"angle_seed": figures[0].get("seed"), "patches": figures[0].get("patches")}
+    for precision in ("fp32", "int8"):
+        if all(isinstance(f.get(precision), dict) for f in figures):
+            summary[precision] = {key: pcam.mean_std([f[precision][key] for f in figures])
+                                  for key in ("upright", "rotated", "drop")}
+    return summary if "fp32" in summary else None
 
 
 _FIGURES = {"test": ("fp32_accuracy", "int8_accuracy"), "valid": ("valid_accuracy", "valid_loss")}
@@ -515,7 +536,32 @@ def format_curve(results: dict) -> str:
     crossings = _crossing_lines(results)
     if crossings:
         lines += [""] + crossings
+    lines += _rotation_table(results, names)
     return "\n".join(lines)
+
+
+def _rotation_table(results: dict, names: list[str]) -> list[str]:
+    """Markdown rows of the random-angle figures (``benchmarks.rotation``) per size and model, where measured."""
+    rows = []
+    for size in sorted(results["curve"], key=int):
+        for name in names:
+            rotation = results["curve"][size].get(name, {}).get("random_rotation")
+            if not rotation:
+                continue
+            cells = []
+            for precision in ("fp32", "int8"):
+                figures = rotation.get(precision)
+                cells += ["—", "—"] if figures is None else [
+                    f"{pcam.percent(figures['upright'])} -> {pcam.percent(figures['rotated'])}",
+                    pcam.percent(figures["drop"])]
+            rows.append(f"| {int(size):,} | {series_label(name)} | {rotation['fp32']['drop']['n']} | "
+                        + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["", "Random angles (benchmarks.rotation: each test patch rotated by its own angle in [0, 360), circular "
+            "field of view; upright = the same patches through the same disc); drop in points:", "",
+            "| training patches | model | seeds | FP32 upright -> rotated (%) | FP32 drop "
+            "| INT8 upright -> rotated (%) | INT8 drop |", "|---" * 7 + "|"] + rows
 
 
 def plot_curve(results: dict, directory: str) -> str:
