@@ -366,14 +366,15 @@ def summarize_curve(runs: list[dict]) -> dict:
     curve: dict = {}
     for run in runs:
         curve.setdefault(str(run["size"]), {}).setdefault(run["model"], []).append(run)
-    summary = {size: {name: {key: pcam.mean_std([r[key] for r in chosen]) for key in _FIGURES[_mode(chosen)]}
-                      | {"degenerate_runs": [r["seed"] for r in chosen if r["degenerate"]["fp32"]]}
-                      for name, chosen in models.items()} for size, models in curve.items()}
+    summary: dict = {}
     for size, models in curve.items():
         for name, chosen in models.items():
+            cell = {key: pcam.mean_std([r[key] for r in chosen]) for key in _FIGURES[_mode(chosen)]}
+            cell["degenerate_runs"] = [r["seed"] for r in chosen if r["degenerate"]["fp32"]]
             rotation = summarize_rotation(chosen)
             if rotation:
-                summary[size][name]["random_rotation"] = rotation
+                cell["random_rotation"] = rotation
+            summary.setdefault(size, {})[name] = cell
     return summary
 
 

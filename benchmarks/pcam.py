@@ -457,7 +457,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def percent(stats: dict) -> str:
-    text = f"{100 * stats['mean']:.2f}".replace("-0.00", "0.00")  # a mean that rounds to zero has no sign
+    value = 100 * stats["mean"]
+    text = f"{0.0 if round(value, 2) == 0 else value:.2f}"  # a mean that rounds to zero has no sign
     return text + (f" ± {100 * stats['std']:.2f}" if stats["n"] > 1 else "")
 
 
