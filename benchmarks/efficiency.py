@@ -45,6 +45,7 @@ from mobilenet.training import PRECISIONS, TrainConfig, UsageError, resolve_prec
 
 from . import pcam
 from .common import add_memory_argument, initialize_rotconv_layers
+from .rotation import angle_count
 from .synthetic import write_synthetic_pcam
 
 __all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve", "load_results", "series_label"]
@@ -379,16 +380,20 @@ def summarize_curve(runs: list[dict]) -> dict:
 
 
 def summarize_rotation(runs: list[dict]) -> dict | None:
-    """mean ± std over ``runs`` of ``benchmarks.rotation``'s figures (upright, rotated, drop; FP32 and INT8 where
-    every run has them), or None unless every run was measured with the same angle seed and patch count."""
+    """mean ± std over ``runs`` of ``benchmarks.rotation``'s figures (upright, rotated, drop, consistent; FP32 and
+    INT8 where every run has them), or None unless every run was measured with the same angle seed, patch count
+    and angles per patch."""
     figures = [run.get("random_rotation") for run in runs]
-    if not all(isinstance(f, dict) for f in figures) or len({(f.get("seed"), f.get("patches")) for f in figures}) != 1:
+    if not all(isinstance(f, dict) for f in figures) or len(
+            {(f.get("seed"), f.get("patches"), angle_count(f)) for f in figures}) != 1:
         return None
-    summary: dict = {"angle_seed": figures[0].get("seed"), "patches": figures[0].get("patches")}
+    summary: dict = {"angle_seed": figures[0].get("seed"), "patches": figures[0].get("patches"),
+                     "angles": angle_count(figures[0])}
     for precision in ("fp32", "int8"):
         if all(isinstance(f.get(precision), dict) for f in figures):
-            summary[precision] = {key: pcam.mean_std([f[precision][key] for f in figures])
-                                  for key in ("upright", "rotated", "drop")}
+            keys = ("upright", "rotated", "drop") + (
+                ("consistent",) if all("consistent" in f[precision] for f in figures) else ())
+            summary[precision] = {key: pcam.mean_std([f[precision][key] for f in figures]) for key in keys}
     return summary if "fp32" in summary else None
 
 
@@ -552,17 +557,20 @@ def _rotation_table(results: dict, names: list[str]) -> list[str]:
             cells = []
             for precision in ("fp32", "int8"):
                 figures = rotation.get(precision)
-                cells += ["—", "—"] if figures is None else [
+                cells += ["—", "—", "—"] if figures is None else [
                     f"{pcam.percent(figures['upright'])} -> {pcam.percent(figures['rotated'])}",
-                    pcam.percent(figures["drop"])]
+                    pcam.percent(figures["drop"]),
+                    pcam.percent(figures["consistent"]) if "consistent" in figures else "—"]
             rows.append(f"| {int(size):,} | {series_label(name)} | {rotation['fp32']['drop']['n']} | "
-                        + " | ".join(cells) + " |")
+                        f"{rotation.get('angles', 1)} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    return ["", "Random angles (benchmarks.rotation: each test patch rotated by its own angle in [0, 360), circular "
-            "field of view; upright = the same patches through the same disc); drop in points:", "",
-            "| training patches | model | seeds | FP32 upright -> rotated (%) | FP32 drop "
-            "| INT8 upright -> rotated (%) | INT8 drop |", "|---" * 7 + "|"] + rows
+    return ["", "Random angles (benchmarks.rotation: each test patch rotated by its own angles in [0, 360), "
+            "rotated = mean over the angles, circular field of view; upright = the same patches through the same "
+            "disc); drop in points; same class = share of patches classed alike upright and at every angle:", "",
+            "| training patches | model | seeds | angles | FP32 upright -> rotated (%) | FP32 drop "
+            "| FP32 same class (%) | INT8 upright -> rotated (%) | INT8 drop | INT8 same class (%) |",
+            "|---" * 10 + "|"] + rows
 
 
 def plot_curve(results: dict, directory: str) -> str:

@@ -1,12 +1,16 @@
 """Accuracy under arbitrary rotation: each test patch rotated by its own random angle, FP32 and INT8.
 
-    python -m benchmarks.rotation --data DIR --runs runs/efficiency [--results results/efficiency]
+    python -m benchmarks.rotation --data DIR --runs runs/efficiency [--results results/efficiency] [--angles K]
 
 The situation of a slide scanned, or a phone held, at any angle. Every test patch is normalised, rotated
 by an angle drawn uniformly from [0, 360) degrees (one fixed seed: the same angles for every model;
 bicubic interpolation, :func:`rotconv.rotate_image`) and seen through a circular field of view (outside the
 inscribed disc the input is 0, the training mean). The upright reference is the same patches through the
-same disc, unrotated, so the drop measures the rotation alone.
+same disc, unrotated, so the drop measures the rotation alone. With ``--angles K`` (default 4) every patch
+is seen at K independent angles and the rotated accuracy is the mean over them: a model whose answers
+change with the angle then shows its expected drop rather than one draw of it (the first set of angles is
+the one a single-angle evaluation uses). ``consistent`` is the share of patches given the same class upright
+and at all K angles.
 
 For every run directory under ``--runs`` with a ``model.pt`` (written by ``benchmarks.pcam`` and
 ``benchmarks.efficiency``): FP32 accuracy upright and rotated, and the same for the INT8 ExecuTorch program
@@ -36,14 +40,17 @@ from rotconv.files import write_json
 
 from . import pcam
 
-__all__ = ["rotated_inputs", "accuracy", "evaluate_run", "current_figures", "main"]
+__all__ = ["rotated_inputs", "predictions", "accuracy", "rotation_figures", "evaluate_run", "current_figures",
+           "angle_count", "main"]
 
 
 def rotated_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed: int = 0,
-                   rotate: bool = True) -> torch.Tensor:
+                   rotate: bool = True, draw: int = 0) -> torch.Tensor:
     """uint8 ``(N, 3, S, S)`` -> normalised float inputs, each rotated by its own angle (uniform in [0, 2 pi),
-    drawn with ``seed``; ``rotate=False``: upright) and masked to the inscribed disc."""
-    angles = np.random.default_rng(seed).uniform(0, 2 * math.pi, images.shape[0])
+    drawn with ``seed``; ``rotate=False``: upright) and masked to the inscribed disc. ``draw`` k takes the
+    (k+1)-th set of N angles of the seed's sequence, so that draws 0..K-1 are K independent angles per patch."""
+    count = images.shape[0]
+    angles = np.random.default_rng(seed).uniform(0, 2 * math.pi, (draw + 1) * count)[draw * count:]
     x = normalizer(images)
     if rotate:
         x = torch.stack([rotconv.rotate_image(patch, float(angle)) for patch, angle in zip(x, angles)])
@@ -51,31 +58,50 @@ def rotated_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed:
 
 
 @torch.no_grad()
+def predictions(model, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """``(N, ...)`` inputs -> ``(N,)`` predicted classes, ``batch`` at a time."""
+    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
+
+
 def accuracy(model, x: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
-    predicted = torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
-    return float((predicted == labels).float().mean())
+    return float((predictions(model, x, batch) == labels).float().mean())
 
 
-def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
-    """FP32 (and INT8 .pte, where kept) accuracy of the run's model, upright and randomly rotated."""
+def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels: torch.Tensor) -> dict:
+    """Predicted classes upright ``(N,)`` and at each of K angle sets (K tensors ``(N,)``) -> upright accuracy,
+    rotated accuracy (mean over the K sets), drop (upright - rotated) and the share of patches whose class is
+    the same upright and at every angle."""
+    at_angles = torch.stack(rotated)
+    upright_accuracy = float((upright == labels).float().mean())
+    rotated_accuracy = float((at_angles == labels).float().mean())
+    return {"upright": upright_accuracy, "rotated": rotated_accuracy, "drop": upright_accuracy - rotated_accuracy,
+            "consistent": float((at_angles == upright).all(0).float().mean())}
+
+
+def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, angles: int = 4) -> dict:
+    """FP32 (and INT8 .pte, where kept) accuracy of the run's model, upright and at ``angles`` random angles
+    per patch (:func:`rotation_figures`)."""
     model = mobilenet.load(os.path.join(run_dir, "model.pt"))
-    upright = rotated_inputs(images, model.normalizer, seed, rotate=False)
-    rotated = rotated_inputs(images, model.normalizer, seed)
-    result = {"seed": seed, "patches": int(images.shape[0]), "fp32": {
-        "upright": accuracy(model, upright, labels), "rotated": accuracy(model, rotated, labels)}}
+    models = {"fp32": (model, 64)}
     program = os.path.join(run_dir, "model.pte")
     if os.path.isfile(program):
-        int8 = quant.load_executorch(program)
-        result["int8"] = {"upright": accuracy(int8, upright, labels, 1), "rotated": accuracy(int8, rotated, labels, 1)}
-    for figures in (result["fp32"], result.get("int8")):
-        if figures:
-            figures["drop"] = figures["upright"] - figures["rotated"]
+        models["int8"] = (quant.load_executorch(program), 1)
+    upright = rotated_inputs(images, model.normalizer, seed, rotate=False)
+    classes = {kind: (predictions(network, upright, batch), []) for kind, (network, batch) in models.items()}
+    for draw in range(angles):
+        rotated = rotated_inputs(images, model.normalizer, seed, draw=draw)
+        for kind, (network, batch) in models.items():
+            classes[kind][1].append(predictions(network, rotated, batch))
+    result = {"seed": seed, "patches": int(images.shape[0]), "angles": angles}
+    for kind, (at_upright, at_angles) in classes.items():
+        result[kind] = rotation_figures(at_upright, at_angles, labels)
     return result
 
 
-def current_figures(run_dir: str, seed: int, patches: int) -> dict | None:
+def current_figures(run_dir: str, seed: int, patches: int, angles: int = 4) -> dict | None:
     """The run's ``rotation.json`` if it is newer than ``model.pt`` (and ``model.pte``) and was made with this
-    angle seed and patch count, else None (absent, stale or unreadable: the run is evaluated again)."""
+    angle seed, patch count and number of angles per patch (files without one: 1), else None (absent, stale or
+    unreadable: the run is evaluated again)."""
     path = os.path.join(run_dir, "rotation.json")
     if not os.path.isfile(path):
         return None
@@ -87,11 +113,17 @@ def current_figures(run_dir: str, seed: int, patches: int) -> dict | None:
             figures = json.load(handle)
     except (OSError, ValueError):
         return None
-    if not isinstance(figures, dict) or figures.get("seed") != seed or figures.get("patches") != patches:
+    if not isinstance(figures, dict) or (figures.get("seed"), figures.get("patches"), angle_count(figures)) != (
+            seed, patches, angles):
         return None
     if os.path.isfile(models[1]) != ("int8" in figures):
         return None
     return figures
+
+
+def angle_count(figures: dict) -> int:
+    """Angles per patch of a ``rotation.json`` (figures written before there was a choice had one)."""
+    return figures.get("angles", 1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", required=True, help="directory of run directories (each with model.pt)")
     parser.add_argument("--results", help="result files (benchmarks.efficiency --results) to add the figures to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the angles (default 0)")
+    parser.add_argument("--angles", type=int, default=4,
+                        help="random angles per patch; the rotated accuracy is their mean (default 4)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
     parser.add_argument("--again", action="store_true",
                         help="evaluate every run, also those whose rotation.json is up to date")
@@ -108,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.angles < 1:
+        raise UsageError("--angles", f"must be at least 1, got {args.angles}")
     if not os.path.isdir(args.runs):
         raise UsageError("--runs", f"{args.runs}: not a directory")
     runs = sorted(name for name in os.listdir(args.runs)
@@ -119,10 +155,10 @@ def run(args: argparse.Namespace) -> dict:
     table = {}
     for name in runs:
         run_dir = os.path.join(args.runs, name)
-        result = None if args.again else current_figures(run_dir, args.seed, int(images.shape[0]))
+        result = None if args.again else current_figures(run_dir, args.seed, int(images.shape[0]), args.angles)
         print(f"== {name}{' (up to date, kept)' if result else ''} ==", flush=True)
         if result is None:
-            result = evaluate_run(run_dir, images, labels, args.seed)
+            result = evaluate_run(run_dir, images, labels, args.seed, args.angles)
             write_json(result, os.path.join(run_dir, "rotation.json"))
         kept = os.path.join(args.results, name + ".json") if args.results else None
         if kept and os.path.isfile(kept):
@@ -131,9 +167,16 @@ def run(args: argparse.Namespace) -> dict:
             record["random_rotation"] = result
             write_json(record, kept)
         table[name] = result
-        print("  " + "; ".join(f"{kind} upright {100 * f['upright']:.2f}%, rotated {100 * f['rotated']:.2f}%"
-                               for kind, f in result.items() if isinstance(f, dict)), flush=True)
+        print("  " + "; ".join(_summary_line(kind, f) for kind, f in result.items() if isinstance(f, dict)),
+              flush=True)
     return table
+
+
+def _summary_line(kind: str, figures: dict) -> str:
+    line = f"{kind} upright {100 * figures['upright']:.2f}%, rotated {100 * figures['rotated']:.2f}%"
+    if "consistent" in figures:
+        line += f", same class at every angle {100 * figures['consistent']:.1f}%"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,18 +228,19 @@ def test_random_angle_figures_are_summarized_where_every_seed_has_them(tmp_path)
     kept = tmp_path / "results"
     kept.mkdir()
     rng = np.random.default_rng(4)
-    drops = {}
+    drops, agreement = {}, {}
     for series in ("conventional-stain0.1", "C12-stain0.1"):
         for seed in (0, 1, 2):
             _result_file(kept, series, 3000, seed, 0.8)
             path = kept / f"size3000-{series}-seed{seed}.json"
             run = json.loads(path.read_text())
-            upright, rotated = (float(v) for v in rng.integers(600, 900, 2) / 1000)
-            run["random_rotation"] = {"seed": 0, "patches": 1000, "fp32": {
-                "upright": upright, "rotated": rotated, "drop": upright - rotated}}
+            upright, rotated, consistent = (float(v) for v in rng.integers(600, 900, 3) / 1000)
+            run["random_rotation"] = {"seed": 0, "patches": 1000, "angles": 4, "fp32": {
+                "upright": upright, "rotated": rotated, "drop": upright - rotated, "consistent": consistent}}
             if series.startswith("C12"):  # INT8 figures for one series only
                 run["random_rotation"]["int8"] = dict(run["random_rotation"]["fp32"])
             drops.setdefault(series, []).append(upright - rotated)
+            agreement.setdefault(series, []).append(consistent)
             path.write_text(json.dumps(run))
     out = tmp_path / "curve.json"
     assert efficiency.main(["--from-results", str(kept), "--out", str(out)]) == 0
@@ -248,20 +249,30 @@ def test_random_angle_figures_are_summarized_where_every_seed_has_them(tmp_path)
         summary = results["curve"]["3000"][series]["random_rotation"]
         assert summary["fp32"]["drop"]["mean"] == pytest.approx(np.mean(values))
         assert summary["fp32"]["drop"]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert summary["fp32"]["consistent"]["mean"] == pytest.approx(np.mean(agreement[series]))
+        assert summary["angles"] == 4
         assert ("int8" in summary) == series.startswith("C12")
         row = next(line for line in results["table"].splitlines()
                    if line.startswith("| 3,000 | " + efficiency.series_label(series)))
         assert f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}" in row
-        assert row.endswith("| — | — |") != series.startswith("C12")
-    # one seed measured with other angles: no mean over unlike figures
-    path = kept / "size3000-C12-stain0.1-seed2.json"
-    run = json.loads(path.read_text())
-    run["random_rotation"]["seed"] = 1
-    path.write_text(json.dumps(run))
+        assert f"{100 * np.mean(agreement[series]):.2f} ± " in row
+        assert row.endswith("| — | — | — |") != series.startswith("C12")
+    # one seed measured with other angles, or with fewer angles per patch: no mean over unlike figures
+    for series, change in (("C12-stain0.1", {"seed": 1}), ("conventional-stain0.1", {"angles": 1})):
+        path = kept / f"size3000-{series}-seed2.json"
+        run = json.loads(path.read_text())
+        run["random_rotation"].update(change)
+        path.write_text(json.dumps(run))
+        assert efficiency.main(["--from-results", str(kept), "--out", str(out)]) == 0
+        results = json.loads(out.read_text())
+        assert "random_rotation" not in results["curve"]["3000"][series]
+    for seed in (0, 1):  # files from before the choice count as one angle: with seed 2's they form a cell again
+        path = kept / f"size3000-conventional-stain0.1-seed{seed}.json"
+        run = json.loads(path.read_text())
+        del run["random_rotation"]["angles"]
+        path.write_text(json.dumps(run))
     assert efficiency.main(["--from-results", str(kept), "--out", str(out)]) == 0
-    results = json.loads(out.read_text())
-    assert "random_rotation" not in results["curve"]["3000"]["C12-stain0.1"]
-    assert "random_rotation" in results["curve"]["3000"]["conventional-stain0.1"]
+    assert json.loads(out.read_text())["curve"]["3000"]["conventional-stain0.1"]["random_rotation"]["angles"] == 1
 
 
 def test_results_that_would_mix_budgets_or_repeat_a_run_are_refused_by_name(tmp_path, capsys):

@@ -2,7 +2,11 @@
 import json
 import os
 
+import numpy as np
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mobilenet
 import rotconv
@@ -28,6 +32,37 @@ def test_rotated_inputs_are_seeded_masked_and_rotated():
                           rotation.rotated_inputs(flat, normalizer, 5, rotate=False)[..., inner], atol=1e-5)
 
 
+def test_angle_sets_are_independent_and_the_first_is_the_single_angle_draw():
+    normalizer = mobilenet.Normalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    images = torch.randint(0, 256, (5, 3, 21, 21), dtype=torch.uint8)
+    first = rotation.rotated_inputs(images, normalizer, 7)
+    assert torch.equal(first, rotation.rotated_inputs(images, normalizer, 7, draw=0))
+    second = rotation.rotated_inputs(images, normalizer, 7, draw=1)
+    assert not torch.allclose(first, second)
+    # draw 1 of N patches continues the seed's sequence: it is draw 0's angles for the patches N..2N-1
+    doubled = rotation.rotated_inputs(torch.cat([images, images]), normalizer, 7)
+    assert torch.equal(doubled[5:], second)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 5), st.integers(2, 4), st.integers(0, 2**31 - 1))
+def test_rotation_figures_match_a_per_patch_count(patches, angles, classes, seed):
+    rng = np.random.default_rng(seed)
+    labels = torch.from_numpy(rng.integers(0, classes, patches))
+    upright = torch.from_numpy(rng.integers(0, classes, patches))
+    # some angle sets copy the upright answers, so that "same class at every angle" is not always 0
+    rotated = [upright.clone() if rng.random() < 0.5 else torch.from_numpy(rng.integers(0, classes, patches))
+               for _ in range(angles)]
+    figures = rotation.rotation_figures(upright, rotated, labels)
+    correct_upright = sum(int(upright[i] == labels[i]) for i in range(patches))
+    correct_rotated = sum(int(r[i] == labels[i]) for r in rotated for i in range(patches))
+    same = sum(all(int(r[i]) == int(upright[i]) for r in rotated) for i in range(patches))
+    assert figures["upright"] == pytest.approx(correct_upright / patches)
+    assert figures["rotated"] == pytest.approx(correct_rotated / (patches * angles))
+    assert figures["drop"] == pytest.approx(figures["upright"] - figures["rotated"])
+    assert figures["consistent"] == pytest.approx(same / patches)
+
+
 def test_runs_get_upright_and_rotated_accuracy(tmp_path):
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 8, "valid": 8, "test": 12}, seed=2)
     run_dir, results = tmp_path / "runs" / "size8-C4-seed0", tmp_path / "results"
@@ -37,14 +72,18 @@ def test_runs_get_upright_and_rotated_accuracy(tmp_path):
     model = mobilenet.mobilenet_v2(group=4, width_mult=0.25).eval()
     mobilenet.save(model, str(run_dir / "model.pt"), mobilenet.Normalizer([0.7, 0.5, 0.7], [0.2, 0.2, 0.2]))
     (results / "size8-C4-seed0.json").write_text(json.dumps({"size": 8, "seed": 0, "model": "C4"}))
-    assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--results", str(results)]) == 0
+    assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--results", str(results),
+                          "--angles", "3"]) == 0
     figures = json.loads((run_dir / "rotation.json").read_text())
-    assert figures["patches"] == 12 and set(figures) >= {"fp32", "seed"}
-    for key in ("upright", "rotated"):
-        assert figures["fp32"][key] * 12 == round(figures["fp32"][key] * 12) and 0 <= figures["fp32"][key] <= 1
+    assert figures["patches"] == 12 and figures["angles"] == 3 and set(figures) >= {"fp32", "seed"}
+    counts = {"upright": 12, "rotated": 36, "consistent": 12}  # accuracies are counts over patches (x angles)
+    for key, count in counts.items():
+        value = figures["fp32"][key]
+        assert value * count == pytest.approx(round(value * count)) and 0 <= value <= 1
     assert figures["fp32"]["drop"] == figures["fp32"]["upright"] - figures["fp32"]["rotated"]
     assert json.loads((results / "size8-C4-seed0.json").read_text())["random_rotation"] == figures
     assert rotation.main(["--data", data, "--runs", str(tmp_path / "nowhere")]) == 2
+    assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--angles", "0"]) == 2
 
 
 def test_up_to_date_figures_are_kept_and_stale_ones_evaluated_again(tmp_path):
@@ -67,8 +106,13 @@ def test_up_to_date_figures_are_kept_and_stale_ones_evaluated_again(tmp_path):
     assert rotation.current_figures(str(run_dir), 0, 10) == marked
     assert rotation.main(arguments) == 0
     assert json.loads(record.read_text())["random_rotation"]["fp32"]["upright"] == 7.0  # kept, not evaluated
-    for stale in ({"seed": 1, "patches": 10}, {"seed": 0, "patches": 9}):
-        assert rotation.current_figures(str(run_dir), stale["seed"], stale["patches"]) is None
+    for stale in ({"seed": 1, "patches": 10}, {"seed": 0, "patches": 9}, {"seed": 0, "patches": 10, "angles": 2}):
+        assert rotation.current_figures(str(run_dir), **stale) is None
+    # a file from before the choice of angles is a one-angle evaluation: kept for --angles 1 only
+    single = {key: value for key, value in marked.items() if key != "angles"}
+    (run_dir / "rotation.json").write_text(json.dumps(single))
+    assert rotation.current_figures(str(run_dir), 0, 10) is None
+    assert rotation.current_figures(str(run_dir), 0, 10, angles=1) == single
     assert rotation.main(arguments + ["--again"]) == 0
     assert json.loads(record.read_text())["random_rotation"] == figures  # evaluated again: the true figures
     (run_dir / "rotation.json").write_text(json.dumps(marked))
