@@ -69,13 +69,14 @@ def accuracy(model, x: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> f
 
 def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels: torch.Tensor) -> dict:
     """Predicted classes upright ``(N,)`` and at each of K angle sets (K tensors ``(N,)``) -> upright accuracy,
-    rotated accuracy (mean over the K sets), drop (upright - rotated) and the share of patches whose class is
-    the same upright and at every angle."""
+    rotated accuracy (mean over the K sets, and per set), drop (upright - rotated) and the share of patches whose
+    class is the same upright and at every angle."""
     at_angles = torch.stack(rotated)
     upright_accuracy = float((upright == labels).float().mean())
     rotated_accuracy = float((at_angles == labels).float().mean())
     return {"upright": upright_accuracy, "rotated": rotated_accuracy, "drop": upright_accuracy - rotated_accuracy,
-            "consistent": float((at_angles == upright).all(0).float().mean())}
+            "consistent": float((at_angles == upright).all(0).float().mean()),
+            "rotated_per_angle_set": [float((at == labels).float().mean()) for at in at_angles]}
 
 
 def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, angles: int = 4) -> dict:
