@@ -391,8 +391,9 @@ def summarize_rotation(runs: list[dict]) -> dict | None:
                      "angles": angle_count(figures[0])}
     for precision in ("fp32", "int8"):
         if all(isinstance(f.get(precision), dict) for f in figures):
-            keys = ("upright", "rotated", "drop") + (
-                ("consistent",) if all("consistent" in f[precision] for f in figures) else ())
+            keys = ("upright", "rotated", "drop") + tuple(
+                key for key in ("consistent", "consistent_across_angles")
+                if all(f[precision].get(key) is not None for f in figures))
             summary[precision] = {key: pcam.mean_std([f[precision][key] for f in figures]) for key in keys}
     return summary if "fp32" in summary else None
 
@@ -560,14 +561,16 @@ def _rotation_table(results: dict, names: list[str]) -> list[str]:
                 cells += ["—", "—", "—"] if figures is None else [
                     f"{pcam.percent(figures['upright'])} -> {pcam.percent(figures['rotated'])}",
                     pcam.percent(figures["drop"]),
-                    pcam.percent(figures["consistent"]) if "consistent" in figures else "—"]
+                    " / ".join(pcam.percent(figures[key]) for key in ("consistent", "consistent_across_angles")
+                               if key in figures) or "—"]
             rows.append(f"| {int(size):,} | {series_label(name)} | {rotation['fp32']['drop']['n']} | "
                         f"{rotation.get('angles', 1)} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return ["", "Random angles (benchmarks.rotation: each test patch rotated by its own angles in [0, 360), "
             "rotated = mean over the angles, circular field of view; upright = the same patches through the same "
-            "disc); drop in points; same class = share of patches classed alike upright and at every angle:", "",
+            "disc); drop in points; same class = share of patches classed alike upright and at every angle / at "
+            "every angle (all resampled), upright left out:", "",
             "| training patches | model | seeds | angles | FP32 upright -> rotated (%) | FP32 drop "
             "| FP32 same class (%) | INT8 upright -> rotated (%) | INT8 drop | INT8 same class (%) |",
             "|---" * 10 + "|"] + rows

@@ -10,7 +10,8 @@ same disc, unrotated, so the drop measures the rotation alone. With ``--angles K
 is seen at K independent angles and the rotated accuracy is the mean over them: a model whose answers
 change with the angle then shows its expected drop rather than one draw of it (the first set of angles is
 the one a single-angle evaluation uses). ``consistent`` is the share of patches given the same class upright
-and at all K angles.
+and at all K angles; ``consistent_across_angles`` the same among the K rotated inputs only (all of them
+resampled, unlike the upright one).
 
 For every run directory under ``--runs`` with a ``model.pt`` (written by ``benchmarks.pcam`` and
 ``benchmarks.efficiency``): FP32 accuracy upright and rotated, and the same for the INT8 ExecuTorch program
@@ -35,7 +36,7 @@ import mobilenet
 import quant
 import rotconv
 from mobilenet.data import open_pcam
-from mobilenet.training import UsageError
+from mobilenet.training import Progress, UsageError
 from rotconv.files import write_json
 
 from . import pcam
@@ -69,13 +70,17 @@ def accuracy(model, x: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> f
 
 def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels: torch.Tensor) -> dict:
     """Predicted classes upright ``(N,)`` and at each of K angle sets (K tensors ``(N,)``) -> upright accuracy,
-    rotated accuracy (mean over the K sets, and per set), drop (upright - rotated) and the share of patches whose
-    class is the same upright and at every angle."""
+    rotated accuracy (mean over the K sets, and per set), drop (upright - rotated), the share of patches whose
+    class is the same upright and at every angle, and (K > 1) the share whose class is the same at every angle,
+    the upright input left out: every rotated input is resampled, the upright one is not, so the gap between the
+    two shares is what resampling alone changes."""
     at_angles = torch.stack(rotated)
     upright_accuracy = float((upright == labels).float().mean())
     rotated_accuracy = float((at_angles == labels).float().mean())
     return {"upright": upright_accuracy, "rotated": rotated_accuracy, "drop": upright_accuracy - rotated_accuracy,
             "consistent": float((at_angles == upright).all(0).float().mean()),
+            "consistent_across_angles": float((at_angles == at_angles[0]).all(0).float().mean())
+            if len(rotated) > 1 else None,
             "rotated_per_angle_set": [float((at == labels).float().mean()) for at in at_angles]}
 
 
@@ -86,13 +91,19 @@ def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed:
     models = {"fp32": (model, 64)}
     program = os.path.join(run_dir, "model.pte")
     if os.path.isfile(program):
-        models["int8"] = (quant.load_executorch(program), 1)
+        int8 = quant.load_executorch(program)
+        models["int8"] = (int8, int8.input_shape[0])  # the program's own batch: a smaller one is padded to it
+    progress = Progress((angles + 1) * len(models), f"{os.path.basename(run_dir)}: upright and {angles} angle sets")
     upright = rotated_inputs(images, model.normalizer, seed, rotate=False)
-    classes = {kind: (predictions(network, upright, batch), []) for kind, (network, batch) in models.items()}
+    classes = {}
+    for kind, (network, batch) in models.items():
+        classes[kind] = (predictions(network, upright, batch), [])
+        progress.update()
     for draw in range(angles):
         rotated = rotated_inputs(images, model.normalizer, seed, draw=draw)
         for kind, (network, batch) in models.items():
             classes[kind][1].append(predictions(network, rotated, batch))
+            progress.update()
     result = {"seed": seed, "patches": int(images.shape[0]), "angles": angles}
     for kind, (at_upright, at_angles) in classes.items():
         result[kind] = rotation_figures(at_upright, at_angles, labels)
@@ -176,7 +187,9 @@ def run(args: argparse.Namespace) -> dict:
 def _summary_line(kind: str, figures: dict) -> str:
     line = f"{kind} upright {100 * figures['upright']:.2f}%, rotated {100 * figures['rotated']:.2f}%"
     if "consistent" in figures:
-        line += f", same class at every angle {100 * figures['consistent']:.1f}%"
+        line += f", same class upright and at every angle {100 * figures['consistent']:.1f}%"
+    if figures.get("consistent_across_angles") is not None:
+        line += f", at every angle {100 * figures['consistent_across_angles']:.1f}%"
     return line
 
 

@@ -234,13 +234,14 @@ def test_random_angle_figures_are_summarized_where_every_seed_has_them(tmp_path)
             _result_file(kept, series, 3000, seed, 0.8)
             path = kept / f"size3000-{series}-seed{seed}.json"
             run = json.loads(path.read_text())
-            upright, rotated, consistent = (float(v) for v in rng.integers(600, 900, 3) / 1000)
+            upright, rotated, consistent, across = (float(v) for v in rng.integers(600, 900, 4) / 1000)
             run["random_rotation"] = {"seed": 0, "patches": 1000, "angles": 4, "fp32": {
-                "upright": upright, "rotated": rotated, "drop": upright - rotated, "consistent": consistent}}
+                "upright": upright, "rotated": rotated, "drop": upright - rotated, "consistent": consistent,
+                "consistent_across_angles": across}}
             if series.startswith("C12"):  # INT8 figures for one series only
                 run["random_rotation"]["int8"] = dict(run["random_rotation"]["fp32"])
             drops.setdefault(series, []).append(upright - rotated)
-            agreement.setdefault(series, []).append(consistent)
+            agreement.setdefault(series, []).append((consistent, across))
             path.write_text(json.dumps(run))
     out = tmp_path / "curve.json"
     assert efficiency.main(["--from-results", str(kept), "--out", str(out)]) == 0
@@ -249,13 +250,15 @@ def test_random_angle_figures_are_summarized_where_every_seed_has_them(tmp_path)
         summary = results["curve"]["3000"][series]["random_rotation"]
         assert summary["fp32"]["drop"]["mean"] == pytest.approx(np.mean(values))
         assert summary["fp32"]["drop"]["std"] == pytest.approx(np.std(values, ddof=1))
-        assert summary["fp32"]["consistent"]["mean"] == pytest.approx(np.mean(agreement[series]))
+        with_upright, among_angles = np.mean(agreement[series], axis=0)
+        assert summary["fp32"]["consistent"]["mean"] == pytest.approx(with_upright)
+        assert summary["fp32"]["consistent_across_angles"]["mean"] == pytest.approx(among_angles)
         assert summary["angles"] == 4
         assert ("int8" in summary) == series.startswith("C12")
         row = next(line for line in results["table"].splitlines()
                    if line.startswith("| 3,000 | " + efficiency.series_label(series)))
         assert f"{100 * np.mean(values):.2f} ± {100 * np.std(values, ddof=1):.2f}" in row
-        assert f"{100 * np.mean(agreement[series]):.2f} ± " in row
+        assert f"{100 * with_upright:.2f} ± " in row and f" / {100 * among_angles:.2f} ± " in row
         assert row.endswith("| — | — | — |") != series.startswith("C12")
     # one seed measured with other angles, or with fewer angles per patch: no mean over unlike figures
     for series, change in (("C12-stain0.1", {"seed": 1}), ("conventional-stain0.1", {"angles": 1})):

@@ -61,6 +61,8 @@ def test_rotation_figures_match_a_per_patch_count(patches, angles, classes, seed
     assert figures["rotated"] == pytest.approx(correct_rotated / (patches * angles))
     assert figures["drop"] == pytest.approx(figures["upright"] - figures["rotated"])
     assert figures["consistent"] == pytest.approx(same / patches)
+    among = sum(all(int(r[i]) == int(rotated[0][i]) for r in rotated) for i in range(patches))
+    assert figures["consistent_across_angles"] == (pytest.approx(among / patches) if angles > 1 else None)
     per_set = [sum(int(r[i] == labels[i]) for i in range(patches)) / patches for r in rotated]
     assert figures["rotated_per_angle_set"] == pytest.approx(per_set)
 
