@@ -1,6 +1,7 @@
 """Accuracy under arbitrary rotation: each test patch rotated by its own random angle, FP32 and INT8.
 
     python -m benchmarks.rotation --data DIR --runs runs/efficiency [--results results/efficiency] [--angles K]
+    python -m benchmarks.rotation --data DIR --runs runs/efficiency --split valid --controls
 
 The situation of a slide scanned, or a phone held, at any angle. Every test patch is normalised, rotated
 by an angle drawn uniformly from [0, 360) degrees (one fixed seed: the same angles for every model;
@@ -12,6 +13,13 @@ change with the angle then shows its expected drop rather than one draw of it (t
 the one a single-angle evaluation uses). ``consistent`` is the share of patches given the same class upright
 and at all K angles; ``consistent_across_angles`` the same among the K rotated inputs only (all of them
 resampled, unlike the upright one).
+
+``--controls`` adds, for the FP32 model, the share of patches classed as upright after changes that are not
+a rotation to an arbitrary angle: a one-pixel shift (whole pixels, nothing resampled), a 2-degree turn, and a
+turn by the first random angle and back (resampled twice, no net turn); and after a turn by the first angle
+plus 90 degrees, against the first angle alone. They tell which part of a class change under random angles is
+the angle and which is where the image falls on the pixel and stride grid. ``--split valid`` measures on the
+validation patches instead (``rotation-valid.json``; not added to result files, which hold test figures).
 
 For every run directory under ``--runs`` with a ``model.pt`` (written by ``benchmarks.pcam`` and
 ``benchmarks.efficiency``): FP32 accuracy upright and rotated, and the same for the INT8 ExecuTorch program
@@ -41,8 +49,8 @@ from rotconv.files import write_json
 
 from . import pcam
 
-__all__ = ["rotated_inputs", "predictions", "accuracy", "rotation_figures", "evaluate_run", "current_figures",
-           "angle_count", "main"]
+__all__ = ["rotated_inputs", "control_inputs", "predictions", "accuracy", "rotation_figures", "evaluate_run",
+           "current_figures", "figures_file", "angle_count", "main"]
 
 
 def rotated_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed: int = 0,
@@ -56,6 +64,23 @@ def rotated_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed:
     if rotate:
         x = torch.stack([rotconv.rotate_image(patch, float(angle)) for patch, angle in zip(x, angles)])
     return x * rotconv.disc_mask(x.shape[-2], x.shape[-1], edge_width=0)
+
+
+@torch.no_grad()
+def control_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The inputs of ``--controls`` (each normalised and masked to the inscribed disc): ``shift_1px`` (one
+    pixel to the right, whole pixels), ``turn_2deg`` (every patch turned by 2 degrees), ``turned_back`` (turned
+    by its first random angle of ``seed``, then back) and ``turn_plus_90`` (its first random angle + 90 degrees)."""
+    count = images.shape[0]
+    angles = np.random.default_rng(seed).uniform(0, 2 * math.pi, count)
+    x = normalizer(images)
+    disc = rotconv.disc_mask(x.shape[-2], x.shape[-1], edge_width=0)
+
+    def turned(batch: torch.Tensor, by) -> torch.Tensor:
+        return torch.stack([rotconv.rotate_image(patch, float(angle)) for patch, angle in zip(batch, by)]) * disc
+
+    return {"shift_1px": torch.roll(x, 1, dims=-1) * disc, "turn_2deg": turned(x, [math.radians(2)] * count),
+            "turned_back": turned(turned(x, angles), -angles), "turn_plus_90": turned(x, angles + math.pi / 2)}
 
 
 @torch.no_grad()
@@ -84,9 +109,11 @@ def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels:
             "rotated_per_angle_set": [float((at == labels).float().mean()) for at in at_angles]}
 
 
-def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, angles: int = 4) -> dict:
+def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, angles: int = 4,
+                 controls: bool = False) -> dict:
     """FP32 (and INT8 .pte, where kept) accuracy of the run's model, upright and at ``angles`` random angles
-    per patch (:func:`rotation_figures`)."""
+    per patch (:func:`rotation_figures`); with ``controls``, the FP32 model's same-class shares under
+    :func:`control_inputs` (``turn_plus_90`` against the first angle set, the others against upright)."""
     model = mobilenet.load(os.path.join(run_dir, "model.pt"))
     models = {"fp32": (model, 64)}
     program = os.path.join(run_dir, "model.pte")
@@ -107,14 +134,22 @@ def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed:
     result = {"seed": seed, "patches": int(images.shape[0]), "angles": angles}
     for kind, (at_upright, at_angles) in classes.items():
         result[kind] = rotation_figures(at_upright, at_angles, labels)
+    if controls:
+        at_upright, at_angles = classes["fp32"]
+        same = {}
+        for name, x in control_inputs(images, model.normalizer, seed).items():
+            reference = at_angles[0] if name == "turn_plus_90" else at_upright
+            same[name] = float((predictions(model, x) == reference).float().mean())
+        result["fp32"]["controls"] = same
     return result
 
 
-def current_figures(run_dir: str, seed: int, patches: int, angles: int = 4) -> dict | None:
-    """The run's ``rotation.json`` if it is newer than ``model.pt`` (and ``model.pte``) and was made with this
-    angle seed, patch count and number of angles per patch (files without one: 1), else None (absent, stale or
-    unreadable: the run is evaluated again)."""
-    path = os.path.join(run_dir, "rotation.json")
+def current_figures(run_dir: str, seed: int, patches: int, angles: int = 4, split: str = "test",
+                    controls: bool = False) -> dict | None:
+    """The run's figures file for ``split`` (:func:`figures_file`) if it is newer than ``model.pt`` (and
+    ``model.pte``), was made with this angle seed, patch count and number of angles per patch (files without
+    one: 1) and has the controls where asked for, else None (absent, stale or unreadable: evaluated again)."""
+    path = os.path.join(run_dir, figures_file(split))
     if not os.path.isfile(path):
         return None
     models = [os.path.join(run_dir, name) for name in ("model.pt", "model.pte")]
@@ -126,11 +161,16 @@ def current_figures(run_dir: str, seed: int, patches: int, angles: int = 4) -> d
     except (OSError, ValueError):
         return None
     if not isinstance(figures, dict) or (figures.get("seed"), figures.get("patches"), angle_count(figures)) != (
-            seed, patches, angles):
+            seed, patches, angles) or (controls and "controls" not in figures.get("fp32", {})):
         return None
     if os.path.isfile(models[1]) != ("int8" in figures):
         return None
     return figures
+
+
+def figures_file(split: str) -> str:
+    """``rotation.json`` for the test split, ``rotation-<split>.json`` for another."""
+    return "rotation.json" if split == "test" else f"rotation-{split}.json"
 
 
 def angle_count(figures: dict) -> int:
@@ -141,13 +181,17 @@ def angle_count(figures: dict) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.rotation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="PCam directory (HDF5 or image folders); its test split")
+    parser.add_argument("--data", required=True, help="PCam directory (HDF5 or image folders)")
+    parser.add_argument("--split", choices=("test", "valid"), default="test",
+                        help="the patches to measure on (default test; valid: rotation-valid.json, no --results)")
+    parser.add_argument("--controls", action="store_true",
+                        help="also the FP32 same-class shares under a 1-pixel shift, a 2-degree turn, a turn and back")
     parser.add_argument("--runs", required=True, help="directory of run directories (each with model.pt)")
     parser.add_argument("--results", help="result files (benchmarks.efficiency --results) to add the figures to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the angles (default 0)")
     parser.add_argument("--angles", type=int, default=4,
                         help="random angles per patch; the rotated accuracy is their mean (default 4)")
-    parser.add_argument("--test-size", type=int, help="test patches (default: all)")
+    parser.add_argument("--test-size", type=int, help="patches of the split (default: all)")
     parser.add_argument("--again", action="store_true",
                         help="evaluate every run, also those whose rotation.json is up to date")
     return parser
@@ -156,22 +200,25 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     if args.angles < 1:
         raise UsageError("--angles", f"must be at least 1, got {args.angles}")
+    if args.split != "test" and args.results:
+        raise UsageError("--results", "result files hold test figures; leave it out with --split valid")
     if not os.path.isdir(args.runs):
         raise UsageError("--runs", f"{args.runs}: not a directory")
     runs = sorted(name for name in os.listdir(args.runs)
                   if os.path.isfile(os.path.join(args.runs, name, "model.pt")))
     if not runs:
         raise UsageError("--runs", f"{args.runs}: no run directory with a model.pt")
-    test = open_pcam(args.data, {"test": args.test_size}, splits=("test",))["test"]
-    images, labels = test.batch(np.arange(len(test)))
+    split = open_pcam(args.data, {args.split: args.test_size}, splits=(args.split,))[args.split]
+    images, labels = split.batch(np.arange(len(split)))
     table = {}
     for name in runs:
         run_dir = os.path.join(args.runs, name)
-        result = None if args.again else current_figures(run_dir, args.seed, int(images.shape[0]), args.angles)
+        result = None if args.again else current_figures(run_dir, args.seed, int(images.shape[0]), args.angles,
+                                                         args.split, args.controls)
         print(f"== {name}{' (up to date, kept)' if result else ''} ==", flush=True)
         if result is None:
-            result = evaluate_run(run_dir, images, labels, args.seed, args.angles)
-            write_json(result, os.path.join(run_dir, "rotation.json"))
+            result = evaluate_run(run_dir, images, labels, args.seed, args.angles, args.controls)
+            write_json(result, os.path.join(run_dir, figures_file(args.split)))
         kept = os.path.join(args.results, name + ".json") if args.results else None
         if kept and os.path.isfile(kept):
             with open(kept) as handle:
@@ -190,6 +237,8 @@ def _summary_line(kind: str, figures: dict) -> str:
         line += f", same class upright and at every angle {100 * figures['consistent']:.1f}%"
     if figures.get("consistent_across_angles") is not None:
         line += f", at every angle {100 * figures['consistent_across_angles']:.1f}%"
+    for name, share in figures.get("controls", {}).items():
+        line += f"; same class, {name.replace('_', ' ')}: {100 * share:.1f}%"
     return line
 
 

@@ -67,6 +67,27 @@ def test_rotation_figures_match_a_per_patch_count(patches, angles, classes, seed
     assert figures["rotated_per_angle_set"] == pytest.approx(per_set)
 
 
+def test_control_inputs_are_what_they_say():
+    normalizer = mobilenet.Normalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    images = torch.randint(0, 256, (4, 3, 25, 25), dtype=torch.uint8)
+    controls = rotation.control_inputs(images, normalizer, 6)
+    disc = rotconv.disc_mask(25, 25, edge_width=0)
+    assert torch.equal(controls["shift_1px"], torch.roll(normalizer(images), 1, dims=-1) * disc)
+    # the first angle + 90 degrees is the first angle's input turned a quarter (the same resampling, turned)
+    first = rotation.rotated_inputs(images, normalizer, 6)
+    assert torch.allclose(controls["turn_plus_90"], torch.rot90(first, 1, (-2, -1)), atol=1e-5)
+    upright = rotation.rotated_inputs(images, normalizer, 6, rotate=False)
+    for name in ("turn_2deg", "turned_back"):  # resampled: near the upright input, not equal to it
+        assert not torch.allclose(controls[name], upright)
+        assert (controls[name] - upright).abs().mean() < (first - upright).abs().mean()
+    # a uniform patch is unchanged by every control away from the disc's edge
+    flat = torch.full((2, 3, 25, 25), 90, dtype=torch.uint8)
+    inner = rotconv.disc_mask(25, 25, radius=9, edge_width=0) == 1
+    reference = rotation.rotated_inputs(flat, normalizer, 6, rotate=False)[..., inner]
+    for x in rotation.control_inputs(flat, normalizer, 6).values():
+        assert torch.allclose(x[..., inner], reference, atol=1e-5)
+
+
 def test_runs_get_upright_and_rotated_accuracy(tmp_path):
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 8, "valid": 8, "test": 12}, seed=2)
     run_dir, results = tmp_path / "runs" / "size8-C4-seed0", tmp_path / "results"
@@ -88,6 +109,21 @@ def test_runs_get_upright_and_rotated_accuracy(tmp_path):
     assert json.loads((results / "size8-C4-seed0.json").read_text())["random_rotation"] == figures
     assert rotation.main(["--data", data, "--runs", str(tmp_path / "nowhere")]) == 2
     assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--angles", "0"]) == 2
+    # validation patches with the controls: their own file, result files untouched, shares are patch counts
+    assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--split", "valid", "--controls",
+                          "--results", str(results)]) == 2
+    assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--split", "valid", "--controls"]) == 0
+    on_valid = json.loads((run_dir / "rotation-valid.json").read_text())
+    assert on_valid["patches"] == 8 and json.loads((run_dir / "rotation.json").read_text()) == figures
+    assert set(on_valid["fp32"]["controls"]) == {"shift_1px", "turn_2deg", "turned_back", "turn_plus_90"}
+    for share in on_valid["fp32"]["controls"].values():
+        assert 0 <= share <= 1 and share * 8 == pytest.approx(round(share * 8))
+    # the C_4 model is invariant to quarter turns: a turn by 90 degrees more changes no class
+    assert on_valid["fp32"]["controls"]["turn_plus_90"] == 1.0
+    assert json.loads((results / "size8-C4-seed0.json").read_text())["random_rotation"] == figures
+    assert rotation.current_figures(str(run_dir), 0, 12, angles=3) == figures
+    assert rotation.current_figures(str(run_dir), 0, 12, angles=3, controls=True) is None  # asked, not there
+    assert rotation.current_figures(str(run_dir), 0, 8, split="valid", controls=True) == on_valid
 
 
 def test_up_to_date_figures_are_kept_and_stale_ones_evaluated_again(tmp_path):
