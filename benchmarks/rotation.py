@@ -96,8 +96,8 @@ def accuracy(model, x: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> f
 def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels: torch.Tensor) -> dict:
     """Predicted classes upright ``(N,)`` and at each of K angle sets (K tensors ``(N,)``) -> upright accuracy,
     rotated accuracy (mean over the K sets, and per set), drop (upright - rotated), the share of patches whose
-    class is the same upright and at every angle, and (K > 1) the share whose class is the same at every angle,
-    the upright input left out: every rotated input is resampled, the upright one is not, so the gap between the
+    class is the same upright and at one angle (per set) and at every angle, and (K > 1) the share whose class
+    is the same at every angle, the upright input left out: every rotated input is resampled, the upright one is not, so the gap between the
     two shares is what resampling alone changes."""
     at_angles = torch.stack(rotated)
     upright_accuracy = float((upright == labels).float().mean())
@@ -106,7 +106,8 @@ def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels:
             "consistent": float((at_angles == upright).all(0).float().mean()),
             "consistent_across_angles": float((at_angles == at_angles[0]).all(0).float().mean())
             if len(rotated) > 1 else None,
-            "rotated_per_angle_set": [float((at == labels).float().mean()) for at in at_angles]}
+            "rotated_per_angle_set": [float((at == labels).float().mean()) for at in at_angles],
+            "same_class_per_angle_set": [float((at == upright).float().mean()) for at in at_angles]}
 
 
 def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0, angles: int = 4,

@@ -65,6 +65,8 @@ def test_rotation_figures_match_a_per_patch_count(patches, angles, classes, seed
     assert figures["consistent_across_angles"] == (pytest.approx(among / patches) if angles > 1 else None)
     per_set = [sum(int(r[i] == labels[i]) for i in range(patches)) / patches for r in rotated]
     assert figures["rotated_per_angle_set"] == pytest.approx(per_set)
+    alike = [sum(int(r[i] == upright[i]) for i in range(patches)) / patches for r in rotated]
+    assert figures["same_class_per_angle_set"] == pytest.approx(alike)
 
 
 def test_control_inputs_are_what_they_say():
