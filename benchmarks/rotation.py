@@ -97,8 +97,8 @@ def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels:
     """Predicted classes upright ``(N,)`` and at each of K angle sets (K tensors ``(N,)``) -> upright accuracy,
     rotated accuracy (mean over the K sets, and per set), drop (upright - rotated), the share of patches whose
     class is the same upright and at one angle (per set) and at every angle, and (K > 1) the share whose class
-    is the same at every angle, the upright input left out: every rotated input is resampled, the upright one is not, so the gap between the
-    two shares is what resampling alone changes."""
+    is the same at every angle, the upright input left out: every rotated input is resampled, the upright one
+    is not, so the gap between the two shares is what resampling alone changes."""
     at_angles = torch.stack(rotated)
     upright_accuracy = float((upright == labels).float().mean())
     rotated_accuracy = float((at_angles == labels).float().mean())
