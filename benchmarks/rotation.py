@@ -192,7 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the angles (default 0)")
     parser.add_argument("--angles", type=int, default=4,
                         help="random angles per patch; the rotated accuracy is their mean (default 4)")
-    parser.add_argument("--test-size", type=int, help="patches of the split (default: all)")
+    parser.add_argument("--patches", "--test-size", dest="test_size", type=int,
+                        help="patches of the split, a class-balanced subset (default: all)")
     parser.add_argument("--again", action="store_true",
                         help="evaluate every run, also those whose rotation.json is up to date")
     return parser
