@@ -24,9 +24,11 @@ validation patches instead (``rotation-valid.json``; not added to result files, 
 For every run directory under ``--runs`` with a ``model.pt`` (written by ``benchmarks.pcam`` and
 ``benchmarks.efficiency``): FP32 accuracy upright and rotated, and the same for the INT8 ExecuTorch program
 kept beside it (``model.pte``) where there is one. Writes ``rotation.json`` into each run directory and,
-with ``--results``, adds the figures (key ``random_rotation``) to the run's result file there. A run whose
-``rotation.json`` is newer than its model files and was made with the same angle seed and patch count is
-not evaluated again (``--again`` re-evaluates every run), so the figures grow run by run as the study does.
+with ``--results``, adds the figures (key ``random_rotation``) to the run's result file there, unless that
+file is another run of the same name (its model, size, seed, steps or test accuracy differ from the run
+directory's ``result.json``: said, left unchanged). A run whose ``rotation.json`` is newer than its model files
+and was made with the same angle seed, patch count and angles is not evaluated again (``--again``
+re-evaluates every run), so the figures grow run by run as the study does.
 Exit code 2 for bad arguments or data.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ from rotconv.files import write_json
 from . import pcam
 
 __all__ = ["rotated_inputs", "control_inputs", "predictions", "accuracy", "rotation_figures", "evaluate_run",
-           "current_figures", "figures_file", "angle_count", "main"]
+           "current_figures", "other_run", "figures_file", "angle_count", "main"]
 
 
 def rotated_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed: int = 0,
@@ -169,6 +171,24 @@ def current_figures(run_dir: str, seed: int, patches: int, angles: int = 4, spli
     return figures
 
 
+#: what makes two result files the same run (the run directory's name leaves out the step budget)
+RUN_KEYS = ("model", "size", "seed", "steps", "fp32_accuracy")
+
+
+def other_run(run_dir: str, record: dict) -> str | None:
+    """Why the result file ``record`` is not the run in ``run_dir`` (its ``result.json`` differs in one of
+    :data:`RUN_KEYS`), or None where they agree or the run directory keeps no result.json."""
+    path = os.path.join(run_dir, "result.json")
+    try:
+        with open(path) as handle:
+            own = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    differing = [f"{key} {record.get(key)!r} there, {own.get(key)!r} in {path}" for key in RUN_KEYS
+                 if key in own and record.get(key) != own.get(key)]
+    return "another run of the same name (" + "; ".join(differing) + ")" if differing else None
+
+
 def figures_file(split: str) -> str:
     """``rotation.json`` for the test split, ``rotation-<split>.json`` for another."""
     return "rotation.json" if split == "test" else f"rotation-{split}.json"
@@ -225,8 +245,12 @@ def run(args: argparse.Namespace) -> dict:
         if kept and os.path.isfile(kept):
             with open(kept) as handle:
                 record = json.load(handle)
-            record["random_rotation"] = result
-            write_json(record, kept)
+            other = other_run(run_dir, record)
+            if other:
+                print(f"  not added to {kept}: {other}", flush=True)
+            else:
+                record["random_rotation"] = result
+                write_json(record, kept)
         table[name] = result
         print("  " + "; ".join(_summary_line(kind, f) for kind, f in result.items() if isinstance(f, dict)),
               flush=True)

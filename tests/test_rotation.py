@@ -90,7 +90,7 @@ def test_control_inputs_are_what_they_say():
         assert torch.allclose(x[..., inner], reference, atol=1e-5)
 
 
-def test_runs_get_upright_and_rotated_accuracy(tmp_path):
+def test_runs_get_upright_and_rotated_accuracy(tmp_path, capsys):
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 8, "valid": 8, "test": 12}, seed=2)
     run_dir, results = tmp_path / "runs" / "size8-C4-seed0", tmp_path / "results"
     run_dir.mkdir(parents=True)
@@ -109,6 +109,21 @@ def test_runs_get_upright_and_rotated_accuracy(tmp_path):
         assert value * count == pytest.approx(round(value * count)) and 0 <= value <= 1
     assert figures["fp32"]["drop"] == figures["fp32"]["upright"] - figures["fp32"]["rotated"]
     assert json.loads((results / "size8-C4-seed0.json").read_text())["random_rotation"] == figures
+    # a result file of the same name from another run (here another step budget) is left alone, and said so
+    (run_dir / "result.json").write_text(json.dumps({"size": 8, "seed": 0, "model": "C4", "steps": 300}))
+    other = {"size": 8, "seed": 0, "model": "C4", "steps": 2400}
+    (results / "size8-C4-seed0.json").write_text(json.dumps(other))
+    assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--results", str(results),
+                          "--angles", "3"]) == 0
+    assert json.loads((results / "size8-C4-seed0.json").read_text()) == other
+    assert "another run of the same name (steps 2400 there, 300 in" in capsys.readouterr().out
+    (run_dir / "result.json").write_text(json.dumps(other))
+    # what the run directory's file leaves out is not compared
+    assert rotation.other_run(str(run_dir), dict(other, fp32_accuracy=0.5)) is None
+    assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--results", str(results),
+                          "--angles", "3"]) == 0
+    assert json.loads((results / "size8-C4-seed0.json").read_text())["random_rotation"] == figures
+    (run_dir / "result.json").unlink()
     assert rotation.main(["--data", data, "--runs", str(tmp_path / "nowhere")]) == 2
     assert rotation.main(["--data", data, "--runs", str(tmp_path / "runs"), "--angles", "0"]) == 2
     # validation patches with the controls: their own file, result files untouched, shares are patch counts
