@@ -51,7 +51,7 @@ from rotconv.files import write_json
 
 from . import pcam
 
-__all__ = ["rotated_inputs", "control_inputs", "predictions", "accuracy", "rotation_figures", "evaluate_run",
+__all__ = ["rotated_inputs", "control_inputs", "predictions", "rotation_figures", "evaluate_run",
            "current_figures", "other_run", "figures_file", "angle_count", "main"]
 
 
@@ -89,10 +89,6 @@ def control_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed:
 def predictions(model, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """``(N, ...)`` inputs -> ``(N,)`` predicted classes, ``batch`` at a time."""
     return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
-
-
-def accuracy(model, x: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
-    return float((predictions(model, x, batch) == labels).float().mean())
 
 
 def rotation_figures(upright: torch.Tensor, rotated: list[torch.Tensor], labels: torch.Tensor) -> dict:
