@@ -60,12 +60,20 @@ def rotated_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed:
     """uint8 ``(N, 3, S, S)`` -> normalised float inputs, each rotated by its own angle (uniform in [0, 2 pi),
     drawn with ``seed``; ``rotate=False``: upright) and masked to the inscribed disc. ``draw`` k takes the
     (k+1)-th set of N angles of the seed's sequence, so that draws 0..K-1 are K independent angles per patch."""
-    count = images.shape[0]
-    angles = np.random.default_rng(seed).uniform(0, 2 * math.pi, (draw + 1) * count)[draw * count:]
     x = normalizer(images)
     if rotate:
-        x = torch.stack([rotconv.rotate_image(patch, float(angle)) for patch, angle in zip(x, angles)])
+        x = _turned(x, _random_angles(seed, images.shape[0], draw))
     return x * rotconv.disc_mask(x.shape[-2], x.shape[-1], edge_width=0)
+
+
+def _random_angles(seed: int, count: int, draw: int = 0) -> np.ndarray:
+    """The ``draw``-th set of ``count`` angles (radians, uniform in [0, 2 pi)) of ``seed``'s sequence."""
+    return np.random.default_rng(seed).uniform(0, 2 * math.pi, (draw + 1) * count)[draw * count:]
+
+
+def _turned(x: torch.Tensor, angles) -> torch.Tensor:
+    """``(N, C, H, W)`` -> each image turned by its own angle (radians, bicubic about the centre pixel)."""
+    return torch.stack([rotconv.rotate_image(patch, float(angle)) for patch, angle in zip(x, angles)])
 
 
 @torch.no_grad()
@@ -74,15 +82,12 @@ def control_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed:
     pixel to the right, whole pixels), ``turn_2deg`` (every patch turned by 2 degrees), ``turned_back`` (turned
     by its first random angle of ``seed``, then back) and ``turn_plus_90`` (its first random angle + 90 degrees)."""
     count = images.shape[0]
-    angles = np.random.default_rng(seed).uniform(0, 2 * math.pi, count)
+    angles = _random_angles(seed, count)
     x = normalizer(images)
     disc = rotconv.disc_mask(x.shape[-2], x.shape[-1], edge_width=0)
-
-    def turned(batch: torch.Tensor, by) -> torch.Tensor:
-        return torch.stack([rotconv.rotate_image(patch, float(angle)) for patch, angle in zip(batch, by)]) * disc
-
-    return {"shift_1px": torch.roll(x, 1, dims=-1) * disc, "turn_2deg": turned(x, [math.radians(2)] * count),
-            "turned_back": turned(turned(x, angles), -angles), "turn_plus_90": turned(x, angles + math.pi / 2)}
+    return {"shift_1px": torch.roll(x, 1, dims=-1) * disc, "turn_2deg": _turned(x, [math.radians(2)] * count) * disc,
+            "turned_back": _turned(_turned(x, angles) * disc, -angles) * disc,
+            "turn_plus_90": _turned(x, angles + math.pi / 2) * disc}
 
 
 @torch.no_grad()
