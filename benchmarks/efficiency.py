@@ -213,7 +213,7 @@ def _evaluation_args(args: argparse.Namespace, settings: dict) -> tuple[argparse
                                    weight_scheme=args.weight_scheme, relu6=args.relu6,
                                    width_mult=settings["width_mult"],
                                    dropout=args.dropout, group_pool=args.group_pool, min_fields=args.min_fields,
-                                   depthwise=args.depthwise)
+                                   depthwise=args.depthwise, antialias=args.antialias)
     return namespace, {"stability_samples": settings["stability_samples"], "simulated_int8": False}
 
 
@@ -228,6 +228,7 @@ def _run_one(size: int, seed: int, name: str, train_split: PCam, splits: dict, n
         + (f"-min{args.min_fields}" if args.min_fields != 1 and equivariant else "")
         + (f"-w{args.width_mult:g}" if args.width_mult is not None and args.width_mult != 1 else "")
         + ("-dwfield" if args.depthwise == "field" and equivariant else "")
+        + ("-aa" if args.antialias else "")
         + (f"-warm{args.warmup_steps}" if args.warmup_steps else "")
         + (f"-ls{args.label_smoothing:g}" if args.label_smoothing else "")
         + (f"-pat{args.patience}" if args.patience else "")
@@ -293,7 +294,8 @@ def _recipe(args: argparse.Namespace, settings: dict, config: TrainConfig) -> di
             "stain_jitter": config.stain_jitter, "valid_only": args.valid_only,
             "precision": resolve_precision(config.precision, "cpu", lambda *_: None),  # as trained, not "auto"
             "int8_backend": args.int8_backend, "relu6": args.relu6, "width_mult": settings["width_mult"],
-            "min_fields": args.min_fields, "depthwise": args.depthwise, "warmup_steps": config.warmup_steps,
+            "min_fields": args.min_fields, "depthwise": args.depthwise, "antialias": args.antialias,
+            "warmup_steps": config.warmup_steps,
             "label_smoothing": config.label_smoothing, "patience": config.patience, "torch": torch.__version__}
 
 
@@ -669,6 +671,7 @@ def run(args: argparse.Namespace) -> dict:
                 "stain_jitter": args.stain_jitter,
                 "init": args.init,
                 "depthwise": args.depthwise,
+                "antialias": args.antialias,
                 "warmup_steps": args.warmup_steps,
                 "label_smoothing": args.label_smoothing,
                 "patience": args.patience,

@@ -163,6 +163,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, width_default: float | 
                         help="spatial conv of the equivariant blocks: channel (default, MobileNetV2's FLOPs) or field "
                              "(each field's channels mixed by a regular filter: |G| x the depthwise MACs; "
                              "mobilenet_v2(depthwise=...); benchmarks.efficiency's run dirs end -dwfield)")
+    parser.add_argument("--antialias", action="store_true",
+                        help="blur before every stride-2 layer, both models (a binomial low-pass folded into the "
+                             "strided 3x3 filters, which become 5x5; mobilenet_v2(antialias=True); "
+                             "benchmarks.efficiency's run dirs end -aa)")
     parser.add_argument("--warmup-steps", type=int, default=0, metavar="STEPS",
                         help="linear learning-rate warm-up over the first STEPS steps (default 0; "
                              "benchmarks.efficiency's run dirs end -warm<STEPS>)")
@@ -248,11 +252,12 @@ def parse_groups(names: list[str] | None) -> list[str]:
 def build_model(name: str, args: argparse.Namespace, seed: int) -> mobilenet.MobileNetV2:
     torch.manual_seed(seed)
     group = group_of(name)
+    antialias = getattr(args, "antialias", False)
     if group is None:  # the conventional model has no group to pool over and no fields
-        return mobilenet.mobilenet_v2(width_mult=args.width_mult, dropout=args.dropout)
+        return mobilenet.mobilenet_v2(width_mult=args.width_mult, dropout=args.dropout, antialias=antialias)
     return mobilenet.mobilenet_v2(group=group, width_mult=args.width_mult, dropout=args.dropout,
                                   group_pool=args.group_pool, min_fields=args.min_fields,
-                                  depthwise=getattr(args, "depthwise", "channel"))
+                                  depthwise=getattr(args, "depthwise", "channel"), antialias=antialias)
 
 
 def model_label(name: str) -> str:
@@ -576,6 +581,8 @@ def _train_one(name: str, seed: int, data: dict, normalizer: Normalizer, args: a
         identity["min_fields"] = args.min_fields
     if name != "conventional" and args.depthwise != "channel":  # (likewise)
         identity["depthwise"] = args.depthwise
+    if args.antialias:  # (likewise)
+        identity["antialias"] = True
     log(f"== {model_label(name)}, seed {seed} ==")
     started = time.time()
     trained = train(build_model(name, args, seed), splits["train"], splits["valid"], config, run_dir,

@@ -7,6 +7,7 @@ Public API::
     SteerableBasis, steerable_basis               band-limited filter bases   (rotconv.basis)
     LiftingConv2d, GroupConv2d, DepthwiseGroupConv2d   equivariant convs      (rotconv.layers)
     GroupBatchNorm2d                              field-wise batch norm       (rotconv.norm)
+    LowpassConv2d, lowpass_basis, binomial_filter   anti-aliased strided convs  (rotconv.lowpass)
     GroupPool, CircularMask, MaskedGlobalAvgPool, disc_mask   pooling/masks   (rotconv.pooling)
     equivariant_padding, equivariant_output_size  odd-grid stride policy      (rotconv.grid)
     export                                        to plain torch.nn           (rotconv.export)
@@ -23,6 +24,7 @@ from .grid import equivariant_output_size, equivariant_padding
 from .hardware import cpu_report, hardware_line
 from .group import CyclicGroup, DihedralGroup, Group, as_group, mirror_image, rotate_image
 from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableConv2d
+from .lowpass import LowpassConv2d, binomial_filter, lowpass_basis
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
 from .summary import ModelSummary, summary
@@ -44,6 +46,9 @@ __all__ = [
     "GroupConv2d",
     "DepthwiseGroupConv2d",
     "GroupBatchNorm2d",
+    "LowpassConv2d",
+    "lowpass_basis",
+    "binomial_filter",
     "GroupPool",
     "CircularMask",
     "MaskedGlobalAvgPool",

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from .layers import SteerableConv2d
+from .lowpass import LowpassConv2d
 from .norm import GroupBatchNorm2d
 
 __all__ = ["export"]
@@ -39,8 +40,8 @@ def _record_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[i
 
 
 def export(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
-    """Return a copy of ``model`` in which every rotconv conv is an ``nn.Conv2d`` and every
-    :class:`~rotconv.GroupBatchNorm2d` an ``nn.BatchNorm2d``; all other modules are copied unchanged.
+    """Return a copy of ``model`` in which every rotconv conv (and :class:`~rotconv.LowpassConv2d`) is an
+    ``nn.Conv2d`` and every :class:`~rotconv.GroupBatchNorm2d` an ``nn.BatchNorm2d``; all other modules are copied unchanged.
 
     ``example_input`` (any batch size) is needed when the model has strided layers with
     ``padding='equivariant'``: their padding depends on the input size, which a plain ``nn.Conv2d`` fixes.
@@ -58,7 +59,7 @@ def export(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Mo
     def convert(module: nn.Module) -> nn.Module | None:
         if isinstance(module, SteerableConv2d):
             return module.export(sizes.get(id(module)))
-        if isinstance(module, GroupBatchNorm2d):
+        if isinstance(module, (GroupBatchNorm2d, LowpassConv2d)):
             return module.export()
         return None
 

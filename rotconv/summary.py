@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .export import export
 from .layers import SteerableConv2d
+from .lowpass import LowpassConv2d
 from .norm import GroupBatchNorm2d
 from .validation import check_positive_int
 
@@ -53,6 +54,8 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
         nonlocal macs
         if isinstance(module, SteerableConv2d):
             per_output = module.in_channels // module.groups * module.kernel_size**2
+        elif isinstance(module, LowpassConv2d):  # runs as its (k+2) x (k+2) conv
+            per_output = module.in_channels // module.groups * (module.kernel_size + 2) ** 2
         else:
             per_output = module.in_channels // module.groups * module.weight[0, 0].numel()
         macs += output.numel() * per_output
@@ -71,7 +74,7 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
     for module in model.modules():
         if id(module) in inner_norms:  # counted as its GroupBatchNorm2d
             continue
-        if isinstance(module, (nn.Conv2d, SteerableConv2d)):
+        if isinstance(module, (nn.Conv2d, SteerableConv2d, LowpassConv2d)):
             hooks.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             hooks.append(module.register_forward_hook(linear_hook))
@@ -90,7 +93,7 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
             hook.remove()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     exported = params
-    if any(isinstance(m, (SteerableConv2d, GroupBatchNorm2d)) for m in model.modules()):
+    if any(isinstance(m, (SteerableConv2d, GroupBatchNorm2d, LowpassConv2d)) for m in model.modules()):
         plain = model.export() if hasattr(model, "export") else export(
             model, torch.zeros(1, in_channels, input_size, input_size))
         exported = sum(p.numel() for p in plain.parameters())

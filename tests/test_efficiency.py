@@ -126,7 +126,7 @@ def test_valid_only_never_opens_the_test_split(tmp_path):
 @pytest.mark.parametrize("variant, suffix, attribute, value", [
     (["--group-pool", "sort"], "-sort", "group_pool", "sort"), (["--min-fields", "2"], "-min2", "min_fields", 2),
     (["--width-mult", "0.5"], "-w0.5", "width_mult", 0.5),
-    (["--depthwise", "field"], "-dwfield", "depthwise", "field")])
+    (["--depthwise", "field"], "-dwfield", "depthwise", "field"), (["--antialias"], "-aa", "antialias", True)])
 def test_architecture_variant_keeps_its_own_runs(tmp_path, variant, suffix, attribute, value):
     # a recipe variant must not resume (or overwrite) the runs of the default architecture
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=7)

@@ -49,6 +49,7 @@ def test_logits_invariant_to_quarter_turns(models, N):
     ("C4", dict(group_pool="sort")), ("D4", dict(group_pool="sort")),  # every order statistic of each field
     ("C12", dict(min_fields=3)), ("D4", dict(min_fields=3)),  # the narrow layers widened
     ("C12", dict(depthwise="field")), ("D4", dict(depthwise="field")),  # field-wise spatial convs
+    ("C12", dict(antialias=True)), ("D4", dict(antialias=True)),  # low-pass before every stride
 ])
 def test_model_variant_is_invariant_exports_and_round_trips(group, options, tmp_path):
     # Architecture options of an equivariant model: still invariant to float64 rounding under the grid's
