@@ -41,7 +41,8 @@ def _record_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[i
 
 def export(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
     """Return a copy of ``model`` in which every rotconv conv (and :class:`~rotconv.LowpassConv2d`) is an
-    ``nn.Conv2d`` and every :class:`~rotconv.GroupBatchNorm2d` an ``nn.BatchNorm2d``; all other modules are copied unchanged.
+    ``nn.Conv2d`` and every :class:`~rotconv.GroupBatchNorm2d` an ``nn.BatchNorm2d``; all other modules are copied
+    unchanged.
 
     ``example_input`` (any batch size) is needed when the model has strided layers with
     ``padding='equivariant'``: their padding depends on the input size, which a plain ``nn.Conv2d`` fixes.
