@@ -228,23 +228,23 @@ class MobileNetV2(nn.Module):
             depthwise conv) or ``"field"`` (each field's ``order`` channels mixed by a regular-to-regular filter,
             :class:`rotconv.GroupConv2d` with ``groups=fields``: ``order`` times the depthwise MACs and free
             filters).
-        antialias: blur before every stride-2 layer (the stem and the first block of the 24- and 32-channel
-            stages): the fixed binomial low-pass ``[1, 2, 1]^T [1, 2, 1] / 16`` folded into the strided 3x3
-            filter, which becomes 5x5 (:mod:`rotconv.lowpass`; same parameters, the strided layers' MACs x 25/9,
-            quarter-turn exactness kept). Less aliasing: the class changes less under one-pixel shifts and
-            arbitrary angles. Default False.
         inverted_residual_setting: the block table, rows ``(t, c, n, s)`` (default
             :data:`INVERTED_RESIDUAL_SETTING`; ``c`` in conventional channels, fields follow ``min_fields``).
         norm_layer: the normalisation: ``norm_layer(channels)`` for the conventional model (default
             ``nn.BatchNorm2d``), ``norm_layer(fields, group)`` for an equivariant one (default
             :class:`rotconv.GroupBatchNorm2d`; it must be equivariant, e.g. field-wise).
+        antialias: blur before every stride-2 layer (the stem and the first block of the 24- and 32-channel
+            stages): the fixed binomial low-pass ``[1, 2, 1]^T [1, 2, 1] / 16`` folded into the strided 3x3
+            filter, which becomes 5x5 (:mod:`rotconv.lowpass`; same parameters, the strided layers' MACs x 25/9,
+            quarter-turn exactness kept). Less aliasing: the class changes less under one-pixel shifts and
+            arbitrary angles. Default False.
     """
 
     def __init__(self, num_classes: int = 2, group: rotconv.Group | int | str | None = None, width_mult: float = 1.0,
                  input_size: int = 95, activation: str = "relu6", dropout: float = 0.2,
                  group_pool: str = "max", min_fields: int = 1, depthwise: str = "channel",
-                 antialias: bool = False, inverted_residual_setting: list[tuple[int, int, int, int]] | None = None,
-                 norm_layer: Callable[..., nn.Module] | None = None) -> None:
+                 inverted_residual_setting: list[tuple[int, int, int, int]] | None = None,
+                 norm_layer: Callable[..., nn.Module] | None = None, antialias: bool = False) -> None:
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         setting = [tuple(row) for row in (INVERTED_RESIDUAL_SETTING if inverted_residual_setting is None
@@ -391,7 +391,8 @@ class MobileNetV2(nn.Module):
 
     def extra_repr(self) -> str:
         group = "conventional" if self.group is None else f"group={self.group!r}"
-        return f"{group}, input_size={self.input_size}, num_classes={self.num_classes}"
+        text = f"{group}, input_size={self.input_size}, num_classes={self.num_classes}"
+        return text + (", antialias=True" if self.antialias else "")
 
 
 def mobilenet_v2(*, weights: str | None = None, **kwargs) -> MobileNetV2:

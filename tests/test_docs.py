@@ -157,8 +157,8 @@ def test_every_call_shown_in_the_docs_fits_the_code(document):
 
 def test_the_call_check_sees_a_stale_argument():
     for stale in (
-        "```python\nmodel = mobilenet.mobilenet_v2(2, 12, 1.0, 95, 'relu6', 0.2, 'max', 1, 'channel', False, None, "
-        "None, 3)\n```",  # one positional argument more than MobileNetV2 takes
+        "```python\nmodel = mobilenet.mobilenet_v2(2, 12, 1.0, 95, 'relu6', 0.2, 'max', 1, 'channel', None, None, "
+        "False, 3)\n```",  # one positional argument more than MobileNetV2 takes
         "`mobilenet.mobilenet_v2(groups=12)`",
     ):
         (_, _, _, node), = list(_calls(stale))
