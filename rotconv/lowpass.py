@@ -36,11 +36,11 @@ def binomial_filter(dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (torch.outer(row, row) / 16.0).to(dtype)
 
 
-def _blur_filters(filters: torch.Tensor) -> torch.Tensor:
-    """``(..., k, k) -> (..., k+2, k+2)``: every filter fully convolved with :func:`binomial_filter`."""
+def _blur_filters(filters: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``(..., k, k) -> (..., k+2, k+2)``: every filter fully convolved with ``kernel``, the ``(1, 1, 3, 3)``
+    :func:`binomial_filter`."""
     k = filters.shape[-1]
     flat = filters.reshape(-1, 1, k, k)
-    kernel = binomial_filter(filters.dtype).to(filters.device).view(1, 1, 3, 3)
     return F.conv2d(flat, kernel, padding=2).view(*filters.shape[:-2], k + 2, k + 2)  # b is symmetric: conv = corr
 
 
@@ -52,7 +52,8 @@ def lowpass_basis(basis: SteerableBasis) -> SteerableBasis:
     the free coefficients of the ``k x k`` layer and the low-pass before its stride. Cached per basis."""
     if not isinstance(basis, SteerableBasis):
         raise ValueError(f"basis: expected a SteerableBasis, got {type(basis).__name__}")
-    functions = _blur_filters(torch.from_numpy(np.ascontiguousarray(basis.functions))).numpy()
+    functions = _blur_filters(torch.from_numpy(np.ascontiguousarray(basis.functions)),
+                              binomial_filter().view(1, 1, 3, 3)).numpy()
     return SteerableBasis(kernel_size=basis.kernel_size + 2, functions=functions, rings=basis.rings,
                           frequencies=basis.frequencies, parities=basis.parities, radii=basis.radii,
                           sigmas=basis.sigmas)
@@ -86,10 +87,13 @@ class LowpassConv2d(nn.Module):
                              dtype=dtype)  # torch's initialisation of a k x k conv
         self.weight = template.weight
         self.bias = template.bias
+        # made once; follows the module through .to() / .double(); not part of the state_dict
+        self.register_buffer("lowpass", binomial_filter(self.weight.dtype).to(self.weight.device).view(1, 1, 3, 3),
+                             persistent=False)
 
     def filter(self) -> torch.Tensor:
         """``(out_channels, in_channels // groups, k+2, k+2)``: the blurred filter (differentiable)."""
-        return _blur_filters(self.weight)
+        return _blur_filters(self.weight, self.lowpass)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, H, W) -> (B, out_channels, H', W')``."""
