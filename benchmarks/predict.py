@@ -1,8 +1,9 @@
 """Classify patches with a trained model file (``model.pt``, written by ``python -m benchmarks.pcam`` beside
-each run's checkpoint, or by ``mobilenet.save``).
+each run's checkpoint, or by ``mobilenet.save``) or a shipped model's name (``mobilenet.list_pretrained()``).
 
     python -m benchmarks.predict runs/pcam/C12-seed0/model.pt patches_x.h5 [more.h5 image.png ...]
     python -m benchmarks.predict model.pt slide_region.png --tiles --out map.csv   # a probability per tile
+    python -m benchmarks.predict pcam-c12 patch.jpg                                # the shipped C_12 model
 
 Inputs: HDF5 files with a dataset ``x`` of uint8 patches ``(N, H, W, 3)`` (the PCam layout; read in batches,
 so memory does not grow with the file), ``.npy`` arrays of the same layout, or image files (PNG, JPEG,
@@ -122,7 +123,8 @@ def check_output_path(out: str, inputs: list[str]) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model file (model.pt)")
+    parser.add_argument("model", help="model file (model.pt), or the name of a shipped model (pcam-c12, "
+                                          "pcam-conventional)")
     parser.add_argument("inputs", nargs="+", help="HDF5 / .npy / image files with patches")
     parser.add_argument("--out", help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -131,6 +133,16 @@ def _parser() -> argparse.ArgumentParser:
                              "classifying their centre")
     add_memory_argument(parser)
     return parser
+
+
+def _load_model(model: str):
+    """A model file, or (where no such file exists) a shipped model's name."""
+    if not os.path.exists(model) and model in mobilenet.list_pretrained():
+        return mobilenet.pretrained(model)
+    if not os.path.exists(model) and os.sep not in model and not model.endswith(".pt"):
+        raise InputError(f"{model}: neither a model file nor a shipped model "
+                         f"(shipped: {', '.join(mobilenet.list_pretrained())})")
+    return mobilenet.load(model)
 
 
 def _classify(model, path: str, args: argparse.Namespace, writer) -> int:
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.inputs:
             if not os.path.isfile(path):
                 raise InputError(f"{path}: file not found")
-        model = mobilenet.load(args.model)
+        model = _load_model(args.model)
 
         def write_csv(stream) -> int:  # line by line: memory does not grow with the inputs
             writer = csv.writer(stream)

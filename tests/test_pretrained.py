@@ -78,3 +78,20 @@ def test_builder_hooks_table_and_norm_layer():
     for bad in ([], [(6, 24, 2, 3)], [(6, 24, 2)]):
         with pytest.raises(ValueError, match="inverted_residual_setting"):
             mobilenet.mobilenet_v2(inverted_residual_setting=bad)
+
+
+def test_the_prediction_command_takes_a_shipped_name(tmp_path, capsys):
+    pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip install pillow)")
+    from PIL import Image
+
+    from benchmarks import predict
+    name = next(n for n in mobilenet.list_pretrained() if "c12" in n)
+    patch = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(patch).save(tmp_path / "patch.png")
+    assert predict.main([name, str(tmp_path / "patch.png")]) == 0
+    line = capsys.readouterr().out.splitlines()[1].split(",")
+    expected = mobilenet.predict(mobilenet.pretrained(name), torch.from_numpy(patch)[None])[0, 1]
+    assert abs(float(line[2]) - float(expected)) < 1e-6, line  # the CSV keeps 6 decimals
+    assert predict.main(["pcam-c13", str(tmp_path / "patch.png")]) == 2
+    err = capsys.readouterr().err
+    assert "pcam-c13: neither a model file nor a shipped model" in err and name in err, err
