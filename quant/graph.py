@@ -101,7 +101,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
         module = copy.deepcopy(model)
         _canonicalize_activations(module)
         return module
-    if any(isinstance(m, (rotconv.SteerableConv2d, rotconv.LowpassConv2d)) for m in model.modules()):
+    if rotconv.needs_export(model):
         raise ValueError("model: export the network to plain torch.nn first (model.export() or rotconv.export)")
     try:
         graph = _Tracer().trace(model)

@@ -10,7 +10,7 @@ Public API::
     LowpassConv2d, lowpass_basis, binomial_filter   anti-aliased strided convs  (rotconv.lowpass)
     GroupPool, CircularMask, MaskedGlobalAvgPool, disc_mask   pooling/masks   (rotconv.pooling)
     equivariant_padding, equivariant_output_size  odd-grid stride policy      (rotconv.grid)
-    export                                        to plain torch.nn           (rotconv.export)
+    export, needs_export, EXPORTED_TYPES          to plain torch.nn           (rotconv.export)
     equivariance_error, smooth_noise, randomize_batchnorm   numerical checks (rotconv.checks)
     summary, ModelSummary                         params / MACs / memory      (rotconv.summary)
     check_int, check_positive_int, check_choice, check_normalised   argument checks  (rotconv.validation)
@@ -19,7 +19,7 @@ Public API::
 """
 from .basis import SteerableBasis, steerable_basis
 from .checks import equivariance_error, randomize_batchnorm, smooth_noise
-from .export import export
+from .export import EXPORTED_TYPES, export, needs_export
 from .grid import equivariant_output_size, equivariant_padding
 from .hardware import cpu_report, hardware_line
 from .group import CyclicGroup, DihedralGroup, Group, as_group, mirror_image, rotate_image
@@ -56,6 +56,8 @@ __all__ = [
     "equivariant_padding",
     "equivariant_output_size",
     "export",
+    "needs_export",
+    "EXPORTED_TYPES",
     "equivariance_error",
     "smooth_noise",
     "randomize_batchnorm",

@@ -10,7 +10,15 @@ from .layers import SteerableConv2d
 from .lowpass import LowpassConv2d
 from .norm import GroupBatchNorm2d
 
-__all__ = ["export"]
+__all__ = ["export", "needs_export", "EXPORTED_TYPES"]
+
+#: the rotconv modules :func:`export` replaces by plain ``torch.nn`` ones
+EXPORTED_TYPES = (SteerableConv2d, GroupBatchNorm2d, LowpassConv2d)
+
+
+def needs_export(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module of :data:`EXPORTED_TYPES` (one :func:`export` would replace)."""
+    return any(isinstance(m, EXPORTED_TYPES) for m in model.modules())
 
 
 def _strided_equivariant_convs(model: nn.Module) -> list[nn.Module]:

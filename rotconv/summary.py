@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .export import export
+from .export import export, needs_export
 from .layers import SteerableConv2d
 from .lowpass import LowpassConv2d
 from .norm import GroupBatchNorm2d
@@ -93,7 +93,7 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
             hook.remove()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     exported = params
-    if any(isinstance(m, (SteerableConv2d, GroupBatchNorm2d, LowpassConv2d)) for m in model.modules()):
+    if needs_export(model):
         plain = model.export() if hasattr(model, "export") else export(
             model, torch.zeros(1, in_channels, input_size, input_size))
         exported = sum(p.numel() for p in plain.parameters())

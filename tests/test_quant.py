@@ -215,9 +215,18 @@ def test_bad_arguments(exported, call, name):
         call(exported[4])
 
 
-def test_unexported_model_is_rejected():
-    with pytest.raises(ValueError, match="export"):
-        quant.fold_batchnorm(mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(4), width_mult=0.35))
+@pytest.mark.parametrize("make", [
+    lambda: mobilenet.mobilenet_v2(group=rotconv.CyclicGroup(4), width_mult=0.35),
+    lambda: mobilenet.mobilenet_v2(width_mult=0.35, antialias=True),  # only LowpassConv2d to convert
+    lambda: nn.Sequential(nn.Conv2d(3, 8, 3), rotconv.GroupBatchNorm2d(2, rotconv.CyclicGroup(4)), nn.ReLU()),
+], ids=["steerable", "lowpass", "group-norm"])
+def test_unexported_model_is_rejected(make):
+    model = make().eval()
+    exported = rotconv.export(model, torch.zeros(1, 3, 95, 95))
+    assert rotconv.needs_export(model) and not rotconv.needs_export(exported)
+    with pytest.raises(ValueError, match="export the network to plain torch.nn first"):
+        quant.fold_batchnorm(model)
+    quant.fold_batchnorm(exported)  # the exported copy is accepted
 
 
 @settings(max_examples=30)
