@@ -135,16 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(model: str):
-    """A model file, or (where no such file exists) a shipped model's name."""
-    if not os.path.exists(model) and model in mobilenet.list_pretrained():
-        return mobilenet.pretrained(model)
-    if not os.path.exists(model) and os.sep not in model and not model.endswith(".pt"):
-        raise InputError(f"{model}: neither a model file nor a shipped model "
-                         f"(shipped: {', '.join(mobilenet.list_pretrained())})")
-    return mobilenet.load(model)
-
-
 def _classify(model, path: str, args: argparse.Namespace, writer) -> int:
     try:
         return _classify_file(model, path, args, writer)
@@ -188,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.inputs:
             if not os.path.isfile(path):
                 raise InputError(f"{path}: file not found")
-        model = _load_model(args.model)
+        model = mobilenet.load_or_pretrained(args.model)
 
         def write_csv(stream) -> int:  # line by line: memory does not grow with the inputs
             writer = csv.writer(stream)

@@ -7,10 +7,10 @@ from rotconv.summary import ModelSummary, summary
 from .inference import as_images, load, predict, save, tile_images
 from .model import DEPTHWISE_MODES, INVERTED_RESIDUAL_SETTING, MobileNetV2, mobilenet_v2
 from .data import Normalizer, PCam, PCamError
-from .pretrained_models import list_pretrained, pretrained
+from .pretrained_models import list_pretrained, load_or_pretrained, pretrained
 from .training import DivergedError, TrainConfig, UsageError, evaluate_loss, reuse_freed_memory, train
 
 __all__ = ["mobilenet_v2", "MobileNetV2", "INVERTED_RESIDUAL_SETTING", "DEPTHWISE_MODES", "summary", "ModelSummary",
            "PCam", "PCamError", "Normalizer", "TrainConfig", "train", "evaluate_loss", "UsageError", "DivergedError",
            "save", "load", "predict", "as_images", "tile_images", "reuse_freed_memory", "list_pretrained",
-           "pretrained"]
+           "pretrained", "load_or_pretrained"]

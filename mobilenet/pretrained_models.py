@@ -27,7 +27,7 @@ from rotconv.files import atomic_write
 from .inference import load, save
 from .model import MobileNetV2
 
-__all__ = ["list_pretrained", "pretrained", "save_pretrained", "WEIGHTS_DIRECTORY"]
+__all__ = ["list_pretrained", "pretrained", "load_or_pretrained", "save_pretrained", "WEIGHTS_DIRECTORY"]
 
 #: where the shipped weight files are (``<name>.pt``)
 WEIGHTS_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -48,6 +48,17 @@ def pretrained(name: str, device: str | torch.device = "cpu") -> MobileNetV2:
     if name not in names:
         raise ValueError(f"name: expected one of {names}, got {name!r}")
     return load(os.path.join(WEIGHTS_DIRECTORY, f"{name}.pt"), device)
+
+
+def load_or_pretrained(model: str, device: str | torch.device = "cpu") -> MobileNetV2:
+    """The model file ``model`` (as :func:`~mobilenet.load`), or, where no such file exists, the shipped model of
+    that name. ValueError naming ``model`` (and the shipped names) when it is neither."""
+    if not os.path.exists(model) and model in list_pretrained():
+        return pretrained(model, device)
+    if not os.path.exists(model) and os.sep not in model and not model.endswith(".pt"):
+        raise ValueError(f"{model}: neither a model file nor a shipped model "
+                         f"(shipped: {', '.join(list_pretrained())})")
+    return load(model, device)
 
 
 def save_pretrained(model: MobileNetV2, path: str, metadata: dict) -> None:

@@ -95,3 +95,18 @@ def test_the_prediction_command_takes_a_shipped_name(tmp_path, capsys):
     assert predict.main(["pcam-c13", str(tmp_path / "patch.png")]) == 2
     err = capsys.readouterr().err
     assert "pcam-c13: neither a model file nor a shipped model" in err and name in err, err
+
+
+def test_load_or_pretrained_takes_a_file_or_a_shipped_name(tmp_path):
+    name = mobilenet.list_pretrained()[0]
+    shipped = mobilenet.load_or_pretrained(name)
+    assert shipped.metadata["name"] == name
+    model = mobilenet.mobilenet_v2(width_mult=0.25).eval()
+    path = tmp_path / name  # a file of that name wins over the shipped model
+    mobilenet.save(model, str(path), mobilenet.Normalizer([0.5] * 3, [0.2] * 3))
+    loaded = mobilenet.load_or_pretrained(str(path))
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in model.parameters()]
+    with pytest.raises(ValueError, match="pcam-c13: neither a model file nor a shipped model"):
+        mobilenet.load_or_pretrained("pcam-c13")
+    with pytest.raises(ValueError, match="model file not found"):
+        mobilenet.load_or_pretrained(str(tmp_path / "missing.pt"))
