@@ -70,7 +70,18 @@ def fake_quantize_tensor(x: torch.Tensor, low: float, high: float, bits: int, si
     return (q - zero_point) * scale
 
 
-def fake_quantize_weight(weight: torch.Tensor, bits: int, scheme: str = "asymmetric") -> torch.Tensor:
-    """Per-tensor quantize-dequantize of a weight tensor (see :func:`weight_quantization_parameters`)."""
+def fake_quantize_weight(weight: torch.Tensor, bits: int, scheme: str = "asymmetric",
+                         per_channel: bool = False) -> torch.Tensor:
+    """Quantize-dequantize of a weight tensor: per tensor (see :func:`weight_quantization_parameters`) or, with
+    ``per_channel``, each output channel (dim 0) on its own symmetric grid, scale ``max|W_c| / (2^(b-1) - 1)``
+    in float32 (``scheme`` must be ``"symmetric"``), as XNNPACK's per-channel weights."""
+    if per_channel:
+        if check_choice(scheme, "weight_scheme", WEIGHT_SCHEMES) != "symmetric":
+            raise ValueError("weight_scheme: per-channel weights are symmetric; got 'asymmetric'")
+        qmax = 2 ** (bits - 1) - 1
+        peak = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1)
+        scale = torch.clamp(peak / qmax, min=1e-12).float().to(weight.dtype)
+        scale = scale.reshape(-1, *[1] * (weight.dim() - 1))
+        return torch.clamp(torch.round(weight / scale), -qmax, qmax) * scale
     scale, zero_point, qmin, qmax = weight_quantization_parameters(weight, bits, scheme)
     return (torch.clamp(torch.round(weight / scale) + zero_point, qmin, qmax) - zero_point) * scale

@@ -188,22 +188,25 @@ def traced_example(model: nn.Module, example_input: torch.Tensor | None, batch: 
 
 def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
                   input_range: tuple[float, float] = (-3.0, 3.0), calibration: Iterable | None = None,
-                  bias_correction: bool = True, relu6: str = RELU6_DEFAULT) -> fx.GraphModule:
+                  bias_correction: bool = True, relu6: str = RELU6_DEFAULT,
+                  per_channel_weights: bool = False) -> fx.GraphModule:
     """The data-free INT8 model as a PT2E graph (quantize/dequantize ops around int8 convolutions and adds,
     int8 weights, the plan's activation ranges): what :func:`to_executorch` lowers to XNNPACK and
-    :func:`quant.to_onnx` writes as an ONNX QDQ model. Needs torchao (the ``deploy`` extra)."""
+    :func:`quant.to_onnx` writes as an ONNX QDQ model. Needs torchao (the ``deploy`` extra).
+    ``per_channel_weights``: conv weights symmetric per output channel instead of per tensor."""
     api = require_executorch()
     check_float_model(model)
     prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False,
-                       relu6=relu6)
+                       relu6=relu6, per_channel_weights=per_channel_weights)
     plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric",
                              integer_bias=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export(_export_graph(plan).eval(), (example,)).module()
         config = api["get_symmetric_quantization_config"](is_per_channel=False)
+        conv_config = api["get_symmetric_quantization_config"](is_per_channel=per_channel_weights)
         quantizer = api["XNNPACKQuantizer"]()
-        quantizer.set_operator_type(torch.ops.aten.conv2d.default, config)
+        quantizer.set_operator_type(torch.ops.aten.conv2d.default, conv_config)
         quantizer.set_operator_type(torch.ops.aten.add.Tensor, config)
         observed = api["prepare_pt2e"](exported, quantizer)
         with torch.no_grad():
@@ -216,7 +219,8 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
 
 def to_executorch(model: nn.Module, path: str, group: object = None, example_batch: int = 1,
                   example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
-                  calibration: Iterable | None = None, bias_correction: bool = True, relu6: str = RELU6_DEFAULT) -> str:
+                  calibration: Iterable | None = None, bias_correction: bool = True, relu6: str = RELU6_DEFAULT,
+                  per_channel_weights: bool = False) -> str:
     """Quantize ``model`` (a float plain network, e.g. ``model.export()``) data-free and write it to ``path``
     as an ExecuTorch program for XNNPACK; returns ``path``.
 
@@ -230,11 +234,16 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
         input_range: the range of the network input (the data-free range of the first activation).
         calibration: optional batches to measure ranges instead.
         bias_correction, relu6: as :func:`quant.prepare` (``relu6="keep"``: ReLU6 kept, clipped by the range).
+        per_channel_weights: each conv's weights on one symmetric int8 grid per output channel (XNNPACK's
+            per-channel kernels) instead of one per tensor; biases corrected for that rounding. Quarter-turn
+            exactness is kept: channels that a quarter turn maps onto each other hold the same weights,
+            rotated, so they get the same scale.
     """
     api = require_executorch()
     check_writable(path)  # a directory or an unwritable place is refused before the export, not after it
     example = traced_example(model, example_input, example_batch)
-    converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
+    converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6,
+                              per_channel_weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = api["to_edge_transform_and_lower"](torch.export.export(converted, (example,)),

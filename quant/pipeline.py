@@ -78,14 +78,16 @@ def check_float_model(model: nn.Module) -> None:
 
 def prepare(model: nn.Module, group: object = None, bias_correction: bool = True, weight_bits: int = 8,
             weight_scheme: str = WEIGHT_SCHEME_DEFAULT, reduce_range: bool = False, *,
-            relu6: str = RELU6_DEFAULT) -> fx.GraphModule:
+            relu6: str = RELU6_DEFAULT, per_channel_weights: bool = False) -> fx.GraphModule:
     """The data-free steps before quantization: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``),
     absorb high biases, and (``bias_correction``) correct biases for the given weight quantization.
 
     ``relu6="keep"`` keeps every ReLU6 instead (the float network is unchanged; the clip at 6 becomes the top of
     the conv's quantization range): pairs through a ReLU6 are then neither equalized nor bias-absorbed, which
     in MobileNetV2 is every pair. Replacing ReLU6 by ReLU changes the float function wherever activations
-    exceed 6; on trained PCam models that change was most of the INT8 error (docs/quantization.md)."""
+    exceed 6; on trained PCam models that change was most of the INT8 error (docs/quantization.md).
+    ``per_channel_weights``: the biases are corrected for weights rounded per output channel (what
+    :func:`quant.to_executorch` with ``per_channel_weights=True`` writes)."""
     check_choice(relu6, "relu6", RELU6_MODES)
     check_float_model(model)
     size = field_size(group)
@@ -95,7 +97,8 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
     prepared = equalize(prepared, group=size, keep_relu6=relu6 == "keep")
     prepared = absorb_high_bias(prepared)
     if bias_correction:
-        prepared = correct_bias(prepared, weight_bits, weight_scheme, reduce_range=reduce_range)
+        prepared = correct_bias(prepared, weight_bits, weight_scheme, reduce_range=reduce_range,
+                                per_channel=per_channel_weights)
     return prepared
 
 

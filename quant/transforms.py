@@ -183,12 +183,12 @@ def _expected_relu(beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = WEIGHT_SCHEME_DEFAULT,
-                 reduce_range: bool = False) -> fx.GraphModule:
+                 reduce_range: bool = False, per_channel: bool = False) -> fx.GraphModule:
     """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
     input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract
     it from the bias (``E[clip(N(beta, gamma^2), 0, 6)]`` behind a ReLU6). Applies to convs fed by conv -> ReLU
     or ReLU6; others are left as they are. ``weight_bits``,
-    ``weight_scheme`` and ``reduce_range`` must be those the quantizer will use (the bits of each conv follow
+    ``weight_scheme``, ``reduce_range`` and ``per_channel`` must be those the quantizer will use (the bits of each conv follow
     :func:`quant.arithmetic.weight_bits_for`, as in the quantizer)."""
     graph_module = trace(model)
     for pair in conv_pairs(graph_module):
@@ -199,7 +199,8 @@ def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = WE
         if isinstance(pair.activation, nn.ReLU6):  # clip(z, 0, 6) = relu(z) - relu(z - 6)
             expected_input = expected_input - _expected_relu(first.dfq_beta - 6.0, first.dfq_gamma)
         weight = second.weight
-        error = fake_quantize_weight(weight, weight_bits_for(second, weight_bits, reduce_range), weight_scheme) - weight
+        bits = weight_bits_for(second, weight_bits, reduce_range)
+        error = fake_quantize_weight(weight, bits, weight_scheme, per_channel) - weight
         if second.groups == 1:
             shift = error.sum(dim=(2, 3)) @ expected_input
         else:

@@ -24,16 +24,18 @@ def _random_model(group: str, group_pool: str = "max") -> nn.Module:
     return rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95)).export().eval()
 
 
-@pytest.mark.parametrize("group, group_pool, relu6", [("C4", "max", "replace"), ("C12", "max", "replace"),
-                                                     ("C4", "sort", "replace"), ("C12", "max", "keep")])
-def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, relu6, tmp_path):
+@pytest.mark.parametrize("group, group_pool, relu6, per_channel", [
+    ("C4", "max", "replace", False), ("C12", "max", "replace", False), ("C4", "sort", "replace", False),
+    ("C12", "max", "keep", False), ("C12", "max", "keep", True), ("C4", "max", "replace", True)])
+def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, relu6, per_channel, tmp_path):
     # The int8 feature maps of a rotated input are the rotated maps (rot90-exact filters, per-tensor scales);
     # the masked average pool sums integers exactly in float64, so even the float head gives identical bits.
     # Inputs 3x wider than the declared range saturate the first quantizer: still exact. group_pool="sort"
     # is exported as a min/max sorting network (ExecuTorch has no sort kernel): exact too. relu6="keep":
-    # ReLU6 clipped by the top of the int8 range, no equalization: exact too.
+    # ReLU6 clipped by the top of the int8 range, no equalization: exact too. Per-channel weights: the channels
+    # a quarter turn maps onto each other hold the same weights, rotated, hence the same scale: exact too.
     path = quant.to_executorch(_random_model(group, group_pool), str(tmp_path / "model.pte"), group=group,
-                               example_batch=2, relu6=relu6)
+                               example_batch=2, relu6=relu6, per_channel_weights=per_channel)
     program = quant.load_executorch(path)
     g = rotconv.as_group(group)
     x = torch.randn(3, 3, 95, 95, generator=torch.Generator().manual_seed(1))  # 3 = one full batch + a padded one
@@ -135,3 +137,38 @@ def test_rounding_by_offset_is_round_half_to_even():
                    (torch.rand(100_000, generator=generator) - 0.5) * 600, torch.tensor([0.5, -0.5, 1.5, -2.5, 0.0])])
     y = y[y.abs() < 2**22]
     assert torch.equal(_round_small(y), torch.round(y))
+
+
+def _constant(graph: torch.fx.GraphModule, node) -> torch.Tensor:
+    target = node.target
+    module = graph
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def test_per_channel_weights_in_the_program_are_the_ones_bias_correction_assumed():
+    # The convs' dequantized weights in the PT2E graph are exactly fake_quantize_weight(per_channel=True) of the
+    # DFQ-prepared weights (what correct_bias subtracts the error of); per tensor there is no per-channel op.
+    torch.manual_seed(0)
+    model = rotconv.randomize_batchnorm(_Shallow(), torch.randn(32, 3, 15, 15)).eval()
+    with torch.no_grad():
+        model.features[1].weight[:4] *= 30.0  # folded: output channels far apart (equalization narrows it)
+    example = torch.zeros(1, 3, 15, 15)
+    per_tensor = quant.executorch.quantize_pt2e(model, None, example)
+    assert not any("per_channel" in str(node.target) for node in per_tensor.graph.nodes)
+    graph = quant.executorch.quantize_pt2e(model, None, example, per_channel_weights=True)
+    prepared = quant.prepare(model, None, weight_scheme="symmetric", per_channel_weights=True)
+    expected = [quant.fake_quantize_weight(m.weight.detach(), 8, "symmetric", per_channel=True)
+                for m in prepared.modules() if isinstance(m, nn.Conv2d)]
+    found = []
+    for node in graph.graph.nodes:
+        if "dequantize_per_channel" in str(node.target) and node.args[0].op == "get_attr":
+            codes, scales = _constant(graph, node.args[0]), _constant(graph, node.args[1])
+            assert codes.dtype == torch.int8 and scales.shape == (codes.shape[0],)
+            found.append(codes.float() * scales.reshape(-1, 1, 1, 1))
+    assert len(found) == len(expected) == 2
+    for weights, reference in zip(found, expected):
+        assert torch.equal(weights, reference.float())
+    peaks = [w.abs().amax(dim=(1, 2, 3)) for w in expected]
+    assert all(p.max() > 2 * p.min() for p in peaks)  # channel grids that one per-tensor grid could not give

@@ -337,3 +337,46 @@ def test_simulation_adds_biases_as_the_backend_does(backend):
                                weight_scheme="symmetric")
     (simulated_conv,) = [m for m in plan_kind.modules() if isinstance(m, nn.Conv2d)]
     assert torch.equal(simulated_conv.bias, conv.bias) == (backend == "x86")
+
+
+@settings(max_examples=20)
+@given(channels=st.integers(1, 6), spread=st.floats(1.0, 1000.0), bits=st.integers(3, 8), seed=st.integers(0, 2**16))
+def test_per_channel_weights_lie_on_their_channel_grids(channels, spread, bits, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(channels, 3, 3, 3, generator=generator) * torch.logspace(
+        0, float(torch.log10(torch.tensor(spread))), channels).reshape(-1, 1, 1, 1)
+    rounded = quant.fake_quantize_weight(weight, bits, "symmetric", per_channel=True)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (weight.abs().amax(dim=(1, 2, 3)) / qmax).reshape(-1, 1, 1, 1)
+    codes = rounded / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= qmax + 1e-3
+    assert ((rounded - weight).abs() <= scale / 2 * (1 + 1e-5)).all()  # each channel within half its step
+    assert torch.allclose(rounded.abs().amax(dim=(1, 2, 3)), weight.abs().amax(dim=(1, 2, 3)))  # peaks exact
+    with pytest.raises(ValueError, match="per-channel weights are symmetric"):
+        quant.fake_quantize_weight(weight, bits, "asymmetric", per_channel=True)
+
+
+def test_bias_correction_per_channel_subtracts_the_per_channel_rounding_error():
+    # conv -> BN -> ReLU -> conv: the second conv's bias moves by (Q(W) - W) E[relu(N(beta, gamma^2))], with Q
+    # the per-channel rounding when asked for, which differs from the per-tensor one.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4))
+    model = rotconv.randomize_batchnorm(model, torch.randn(16, 3, 11, 11)).eval()
+    with torch.no_grad():
+        model[4].weight[:2] *= 20.0
+    options = {"weight_scheme": "symmetric", "relu6": "keep"}
+    plain = quant.prepare(model, bias_correction=False, **options)
+    shifts = {}
+    for per_channel in (False, True):
+        corrected = quant.prepare(model, per_channel_weights=per_channel, **options)
+        convs = [m for m in corrected.modules() if isinstance(m, nn.Conv2d)]
+        shifts[per_channel] = convs[1].bias - [m for m in plain.modules() if isinstance(m, nn.Conv2d)][1].bias
+        first, second = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+        beta, gamma = first.dfq_beta.double(), first.dfq_gamma.double()
+        normal = torch.distributions.Normal(0.0, 1.0)
+        ratio = beta / gamma
+        expected_input = beta * normal.cdf(ratio) + gamma * normal.log_prob(ratio).exp()
+        error = quant.fake_quantize_weight(second.weight, 8, "symmetric", per_channel=per_channel) - second.weight
+        expected = -(error.double().sum(dim=(2, 3)) @ expected_input)
+        assert torch.allclose(shifts[per_channel].double(), expected, rtol=1e-4, atol=1e-6), per_channel
+    assert not torch.allclose(shifts[False], shifts[True])
