@@ -187,8 +187,8 @@ def correct_bias(model: nn.Module, weight_bits: int = 8, weight_scheme: str = WE
     """Analytic bias correction: the expected output error of quantizing W is ``(Q(W) - W) E[x]``; with the
     input's expectation from the previous conv's BN statistics (``E[relu(N(beta, gamma^2))]``), subtract
     it from the bias (``E[clip(N(beta, gamma^2), 0, 6)]`` behind a ReLU6). Applies to convs fed by conv -> ReLU
-    or ReLU6; others are left as they are. ``weight_bits``,
-    ``weight_scheme``, ``reduce_range`` and ``per_channel`` must be those the quantizer will use (the bits of each conv follow
+    or ReLU6; others are left as they are. ``weight_bits``, ``weight_scheme``, ``reduce_range`` and
+    ``per_channel`` must be those the quantizer will use (the bits of each conv follow
     :func:`quant.arithmetic.weight_bits_for`, as in the quantizer)."""
     graph_module = trace(model)
     for pair in conv_pairs(graph_module):
