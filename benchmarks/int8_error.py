@@ -3,6 +3,7 @@ models quantize, or per output channel), bias correction, and activation quantiz
 
     python -m benchmarks.int8_error --data DATA/pcam-20k --model pcam-c12            # validation split
     python -m benchmarks.int8_error --data DATA/pcam-20k --model runs/C12-seed0/model.pt --patches 1000
+    python -m benchmarks.int8_error --data DATA/pcam-20k --model pcam-conventional --pte   # + the .pte programs
 
 Every variant runs in float arithmetic on the same patches (weights rounded to signed 8 bits and back; the last
 line is ``quant``'s simulation of the whole INT8 model, which its integer programs follow to within one step):
@@ -14,6 +15,8 @@ line is ``quant``'s simulation of the whole INT8 model, which its integer progra
     weights/tensor              the same without bias correction
     weights/channel             weights rounded per output channel, without bias correction
     int8 (simulated)            the whole data-free INT8 model (per-tensor weights, 8-bit activations)
+    .pte, weights/tensor        with --pte: the ExecuTorch program of quant.to_executorch (the deployed model)
+    .pte, weights/channel       the same with per_channel_weights=True
 
 For each: accuracy, the patches whose class differs from the float model's, and the largest logit change.
 The validation split is the default (the test split is for final figures). Exit code 2 for a bad model, data
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -57,15 +62,17 @@ def round_weights(model: nn.Module, per_channel: bool = False) -> nn.Module:
     return model
 
 
-def variants(model: mobilenet.MobileNetV2, backend: str = "qnnpack") -> dict[str, nn.Module]:
-    """The float model and its partly quantized versions (see the module docstring), by name."""
+def variants(model: mobilenet.MobileNetV2, backend: str = "qnnpack", pte_directory: str | None = None
+             ) -> dict[str, nn.Module]:
+    """The float model and its partly quantized versions (see the module docstring), by name; with
+    ``pte_directory`` also its two ExecuTorch programs (written there; needs the ``deploy`` extra)."""
     exported = model.export().eval()
     group = model.group
     corrected = quant.prepare(exported, group=group, bias_correction=True)
     uncorrected = quant.prepare(exported, group=group, bias_correction=False)
     int8 = quant.quantize(corrected, mode="simulated", backend=backend,
                           input_range=model.normalizer.value_range())
-    return {
+    found = {
         "float": exported,
         "dfq float": corrected,
         "weights/tensor + correction": round_weights(corrected),
@@ -73,6 +80,13 @@ def variants(model: mobilenet.MobileNetV2, backend: str = "qnnpack") -> dict[str
         "weights/channel": round_weights(uncorrected, per_channel=True),
         "int8 (simulated)": int8,
     }
+    if pte_directory is not None:
+        for label, per_channel in (("tensor", False), ("channel", True)):
+            path = quant.to_executorch(exported, os.path.join(pte_directory, f"weights-{label}.pte"), group=group,
+                                       example_batch=50, input_range=model.normalizer.value_range(),
+                                       per_channel_weights=per_channel)
+            found[f".pte, weights/{label}"] = quant.load_executorch(path)
+    return found
 
 
 @torch.inference_mode()
@@ -115,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--patches", type=int, help="a class-balanced subset of this many (default: the split)")
     parser.add_argument("--backend", choices=quant.BACKENDS, default="qnnpack",
                         help="INT8 arithmetic simulated (qnnpack: 8-bit activations, as the .pte; x86: 7-bit)")
+    parser.add_argument("--pte", action="store_true",
+                        help="also the ExecuTorch programs, per-tensor and per-channel weights (deploy extra)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", help="also write the rows as JSON here")
     return parser
@@ -135,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         split = open_pcam(args.data, limits={args.split: args.patches}, splits=(args.split,))[args.split]
         images, labels = split.batch(np.arange(len(split)))
         x = model.normalizer(images)
-        rows = compare(variants(model, args.backend), x, labels)
+        with tempfile.TemporaryDirectory() as directory:
+            rows = compare(variants(model, args.backend, directory if args.pte else None), x, labels)
         print(format_rows(rows))
         if args.out:
             write_json({"model": args.model, "split": args.split, "patches": len(labels),
                         "backend": args.backend, "rows": rows}, args.out)
-    except (PCamError, OutputError, ValueError) as error:
+    except (PCamError, OutputError, ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -92,3 +92,18 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, arguments, messag
 def test_a_missing_data_directory_exits_2_naming_it(tmp_path, capsys):
     assert int8_error.main(["--model", "pcam-c12", "--data", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: not a directory" in capsys.readouterr().err
+
+
+def test_the_programs_are_compared_too(tmp_path, capsys):
+    pytest.importorskip("executorch", reason="executorch is not installed (optional extra: rotconv[deploy])")
+    data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 4, "valid": 8, "test": 4}, seed=5)
+    torch.manual_seed(1)
+    model = mobilenet.mobilenet_v2(width_mult=0.25).eval()
+    path = str(tmp_path / "model.pt")
+    mobilenet.save(model, path, mobilenet.Normalizer([0.7, 0.5, 0.7], [0.2, 0.25, 0.2]))
+    out = tmp_path / "rows.json"
+    assert int8_error.main(["--model", path, "--data", data, "--threads", "1", "--pte", "--out", str(out)]) == 0
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert {".pte, weights/tensor", ".pte, weights/channel"} <= set(rows)
+    for name in (".pte, weights/tensor", ".pte, weights/channel"):
+        assert rows[name]["max_logit_change"] > 0 and rows[name]["changed"] == round(rows[name]["changed_share"] * 8)
