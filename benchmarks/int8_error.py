@@ -39,7 +39,7 @@ import quant
 from mobilenet.data import PCamError, open_pcam
 from rotconv.files import OutputError, check_writable, write_json
 
-__all__ = ["round_weights", "variants", "compare", "main"]
+__all__ = ["round_weights", "variants", "compare", "format_rows", "main"]
 
 WEIGHT_LEVELS = 127  # signed 8 bits, symmetric: the INT8 models' weight grid
 
