@@ -68,8 +68,8 @@ def variants(model: mobilenet.MobileNetV2, backend: str = "qnnpack", pte_directo
     ``pte_directory`` also its two ExecuTorch programs (written there; needs the ``deploy`` extra)."""
     exported = model.export().eval()
     group = model.group
-    corrected = quant.prepare(exported, group=group, bias_correction=True)
     uncorrected = quant.prepare(exported, group=group, bias_correction=False)
+    corrected = quant.correct_bias(uncorrected)  # a corrected copy: prepare(bias_correction=True), folded once
     int8 = quant.quantize(corrected, mode="simulated", backend=backend,
                           input_range=model.normalizer.value_range())
     found = {

@@ -1,6 +1,7 @@
 """quant.to_executorch: the data-free INT8 model as an ExecuTorch/XNNPACK program (optional extra)."""
 import builtins
 import importlib.util
+import operator
 import subprocess
 import sys
 
@@ -139,14 +140,6 @@ def test_rounding_by_offset_is_round_half_to_even():
     assert torch.equal(_round_small(y), torch.round(y))
 
 
-def _constant(graph: torch.fx.GraphModule, node) -> torch.Tensor:
-    target = node.target
-    module = graph
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def test_per_channel_weights_in_the_program_are_the_ones_bias_correction_assumed():
     # The convs' dequantized weights in the PT2E graph are exactly fake_quantize_weight(per_channel=True) of the
     # DFQ-prepared weights (what correct_bias subtracts the error of); per tensor there is no per-channel op.
@@ -164,7 +157,7 @@ def test_per_channel_weights_in_the_program_are_the_ones_bias_correction_assumed
     found = []
     for node in graph.graph.nodes:
         if "dequantize_per_channel" in str(node.target) and node.args[0].op == "get_attr":
-            codes, scales = _constant(graph, node.args[0]), _constant(graph, node.args[1])
+            codes, scales = (operator.attrgetter(arg.target)(graph) for arg in node.args[:2])
             assert codes.dtype == torch.int8 and scales.shape == (codes.shape[0],)
             found.append(codes.float() * scales.reshape(-1, 1, 1, 1))
     assert len(found) == len(expected) == 2
