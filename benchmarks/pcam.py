@@ -11,6 +11,7 @@ table beside the paper's figures and writes JSON.
     python -m benchmarks.pcam --data /path/to/pcam             # quick profile on real PCam files
     python -m benchmarks.pcam --data /path/to/pcam --profile medium   # the studied recipe, 3 seeds
     python -m benchmarks.pcam --data DIR --profile paper --device cuda
+    python -m benchmarks.pcam --data IMAGE_FOLDERS --convert-to DIR   # image-folder PCam -> official HDF5
     torchrun --nproc_per_node 4 -m benchmarks.pcam --data DIR --profile paper --device cuda
 
 Without --data a seeded synthetic PCam-like set is generated (data cannot be downloaded here); every table
@@ -36,7 +37,7 @@ import quant
 import rotconv
 
 from mobilenet.training import Distributed
-from mobilenet.data import Normalizer, PCam, PCamError, data_fingerprint, open_pcam
+from mobilenet.data import Normalizer, PCam, PCamError, convert_to_hdf5, data_fingerprint, open_pcam
 from mobilenet import training
 from mobilenet.training import PRECISIONS, DivergedError, Progress, TrainConfig, UsageError, resolve_precision, train
 
@@ -138,7 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", default=os.path.join("runs", "pcam"), help="checkpoint directory (runs/pcam)")
     parser.add_argument("--resume", action="store_true", help="continue the runs in --runs after the last epoch")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the checkpoints already in --runs (without it, a fresh run refuses to)")
+                        help="replace the checkpoints already in --runs (without it, a fresh run refuses to); "
+                             "with --convert-to, the .h5 files already in DIR")
+    parser.add_argument("--convert-to", metavar="DIR",
+                        help="write the image-folder PCam of --data to DIR in the official HDF5 layout, and stop")
     parser.add_argument("--out", help="JSON results file (default: RUNS/results.json)")
     parser.add_argument("--synthetic-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "rotconv",
                                                                 "synthetic-pcam"),
@@ -530,7 +534,10 @@ def format_table(results: dict) -> str:
 
 # -- main --------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict | None:
-    """Validate the arguments and the outputs, take the run directory's lock, then train and evaluate."""
+    """Validate the arguments and the outputs, take the run directory's lock, then train and evaluate (or,
+    with --convert-to, only convert the data)."""
+    if args.convert_to is not None:
+        return convert(args)
     settings = _settings(args)
     processes = Distributed.from_environment(args.device)
     if not processes.main:
@@ -539,6 +546,27 @@ def run(args: argparse.Namespace) -> dict | None:
     check_writable(out)  # before hours of training, not after
     with RunLock(args.runs):
         return _run(args, settings, processes)
+
+
+def convert(args: argparse.Namespace) -> dict:
+    """``--convert-to``: the image-folder PCam of ``--data`` written in the official HDF5 layout."""
+    if args.data is None:
+        raise UsageError("--convert-to", "needs --data, the image-folder PCam to convert")
+    progress: dict[str, Progress] = {}
+
+    def show(split: str, done: int, total: int) -> None:
+        bar = progress.setdefault(split, Progress(total, f"converting {split}"))
+        bar.update(done - bar.count)
+
+    try:
+        written = convert_to_hdf5(args.data, args.convert_to, overwrite=args.overwrite, progress=show)
+    except ValueError as error:
+        if isinstance(error, PCamError):
+            raise
+        raise UsageError("--convert-to", str(error).removeprefix("directory: ")) from None
+    print(f"wrote {', '.join(f'{split} {count:,}' for split, count in written.items())} patches to "
+          f"{args.convert_to} (official HDF5 layout)")
+    return written
 
 
 def _open_data(args: argparse.Namespace, settings: dict, processes: Distributed, log) -> tuple[dict, str, bool]:

@@ -32,6 +32,7 @@ from .images import IMAGE_SUFFIXES, ImageError, read_image, require_pillow
 
 __all__ = [
     "SPLITS",
+    "split_name",
     "PCamError",
     "PCam",
     "split_paths",
@@ -40,6 +41,8 @@ __all__ = [
     "data_fingerprint",
     "balanced_subset",
     "CROP",
+    "PATCH_SHAPE",
+    "read_patch_files",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -125,6 +128,21 @@ def _check_image_headers(files: list[str]) -> None:
         if size != PATCH_SHAPE[:2] or frames != 1:
             raise PCamError(f"{path}: {size[0]}x{size[1]} pixels in {frames} frame(s), expected one 96x96 frame "
                             "(a PCam patch)")
+
+
+def read_patch_files(files: list[str]) -> np.ndarray:
+    """The image files ``files`` decoded as whole PCam patches, ``(len(files), 96, 96, 3)`` uint8;
+    :class:`PCamError` names a file that is not one readable 96x96 RGB patch."""
+    batch = np.empty((len(files),) + PATCH_SHAPE, dtype=np.uint8)
+    for slot, path in enumerate(files):
+        try:
+            image = read_image(path, max_frames=1)[0]
+        except ImageError as error:
+            raise PCamError(str(error)) from None
+        if image.shape != PATCH_SHAPE:
+            raise PCamError(f"{path}: decoded to {image.shape}, expected {PATCH_SHAPE} (a PCam patch)")
+        batch[slot] = image
+    return batch
 
 
 def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
@@ -272,16 +290,7 @@ class PCam(torch.utils.data.Dataset):
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
     def _decode(self, rows: np.ndarray) -> torch.Tensor:
-        batch = np.empty((rows.size, CROP, CROP, 3), dtype=np.uint8)
-        for slot, row in enumerate(rows.tolist()):
-            path = self.files[row]
-            try:
-                image = read_image(path, max_frames=1)[0]
-            except ImageError as error:
-                raise PCamError(str(error)) from None
-            if image.shape != PATCH_SHAPE:
-                raise PCamError(f"{path}: decoded to {image.shape}, expected {PATCH_SHAPE} (a PCam patch)")
-            batch[slot] = image[:CROP, :CROP]
+        batch = read_patch_files([self.files[row] for row in rows.tolist()])[:, :CROP, :CROP]
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
