@@ -18,7 +18,9 @@ line is ``quant``'s simulation of the whole INT8 model, which its integer progra
     .pte, weights/tensor        with --pte: the ExecuTorch program of quant.to_executorch (the deployed model)
     .pte, weights/channel       the same with per_channel_weights=True
 
-For each: accuracy, the patches whose class differs from the float model's, and the largest logit change.
+For each: accuracy, the patches whose class differs from the float model's, and the root-mean-square and largest
+logit change (the RMS says how far a variant moves the logits overall; the class changes count only the patches
+near the decision boundary, so a few dozen of them move with chance as well as with the size of the error).
 The validation split is the default (the test split is for final figures). Exit code 2 for a bad model, data
 directory or argument.
 """
@@ -96,7 +98,7 @@ def _logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def compare(models: dict[str, nn.Module], x: torch.Tensor, labels: torch.Tensor, batch_size: int = 250,
             reference: str = "float", log=print) -> list[dict]:
-    """One row per model: accuracy, class changes against ``models[reference]``, largest logit change.
+    """One row per model: accuracy, class changes against ``models[reference]``, RMS and largest logit change.
     ``x``: normalised (B, 3, H, W); ``labels``: (B,)."""
     logits = {}
     for index, (name, model) in enumerate(models.items()):
@@ -108,15 +110,18 @@ def compare(models: dict[str, nn.Module], x: torch.Tensor, labels: torch.Tensor,
         changed = int((out.argmax(1) != base.argmax(1)).sum())
         rows.append({"variant": name, "accuracy": float((out.argmax(1) == labels).float().mean()),
                      "changed": changed, "changed_share": changed / len(labels),
+                     "rms_logit_change": float((out - base).square().mean().sqrt()),
                      "max_logit_change": float((out - base).abs().max())})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| variant | accuracy (%) | class changed (patches, %) | largest logit change |", "|---|---|---|---|"]
+    lines = ["| variant | accuracy (%) | class changed (patches, %) | RMS logit change | largest logit change |",
+             "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['variant']} | {100 * row['accuracy']:.2f} | {row['changed']} "
-                     f"({100 * row['changed_share']:.2f} %) | {row['max_logit_change']:.3f} |")
+                     f"({100 * row['changed_share']:.2f} %) | {row['rms_logit_change']:.4f} | "
+                     f"{row['max_logit_change']:.3f} |")
     return "\n".join(lines)
 
 
