@@ -36,8 +36,9 @@ def convert_to_hdf5(root: str, directory: str, splits: tuple[str, ...] | None = 
         overwrite: replace ``.h5`` files already in ``directory`` (without it they are refused, before any work).
         progress: called as ``progress(split, patches_done, patches_total)`` after each block of patches.
 
-    Every file is validated before anything is written (:class:`PCamError` names a bad file, as reading does)
-    and every ``.h5`` file is written atomically: an interrupted conversion leaves whole files or none.
+    Every image's header is checked before anything is written (:class:`PCamError` names a bad file, as reading
+    does); a file whose pixels do not decode stops the conversion there, named. Every ``.h5`` file is written
+    atomically: a stopped or interrupted conversion leaves the splits already written, whole, and nothing else.
     """
     if not os.path.isdir(root):
         raise PCamError(f"{root}: not a directory (expected an image-folder PCam in it)")
