@@ -43,24 +43,15 @@ from rotconv.files import OutputError, check_writable, write_json
 
 __all__ = ["round_weights", "variants", "compare", "format_rows", "main"]
 
-WEIGHT_LEVELS = 127  # signed 8 bits, symmetric: the INT8 models' weight grid
-
-
 def round_weights(model: nn.Module, per_channel: bool = False) -> nn.Module:
     """A copy of ``model`` whose conv and linear weights are rounded to the symmetric signed 8-bit grid of their
-    whole tensor (scale max|W| / 127) or, with ``per_channel``, of each output channel."""
+    whole tensor (scale max|W| / 127) or, with ``per_channel``, of each output channel: the rounding of
+    :func:`quant.fake_quantize_weight`, which the INT8 models and bias correction use."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                weight = module.weight
-                if per_channel:
-                    peak = weight.abs().reshape(weight.shape[0], -1).amax(1)
-                    peak = peak.reshape(-1, *[1] * (weight.dim() - 1))
-                else:
-                    peak = weight.abs().amax()
-                scale = torch.where(peak > 0, peak / WEIGHT_LEVELS, torch.ones_like(peak))
-                weight.copy_(torch.round(weight / scale).clamp(-WEIGHT_LEVELS, WEIGHT_LEVELS) * scale)
+                module.weight.copy_(quant.fake_quantize_weight(module.weight, 8, "symmetric", per_channel))
     return model
 
 

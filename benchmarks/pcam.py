@@ -560,9 +560,9 @@ def convert(args: argparse.Namespace) -> dict:
 
     try:
         written = convert_to_hdf5(args.data, args.convert_to, overwrite=args.overwrite, progress=show)
-    except ValueError as error:
-        if isinstance(error, PCamError):
-            raise
+    except PCamError:
+        raise  # names the data file; exit 2 as it is
+    except ValueError as error:  # the target directory is the source folder
         raise UsageError("--convert-to", str(error).removeprefix("directory: ")) from None
     print(f"wrote {', '.join(f'{split} {count:,}' for split, count in written.items())} patches to "
           f"{args.convert_to} (official HDF5 layout)")
