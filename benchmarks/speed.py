@@ -40,8 +40,10 @@ import quant
 import rotconv
 
 from rotconv.files import atomic_write, write_json
+from rotconv.hardware import cpu_flags
 
 from .common import add_memory_argument, apply_memory_argument, serialized_bytes, untrained_but_generic
+from .isa import ISAError, xnnpack_isa
 from mobilenet.training import bf16_supported, training_step
 from quant.int8 import quantized_engine
 
@@ -616,6 +618,12 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1:
         parser.error("--repeats: expected >= 1")
     hardware = rotconv.cpu_report()
+    if importlib.util.find_spec("executorch") is not None:  # which kernels the .pte gets (benchmarks.isa)
+        try:
+            if xnnpack_isa() != "AVX512" and "avx512f" in cpu_flags():
+                hardware["isa_caps"]["XNNPACK"] = xnnpack_isa()
+        except ISAError:
+            pass
     print(rotconv.hardware_line(hardware))
     print("layers ...", file=sys.stderr)
     results = {

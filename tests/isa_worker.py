@@ -3,8 +3,8 @@ emulated CPU): quarter-turn differences of INT8 logits on every int8 engine this
 
     python tests/isa_worker.py [--engines x86,fbgemm,qnnpack] [--groups 4,12] [FILE.onnx|FILE.pte ...]
 
-Prints one JSON object: the ATen CPU capability, whether oneDNN sees VNNI, and per engine (and per file
-given) the largest absolute logit difference over the quarter turns of random inputs 3x beyond the
+Prints one JSON object: the ATen CPU capability, XNNPACK's widest instruction set (with a .pte), and per
+engine (and per file given) the largest absolute logit difference over the quarter turns of random inputs 3x beyond the
 declared input range (activations leave their planned ranges and use all 8 bits). "unclamped" is the x86
 model with its ClampCodes removed: the control that shows whether this CPU's kernels saturate at all.
 """
@@ -54,6 +54,9 @@ def main(argv: list[str]) -> dict:
     torch.manual_seed(0)
     x = 3 * torch.randn(3, 3, 95, 95)
     report = {"capability": torch.backends.cpu.get_cpu_capability(), "engines": {}, "files": {}}
+    if any(path.endswith(".pte") for path in paths):  # the kernels XNNPACK will choose from
+        from benchmarks.isa import xnnpack_isa
+        report["xnnpack"] = xnnpack_isa()
     for N in map(int, options["--groups"].split(",")):
         model = network(N)
         for engine in options["--engines"].split(","):

@@ -5,7 +5,9 @@ onnxruntime multiply uint8 by int8 with ``vpmaddubsw``, whose int16 pair sums sa
 those paths on any x86 machine, each in a subprocess (tests/isa_worker.py):
 
 * the libraries' own switches, ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``, ``ONEDNN_MAX_CPU_ISA=AVX2``,
-  ``ATEN_CPU_CAPABILITY=avx2`` (torch's kernels only; onnxruntime and XNNPACK read the CPU themselves);
+  ``ATEN_CPU_CAPABILITY=avx2`` (torch's kernels only; onnxruntime and XNNPACK read the CPU themselves), and
+  the same switches plus ExecuTorch's XNNPACK held to AVX2 by ``python -m benchmarks.isa avx2`` (the .pte's
+  AVX2 kernels at native speed);
 * the whole process on an emulated AVX2 CPU (``qemu-x86_64 -cpu Haswell``, user-mode emulation), where every
   library, onnxruntime and ExecuTorch's XNNPACK included, sees a CPU without AVX-512. Skipped, with the
   reason printed, where qemu-user is not installed (``.ci/run`` installs it where apt-get can).
@@ -21,16 +23,21 @@ import warnings
 import pytest
 
 import quant
+import rotconv.hardware
 
 WORKER = os.path.join(os.path.dirname(__file__), "isa_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVX2_SWITCHES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
-def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout: int = 900) -> dict:
+def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout: int = 900,
+                script_prefix: bool = True) -> dict:
+    """The worker's report; ``prefix`` runs before it (an emulator, then the interpreter; or, with
+    ``script_prefix=False``, a whole command that takes the worker's path, such as ``python -m benchmarks.isa``)."""
     # the repository on the path, installed or not (the worker imports the packages under test from here)
     path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    completed = subprocess.run(prefix + [sys.executable, WORKER, *arguments],
+    command = prefix + [sys.executable, WORKER] if script_prefix else prefix + [WORKER]
+    completed = subprocess.run(command + list(arguments),
                                env={**os.environ, "PYTHONPATH": path, **env}, capture_output=True, text=True,
                                timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -53,6 +60,25 @@ def test_int8_is_bit_exact_under_the_libraries_avx2_switches():
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in rotconv.hardware.cpu_flags(),
+                    reason="AVX2 kernels need an x86-64 CPU with AVX2")
+def test_benchmarks_isa_runs_every_kernel_library_at_avx2_and_int8_stays_exact(tmp_path):
+    pytest.importorskip("executorch", reason="the .pte runtime is the optional deploy extra")
+    import test_onnx
+
+    model = test_onnx._random_model("C4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = quant.to_executorch(model, str(tmp_path / "int8.pte"), group="C4")
+    report = _run_worker([sys.executable, "-m", "benchmarks.isa", "avx2"], {}, ["--engines", "x86", "--groups", "4",
+                                                                            path], script_prefix=False)
+    # the wrapper held ATen (and so torch's CPU probes) and XNNPACK's feature table to AVX2 ...
+    assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
+    _check(report)
+    # ... and fbgemm: without ClampCodes its AVX2 kernels saturate
+    assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU emulation")
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
                     reason="qemu-user is not installed (apt-get install qemu-user): no emulated AVX2 CPU")
@@ -68,5 +94,6 @@ def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(tmp_path):
     # which the switches above cannot reach) and the two files
     report = _run_worker(["qemu-x86_64", "-cpu", "Haswell"], {}, ["--engines", "x86", "--groups", "12", *files],
                          timeout=1500)
-    assert report["capability"] == "AVX2", report  # the emulated CPU has no AVX-512
+    # the emulated CPU has no AVX-512, as ATen and ExecuTorch's cpuinfo (XNNPACK's kernels) see it
+    assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
     _check(report)

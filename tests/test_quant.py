@@ -308,6 +308,34 @@ def test_int8_x86_is_bit_exactly_invariant_where_onednn_was_not():
         assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k
 
 
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no oneDNN int8 engine")
+@pytest.mark.parametrize("weight_scheme", ["symmetric", "asymmetric"])
+def test_int8_x86_packs_each_conv_for_the_library_that_runs_it_fast_and_exact(weight_scheme, monkeypatch):
+    # Which library a packed conv runs on is fixed when it is packed. On the x86 engine: dense convs on fbgemm
+    # (exact, above); grouped/depthwise convs with symmetric weights on oneDNN on every CPU. Left to the engine,
+    # CPUs without VNNI (AVX2) pack them for fbgemm, whose depthwise kernel has no fast path for C_12's channel
+    # counts that are not multiples of 8 (a 36-channel 3x3 depthwise conv at batch 32 took 180x oneDNN's time;
+    # docs/experiments.md). oneDNN takes no asymmetric weights: those stay on fbgemm.
+    packed_on = {}  # conv -> (groups, engine) of its last packing (the first is the constructor's)
+    set_weight_bias = torch.ao.nn.quantized.Conv2d.set_weight_bias
+
+    def recording(self, weight, bias):
+        packed_on[id(self)] = (self.groups, int(weight.q_zero_point()), torch.backends.quantized.engine)
+        return set_weight_bias(self, weight, bias)
+
+    monkeypatch.setattr(torch.ao.nn.quantized.Conv2d, "set_weight_bias", recording)
+    torch.manual_seed(0)
+    network = rotconv.randomize_batchnorm(mobilenet.mobilenet_v2(group=12, width_mult=0.5),
+                                          torch.randn(4, 3, 95, 95)).export().eval()
+    quant.dfq(network, group=12, mode="int8", backend="x86", weight_scheme=weight_scheme)
+    dense = {engine for groups, _, engine in packed_on.values() if groups == 1}
+    grouped = {(zero_point == 0, engine) for groups, zero_point, engine in packed_on.values() if groups > 1}
+    assert dense == {"fbgemm"}, packed_on
+    # (this seeded asymmetric network has grouped convs with and without a zero weight zero point)
+    assert grouped == ({(True, "onednn")} if weight_scheme == "symmetric" else {(True, "onednn"), (False, "fbgemm")}), \
+        packed_on
+
+
 @pytest.mark.parametrize("backend", ["qnnpack", "x86"])
 def test_simulation_adds_biases_as_the_backend_does(backend):
     # qnnpack (like XNNPACK and ONNX QLinearConv) adds a conv's bias as an int32 multiple of
