@@ -56,8 +56,8 @@ PAPER = {
 }
 
 PROFILES = {
-    # 2 CPU cores, both models, one seed: under 10 minutes
-    "quick": {"train_size": 1024, "valid_size": 256, "test_size": 512, "epochs": 5, "batch_size": 32,
+    # 2 CPU cores, both models, one seed: under 10 minutes on an AVX2-only CPU too (docs/experiments.md)
+    "quick": {"train_size": 768, "valid_size": 256, "test_size": 512, "epochs": 4, "batch_size": 32,
               "lr": 3e-3, "stability_samples": 64, "seeds": [0], "simulated_int8": False},
     # the recipe of docs/training.md's validation study (3,000 patches, ~750 steps, lr 3e-3): ~10 min per seed
     "medium": {"train_size": 3000, "valid_size": 512, "test_size": 1024, "epochs": 8, "batch_size": 32,

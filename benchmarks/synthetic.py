@@ -23,7 +23,7 @@ from mobilenet.data import SPLITS, split_paths
 
 __all__ = ["generate_patch", "write_synthetic_pcam", "DEFAULT_SIZES"]
 
-DEFAULT_SIZES = {"train": 1024, "valid": 256, "test": 512}  # the quick profile's; larger profiles add more
+DEFAULT_SIZES = {"train": 768, "valid": 256, "test": 512}  # the quick profile's; larger profiles add more
 SIZE = 96
 _CENTRE = (SIZE - 1) / 2
 _EOSIN = np.array([0.93, 0.62, 0.78])        # stroma / cytoplasm

@@ -18,7 +18,7 @@ from .arithmetic import (REDUCED_RANGE_BACKENDS, WEIGHT_SCHEME_DEFAULT, WEIGHT_S
 from .executorch import ExecuTorchModel, load_executorch, to_executorch
 from .extras import INT8_RUNTIMES, default_int8_runtime
 from .onnx import OnnxModel, load_onnx, to_onnx
-from .int8 import BACKENDS, ClampCodes, Int8Model, convert_int8
+from .int8 import BACKENDS, ClampCodes, Int8Model, convert_int8, load_int8, save_int8
 from .pipeline import MODES, RELU6_DEFAULT, RELU6_MODES, dfq, prepare, quantize
 from .plan import FakeQuantize, QuantPlan, plan_quantization, simulate
 from .registry import ModuleRule, register_module
@@ -36,6 +36,8 @@ __all__ = [
     "simulate",
     "convert_int8",
     "Int8Model",
+    "save_int8",
+    "load_int8",
     "ClampCodes",
     "QuantPlan",
     "FakeQuantize",

@@ -115,7 +115,7 @@ INT8_RUNTIMES = ("executorch", "onnx", "torch-ao")
 
 def default_int8_runtime() -> str:
     """The recommended INT8 runtime on this machine: ``"executorch"`` where the ``deploy`` extra is installed
-    (the fastest measured on every CPU kind tried, 8-bit activations, bit-exact quarter turns on AVX2 and
-    AVX-512 alike), else ``"torch-ao"``. Every runtime is bit-exact under quarter turns on CPUs with and
-    without VNNI (tests/test_isa.py), so the choice is speed and installed packages only."""
+    (the fastest measured at batch 1 on every CPU kind tried and level with torch.ao at batch 32 with AVX2
+    kernels; 8-bit activations), else ``"torch-ao"``. Every runtime is bit-exact under quarter turns on CPUs
+    with and without VNNI (tests/test_isa.py), so the choice is speed and installed packages only."""
     return "executorch" if importlib.util.find_spec("executorch") is not None else "torch-ao"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import os
 import warnings
 
 import torch
@@ -16,13 +18,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 import rotconv
+from rotconv.files import atomic_write, check_writable
 from rotconv.validation import check_choice, check_normalised
 
 from .graph import is_add, is_conv, module_of
 from .plan import QuantPlan
 from .registry import register_module, rule_for
 
-__all__ = ["Int8Model", "convert_int8", "BACKENDS", "IntegerMaskedGlobalAvgPool", "ClampCodes"]
+__all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "IntegerMaskedGlobalAvgPool",
+           "ClampCodes"]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 
@@ -163,15 +167,16 @@ class IntegerMaskedGlobalAvgPool(nn.Module):
 
 
 class Int8Model(nn.Module):
-    """Float in, float out; runs ``graph_module`` (int8 kernels inside) under the quantized ``backend``.
+    """Float in, float out; runs ``graph_module`` (int8 kernels inside: the fx graph :func:`convert_int8` builds,
+    or the TorchScript module :func:`load_int8` reads) under the quantized ``backend``.
 
     Inputs must be finite: a NaN or infinity would be clamped by the first quantization to a valid int8 value
-    and give a confident, meaningless prediction, so it is refused with a ValueError. Save it as TorchScript
-    (``torch.jit.save(torch.jit.trace(model, example), path)``; ``torch.jit.load``): torch.ao's quantized
+    and give a confident, meaningless prediction, so it is refused with a ValueError. Save it with
+    :func:`save_int8` and read it back with :func:`load_int8` (TorchScript inside): torch.ao's quantized
     modules do not unpickle, so ``torch.save`` of the whole model raises a TypeError saying so.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, backend: str) -> None:
+    def __init__(self, graph_module: nn.Module, backend: str) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.backend = backend
@@ -190,11 +195,19 @@ class Int8Model(nn.Module):
         # torch.ao's quantized modules cannot be unpickled in torch 2.13 (their state is restored after the
         # module tree is walked: AttributeError deep inside torch.load). Refuse with the way that works.
         raise TypeError("Int8Model cannot be pickled whole (torch.ao quantized modules do not unpickle); save "
-                        "it as TorchScript: torch.jit.save(torch.jit.trace(model, example_input), path), load it "
-                        "with torch.jit.load(path); or save the float model and rerun quant.dfq (it is data-free)")
+                        "it with quant.save_int8(model, path, example_input) and read it with quant.load_int8(path) "
+                        "(TorchScript inside); or save the float model and rerun quant.dfq (it is data-free)")
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
+
+
+def _packing_engine(backend: str, groups: int, weight_zero_point: int) -> str | None:
+    """The library a conv's weights are packed for on ``backend`` (None: the engine's own choice); see below."""
+    if backend != "x86":
+        return None
+    engine = "fbgemm" if groups == 1 or weight_zero_point != 0 else "onednn"
+    return engine if engine in torch.backends.quantized.supported_engines else None
 
 
 def _quantized_conv(conv: nn.Conv2d, plan: QuantPlan, out_name: str, fuse_relu: bool) -> nn.Module:
@@ -215,11 +228,7 @@ def _quantized_conv(conv: nn.Conv2d, plan: QuantPlan, out_name: str, fuse_relu: 
     # fbgemm's depthwise kernel has no fast path for channel counts that are not multiples of 8 (C_12's 36, 60,
     # 156, 324): 180 ms against oneDNN's 1 ms for a 3x3 depthwise conv of 36 channels at 47x47, batch 32.
     # oneDNN takes symmetric weights only; asymmetric ones stay with fbgemm.
-    engine = None
-    if torch.backends.quantized.engine == "x86":
-        engine = "fbgemm" if conv.groups == 1 or w_zero_point != 0 else "onednn"
-        if engine not in torch.backends.quantized.supported_engines:
-            engine = None
+    engine = _packing_engine(torch.backends.quantized.engine, conv.groups, w_zero_point)
     with quantized_engine(engine) if engine else contextlib.nullcontext():
         quantized.set_weight_bias(weight, bias)
     scale, zero_point, _, _ = plan.activation_qparams(out_name)
@@ -321,3 +330,59 @@ def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
 
 
 register_module(rotconv.MaskedGlobalAvgPool, keeps_range=True, int8_reader=IntegerMaskedGlobalAvgPool)
+
+
+_INT8_FILE_KEY = "rotconv_int8.json"  # the metadata entry of a save_int8 file
+
+
+def save_int8(model: Int8Model, path: str, example: torch.Tensor) -> str:
+    """Write ``model`` to ``path`` as TorchScript (its int8 graph traced on ``example``, a ``(B, 3, H, W)``
+    batch of the input size it runs at) with its backend beside it; :func:`load_int8` reads it back.
+    Written atomically; returns ``path``."""
+    if not isinstance(model, Int8Model):
+        raise TypeError(f"model: expected a quant Int8Model (quant.dfq(..., mode='int8')), got {type(model).__name__}")
+    check_writable(path)
+    model(example)  # the model's own input checks, before tracing
+    with quantized_engine(model.backend), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on constants
+        traced = torch.jit.trace(model.graph_module, example)
+    metadata = json.dumps({"format": 1, "backend": model.backend})
+    atomic_write(path, lambda handle: torch.jit.save(traced, handle, _extra_files={_INT8_FILE_KEY: metadata}))
+    return path
+
+
+def load_int8(path: str) -> Int8Model:
+    """Read a :func:`save_int8` file back as an :class:`Int8Model` (input checks included) whose outputs equal the
+    saved model's bit for bit. Each int8 conv is packed again for the library :func:`convert_int8` chose on its
+    backend (x86: dense convs on fbgemm, grouped ones with symmetric weights on oneDNN), not the engine's own
+    choice, which depends on the CPU: a TorchScript file loaded with ``torch.jit.load`` alone runs depthwise convs
+    on fbgemm's slow path on CPUs without VNNI and dense convs on oneDNN on CPUs with VNNI, which breaks
+    quarter-turn exactness for some networks (docs/quantization.md)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    extra = {_INT8_FILE_KEY: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{path}: not a TorchScript file ({str(error).splitlines()[0][:200]})") from None
+    try:
+        metadata = json.loads(extra[_INT8_FILE_KEY])
+        backend = metadata["backend"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: a TorchScript file not written by quant.save_int8 (no int8 metadata)") from None
+    if backend not in BACKENDS:
+        raise ValueError(f"{path}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    for module in graph.modules():
+        packed = getattr(module, "_packed_params", None)
+        if not isinstance(packed, torch.ScriptObject) or \
+                not packed._type().qualified_name().endswith("Conv2dPackedParamsBase"):
+            continue
+        weight, bias = packed.unpack()
+        engine = _packing_engine(backend, packed.groups(), int(weight.q_zero_point())
+                                 if weight.qscheme() == torch.per_tensor_affine else 1)
+        with quantized_engine(engine or backend):
+            module._packed_params = torch.ops.quantized.conv2d_prepack(
+                weight, bias, packed.stride(), packed.padding(), packed.dilation(), packed.groups())
+    return Int8Model(graph, backend)
