@@ -79,6 +79,23 @@ def test_benchmarks_isa_runs_every_kernel_library_at_avx2_and_int8_stays_exact(t
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in rotconv.hardware.cpu_flags(),
+                    reason="AVX2 kernels need an x86-64 CPU with AVX2")
+def test_benchmarks_isa_refuses_with_one_line_what_it_cannot_do(tmp_path, capsys):
+    from benchmarks import isa
+
+    cases = [([], "usage"), (["avx512", "benchmarks.speed"], "unknown instruction set 'avx512'"),
+             (["avx2", "no_such_module_here"], "no such module: no_such_module_here"),
+             (["avx2", str(tmp_path / "missing.py")], "no such script"),
+             # in this process torch is loaded already, so its switches could no longer take effect
+             (["avx2", "benchmarks.speed"], "torch is already loaded")]
+    before = {name: os.environ.get(name) for name in isa.AVX2_SWITCHES}
+    for argv, message in cases:
+        assert isa.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert {name: os.environ.get(name) for name in isa.AVX2_SWITCHES} == before  # nothing set on refusal
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU emulation")
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
                     reason="qemu-user is not installed (apt-get install qemu-user): no emulated AVX2 CPU")
