@@ -59,6 +59,7 @@ class ISAError(RuntimeError):
 
 
 def _cpu_flags() -> set[str]:
+    # rotconv.hardware.cpu_flags reads the same, but importing it loads torch, which must come after the switches
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:

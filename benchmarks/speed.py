@@ -620,10 +620,11 @@ def main(argv: list[str] | None = None) -> int:
     hardware = rotconv.cpu_report()
     if importlib.util.find_spec("executorch") is not None:  # which kernels the .pte gets (benchmarks.isa)
         try:
-            if xnnpack_isa() != "AVX512" and "avx512f" in cpu_flags():
-                hardware["isa_caps"]["XNNPACK"] = xnnpack_isa()
+            xnnpack = xnnpack_isa()
         except ISAError:
-            pass
+            xnnpack = None
+        if xnnpack not in (None, "AVX512") and "avx512f" in cpu_flags():
+            hardware["isa_caps"]["XNNPACK"] = xnnpack
     print(rotconv.hardware_line(hardware))
     print("layers ...", file=sys.stderr)
     results = {

@@ -359,7 +359,7 @@ def load_int8(path: str) -> Int8Model:
     on fbgemm's slow path on CPUs without VNNI and dense convs on oneDNN on CPUs with VNNI, which breaks
     quarter-turn exactness for some networks (docs/quantization.md)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise ValueError(f"{path}: int8 model file not found")  # as the other loaders say it
     extra = {_INT8_FILE_KEY: ""}
     try:
         with warnings.catch_warnings():

@@ -54,9 +54,9 @@ _ISA_SWITCHES = {"fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS", "oneDNN": "ONEDNN_MAX_C
 def cpu_report() -> dict:
     """The facts :func:`hardware_line` prints, as a dict (kept beside timings in JSON results).
 
-    ``vnni``: :func:`has_vnni`; ``fbgemm_isa``: the cap set by ``FBGEMM_ENABLE_INSTRUCTIONS``, if any;
-    ``isa_caps``: every library switch that holds kernels below the CPU (fbgemm, oneDNN, ATen), by library.
-    A caller that holds other libraries (``python -m benchmarks.isa`` does XNNPACK) adds them to ``isa_caps``."""
+    ``vnni``: :func:`has_vnni`; ``isa_caps``: every library switch that holds kernels below the CPU
+    (fbgemm, oneDNN, ATen), by library. A caller that holds other libraries (``python -m benchmarks.isa``
+    does XNNPACK) adds them to ``isa_caps``."""
     flags = cpu_flags()
     bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return {
@@ -65,7 +65,6 @@ def cpu_report() -> dict:
         "machine": platform.machine(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "vnni": has_vnni(),
-        "fbgemm_isa": os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS") or None,
         "isa_caps": {library: os.environ[name] for library, name in _ISA_SWITCHES.items() if os.environ.get(name)},
         "bf16": bf16,
         "amx": bool(flags & {"amx_tile", "amx_bf16"}),
@@ -82,6 +81,7 @@ def hardware_line(report: dict | None = None) -> str:
     def yes(value: bool) -> str:
         return "yes" if value else "no"
 
+    # reports stored before isa_caps existed name only fbgemm's cap, as fbgemm_isa
     caps = r.get("isa_caps") or ({"fbgemm": r["fbgemm_isa"]} if r.get("fbgemm_isa") else {})
     capped = f" (kernels capped: {', '.join(f'{k} {v}' for k, v in caps.items())})" if caps else ""
     return (f"{r['cpu']} ({r['cores']} cores) | ATen {r['capability']} | VNNI {yes(r['vnni'])}{capped} | "

@@ -304,7 +304,7 @@ def test_save_int8_and_load_int8_refuse_what_they_cannot_use(int8_model, tmp_pat
         quant.save_int8(nn.Conv2d(3, 3, 1), str(tmp_path / "a.pt"), torch.randn(1, 3, 95, 95))
     with pytest.raises(OutputError):
         quant.save_int8(int8_model, str(tmp_path), torch.randn(1, 3, 95, 95))  # a directory
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(ValueError, match="missing.pt: int8 model file not found"):
         quant.load_int8(str(tmp_path / "missing.pt"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a model")
