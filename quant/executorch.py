@@ -135,12 +135,19 @@ class _ExactMaskedGlobalAvgPool(nn.Module):
         super().__init__()
         if pool.size is None:
             raise ValueError("model: ExecuTorch export needs MaskedGlobalAvgPool(size=...) (fixed input size)")
-        self.register_buffer("integer_weights", torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS).float())
+        weights = torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS).float()
+        # Every constant is 4-D, (1, 1, ...): XNNPACK's layout pass then keeps the map channels-last from the last
+        # conv through the mean. A 0-d or 2-D constant makes it transpose the map to NCHW for the elementwise ops
+        # and back for the mean (2.4 of 42 ms of the C_12 .pte at batch 32).
+        self.register_buffer("integer_weights", weights.reshape(1, 1, *weights.shape))
+        self.register_buffer("inverse_scale", torch.full((1, 1, 1, 1), 1.0 / scale))
+        self.register_buffer("negative_offset", torch.full((1, 1, 1, 1), -ROUNDING_OFFSET))
+        self.register_buffer("offset", torch.full((1, 1, 1, 1), ROUNDING_OFFSET))
         self.scale = scale
         self.factor = scale * pool.pool_weights.numel() / 2**self.WEIGHT_BITS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        integers = _round_small(x * (1.0 / self.scale))
+        integers = _round_small(x * self.inverse_scale, self.negative_offset, self.offset)
         return (integers * self.integer_weights).mean(dim=(-2, -1), keepdim=True).flatten(1) * self.factor
 
 
@@ -148,11 +155,13 @@ class _ExactMaskedGlobalAvgPool(nn.Module):
 ROUNDING_OFFSET = 12582912.0
 
 
-def _round_small(y: torch.Tensor) -> torch.Tensor:
+def _round_small(y: torch.Tensor, negative_offset: float | torch.Tensor = -ROUNDING_OFFSET,
+                 offset: float | torch.Tensor = ROUNDING_OFFSET) -> torch.Tensor:
     """``round(y)`` (half to even) for float32 ``|y| < 2**22``, with two subtractions: XNNPACK runs them, while
     ``torch.round`` left the delegate for a portable kernel (14 of 59 ms of the .pte at batch 32). Written as
-    subtractions because the quantizer annotates every ``add`` (the residual adds) for int8."""
-    return (y - (-ROUNDING_OFFSET)) - ROUNDING_OFFSET
+    subtractions because the quantizer annotates every ``add`` (the residual adds) for int8. The offsets
+    (``-ROUNDING_OFFSET``, ``ROUNDING_OFFSET``) may be given as tensors of a shape that broadcasts."""
+    return (y - negative_offset) - offset
 
 
 def _export_graph(plan: QuantPlan) -> fx.GraphModule:

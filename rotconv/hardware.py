@@ -11,7 +11,7 @@ import platform
 
 import torch
 
-__all__ = ["cpu_report", "hardware_line", "cpu_flags", "has_vnni"]
+__all__ = ["cpu_report", "hardware_line", "cpu_flags", "has_vnni", "has_amx"]
 
 
 def cpu_flags() -> set[str]:
@@ -47,6 +47,15 @@ def has_vnni() -> bool:
     return "avx512_vnni" in cpu_flags()
 
 
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles (the int8/bf16 matrix units oneDNN uses), asked of the CPU like
+    :func:`has_vnni`, so that a CPU whose feature table is held lower (``python -m benchmarks.isa``) answers no."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        return bool(probe())
+    return "amx_tile" in cpu_flags()
+
+
 #: the environment variables by which libraries under torch hold their kernels below what the CPU has
 _ISA_SWITCHES = {"fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS", "oneDNN": "ONEDNN_MAX_CPU_ISA", "ATen": "ATEN_CPU_CAPABILITY"}
 
@@ -57,7 +66,6 @@ def cpu_report() -> dict:
     ``vnni``: :func:`has_vnni`; ``isa_caps``: every library switch that holds kernels below the CPU
     (fbgemm, oneDNN, ATen), by library. A caller that holds other libraries (``python -m benchmarks.isa``
     does XNNPACK) adds them to ``isa_caps``."""
-    flags = cpu_flags()
     bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return {
         "cpu": _cpu_model(),
@@ -67,7 +75,7 @@ def cpu_report() -> dict:
         "vnni": has_vnni(),
         "isa_caps": {library: os.environ[name] for library, name in _ISA_SWITCHES.items() if os.environ.get(name)},
         "bf16": bf16,
-        "amx": bool(flags & {"amx_tile", "amx_bf16"}),
+        "amx": has_amx(),
         "int8_engines": list(torch.backends.quantized.supported_engines),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -47,6 +47,35 @@ def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_
             assert torch.equal(program(g.act(scale * x, element, regular=False)), logits), (scale, element)
 
 
+def _xnnpack_operators(path: str, x: torch.Tensor) -> list[str]:
+    """The operators the program at ``path`` ran for one forward, in order (from the runtime's ETDump)."""
+    pytest.importorskip("executorch.devtools", reason="ExecuTorch's devtools read the ETDump")
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    module = _load_for_executorch(path, enable_etdump=True)
+    module.forward([x])
+    dump = path + ".etdump"
+    module.write_etdump_result_to_file(dump)
+    return [event.name for block in Inspector(etdump_path=dump).event_blocks if block.name == "Execute"
+            for event in block.events]
+
+
+@pytest.mark.parametrize("group, group_pool", [("C4", "max"), ("C12", "sort")])
+def test_program_keeps_the_last_map_channels_last_through_the_pool(group, group_pool, tmp_path):
+    # XNNPACK runs convs on NHWC maps. The exact pool's constants are 4-D, so its dequantize, rounding, weighting
+    # and mean run on the NHWC map the last conv wrote: no transpose between the last conv and the mean (with a
+    # 0-d or 2-D constant XNNPACK transposed the int8 map to NCHW and the float map back, 6 % of the C_12
+    # program's time at batch 32).
+    path = quant.to_executorch(_random_model(group, group_pool), str(tmp_path / "model.pte"), group=group)
+    operators = _xnnpack_operators(path, torch.randn(1, 3, 95, 95))
+    convolutions = [i for i, name in enumerate(operators) if name.startswith("Convolution")]
+    means = [i for i, name in enumerate(operators) if name.startswith("Mean")]
+    assert convolutions and len(means) == 1, operators  # the dump names XNNPACK's ops; the pool's mean ran there
+    between = operators[convolutions[-1]:means[0]]
+    assert means[0] > convolutions[-1] and not [name for name in between if name.startswith("Transpose")], between
+
+
 class _Shallow(nn.Module):
     """Two conv-BN-ReLU layers, masked pooling, linear: too shallow to amplify one-step differences."""
 
@@ -131,13 +160,16 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
 def test_rounding_by_offset_is_round_half_to_even():
     # The exact pool rounds with two float32 subtractions (so XNNPACK runs them); it must equal torch.round
     # (half to even) for every |y| < 2**22: integers, exact ties, and values just beside them.
-    from quant.executorch import _round_small
+    from quant.executorch import ROUNDING_OFFSET, _round_small
     generator = torch.Generator().manual_seed(0)
     whole = torch.randint(-2**22 + 1, 2**22, (4096,), generator=generator).float()
     y = torch.cat([whole, whole + 0.5, torch.nextafter(whole + 0.5, whole), torch.nextafter(whole + 0.5, whole + 1),
                    (torch.rand(100_000, generator=generator) - 0.5) * 600, torch.tensor([0.5, -0.5, 1.5, -2.5, 0.0])])
     y = y[y.abs() < 2**22]
     assert torch.equal(_round_small(y), torch.round(y))
+    # as the exact pool calls it: the offsets as (1, 1, 1, 1) tensors, on a (1, 1, 1, n) map
+    offsets = (torch.full((1, 1, 1, 1), -ROUNDING_OFFSET), torch.full((1, 1, 1, 1), ROUNDING_OFFSET))
+    assert torch.equal(_round_small(y.view(1, 1, 1, -1), *offsets), torch.round(y).view(1, 1, 1, -1))
 
 
 def test_per_channel_weights_in_the_program_are_the_ones_bias_correction_assumed():

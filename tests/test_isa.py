@@ -72,8 +72,9 @@ def test_benchmarks_isa_runs_every_kernel_library_at_avx2_and_int8_stays_exact(t
         path = quant.to_executorch(model, str(tmp_path / "int8.pte"), group="C4")
     report = _run_worker([sys.executable, "-m", "benchmarks.isa", "avx2"], {}, ["--engines", "x86", "--groups", "4",
                                                                             path], script_prefix=False)
-    # the wrapper held ATen (and so torch's CPU probes) and XNNPACK's feature table to AVX2 ...
+    # the wrapper held ATen (and so torch's CPU probes: no VNNI, no AMX) and XNNPACK's feature table to AVX2 ...
     assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
+    assert not report["vnni"] and not report["amx"], report
     _check(report)
     # ... and fbgemm: without ClampCodes its AVX2 kernels saturate
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
@@ -111,6 +112,7 @@ def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(tmp_path):
     # which the switches above cannot reach) and the two files
     report = _run_worker(["qemu-x86_64", "-cpu", "Haswell"], {}, ["--engines", "x86", "--groups", "12", *files],
                          timeout=1500)
-    # the emulated CPU has no AVX-512, as ATen and ExecuTorch's cpuinfo (XNNPACK's kernels) see it
+    # the emulated CPU has no AVX-512, VNNI or AMX, as ATen and ExecuTorch's cpuinfo (XNNPACK's kernels) see it
     assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
+    assert not report["vnni"] and not report["amx"], report
     _check(report)
