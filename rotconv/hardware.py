@@ -63,9 +63,9 @@ _ISA_SWITCHES = {"fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS", "oneDNN": "ONEDNN_MAX_C
 def cpu_report() -> dict:
     """The facts :func:`hardware_line` prints, as a dict (kept beside timings in JSON results).
 
-    ``vnni``: :func:`has_vnni`; ``amx``: :func:`has_amx`; ``isa_caps``: every library switch that holds kernels below the CPU
-    (fbgemm, oneDNN, ATen), by library. A caller that holds other libraries (``python -m benchmarks.isa``
-    does XNNPACK) adds them to ``isa_caps``."""
+    ``vnni``: :func:`has_vnni`; ``amx``: :func:`has_amx`; ``isa_caps``: every library switch that holds kernels
+    below the CPU (fbgemm, oneDNN, ATen), by library. A caller that holds other libraries (``python -m
+    benchmarks.isa`` does XNNPACK) adds them to ``isa_caps``."""
     bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return {
         "cpu": _cpu_model(),
