@@ -121,6 +121,19 @@ def _impose_plan(observed: fx.GraphModule, plan: QuantPlan, minmax_type: type, c
         observed.set_submodule(node.target, fixed)
 
 
+#: 1.5 * 2**23: float32 numbers in [2**23, 2**24) are spaced 1 apart, so adding it rounds to an integer
+ROUNDING_OFFSET = 12582912.0
+
+
+def _round_small(y: torch.Tensor, negative_offset: float | torch.Tensor = -ROUNDING_OFFSET,
+                 offset: float | torch.Tensor = ROUNDING_OFFSET) -> torch.Tensor:
+    """``round(y)`` (half to even) for float32 ``|y| < 2**22``, with two subtractions: XNNPACK runs them, while
+    ``torch.round`` left the delegate for a portable kernel (14 of 59 ms of the .pte at batch 32). Written as
+    subtractions because the quantizer annotates every ``add`` (the residual adds) for int8. The offsets
+    (``-ROUNDING_OFFSET``, ``ROUNDING_OFFSET``) may be given as tensors of a shape that broadcasts."""
+    return (y - negative_offset) - offset
+
+
 class _ExactMaskedGlobalAvgPool(nn.Module):
     """:class:`rotconv.MaskedGlobalAvgPool` on a dequantized int8 map, summed exactly, so that a rotated map
     gives the same bits: ``round(x / scale)`` recovers the integers ``q - z`` (|q - z| <= 255), the pooling
@@ -143,25 +156,11 @@ class _ExactMaskedGlobalAvgPool(nn.Module):
         self.register_buffer("inverse_scale", torch.full((1, 1, 1, 1), 1.0 / scale))
         self.register_buffer("negative_offset", torch.full((1, 1, 1, 1), -ROUNDING_OFFSET))
         self.register_buffer("offset", torch.full((1, 1, 1, 1), ROUNDING_OFFSET))
-        self.scale = scale
         self.factor = scale * pool.pool_weights.numel() / 2**self.WEIGHT_BITS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         integers = _round_small(x * self.inverse_scale, self.negative_offset, self.offset)
         return (integers * self.integer_weights).mean(dim=(-2, -1), keepdim=True).flatten(1) * self.factor
-
-
-#: 1.5 * 2**23: float32 numbers in [2**23, 2**24) are spaced 1 apart, so adding it rounds to an integer
-ROUNDING_OFFSET = 12582912.0
-
-
-def _round_small(y: torch.Tensor, negative_offset: float | torch.Tensor = -ROUNDING_OFFSET,
-                 offset: float | torch.Tensor = ROUNDING_OFFSET) -> torch.Tensor:
-    """``round(y)`` (half to even) for float32 ``|y| < 2**22``, with two subtractions: XNNPACK runs them, while
-    ``torch.round`` left the delegate for a portable kernel (14 of 59 ms of the .pte at batch 32). Written as
-    subtractions because the quantizer annotates every ``add`` (the residual adds) for int8. The offsets
-    (``-ROUNDING_OFFSET``, ``ROUNDING_OFFSET``) may be given as tensors of a shape that broadcasts."""
-    return (y - negative_offset) - offset
 
 
 def _export_graph(plan: QuantPlan) -> fx.GraphModule:

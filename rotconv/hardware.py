@@ -37,23 +37,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_answers(probe_name: str, flag: str) -> bool:
+    """torch's cpuid probe ``torch.cpu.<probe_name>`` where this torch has it, else the kernel's ``flag``."""
+    probe = getattr(torch.cpu, probe_name, None)
+    return bool(probe()) if probe is not None else flag in cpu_flags()
+
+
 def has_vnni() -> bool:
     """Whether the CPU has AVX512-VNNI, asked of the CPU itself (cpuid, through torch's cpuinfo; an emulated
     CPU answers for itself). Without it fbgemm and onnxruntime multiply uint8 by int8 through saturating int16
     pair sums (``vpmaddubsw``). AVX-VNNI (256-bit) is not seen here: such CPUs are treated as without."""
-    probe = getattr(torch.cpu, "_is_vnni_supported", None)
-    if probe is not None:
-        return bool(probe())
-    return "avx512_vnni" in cpu_flags()
+    return _cpu_answers("_is_vnni_supported", "avx512_vnni")
 
 
 def has_amx() -> bool:
     """Whether the CPU has AMX tiles (the int8/bf16 matrix units oneDNN uses), asked of the CPU like
     :func:`has_vnni`, so that a CPU whose feature table is held lower (``python -m benchmarks.isa``) answers no."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if probe is not None:
-        return bool(probe())
-    return "amx_tile" in cpu_flags()
+    return _cpu_answers("_is_amx_tile_supported", "amx_tile")
 
 
 #: the environment variables by which libraries under torch hold their kernels below what the CPU has
