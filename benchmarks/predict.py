@@ -8,7 +8,8 @@ each run's checkpoint, or by ``mobilenet.save``) or a shipped model's name (``mo
 Inputs: HDF5 files with a dataset ``x`` of uint8 patches ``(N, H, W, 3)`` (the PCam layout; read in batches,
 so memory does not grow with the file), ``.npy`` arrays of the same layout, or image files (PNG, JPEG,
 TIFF, BMP; needs Pillow; every frame of a multi-frame file is a patch; 16-bit grayscale is scaled to 8
-bits: :func:`mobilenet.data.read_image`). Patches larger than the model's input are centre-cropped (a
+bits; an EXIF orientation tag is applied, so positions are those of the image as shown:
+:func:`mobilenet.data.read_image`). Patches larger than the model's input are centre-cropped (a
 notice says so), or with ``--tiles`` cut into non-overlapping tiles, one CSV line each with its position.
 
 Writes one CSV line per patch (``source,index,probability_tumour,predicted``; with ``--tiles``

@@ -128,3 +128,54 @@ def test_grayscale_palette_and_rgba_become_rgb(tmp_path):
     assert np.array_equal(read_image(str(tmp_path / "a.png"))[0], rgb)
     Image.fromarray(rgb[:, :, 0]).save(tmp_path / "g.png")
     assert np.array_equal(read_image(str(tmp_path / "g.png"))[0], np.repeat(rgb[:, :, :1], 3, 2))
+
+
+# What a viewer shows for each EXIF orientation value, from the stored (H, W, 3) pixels (EXIF 2.3, tag 0x0112:
+# 2 mirrored left-right, 3 turned 180 degrees, 4 mirrored top-bottom, 5 transposed, 6 stored a quarter turn
+# anticlockwise (shown turned clockwise), 7 transversed, 8 stored a quarter turn clockwise)
+SHOWN = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def save_oriented(array, path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+
+
+@settings(max_examples=12, deadline=None)
+@given(orientation=st.integers(1, 8), height=st.integers(2, 9), width=st.integers(2, 9),
+       suffix=st.sampled_from([".png", ".tif", ".jpg"]), seed=st.integers(0, 100))
+def test_exif_orientation_gives_the_pixels_a_viewer_shows(tmp_path_factory, orientation, height, width, suffix, seed):
+    stored = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    folder = tmp_path_factory.mktemp("exif")
+    path = str(folder / f"turned{suffix}")
+    save_oriented(stored, path, orientation)
+    assert Image.open(path).getexif().get(0x0112) == orientation  # the tag was written
+    if suffix == ".jpg":  # lossy: the same pixels saved without the tag decode to the stored grid
+        Image.fromarray(stored).save(folder / "plain.jpg")
+        stored = read_image(str(folder / "plain.jpg"))[0]
+    assert np.array_equal(read_image(path)[0], SHOWN[orientation](stored))
+
+
+def test_exif_orientation_turns_sixteen_bit_and_image_folder_patches(tmp_path):
+    values = np.arange(6, dtype=np.uint16).reshape(2, 3) * 13107  # 0 .. 65535
+    path = str(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(values).save(path, exif=exif)
+    shown = np.rot90(np.floor(values / 257 + 0.5).astype(np.uint8), -1)
+    assert np.array_equal(read_image(path)[0, :, :, 1], shown)
+    written = write_folder(str(tmp_path / "pcam"), sizes=(("train", 2), ("valid", 2), ("test", 2)))
+    image = written["train"][0][0]  # label 0, patch0000000
+    save_oriented(image, str(tmp_path / "pcam" / "train" / "0" / "patch0000000.png"), 8)
+    x, _ = PCam(str(tmp_path / "pcam"), "train")[0]  # the first 95 rows and columns, as for every patch
+    assert np.array_equal(x.permute(1, 2, 0).numpy(), np.rot90(image, 1)[:95, :95])

@@ -8,6 +8,9 @@
 * 16-bit grayscale (``I;16`` PNG/TIFF) is scaled to 8 bits (``round(v / 257)``: 65535 -> 255), not clipped.
   32-bit integer (``I``) and float (``F``) images carry no known white level and are refused.
 * Every frame of a multi-frame file (TIFF pages, animated PNG/GIF) is returned, in order.
+* An EXIF orientation tag (cameras, phones and some scanners store pixels sideways or mirrored and tag them)
+  is applied: the pixels come as a viewer shows the image, so ``--tiles`` positions and centre crops refer
+  to the image the user sees, not to the stored grid.
 * A file that declares more pixels than Pillow's decompression-bomb limit, a truncated or corrupt file and
   an unknown format raise :class:`ImageError` naming the file.
 """
@@ -23,6 +26,8 @@ __all__ = ["ImageError", "IMAGE_SUFFIXES", "read_image", "require_pillow"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _CONVERTIBLE = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1", "PA", "RGBX", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+_ORIENTATION = 0x0112  # the EXIF orientation tag; values 2-8 are mirrored or turned storage
+_TURNED = range(2, 9)
 
 
 class ImageError(ValueError):
@@ -53,6 +58,13 @@ def _frame_rgb(frame, path: str) -> np.ndarray:
                      "save it as 8-bit RGB (or 16-bit grayscale)")
 
 
+def _upright(frame):
+    """``frame`` turned and mirrored as its EXIF orientation tag says (itself when it has none)."""
+    from PIL import ImageOps  # Pillow is there: the frame came from it
+    orientation = frame.getexif().get(_ORIENTATION, 1)
+    return ImageOps.exif_transpose(frame) if orientation in _TURNED else frame
+
+
 def read_image(path: str, max_frames: int | None = None) -> np.ndarray:
     """Every frame of the image file ``path`` as uint8 RGB ``(frames, H, W, 3)`` (rules: module docstring).
 
@@ -71,7 +83,7 @@ def read_image(path: str, max_frames: int | None = None) -> np.ndarray:
                 arrays = []
                 for index in range(frames):
                     image.seek(index)
-                    arrays.append(_frame_rgb(image, path))
+                    arrays.append(_frame_rgb(_upright(image), path))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
