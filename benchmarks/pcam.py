@@ -405,6 +405,8 @@ def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], n
     plain = model.export().cpu()
     options = {"group": group_of(name), "backend": args.backend, "input_range": normalizer.value_range(),
                "weight_scheme": args.weight_scheme, "relu6": args.relu6}
+    if args.int8_backend in DEPLOY_BACKENDS:  # the export is ~20 s of graph passes with nothing else to show
+        log(f"INT8: data-free quantization, lowering to {DEPLOY_BACKENDS[args.int8_backend][3]} ...")
     int8, int8_bytes, int8_label = _int8_model(name, plain, normalizer, args, batch, artifact_dir)
     int8_accuracy, int8_degenerate, int8_classes = scored(int8, test, normalizer, batch, "cpu",
                                                           f"test INT8 ({int8_label})")

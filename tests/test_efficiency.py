@@ -80,7 +80,9 @@ def test_resume_with_another_int8_backend_evaluates_again_without_training(tmp_p
     assert first["runs"][0]["int8_backend"] == "torch-ao" and "x86 int8 kernels" in first["table"]
     capsys.readouterr()
     assert efficiency.main(arguments + ["--int8-backend", "executorch", "--resume"]) == 0
-    assert "INT8 on executorch, relu6 keep (was torch-ao, keep), no retraining" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "INT8 on executorch, relu6 keep (was torch-ao, keep), no retraining" in printed
+    assert "INT8: data-free quantization, lowering to ExecuTorch XNNPACK ..." in printed  # the export is announced
     second = json.loads(out.read_text())
     (before,), (after,) = first["runs"], second["runs"]
     assert after["int8_backend"] == "executorch" and "ExecuTorch XNNPACK" in second["table"]
