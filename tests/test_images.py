@@ -1,6 +1,9 @@
 """Image files: mobilenet.data.read_image's rules (bit depth, modes, frames, bad files) and the image-folder
 PCam layout root/{train,valid,test}/{0,1}/*.png|jpg (same reader, same errors, same pixels as HDF5)."""
 import os
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -179,3 +182,17 @@ def test_exif_orientation_turns_sixteen_bit_and_image_folder_patches(tmp_path):
     save_oriented(image, str(tmp_path / "pcam" / "train" / "0" / "patch0000000.png"), 8)
     x, _ = PCam(str(tmp_path / "pcam"), "train")[0]  # the first 95 rows and columns, as for every patch
     assert np.array_equal(x.permute(1, 2, 0).numpy(), np.rot90(image, 1)[:95, :95])
+
+
+@pytest.mark.parametrize("exif", [b"\x00\x01 not TIFF", b"II*\x00\x08\x00\x00\x00\x05\x00\x12\x01"],
+                         ids=["garbage", "truncated"])
+def test_an_unparsable_exif_block_leaves_the_pixels_as_stored_without_a_warning(tmp_path, exif):
+    stored = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    path = tmp_path / "odd.png"
+    Image.fromarray(stored).save(path)
+    png = path.read_bytes()
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    path.write_bytes(png[:33] + chunk + png[33:])  # after the signature (8 bytes) and the header chunk (25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(read_image(str(path))[0], stored)

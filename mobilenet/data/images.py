@@ -10,7 +10,7 @@
 * Every frame of a multi-frame file (TIFF pages, animated PNG/GIF) is returned, in order.
 * An EXIF orientation tag (cameras, phones and some scanners store pixels sideways or mirrored and tag them)
   is applied: the pixels come as a viewer shows the image, so ``--tiles`` positions and centre crops refer
-  to the image the user sees, not to the stored grid.
+  to the image the user sees, not to the stored grid. An EXIF block that cannot be parsed counts as no tag.
 * A file that declares more pixels than Pillow's decompression-bomb limit, a truncated or corrupt file and
   an unknown format raise :class:`ImageError` naming the file.
 """
@@ -58,11 +58,21 @@ def _frame_rgb(frame, path: str) -> np.ndarray:
                      "save it as 8-bit RGB (or 16-bit grayscale)")
 
 
+def _orientation(frame) -> int:
+    """The frame's EXIF orientation tag; 1 (as stored) without one or when the EXIF block cannot be parsed
+    (its pixels are intact: viewers show such a file as stored)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Corrupt EXIF", category=UserWarning)
+            return int(frame.getexif().get(_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - Pillow's metadata parser raises many types for malformed bytes
+        return 1
+
+
 def _upright(frame):
     """``frame`` turned and mirrored as its EXIF orientation tag says (itself when it has none)."""
     from PIL import ImageOps  # Pillow is there: the frame came from it
-    orientation = frame.getexif().get(_ORIENTATION, 1)
-    return ImageOps.exif_transpose(frame) if orientation in _TURNED else frame
+    return ImageOps.exif_transpose(frame) if _orientation(frame) in _TURNED else frame
 
 
 def read_image(path: str, max_frames: int | None = None) -> np.ndarray:
