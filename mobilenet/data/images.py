@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import io
+import itertools
 import os
 import warnings
 
@@ -26,6 +28,9 @@ __all__ = ["ImageError", "IMAGE_SUFFIXES", "read_image", "require_pillow"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _CONVERTIBLE = {"RGB", "L", "P", "RGBA", "LA", "CMYK", "YCbCr", "1", "PA", "RGBX", "La"}
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}
+# the oldest Pillow read correctly: 16-bit grayscale PNGs open as ``I;16`` from 10.3 on (as 32-bit ``I``
+# before), and TIFF orientation is applied once from 10.1 on (twice with ImageOps.exif_transpose before)
+_PILLOW_MINIMUM = (10, 3)
 _ORIENTATION = 0x0112  # the EXIF orientation tag; values 2-8 are mirrored or turned storage
 _TURNED = range(2, 9)
 
@@ -35,13 +40,28 @@ class ImageError(ValueError):
 
 
 def require_pillow(path: str):
-    """The ``PIL.Image`` module; :class:`ImageError` naming ``path`` when Pillow is not installed."""
+    """The ``PIL.Image`` module; :class:`ImageError` naming ``path`` when Pillow is not installed or older
+    than 10.3 (older ones read 16-bit PNGs as 32-bit and turn oriented TIFFs twice)."""
     try:
+        import PIL
         from PIL import Image
     except ImportError:
         raise ImageError(f"{path}: reading image files needs Pillow (pip install pillow, or the "
                          "'images' extra)") from None
+    if _version(PIL.__version__) < _PILLOW_MINIMUM:
+        wanted = ".".join(map(str, _PILLOW_MINIMUM))
+        raise ImageError(f"{path}: reading image files needs Pillow {wanted} or later, found {PIL.__version__} "
+                         f"(pip install 'pillow>={wanted}')")
     return Image
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"10.3.0"`` -> ``(10, 3, 0)`` (a pre-release suffix is dropped: ``"11.0.0.dev0"`` -> ``(11, 0, 0)``)."""
+    numbers = []
+    for part in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers)
 
 
 def _frame_rgb(frame, path: str) -> np.ndarray:
@@ -86,7 +106,12 @@ def read_image(path: str, max_frames: int | None = None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            # decoded from the file's bytes, not opened by name: Pillow then never memory-maps an uncompressed
+            # file, and it scrambles mapped grayscale TIFFs when it turns them upright on load (orientations
+            # 5-8; seen in Pillow 11-13)
+            with open(path, "rb") as handle:
+                content = io.BytesIO(handle.read())
+            with Image.open(content) as image:
                 frames = getattr(image, "n_frames", 1)
                 if max_frames is not None and frames > max_frames:
                     raise ImageError(f"{path}: {frames} frames, expected at most {max_frames}")
