@@ -137,6 +137,7 @@ def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
     (:func:`as_images`), normalised with ``model.normalizer``, softmax of the logits. Without a normalizer
     the images must already be float and normalised.
 
+    The model runs in eval mode and is left in the mode it came in (predicting during training is safe).
     On the CPU the batches go in as channels_last (the model itself is left as it is): oneDNN then runs the
     whole network in that layout, 1.23-1.32x faster than contiguous inputs (2 cores, batch 64, both models);
     the logits differ from a contiguous forward only by float rounding (~1e-5 relative)."""
@@ -147,12 +148,16 @@ def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
         raise ValueError("images: uint8 images need the model's normalizer (load the model with mobilenet.load, "
                          "or pass float images normalised as in training)")
     device = next(model.parameters()).device
-    model.eval()
+    was_training = model.training
+    model.eval()  # batch norm on its running statistics; the caller's mode is given back
     outputs = []
-    for start in range(0, batch.shape[0], batch_size):
-        chunk = batch[start:start + batch_size].to(device)
-        inputs = normalizer(chunk) if normalizer is not None else chunk.float()
-        if inputs.device.type == "cpu":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
+    try:
+        for start in range(0, batch.shape[0], batch_size):
+            chunk = batch[start:start + batch_size].to(device)
+            inputs = normalizer(chunk) if normalizer is not None else chunk.float()
+            if inputs.device.type == "cpu":
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, model.num_classes)

@@ -152,8 +152,9 @@ def test_predict_feeds_channels_last_batches_and_leaves_the_model_as_it_is(group
     probabilities = mobilenet.predict(model, images, batch_size=2)
     assert seen == [True, True, True]  # three batches (2, 2, 1), each channels_last
     assert all(p.is_contiguous() for p in model.parameters())  # the model's own layout is untouched
+    assert model.training  # and its mode (a new model is in training mode; predict ran it in eval mode)
     with torch.no_grad():
-        expected = torch.softmax(model(images), 1)  # contiguous forward: equal up to float rounding
+        expected = torch.softmax(model.eval()(images), 1)  # contiguous forward: equal up to float rounding
     assert torch.allclose(probabilities, expected, atol=1e-5)
 
 
@@ -380,3 +381,23 @@ def test_early_stopping_ends_the_run_and_a_stopped_run_stays_stopped_on_resume(t
     longer = mobilenet.train(_small_net(), train_data, valid_data, replace(config, patience=None), run_dir,
                              resume=True, log=lambda *a: None)
     assert longer["stopped_epoch"] is None and [h["epoch"] for h in longer["history"]] == list(range(1, 9))
+
+
+def test_evaluation_and_prediction_give_the_model_back_in_its_mode():
+    data = _tensor_data(32, 2)
+    model = _small_net().train()
+    running_mean = model[1].running_mean.clone()
+    loss_in_training = mobilenet.evaluate_loss(model, data, None, 16, show=False)
+    assert model.training  # a custom training loop that validates goes on training batch norm
+    assert torch.equal(model[1].running_mean, running_mean)  # evaluated on running statistics, not updated
+    assert mobilenet.evaluate_loss(model.eval(), data, None, 16, show=False) == loss_in_training
+    assert not model.training
+    result = mobilenet.train(model.train(), data, data, mobilenet.TrainConfig(epochs=1, batch_size=16,
+                             precision="fp32", augment=False), log=lambda *a: None)
+    assert not model.training and result["history"]  # train() returns the model in eval mode, as documented
+
+    net = mobilenet.mobilenet_v2(group=4, width_mult=0.25).train()
+    images = torch.rand(3, 96, 96, 3)  # float in [0, 1]; without a normalizer taken as normalised
+    first = mobilenet.predict(net, images)
+    assert net.training
+    assert torch.equal(mobilenet.predict(net.eval(), images), first)

@@ -198,18 +198,22 @@ def evaluate_loss(model: nn.Module, data, preprocess: Callable | None, batch_siz
                   processes: Distributed | None = None, description: str = "valid",
                   show: bool = True) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``data`` (a dataset or DataLoader; shared out over
-    the processes)."""
+    the processes), in eval mode; the model is left in the mode it came in."""
     processes = processes or Distributed()
-    model.eval()
+    was_training = model.training
+    model.eval()  # the caller's mode is given back below
     batches, count, examples = _eval_batches(data, batch_size, processes)
     loss_sum = correct = 0.0
     progress = Progress(count, description, show and processes.main)
-    for images, labels in batches:
-        logits = model(_prepare(images, preprocess, device, torch.contiguous_format))
-        labels = labels.to(device)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        progress.update()
+    try:
+        for images, labels in batches:
+            logits = model(_prepare(images, preprocess, device, torch.contiguous_format))
+            labels = labels.to(device)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            progress.update()
+    finally:
+        model.train(was_training)
     loss_sum, correct, examples = processes.sum([loss_sum, correct, float(examples)])
     return loss_sum / examples, correct / examples
 
@@ -324,7 +328,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
         device, processes, log, workers: where to train, the torchrun processes (default: this one alone),
             where progress lines go, DataLoader workers that read the next batches.
 
-    The weights with the lowest validation loss are kept (``best_state``, also in the checkpoint). A
+    The weights with the lowest validation loss are kept (``best_state``, also in the checkpoint); ``model``
+    is returned holding the last epoch's weights, in eval mode. A
     non-finite loss, or a run in which no epoch improved on the untrained model's validation loss, raises
     :class:`DivergedError`; bad settings raise :class:`UsageError` naming the config field or argument.
     """
@@ -384,6 +389,7 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     if best["epoch"] == 0:
         raise DivergedError(f"training never produced a finite validation loss (last: "
                             f"{history[-1]['valid_loss'] if history else 'none'}); nothing to evaluate")
+    model.eval()
     return {"best_state": best["state"], "best_epoch": best["epoch"], "best_valid_loss": best["valid_loss"],
             "history": history, "stopped_epoch": stopped}
 
