@@ -21,6 +21,7 @@ executorch's quantizer).
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import tempfile
@@ -65,7 +66,7 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         network = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
     else:
         check_float_model(model)
-        network = model.eval()
+        network = copy.deepcopy(model).eval()  # the caller's model keeps its mode
     dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
     with warnings.catch_warnings(), tempfile.TemporaryDirectory() as directory:
         warnings.simplefilter("ignore")

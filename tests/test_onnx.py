@@ -37,6 +37,17 @@ def files(tmp_path_factory):
     return model, fp32, int8, reference
 
 
+def test_the_float_export_leaves_the_callers_model_in_its_mode(tmp_path):
+    model = _random_model("C4").train()  # e.g. exported for a look in the middle of training
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = quant.to_onnx(model, str(tmp_path / "fp32.onnx"), int8=False)
+    assert model.training
+    x = torch.randn(2, 3, 95, 95, generator=torch.Generator().manual_seed(0))
+    expected = model.eval()(x)  # the file holds the network in eval mode (batch norm on running statistics)
+    assert torch.allclose(quant.load_onnx(path)(x), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
+
+
 def test_fp32_file_matches_the_model_at_any_batch(files):
     model, fp32, _, _ = files
     session = quant.load_onnx(fp32)
