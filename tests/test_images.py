@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from benchmarks import pcam as pcam_cli
@@ -163,18 +163,21 @@ def as_rgb(stored):
 
 
 @settings(max_examples=40, deadline=None)
+@example(orientation=6, height=3, width=5, suffix=".tif", kind="gray", seed=0)  # always: the cases Pillow
+@example(orientation=7, height=4, width=2, suffix=".tif", kind="gray16", seed=1)  # scrambles when mapped
 @given(orientation=st.integers(1, 8), height=st.integers(2, 9), width=st.integers(2, 9),
        suffix=st.sampled_from([".png", ".tif", ".jpg"]), kind=st.sampled_from(["rgb", "gray", "gray16"]),
        seed=st.integers(0, 100))
 def test_exif_orientation_gives_the_pixels_a_viewer_shows(tmp_path_factory, orientation, height, width, suffix,
                                                           kind, seed):
-    # uncompressed grayscale TIFFs are the case Pillow memory-maps when opened by name, which turns
-    # orientations 5-8 into scrambled pixels there (Pillow 13)
+    # uncompressed grayscale TIFFs are what Pillow memory-maps when a file is opened by name, and it turns
+    # mapped ones with orientations 5-8 into scrambled pixels (Pillow 11-13)
     assume(not (suffix == ".jpg" and kind == "gray16"))  # JPEG has no 16-bit form
     rng = np.random.default_rng(seed)
-    shape, dtype = ((height, width, 3), np.uint8) if kind == "rgb" else ((height, width), np.uint8)
-    stored = rng.integers(0, 256, shape, dtype=dtype) if kind != "gray16" else \
-        rng.integers(0, 65536, (height, width), dtype=np.uint16)
+    if kind == "gray16":
+        stored = rng.integers(0, 65536, (height, width), dtype=np.uint16)
+    else:
+        stored = rng.integers(0, 256, (height, width, 3) if kind == "rgb" else (height, width), dtype=np.uint8)
     folder = tmp_path_factory.mktemp("exif")
     path = str(folder / f"turned{suffix}")
     save_oriented(stored, path, orientation)
@@ -186,14 +189,7 @@ def test_exif_orientation_gives_the_pixels_a_viewer_shows(tmp_path_factory, orie
     assert np.array_equal(read_image(path)[0], SHOWN[orientation](expected))
 
 
-def test_exif_orientation_turns_sixteen_bit_and_image_folder_patches(tmp_path):
-    values = np.arange(6, dtype=np.uint16).reshape(2, 3) * 13107  # 0 .. 65535
-    path = str(tmp_path / "deep.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(values).save(path, exif=exif)
-    shown = np.rot90(np.floor(values / 257 + 0.5).astype(np.uint8), -1)
-    assert np.array_equal(read_image(path)[0, :, :, 1], shown)
+def test_exif_orientation_turns_image_folder_patches(tmp_path):
     written = write_folder(str(tmp_path / "pcam"), sizes=(("train", 2), ("valid", 2), ("test", 2)))
     image = written["train"][0][0]  # label 0, patch0000000
     save_oriented(image, str(tmp_path / "pcam" / "train" / "0" / "patch0000000.png"), 8)
