@@ -25,19 +25,34 @@ def _random_model(group: str, group_pool: str = "max") -> nn.Module:
     return rotconv.randomize_batchnorm(model, torch.randn(8, 3, 95, 95)).export().eval()
 
 
+@pytest.fixture(scope="module")
+def program_file(tmp_path_factory):
+    """``(group, group_pool, relu6, per_channel) -> path`` of the random model's program (batch 2), each written
+    once (an export takes ~15 s) for every test that reads it."""
+    written = {}
+
+    def make(group: str, group_pool: str, relu6: str, per_channel: bool) -> str:
+        key = (group, group_pool, relu6, per_channel)
+        if key not in written:
+            path = str(tmp_path_factory.mktemp("program") / "model.pte")
+            written[key] = quant.to_executorch(_random_model(group, group_pool), path, group=group, example_batch=2,
+                                               relu6=relu6, per_channel_weights=per_channel)
+        return written[key]
+    return make
+
+
 @pytest.mark.parametrize("group, group_pool, relu6, per_channel", [
     ("C4", "max", "replace", False), ("C12", "max", "replace", False), ("C4", "sort", "replace", False),
     ("C12", "max", "keep", False), ("C12", "max", "keep", True), ("C4", "max", "replace", True)])
-def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, relu6, per_channel, tmp_path):
+def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, relu6, per_channel,
+                                                                   program_file):
     # The int8 feature maps of a rotated input are the rotated maps (rot90-exact filters, per-tensor scales);
     # the masked average pool sums integers exactly in float64, so even the float head gives identical bits.
     # Inputs 3x wider than the declared range saturate the first quantizer: still exact. group_pool="sort"
     # is exported as a min/max sorting network (ExecuTorch has no sort kernel): exact too. relu6="keep":
     # ReLU6 clipped by the top of the int8 range, no equalization: exact too. Per-channel weights: the channels
     # a quarter turn maps onto each other hold the same weights, rotated, hence the same scale: exact too.
-    path = quant.to_executorch(_random_model(group, group_pool), str(tmp_path / "model.pte"), group=group,
-                               example_batch=2, relu6=relu6, per_channel_weights=per_channel)
-    program = quant.load_executorch(path)
+    program = quant.load_executorch(program_file(group, group_pool, relu6, per_channel))
     g = rotconv.as_group(group)
     x = torch.randn(3, 3, 95, 95, generator=torch.Generator().manual_seed(1))  # 3 = one full batch + a padded one
     for scale in (1.0, 3.0):
@@ -61,14 +76,13 @@ def _xnnpack_operators(path: str, x: torch.Tensor) -> list[str]:
             for event in block.events]
 
 
-@pytest.mark.parametrize("group, group_pool", [("C4", "max"), ("C12", "sort")])
-def test_program_keeps_the_last_map_channels_last_through_the_pool(group, group_pool, tmp_path):
+@pytest.mark.parametrize("group, group_pool", [("C4", "max"), ("C4", "sort")])
+def test_program_keeps_the_last_map_channels_last_through_the_pool(group, group_pool, program_file):
     # XNNPACK runs convs on NHWC maps. The exact pool's constants are 4-D, so its dequantize, rounding, weighting
     # and mean run on the NHWC map the last conv wrote: no transpose between the last conv and the mean (with a
     # 0-d or 2-D constant XNNPACK transposed the int8 map to NCHW and the float map back, 6 % of the C_12
     # program's time at batch 32).
-    path = quant.to_executorch(_random_model(group, group_pool), str(tmp_path / "model.pte"), group=group)
-    operators = _xnnpack_operators(path, torch.randn(1, 3, 95, 95))
+    operators = _xnnpack_operators(program_file(group, group_pool, "replace", False), torch.randn(2, 3, 95, 95))
     convolutions = [i for i, name in enumerate(operators) if name.startswith("Convolution")]
     means = [i for i, name in enumerate(operators) if name.startswith("Mean")]
     assert convolutions and len(means) == 1, operators  # the dump names XNNPACK's ops; the pool's mean ran there
