@@ -148,16 +148,12 @@ def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
         raise ValueError("images: uint8 images need the model's normalizer (load the model with mobilenet.load, "
                          "or pass float images normalised as in training)")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # batch norm on its running statistics; the caller's mode is given back
     outputs = []
-    try:
+    with rotconv.eval_mode(model):  # batch norm on its running statistics; the caller's mode is given back
         for start in range(0, batch.shape[0], batch_size):
             chunk = batch[start:start + batch_size].to(device)
             inputs = normalizer(chunk) if normalizer is not None else chunk.float()
             if inputs.device.type == "cpu":
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, model.num_classes)

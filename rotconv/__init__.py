@@ -12,6 +12,7 @@ Public API::
     equivariant_padding, equivariant_output_size  odd-grid stride policy      (rotconv.grid)
     export, needs_export, EXPORTED_TYPES          to plain torch.nn           (rotconv.export)
     equivariance_error, smooth_noise, randomize_batchnorm   numerical checks (rotconv.checks)
+    eval_mode                                     eval mode, the caller's mode given back   (rotconv.modes)
     summary, ModelSummary                         params / MACs / memory      (rotconv.summary)
     check_int, check_positive_int, check_choice, check_normalised   argument checks  (rotconv.validation)
     cpu_report, hardware_line                     what the CPU offers kernels (rotconv.hardware)
@@ -25,6 +26,7 @@ from .hardware import cpu_report, hardware_line
 from .group import CyclicGroup, DihedralGroup, Group, as_group, mirror_image, rotate_image
 from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableConv2d
 from .lowpass import LowpassConv2d, binomial_filter, lowpass_basis
+from .modes import eval_mode
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
 from .summary import ModelSummary, summary
@@ -57,6 +59,7 @@ __all__ = [
     "equivariant_output_size",
     "export",
     "needs_export",
+    "eval_mode",
     "EXPORTED_TYPES",
     "equivariance_error",
     "smooth_noise",

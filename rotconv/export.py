@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from .layers import SteerableConv2d
 from .lowpass import LowpassConv2d
+from .modes import eval_mode
 from .norm import GroupBatchNorm2d
 
 __all__ = ["export", "needs_export", "EXPORTED_TYPES"]
@@ -36,12 +37,10 @@ def _record_input_sizes(model: nn.Module, example_input: torch.Tensor) -> dict[i
         sizes.setdefault(id(module), tuple(args[0].shape[-2:]))
 
     hooks = [m.register_forward_pre_hook(record) for m in _strided_equivariant_convs(model)]
-    was_training = model.training
-    model.eval()
     try:
-        model(example_input)
+        with eval_mode(model):
+            model(example_input)
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return sizes

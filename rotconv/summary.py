@@ -10,6 +10,7 @@ import torch.nn as nn
 from .export import export, needs_export
 from .layers import SteerableConv2d
 from .lowpass import LowpassConv2d
+from .modes import eval_mode
 from .norm import GroupBatchNorm2d
 from .validation import check_positive_int
 
@@ -82,13 +83,11 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
                                                                                  GroupBatchNorm2d))
         if is_leaf and not isinstance(module, nn.Dropout):
             hooks.append(module.register_forward_hook(leaf_hook))
-    was_training = model.training
-    model.eval()
     try:
-        device = next(model.parameters()).device
-        model(torch.zeros(1, in_channels, input_size, input_size, device=device))
+        with eval_mode(model):
+            device = next(model.parameters()).device
+            model(torch.zeros(1, in_channels, input_size, input_size, device=device))
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -560,3 +560,23 @@ def test_grouped_group_conv_is_its_sets_side_by_side_and_equivariant(group, grou
     for k in group.exact_elements():
         assert rotconv.equivariance_error(layer, group, x, k, input_regular=True) < 1e-5, k
     torch.testing.assert_close(layer.export(size)(x), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_runs_in_eval_and_gives_the_mode_back_also_after_an_error(training):
+    torch.manual_seed(0)
+    model = nn.Sequential(rotconv.LiftingConv2d(3, 2, 3, group=4), rotconv.GroupBatchNorm2d(2, group=4), nn.ReLU(),
+                          rotconv.MaskedGlobalAvgPool(), rotconv.GroupPool(group=4)).train(training)
+    x = torch.randn(2, 3, 9, 9)
+    with rotconv.eval_mode(model) as inside:
+        assert inside is model and not any(m.training for m in model.modules())
+        expected = model(x)
+    assert all(m.training == training for m in model.modules())
+    with pytest.raises(ValueError, match="input"):
+        with rotconv.eval_mode(model):
+            model(torch.randn(2, 5, 9, 9))  # wrong channel count: the conv raises inside the block
+    assert all(m.training == training for m in model.modules())
+    # rotconv's own helpers run the model through it: the mode is left as it was
+    assert torch.allclose(rotconv.export(model).eval()(x), expected, atol=1e-5)
+    rotconv.summary(model, input_size=9)
+    assert all(m.training == training for m in model.modules())

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import os
 import warnings
 
@@ -48,20 +47,11 @@ def require_pillow(path: str):
     except ImportError:
         raise ImageError(f"{path}: reading image files needs Pillow (pip install pillow, or the "
                          "'images' extra)") from None
-    if _version(PIL.__version__) < _PILLOW_MINIMUM:
+    if tuple(int(part) for part in PIL.__version__.split(".")[:2]) < _PILLOW_MINIMUM:  # "11.0.0.dev0" too
         wanted = ".".join(map(str, _PILLOW_MINIMUM))
         raise ImageError(f"{path}: reading image files needs Pillow {wanted} or later, found {PIL.__version__} "
                          f"(pip install 'pillow>={wanted}')")
     return Image
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """``"10.3.0"`` -> ``(10, 3, 0)`` (a pre-release suffix is dropped: ``"11.0.0.dev0"`` -> ``(11, 0, 0)``)."""
-    numbers = []
-    for part in text.split(".")[:3]:
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        numbers.append(int(digits) if digits else 0)
-    return tuple(numbers)
 
 
 def _frame_rgb(frame, path: str) -> np.ndarray:

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rotconv.files import clean_temporary_files
+from rotconv.modes import eval_mode
 
 from ..data import PCamError, augment_batch, stain_jitter
 from .checkpoints import load_checkpoint, restore_checkpoint, save_atomically
@@ -200,20 +201,16 @@ def evaluate_loss(model: nn.Module, data, preprocess: Callable | None, batch_siz
     """Mean cross-entropy and accuracy of ``model`` on ``data`` (a dataset or DataLoader; shared out over
     the processes), in eval mode; the model is left in the mode it came in."""
     processes = processes or Distributed()
-    was_training = model.training
-    model.eval()  # the caller's mode is given back below
     batches, count, examples = _eval_batches(data, batch_size, processes)
     loss_sum = correct = 0.0
     progress = Progress(count, description, show and processes.main)
-    try:
+    with eval_mode(model):  # the caller's mode is given back afterwards
         for images, labels in batches:
             logits = model(_prepare(images, preprocess, device, torch.contiguous_format))
             labels = labels.to(device)
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
             progress.update()
-    finally:
-        model.train(was_training)
     loss_sum, correct, examples = processes.sum([loss_sum, correct, float(examples)])
     return loss_sum / examples, correct / examples
 
