@@ -10,6 +10,7 @@ larger than the model's input are centre-cropped; :func:`tile_images` cuts them 
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -79,12 +80,23 @@ def _channels_first(images) -> torch.Tensor:
     """``(N, H, W, 3)`` or ``(N, 3, H, W)`` (or one image without N), numpy or tensor -> ``(N, 3, H, W)``."""
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = np.array(images)  # torch cannot share read-only memory (it would warn on every call)
-    batch = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
-    if batch.dim() == 3:
-        batch = batch.unsqueeze(0)
+    given = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    batch = given.unsqueeze(0) if given.dim() == 3 else given
     if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
-        raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(batch.shape)}")
+        raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(given.shape)}"
+                         f"{_shape_hint(tuple(given.shape))}")
     return batch if batch.shape[1] == 3 else batch.permute(0, 3, 1, 2)
+
+
+def _shape_hint(shape: tuple) -> str:
+    """What an image array of ``shape`` probably is, when it is not RGB, and how to make it RGB."""
+    if len(shape) in (3, 4) and shape[-1] == 4:
+        return ": RGBA? drop the alpha channel (images[..., :3])"
+    if len(shape) == 2 or (len(shape) == 4 and shape[-1] == 1):
+        return f": a grayscale {'image' if len(shape) == 2 else 'batch'}? the models take RGB (3 channels)"
+    if len(shape) == 3 and shape[-1] not in (1, 3):
+        return ": a grayscale batch? the models take RGB (3 channels)"
+    return ""
 
 
 def as_images(images, input_size: int, normalised: bool = False) -> torch.Tensor:
@@ -108,7 +120,9 @@ def as_images(images, input_size: int, normalised: bool = False) -> torch.Tensor
                          "depths to 8 bits first")
     if batch.numel():
         low, high = float(batch.min()), float(batch.max())
-        if not (0.0 <= low and high <= 1.0):  # NaN fails too
+        if not (math.isfinite(low) and math.isfinite(high)):  # min and max are NaN where any value is
+            raise ValueError("images: contain NaN or infinite values")
+        if not (0.0 <= low and high <= 1.0):
             raise ValueError(f"images: float images must lie in [0, 1], got values from {low:.4g} to {high:.4g} "
                              "(0-255 pixels: pass them as uint8)")
     return batch.float() * 255

@@ -1,6 +1,8 @@
 """Argument checks shared by every package: a ValueError that names the argument, raised up front."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx
 
@@ -52,7 +54,9 @@ def check_positive_int(value: object, name: str) -> int:
 
 def check_normalised(largest: float, name: str = "input") -> None:
     """ValueError naming ``name`` when ``largest`` (the largest absolute input value) shows raw pixel values
-    instead of normalised ones (beyond :data:`NORMALISED_LIMIT`)."""
+    instead of normalised ones (beyond :data:`NORMALISED_LIMIT`), or is NaN or infinite (so is some input)."""
+    if not math.isfinite(largest):
+        raise ValueError(f"{name}: contains NaN or infinite values")
     if largest > NORMALISED_LIMIT:
         raise ValueError(f"{name}: values up to {largest:.4g}: the model takes normalised images ((x / 255 - mean) "
                          f"/ std, within a few units); normalise raw pixels first (mobilenet.Normalizer, or "

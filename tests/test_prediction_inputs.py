@@ -74,6 +74,32 @@ def test_raw_pixels_and_empty_batches_are_refused_by_every_model(model_file):
         quant.extras.runtime_input(normalised[:0], (1, 3, 95, 95))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_refused_by_the_float_model_too(model_file, bad):
+    model = mobilenet.load(model_file)
+    x = torch.zeros(2, 3, 95, 95)
+    x[1, 2, 50, 7] = bad  # one value in the second image
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model(x)
+    model.train()
+    model(x[:1])  # training checks no values (no device sync per step); a diverged loss stops a run instead
+    unnormalised = mobilenet.load(model_file)
+    unnormalised.normalizer = None  # float images taken as normalised: predict hands them to the model as they are
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mobilenet.predict(unnormalised, x)
+    with pytest.raises(ValueError, match="images: contain NaN or infinite"):
+        mobilenet.predict(model, x)  # with a normaliser: as [0, 1] images
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((2, 96, 96), r"got \(2, 96, 96\): a grayscale batch\?"), ((96, 96), r"got \(96, 96\): a grayscale image\?"),
+    ((2, 96, 96, 4), r"got \(2, 96, 96, 4\): RGBA\?"), ((2, 96, 96, 1, 1), r"got \(2, 96, 96, 1, 1\)$"),
+])
+def test_wrong_image_shapes_are_named_as_given(model_file, shape, message):
+    with pytest.raises(ValueError, match=r"images: expected \(N, H, W, 3\) or \(N, 3, H, W\), " + message):
+        mobilenet.predict(mobilenet.load(model_file), np.zeros(shape, np.uint8))
+
+
 def test_larger_images_are_centre_cropped_with_a_notice_or_tiled(model_file, tmp_path, capsys):
     model = mobilenet.load(model_file)
     image = patches(1, 200)[0]
