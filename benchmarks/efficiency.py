@@ -39,7 +39,7 @@ import torch
 import mobilenet
 import quant
 import rotconv
-from rotconv.files import RunLock, check_writable, write_json
+from rotconv.files import RunLock, atomic_write, check_writable, write_json
 from mobilenet.data import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, resolve_precision, train
 
@@ -618,8 +618,10 @@ def plot_curve(results: dict, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "efficiency.png")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=120))
+    finally:
+        plt.close(figure)
     return path
 
 

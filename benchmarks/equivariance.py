@@ -33,7 +33,7 @@ import torch.nn as nn
 
 import rotconv
 
-from rotconv.files import write_json
+from rotconv.files import atomic_write, write_json
 
 from .common import untrained_but_generic
 
@@ -208,8 +208,10 @@ def plot(results: dict, directory: str) -> list[str]:
         axis.legend(fontsize=7)
         figure.tight_layout()
         path = os.path.join(directory, filename.replace(" ", "_") + ".png")
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        try:
+            atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
+        finally:
+            plt.close(figure)
         written.append(path)
     return written
 

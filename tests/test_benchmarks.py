@@ -1,6 +1,7 @@
 """benchmarks.equivariance (angle sweep) and benchmarks.speed on small settings: structure and the exact
 properties the sweep must show (not timings)."""
 import math
+import os
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn as nn
 
 import mobilenet
 import rotconv
-from benchmarks import equivariance, speed
+from benchmarks import efficiency, equivariance, speed
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,34 @@ def test_sweep_plots_are_written(sweep, tmp_path):
     for path in written:
         with open(path, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_plot_that_fails_while_writing_leaves_the_old_file_whole(sweep, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="matplotlib (extra 'plot') not installed: plots are optional")
+    from matplotlib.figure import Figure
+
+    from rotconv.files import OutputError
+
+    written = equivariance.plot(sweep, str(tmp_path))
+    before = {path: open(path, "rb").read() for path in written}
+    original = Figure.savefig
+
+    def fail_half_way(figure, target, **kwargs):  # a disk that fills up in the middle of a file
+        original(figure, target, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", fail_half_way)
+    with pytest.raises(OutputError, match="disk full"):
+        equivariance.plot(sweep, str(tmp_path))
+    point = {"mean": 0.7, "std": 0.01}
+    results = {"curve": {"256": {"conventional": {"fp32_accuracy": point, "int8_accuracy": point}}},
+               "settings": {}, "runs": [{"model": "conventional", "size": 256}], "crossings": {}}
+    (tmp_path / "efficiency.png").write_bytes(b"the previous plot")
+    with pytest.raises(OutputError, match="efficiency.png"):
+        efficiency.plot_curve(results, str(tmp_path))
+    assert (tmp_path / "efficiency.png").read_bytes() == b"the previous plot"
+    assert {path: open(path, "rb").read() for path in written} == before  # no file half-written
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(p) for p in written] + ["efficiency.png"])
 
 
 def test_equivariance_cli_rejects_a_bad_step(capsys):
