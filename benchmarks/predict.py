@@ -4,13 +4,16 @@ each run's checkpoint, or by ``mobilenet.save``) or a shipped model's name (``mo
     python -m benchmarks.predict runs/pcam/C12-seed0/model.pt patches_x.h5 [more.h5 image.png ...]
     python -m benchmarks.predict model.pt slide_region.png --tiles --out map.csv   # a probability per tile
     python -m benchmarks.predict pcam-c12 patch.jpg                                # the shipped C_12 model
+    python -m benchmarks.predict pcam-c12 patches/ --out probabilities.csv         # every patch file under it
 
 Inputs: HDF5 files with a dataset ``x`` of uint8 patches ``(N, H, W, 3)`` (the PCam layout; read in batches,
 so memory does not grow with the file), ``.npy`` arrays of the same layout, or image files (PNG, JPEG,
 TIFF, BMP; needs Pillow; every frame of a multi-frame file is a patch; 16-bit grayscale is scaled to 8
 bits; an EXIF orientation tag is applied, so positions are those of the image as shown:
-:func:`mobilenet.data.read_image`). Patches larger than the model's input are centre-cropped (a
-notice says so), or with ``--tiles`` cut into non-overlapping tiles, one CSV line each with its position.
+:func:`mobilenet.data.read_image`). A directory stands for those files under it, at any depth, sorted by
+path (hidden files are not read; other files are left out with a note). Patches larger than the model's
+input are centre-cropped (a notice says so), or with ``--tiles`` cut into non-overlapping tiles, one CSV line
+each with its position.
 
 Writes one CSV line per patch (``source,index,probability_tumour,predicted``; with ``--tiles``
 ``source,index,top,left,probability_tumour,predicted``) to ``--out`` or stdout. ``--out`` is checked before
@@ -35,7 +38,8 @@ from mobilenet.data import IMAGE_SUFFIXES, ImageError, read_image
 
 from .common import add_memory_argument, apply_memory_argument
 
-__all__ = ["main", "read_patches", "iter_patches", "InputError", "check_output_path"]
+__all__ = ["main", "read_patches", "iter_patches", "expand_inputs", "PATCH_SUFFIXES", "InputError",
+           "check_output_path"]
 
 
 class InputError(ValueError):
@@ -93,6 +97,39 @@ def iter_patches(path: str, chunk: int = 256) -> Iterator[np.ndarray]:
         yield np.array(patches[start:start + chunk])
 
 
+PATCH_SUFFIXES = (".h5", ".hdf5", ".npy") + IMAGE_SUFFIXES
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    """``paths`` with each directory replaced by the patch files under it (HDF5, ``.npy`` and image files, any
+    depth, sorted by path; hidden files and folders are not read). Other files in a directory are left out
+    with a note on stderr; a directory without patch files and a missing path raise :class:`InputError`."""
+    expanded = []
+    for path in paths:
+        if os.path.isfile(path):
+            expanded.append(path)
+            continue
+        if not os.path.isdir(path):
+            raise InputError(f"{path}: file not found")
+        found, others = [], []
+        for directory, folders, files in os.walk(path):
+            folders[:] = [folder for folder in folders if not folder.startswith(".")]
+            for name in files:
+                if not name.startswith("."):
+                    relative = os.path.relpath(os.path.join(directory, name), path)
+                    (found if os.path.splitext(name)[1].lower() in PATCH_SUFFIXES else others).append(relative)
+        if not found:
+            raise InputError(f"{path}: a directory without HDF5, .npy or image files "
+                             f"({', '.join(PATCH_SUFFIXES)}), at any depth")
+        if others:
+            others.sort(key=lambda name: name.split(os.sep))
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            print(f"note: {path}: {len(found)} files with patches; {len(others)} other"
+                  f"{'s' if len(others) > 1 else ''} left out ({shown})", file=sys.stderr)
+        expanded += [os.path.join(path, name) for name in sorted(found, key=lambda name: name.split(os.sep))]
+    return expanded
+
+
 def read_patches(path: str) -> np.ndarray:
     """All patches of ``path`` at once (see :func:`iter_patches`): uint8 ``(N, H, W, 3)``."""
     batches = list(iter_patches(path))
@@ -126,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model file (model.pt), or the name of a shipped model (pcam-c12, "
                                           "pcam-conventional)")
-    parser.add_argument("inputs", nargs="+", help="HDF5 / .npy / image files with patches")
+    parser.add_argument("inputs", nargs="+", help="HDF5 / .npy / image files with patches, or directories of "
+                                                   "them (read at any depth, sorted by path)")
     parser.add_argument("--out", help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--tiles", action="store_true",
@@ -174,11 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise InputError(f"--batch-size: expected >= 1, got {args.batch_size}")
+        inputs = expand_inputs(args.inputs)
         if args.out:
-            check_output_path(args.out, [args.model, *args.inputs])
-        for path in args.inputs:
-            if not os.path.isfile(path):
-                raise InputError(f"{path}: file not found")
+            check_output_path(args.out, [args.model, *inputs])
         model = mobilenet.load_or_pretrained(args.model)
 
         def write_csv(stream) -> int:  # line by line: memory does not grow with the inputs
@@ -186,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerow(["source", "index"] + (["top", "left"] if args.tiles else [])
                             + ["probability_tumour", "predicted"])
             with torch.inference_mode():
-                return sum(_classify(model, path, args, writer) for path in args.inputs)
+                return sum(_classify(model, path, args, writer) for path in inputs)
 
         if args.out:
             counted = []

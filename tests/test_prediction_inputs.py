@@ -130,6 +130,38 @@ def test_every_frame_and_sixteen_bit_images(model_file, tmp_path, capsys):
     assert code == 0 and deep["probability_tumour"] == flat["probability_tumour"]
 
 
+def test_a_directory_stands_for_the_patch_files_under_it(model_file, tmp_path, capsys):
+    folder = tmp_path / "slides"
+    (folder / "1").mkdir(parents=True)
+    (folder / "0" / "deeper").mkdir(parents=True)
+    images = patches(3)
+    names = ["1/b.png", "0/a.JPG", "0/deeper/c.tif"]
+    for name, image in zip(names, images):
+        Image.fromarray(image).save(folder / name, **({"quality": 100} if name.endswith("JPG") else {}))
+    with h5py.File(folder / "more.h5", "w") as handle:
+        handle["x"] = patches(2, seed=1)
+    (folder / "notes.txt").write_text("not a patch")
+    (folder / ".hidden.png").write_bytes(b"not an image either")  # hidden files are never read
+    (folder / "1" / "results.csv").write_text("source\n")
+    code, out, err = run([model_file, str(folder)], capsys)
+    assert code == 0, err
+    sources = [row["source"] for row in rows(out)]
+    expected = [str(folder / name) for name in ("0/a.JPG", "0/deeper/c.tif", "1/b.png", "more.h5", "more.h5")]
+    assert sources == expected  # sorted by path, every patch of every file
+    assert f"{folder}: 4 files with patches; 2 others left out (1/results.csv, notes.txt)" in err
+    one_by_one = [row for name in expected[:4] for row in rows(run([model_file, name], capsys)[1])]
+    assert [row["probability_tumour"] for row in rows(out)] == [row["probability_tumour"] for row in one_by_one]
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "readme.md").write_text("")
+    code, _, err = run([model_file, str(empty)], capsys)
+    assert code == 2 and f"{empty}: a directory without HDF5, .npy or image files" in err and "Traceback" not in err
+    code, _, err = run([model_file, str(tmp_path / "missing")], capsys)
+    assert code == 2 and "missing: file not found" in err
+    code, _, err = run([model_file, str(folder), "--out", str(folder / "0" / "a.JPG")], capsys)
+    assert code == 2 and "refusing to replace it" in err  # an output over a file found in a directory too
+
+
 def test_outputs_never_replace_an_input_and_are_checked_first(model_file, tmp_path, capsys):
     data = str(tmp_path / "x.h5")
     with h5py.File(data, "w") as handle:
