@@ -17,7 +17,8 @@ each with its position.
 
 Writes one CSV line per patch (``source,index,probability_tumour,predicted``; with ``--tiles``
 ``source,index,top,left,probability_tumour,predicted``) to ``--out`` or stdout. ``--out`` is checked before
-any work and never replaces an input or the model. Exit code 2 for a bad model, input or output path.
+any work and never replaces an input or the model. Exit code 2 for a bad model, input or output path; 141
+when stdout is closed early (``| head``), without a traceback.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ from .common import add_memory_argument, apply_memory_argument
 
 __all__ = ["main", "read_patches", "iter_patches", "expand_inputs", "PATCH_SUFFIXES", "InputError",
            "check_output_path"]
+
+
+#: exit status when stdout is closed before the CSV is written (a pipe into ``head``): 128 + SIGPIPE, what a
+#: shell reports for a command that signal ends
+EXIT_READER_GONE = 141
 
 
 class InputError(ValueError):
@@ -236,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(args.out, write)
             print(f"{counted[0]} patches classified; written to {args.out}", file=sys.stderr)
         else:
-            write_csv(sys.stdout)
+            try:
+                write_csv(sys.stdout)
+                sys.stdout.flush()
+            except BrokenPipeError:  # the reader stopped reading (`| head`): end quietly, as SIGPIPE would
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+                return EXIT_READER_GONE
     except (InputError, OutputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ import csv
 import io
 import os
 import stat
+import subprocess
+import sys
 import tracemalloc
 import warnings
 
@@ -237,6 +239,22 @@ def test_hdf5_inputs_stream_in_batches(tmp_path):
     tracemalloc.stop()
     assert seen == 1200
     assert peak < 6 * 64 * 96 * 96 * 3  # a few batches (1.8 MB each), not the 33 MB file
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(model_file, tmp_path):
+    # `rotconv-predict model.pt big.h5 | head`: head closes the pipe after a few lines
+    path = str(tmp_path / "long.h5")
+    with h5py.File(path, "w") as handle:
+        handle["x"] = np.repeat(patches(1), 3000, axis=0)  # ~110 kB of CSV: more than a pipe holds
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "benchmarks.predict", model_file, path, "--batch-size", "500"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root,
+                               env={**os.environ, "PYTHONPATH": root})
+    assert process.stdout.readline().startswith(b"source,index,")
+    process.stdout.close()
+    error = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, error  # 128 + SIGPIPE, as for a command the signal ends
+    assert error == "", error  # no traceback, no "Exception ignored" from the interpreter's exit
 
 
 def test_image_inputs_give_no_warning(model_file):
