@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import sys
 
@@ -9,9 +10,25 @@ import torch
 import torch.nn as nn
 
 import rotconv
-from mobilenet.training import reuse_freed_memory
+from mobilenet.training import UsageError, reuse_freed_memory
+from rotconv.files import OutputError, check_writable
+
 __all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "untrained_but_generic",
-           "initialize_rotconv_layers"]
+           "initialize_rotconv_layers", "check_outputs"]
+
+
+def check_outputs(out: str | None = None, plots: str | None = None) -> None:
+    """Before any work: ``--out`` (a file) can be written; ``--plots`` (a directory) needs matplotlib and can be
+    written. :class:`mobilenet.training.UsageError` naming the option otherwise (exit 2 in every command)."""
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plots", f"{plots}: plots need matplotlib, which is not installed "
+                                    "(pip install 'rotconv[plot]')")
+    for option, path, is_directory in (("--out", out, False), ("--plots", plots, True)):
+        if path:
+            try:
+                check_writable(path, is_directory=is_directory)
+            except OutputError as error:
+                raise UsageError(option, str(error)) from None
 
 
 def add_memory_argument(parser: argparse.ArgumentParser) -> None:

@@ -44,7 +44,7 @@ from mobilenet.data import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, resolve_precision, train
 
 from . import pcam
-from .common import add_memory_argument, initialize_rotconv_layers
+from .common import add_memory_argument, check_outputs, initialize_rotconv_layers
 from .rotation import angle_count
 from .synthetic import write_synthetic_pcam
 
@@ -626,6 +626,7 @@ def plot_curve(results: dict, directory: str) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_outputs(args.out, args.plots)  # before any work (--out's default, RUNS/efficiency.json, below)
     if args.from_results:
         results = results_from_files(args)
         if args.plots:

@@ -35,7 +35,9 @@ import rotconv
 
 from rotconv.files import atomic_write, write_json
 
-from .common import untrained_but_generic
+from mobilenet.training import UsageError
+
+from .common import check_outputs, untrained_but_generic
 
 
 def e2cnn_test_net(group: rotconv.CyclicGroup, seed: int, basis_options: dict | None = None) -> nn.Module:
@@ -288,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--patches: expected at least 1")
     if args.data and not os.path.isdir(args.data):
         parser.error(f"--data: {args.data} is not a directory")
+    try:
+        check_outputs(args.out, None if args.stack else args.plots)
+    except UsageError as error:
+        parser.error(str(error))
     results = {}
     if not args.stack:
         step, patches = (15.0, 8) if args.quick else (args.step, args.patches)
@@ -295,12 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         results["table"] = format_sweep(results)
         print(results["table"])
         if args.plots:
-            try:
-                written = plot(results, args.plots)
-                print("plots: " + ", ".join(written))
-            except ImportError:
-                print("--plots: matplotlib is not installed (pip install 'rotconv[plot]'); no plots written",
-                      file=sys.stderr)
+            print("plots: " + ", ".join(plot(results, args.plots)))
     if args.stack:
         results["e2cnn_test_30deg"] = stack_errors(seeds=range(args.seeds))
         print(f"| smoothing | rotconv error at 30 deg, mean +- std ({args.seeds} seeds) | median | e2cnn |")

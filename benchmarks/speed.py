@@ -42,9 +42,10 @@ import rotconv
 from rotconv.files import atomic_write, write_json
 from rotconv.hardware import cpu_flags
 
-from .common import add_memory_argument, apply_memory_argument, serialized_bytes, untrained_but_generic
+from .common import (add_memory_argument, apply_memory_argument, check_outputs, serialized_bytes,
+                     untrained_but_generic)
 from .isa import ISAError, xnnpack_isa
-from mobilenet.training import bf16_supported, training_step
+from mobilenet.training import UsageError, bf16_supported, training_step
 from quant.int8 import quantized_engine
 
 __all__ = ["compare", "layer_benchmarks", "model_benchmarks", "training_throughput", "plain_training_twin",
@@ -617,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (5 if args.quick else 7)
     if repeats < 1:
         parser.error("--repeats: expected >= 1")
+    try:
+        check_outputs(args.out)
+    except UsageError as error:
+        parser.error(str(error))
     hardware = rotconv.cpu_report()
     if importlib.util.find_spec("executorch") is not None:  # which kernels the .pte gets (benchmarks.isa)
         try:

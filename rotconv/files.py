@@ -20,7 +20,10 @@ TEMPORARY_PREFIX = ".tmp-"
 
 
 class OutputError(OSError):
-    """An output path cannot be written (the message names it)."""
+    """An output path cannot be written (the message names it; ``errno`` says why)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without OSError's "[Errno N]" prefix
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:

@@ -1,5 +1,6 @@
 """benchmarks.equivariance (angle sweep) and benchmarks.speed on small settings: structure and the exact
 properties the sweep must show (not timings)."""
+import importlib.util
 import math
 import os
 
@@ -88,6 +89,43 @@ def test_equivariance_cli_rejects_a_bad_step(capsys):
     with pytest.raises(SystemExit) as exit_info:
         equivariance.main(["--step", "7"])
     assert exit_info.value.code == 2 and "--step" in capsys.readouterr().err
+
+
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse's parser.error
+        return stop.code
+
+
+OUTPUT_CASES = [  # (command, the function its work starts with, options)
+    (equivariance, "sweep", ["--out", "/proc/x.json"]), (equivariance, "sweep", ["--plots", "/proc/plots"]),
+    (speed, "layer_benchmarks", ["--out", "/proc/x.json"]),
+    (efficiency, "RunLock", ["--plots", "/proc/plots"]), (efficiency, "RunLock", ["--out", "/proc/x.json"]),
+    (efficiency, "results_from_files", ["--from-results", "results", "--plots", "/proc/plots"]),
+    (efficiency, "results_from_files", ["--from-results", "results", "--out", "/proc/x.json"]),
+]
+
+
+@pytest.mark.parametrize("command, work, argv", OUTPUT_CASES,
+                         ids=[f"{c.__name__.split('.')[-1]}-{'-'.join(a)}" for c, _, a in OUTPUT_CASES])
+def test_outputs_are_checked_before_any_work(command, work, argv, capsys, monkeypatch, tmp_path):
+    def started(*args, **kwargs):
+        raise AssertionError("the work started before the outputs were checked")
+
+    monkeypatch.setattr(command, work, started)
+    assert _exit_code(command.main, argv) == 2
+    err = capsys.readouterr().err
+    option, path = argv[-2:]
+    assert option in err and path in err and "Traceback" not in err, err
+    if option == "--plots":  # and a plot needs matplotlib: said before the work too, not after hours of it
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
+                            real(name, *a))
+        assert _exit_code(command.main, argv[:-1] + [str(tmp_path / "plots")]) == 2
+        err = capsys.readouterr().err
+        assert "--plots" in err and "plots need matplotlib, which is not installed" in err, err
+        assert not os.path.exists(tmp_path / "plots")  # nothing made for a plot that cannot be drawn
 
 
 def test_compare_interleaves_and_reports_medians():
