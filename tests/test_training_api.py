@@ -401,3 +401,22 @@ def test_evaluation_and_prediction_give_the_model_back_in_its_mode():
     first = mobilenet.predict(net, images)
     assert net.training
     assert torch.equal(mobilenet.predict(net.eval(), images), first)
+
+
+def test_normalizer_fits_uint8_rgb_images_and_refuses_what_it_would_misread():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 9, 9), dtype=torch.uint8, generator=generator)
+    images[:, 1] //= 2  # a darker green channel
+    labels = torch.zeros(64, dtype=torch.long)
+    fitted = mobilenet.Normalizer.fit(torch.utils.data.TensorDataset(images, labels), samples=64)
+    pixels = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(fitted.mean.flatten().double(), pixels.mean(1), atol=1e-6)
+    assert torch.allclose(fitted.std.flatten().double(), pixels.std(1), atol=1e-6)
+    # float images in [0, 1] (torchvision's ToTensor) would fit a mean near 0.002: refused, with what to do
+    floats = torch.utils.data.TensorDataset(images.float() / 255, labels)
+    with pytest.raises(ValueError, match=r"dataset: Normalizer.fit expects uint8 images \(0-255\), got torch.float32"):
+        mobilenet.Normalizer.fit(floats)
+    # (H, W, 3) items, as the PCam HDF5 files store them, would mix rows into channels: refused
+    channels_last = torch.utils.data.TensorDataset(images.permute(0, 2, 3, 1), labels)
+    with pytest.raises(ValueError, match=r"dataset: Normalizer.fit expects \(3, H, W\) images, got \(9, 9, 3\)"):
+        mobilenet.Normalizer.fit(channels_last)

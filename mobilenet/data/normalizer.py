@@ -24,13 +24,21 @@ class Normalizer(nn.Module):
 
     @classmethod
     def fit(cls, dataset: torch.utils.data.Dataset, samples: int = 1024, seed: int = 0) -> "Normalizer":
-        """Mean and std of up to ``samples`` uint8 images of ``dataset`` (``read`` is used where it has one)."""
+        """Mean and std of up to ``samples`` images of ``dataset``: uint8 ``(3, H, W)`` items (``read`` is used
+        where it has one). Float images and ``(H, W, 3)`` items raise ValueError (they would fit garbage)."""
         rng = np.random.default_rng(seed)
         positions = np.sort(rng.choice(len(dataset), min(samples, len(dataset)), replace=False))
         if hasattr(dataset, "read"):
             images = dataset.read(positions)
         else:
             images = torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in positions])
+        if images.dtype != torch.uint8:
+            raise ValueError(f"dataset: Normalizer.fit expects uint8 images (0-255), got {images.dtype}; float "
+                             "images in [0, 1] (e.g. torchvision's ToTensor) are already scaled: normalise them "
+                             "with their own mean and std, or keep the images uint8")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"dataset: Normalizer.fit expects (3, H, W) images, got {tuple(images.shape[1:])}"
+                             f"{' (channels last: permute(2, 0, 1) each item)' if images.shape[-1] == 3 else ''}")
         pixels = images.float().div_(255).transpose(0, 1).reshape(3, -1)
         return cls(pixels.mean(1).tolist(), pixels.std(1).clamp_min(1e-3).tolist())
 
