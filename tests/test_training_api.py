@@ -420,3 +420,29 @@ def test_normalizer_fits_uint8_rgb_images_and_refuses_what_it_would_misread():
     channels_last = torch.utils.data.TensorDataset(images.permute(0, 2, 3, 1), labels)
     with pytest.raises(ValueError, match=r"dataset: Normalizer.fit expects \(3, H, W\) images, got \(9, 9, 3\)"):
         mobilenet.Normalizer.fit(channels_last)
+
+
+def _pixels_dataset(count: int, scale: float, classes: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (count, 3, 95, 95), generator=generator).float() * scale
+    return torch.utils.data.TensorDataset(images, torch.randint(0, classes, (count,), generator=generator))
+
+
+@pytest.mark.parametrize("which", ["train_data", "valid_data"])
+@pytest.mark.parametrize("case, message", [
+    ("raw pixels", r"the model refuses its items 0, 31: input: values up to 25\d"),
+    ("labels", r"item \d+ has label 2, not a class of the model's 2 outputs \(0-1\)"),
+])
+def test_data_the_model_cannot_take_is_refused_before_the_first_step(which, case, message):
+    good = _pixels_dataset(32, 1 / 255 / 0.3)  # normalised enough for the model's check
+    bad = _pixels_dataset(32, 1.0) if case == "raw pixels" else _pixels_dataset(32, 1 / 255 / 0.3, classes=3, seed=5)
+    if case == "labels":  # the first and the last item hold a label beyond the model's classes
+        bad.tensors[1][0], bad.tensors[1][-1] = 2, 2
+    data = {"train_data": good, "valid_data": good, which: bad}
+    model = mobilenet.mobilenet_v2(group=None, width_mult=0.25)
+    lines = []
+    with pytest.raises(mobilenet.UsageError, match=f"{which}: {message}"):
+        mobilenet.train(model, data["train_data"], data["valid_data"], mobilenet.TrainConfig(epochs=1),
+                        log=lines.append)
+    assert not any("epoch 1" in str(line) for line in lines)  # before any training step
+    assert model.training  # and the model is left in its mode

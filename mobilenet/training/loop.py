@@ -71,6 +71,30 @@ def _check_data(data: object, name: str) -> None:
         raise UsageError(name, "the dataset is empty")
 
 
+@torch.no_grad()
+def _check_fits_model(model: nn.Module, data, name: str, preprocess: Callable | None, device: str) -> None:
+    """Before any step: the first and last items of a map-style ``data``, read as training reads them, go
+    through ``preprocess`` and ``model`` (eval mode: the model's own input checks, such as MobileNetV2's refusal
+    of raw 0-255 pixels, run only there), and their labels are class indices of the model's output. A
+    DataLoader is not checked (its collate function may change what the items are)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return
+    positions = np.unique([0, len(data) - 1])
+    images, labels = _reader(data, name)(positions)
+    with eval_mode(model):
+        try:
+            logits = model(_prepare(images, preprocess, device, torch.contiguous_format))
+        except ValueError as error:  # the model's input checks (UsageError, a ValueError too, passes unchanged)
+            if isinstance(error, UsageError):
+                raise
+            raise UsageError(name, f"the model refuses its items {', '.join(map(str, positions))}: {error}") from None
+    classes = logits.shape[-1]
+    for position, label in zip(positions.tolist(), labels.tolist()):
+        if not 0 <= label < classes:
+            raise UsageError(name, f"item {position} has label {label}, not a class of the model's {classes} "
+                                   f"outputs (0-{classes - 1})")
+
+
 def _prepare(images: torch.Tensor, preprocess: Callable | None, device: str,
              memory_format: torch.memory_format) -> torch.Tensor:
     images = images.to(device)
@@ -328,7 +352,10 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     The weights with the lowest validation loss are kept (``best_state``, also in the checkpoint); ``model``
     is returned holding the last epoch's weights, in eval mode. A
     non-finite loss, or a run in which no epoch improved on the untrained model's validation loss, raises
-    :class:`DivergedError`; bad settings raise :class:`UsageError` naming the config field or argument.
+    :class:`DivergedError`; bad settings raise :class:`UsageError` naming the config field or argument, and so
+    does data the model cannot take, before the first step: the first and last items of each dataset go
+    through ``preprocess`` and the model in eval mode (MobileNetV2 refuses raw 0-255 pixels there) and their
+    labels must be class indices of its output.
     """
     if not isinstance(config, TrainConfig):
         raise UsageError("config", f"expected a TrainConfig, got {type(config).__name__}")
@@ -349,6 +376,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     if isinstance(preprocess, nn.Module):
         preprocess = preprocess.to(device)
     optimizer, state = _start(model, config, run_dir, resume, overwrite, identity, device, processes, quiet)
+    for data, name in ((train_data, "train_data"), (valid_data, "valid_data")):
+        _check_fits_model(model, data, name, preprocess, device)  # not after an epoch of training
     history, best = state["history"], state["best"]
     network: nn.Module = model
     if processes.world_size > 1:
