@@ -84,9 +84,9 @@ def _check_fits_model(model: nn.Module, data, name: str, preprocess: Callable | 
     with eval_mode(model):
         try:
             logits = model(_prepare(images, preprocess, device, torch.contiguous_format))
-        except ValueError as error:  # the model's input checks (UsageError, a ValueError too, passes unchanged)
-            if isinstance(error, UsageError):
-                raise
+        except UsageError:  # preprocess missing for uint8 images: it names its argument already
+            raise
+        except ValueError as error:  # the model's own input checks
             raise UsageError(name, f"the model refuses its items {', '.join(map(str, positions))}: {error}") from None
     classes = logits.shape[-1]
     for position, label in zip(positions.tolist(), labels.tolist()):
