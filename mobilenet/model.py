@@ -246,7 +246,7 @@ class MobileNetV2(nn.Module):
                  inverted_residual_setting: list[tuple[int, int, int, int]] | None = None,
                  norm_layer: Callable[..., nn.Module] | None = None, antialias: bool = False) -> None:
         super().__init__()
-        check_positive_int(num_classes, "num_classes")
+        num_classes = check_positive_int(num_classes, "num_classes")
         setting = [tuple(row) for row in (INVERTED_RESIDUAL_SETTING if inverted_residual_setting is None
                                           else inverted_residual_setting)]
         if not setting or any(len(row) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -258,7 +258,7 @@ class MobileNetV2(nn.Module):
         group = None if group is None else as_group(group)
         if not isinstance(width_mult, (int, float)) or width_mult <= 0:
             raise ValueError(f"width_mult: expected a positive number, got {width_mult!r}")
-        check_int(input_size, "input_size", minimum=15, odd=True)
+        input_size = check_int(input_size, "input_size", minimum=15, odd=True)
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         check_choice(activation, "activation", sorted(_ACTIVATIONS))
@@ -266,7 +266,7 @@ class MobileNetV2(nn.Module):
         if group is None and group_pool != "max":
             raise ValueError(f"group_pool: only an equivariant model (group=...) pools over a group, got "
                              f"group_pool={group_pool!r} with group=None")
-        check_positive_int(min_fields, "min_fields")
+        min_fields = check_positive_int(min_fields, "min_fields")
         if group is None and min_fields != 1:
             raise ValueError(f"min_fields: only an equivariant model (group=...) has fields, got "
                              f"min_fields={min_fields} with group=None")

@@ -86,8 +86,8 @@ class _Recorder(fx.Interpreter):
 
 
 def _check_arguments(weight_bits: int, act_bits: int, weight_scheme: str) -> None:
-    check_int(weight_bits, "weight_bits", minimum=2, maximum=8)
-    check_int(act_bits, "act_bits", minimum=2, maximum=8)
+    weight_bits = check_int(weight_bits, "weight_bits", minimum=2, maximum=8)
+    act_bits = check_int(act_bits, "act_bits", minimum=2, maximum=8)
     check_choice(weight_scheme, "weight_scheme", WEIGHT_SCHEMES)
 
 

@@ -14,7 +14,7 @@ Public API::
     equivariance_error, smooth_noise, randomize_batchnorm   numerical checks (rotconv.checks)
     eval_mode                                     eval mode, the caller's mode given back   (rotconv.modes)
     summary, ModelSummary                         params / MACs / memory      (rotconv.summary)
-    check_int, check_positive_int, check_choice, check_normalised   argument checks  (rotconv.validation)
+    as_int, check_int, check_positive_int, check_choice, check_normalised   argument checks  (rotconv.validation)
     cpu_report, hardware_line                     what the CPU offers kernels (rotconv.hardware)
     atomic_write, RunLock, ...                    files never half-written    (rotconv.files)
 """
@@ -30,7 +30,7 @@ from .modes import eval_mode
 from .norm import GroupBatchNorm2d
 from .pooling import CircularMask, GroupPool, MaskedGlobalAvgPool, disc_mask
 from .summary import ModelSummary, summary
-from .validation import NORMALISED_LIMIT, check_choice, check_int, check_normalised, check_positive_int
+from .validation import NORMALISED_LIMIT, as_int, check_choice, check_int, check_normalised, check_positive_int
 
 __version__ = "0.1.0"
 
@@ -66,6 +66,7 @@ __all__ = [
     "randomize_batchnorm",
     "summary",
     "ModelSummary",
+    "as_int",
     "check_int",
     "check_positive_int",
     "check_normalised",

@@ -209,8 +209,8 @@ def steerable_basis(
     Returns:
         :class:`SteerableBasis`; identical arguments return the same (cached) object.
     """
-    check_int(kernel_size, "kernel_size", minimum=1, odd=True)  # steerable bases need a centre pixel
-    check_positive_int(supersample, "supersample")
+    kernel_size = check_int(kernel_size, "kernel_size", minimum=1, odd=True)  # steerable bases need a centre pixel
+    supersample = check_positive_int(supersample, "supersample")
     radii = default_rings(kernel_size) if rings is None else tuple(float(r) for r in rings)
     if len(radii) == 0 or any(r < 0 for r in radii):
         raise ValueError(f"rings: expected non-negative radii, got {rings!r}")

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .validation import check_positive_int
+from .validation import as_int, check_positive_int
 
 __all__ = ["Group", "CyclicGroup", "DihedralGroup", "rotate_image", "mirror_image", "as_group"]
 
@@ -234,12 +234,16 @@ class DihedralGroup(Group):
 
 
 def as_group(group: Group | int | str, name: str = "group") -> Group:
-    """Accept a group, an int N (C_N) or a name such as ``"C12"`` / ``"D12"``, validated."""
+    """Accept a group, an integer N (C_N: a Python, numpy or 0-d torch integer, or its digits as a string, as a
+    command line hands it over) or a name such as ``"C12"`` / ``"D12"``, validated."""
     if isinstance(group, Group):
         return group
-    if isinstance(group, int) and not isinstance(group, bool):
+    if as_int(group) is not None:
         return CyclicGroup(check_positive_int(group, name))
-    if isinstance(group, str) and len(group) > 1 and group[0] in "CcDd" and group[1:].isdigit() and int(group[1:]) > 0:
+    if isinstance(group, str) and group.isascii() and group.isdigit() and int(group) > 0:
+        return CyclicGroup(int(group))
+    if (isinstance(group, str) and len(group) > 1 and group[0] in "CcDd" and group[1:].isascii()
+            and group[1:].isdigit() and int(group[1:]) > 0):
         return (CyclicGroup if group[0] in "Cc" else DihedralGroup)(int(group[1:]))
     raise ValueError(f"{name}: expected a rotconv group (CyclicGroup, DihedralGroup), its name ('C12', 'D12') or "
                      f"N, the number of rotations of C_N (an int), got {group!r}")

@@ -366,8 +366,8 @@ class LiftingConv2d(SteerableConv2d):
     def __init__(self, in_channels: int, out_fields: int, kernel_size: int, group: Group | int | str, stride: int = 1,
                  padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
                  basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
-        check_positive_int(in_channels, "in_channels")
-        check_positive_int(out_fields, "out_fields")
+        in_channels = check_positive_int(in_channels, "in_channels")
+        out_fields = check_positive_int(out_fields, "out_fields")
         super().__init__(in_channels, out_fields, kernel_size, group, stride, padding, padding_mode, bias, 1, basis)
         self._create_weight((out_fields, in_channels, self.basis_size), device, dtype)
 
@@ -401,9 +401,9 @@ class GroupConv2d(SteerableConv2d):
                  padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
                  basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None,
                  groups: int = 1) -> None:
-        check_positive_int(in_fields, "in_fields")
-        check_positive_int(out_fields, "out_fields")
-        check_positive_int(groups, "groups")
+        in_fields = check_positive_int(in_fields, "in_fields")
+        out_fields = check_positive_int(out_fields, "out_fields")
+        groups = check_positive_int(groups, "groups")
         if in_fields % groups or out_fields % groups:
             raise ValueError(f"groups: in_fields ({in_fields}) and out_fields ({out_fields}) must both be divisible "
                              f"by groups, got groups={groups}")
@@ -451,7 +451,7 @@ class DepthwiseGroupConv2d(SteerableConv2d):
     def __init__(self, fields: int, kernel_size: int, group: Group | int | str, stride: int = 1,
                  padding: Padding = "equivariant", bias: bool = True, padding_mode: str = "zeros",
                  basis: SteerableBasis | None = None, device: Device = None, dtype: torch.dtype | None = None) -> None:
-        check_positive_int(fields, "fields")
+        fields = check_positive_int(fields, "fields")
         group = as_group(group)
         channels = fields * group.order
         super().__init__(channels, fields, kernel_size, group, stride, padding, padding_mode, bias, channels, basis)

@@ -72,12 +72,12 @@ class LowpassConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  groups: int = 1, bias: bool = True, device=None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        check_positive_int(in_channels, "in_channels")
-        check_positive_int(out_channels, "out_channels")
-        check_positive_int(kernel_size, "kernel_size")
-        check_positive_int(stride, "stride")
-        check_int(padding, "padding", minimum=0)
-        check_positive_int(groups, "groups")
+        in_channels = check_positive_int(in_channels, "in_channels")
+        out_channels = check_positive_int(out_channels, "out_channels")
+        kernel_size = check_positive_int(kernel_size, "kernel_size")
+        stride = check_positive_int(stride, "stride")
+        padding = check_int(padding, "padding", minimum=0)
+        groups = check_positive_int(groups, "groups")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups: in_channels ({in_channels}) and out_channels ({out_channels}) must both be "
                              f"divisible by groups, got groups={groups}")

@@ -29,7 +29,7 @@ class GroupBatchNorm2d(nn.Module):
                  affine: bool = True, track_running_stats: bool = True, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        check_positive_int(fields, "fields")
+        fields = check_positive_int(fields, "fields")
         self.group = as_group(group)
         self.fields = fields
         # The per-field statistics are those of an ordinary BatchNorm over (B, fields, order*H*W).

@@ -105,7 +105,7 @@ class CircularMask(nn.Module):
 
     def __init__(self, size: int, radius: float | None = None, edge_width: float = 1.0) -> None:
         super().__init__()
-        check_positive_int(size, "size")
+        size = check_positive_int(size, "size")
         self.size = size
         self.radius = (size - 1) / 2 if radius is None else float(radius)
         self.edge_width = edge_width
@@ -142,7 +142,7 @@ class MaskedGlobalAvgPool(nn.Module):
         self._masks: dict[tuple, torch.Tensor] = {}
         if size is not None:
             # A fixed input size stores the weights as a buffer (traceable by torch.fx / torch.export).
-            check_positive_int(size, "size")
+            size = check_positive_int(size, "size")
             mask = disc_mask(size, size, radius, edge_width, dtype=torch.float64)
             self.register_buffer("pool_weights", (mask / mask.sum()).float())
 

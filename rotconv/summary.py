@@ -44,8 +44,8 @@ def summary(model: nn.Module, input_size: int = 95, in_channels: int = 3) -> Mod
     (``model.export()`` is used for the exported parameter count where the model has it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    check_positive_int(input_size, "input_size")  # the side of a square input, e.g. 95 (not a shape tuple)
-    check_positive_int(in_channels, "in_channels")
+    input_size = check_positive_int(input_size, "input_size")  # the side of a square input, e.g. 95 (not a shape tuple)
+    in_channels = check_positive_int(in_channels, "in_channels")
     if not any(True for _ in model.parameters()):
         raise ValueError("model: has no parameters to count")
     macs = 0

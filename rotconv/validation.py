@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import operator
 
+import numpy as np
 import torch
 import torch.fx
 
-__all__ = ["check_int", "check_positive_int", "check_choice", "is_symbolic", "shape_of",
+__all__ = ["as_int", "check_int", "check_positive_int", "check_choice", "is_symbolic", "shape_of",
            "NORMALISED_LIMIT", "check_normalised"]
 
 # A per-channel normalised image, (x / 255 - mean) / std, stays within a few units for any real image set
@@ -25,18 +27,32 @@ def shape_of(x: object) -> object:
     return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as a plain int where it is an integer scalar: a Python int, a numpy integer, a 0-d integer
+    array or tensor (bools of every kind excluded); None for anything else."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (np.ndarray, torch.Tensor)) and
+                                               (value.ndim != 0 or value.dtype in (np.bool_, torch.bool))):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_int(value: object, name: str, minimum: int | None = 1, maximum: int | None = None,
               odd: bool = False) -> int:
-    """``value`` if it is an integer (bools excluded) in ``[minimum, maximum]`` (odd, with ``odd=True``),
-    else a ValueError naming ``name`` and what was expected."""
-    valid = isinstance(value, int) and not isinstance(value, bool)
-    valid = valid and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
-    valid = valid and (not odd or value % 2 == 1)
+    """``value`` as a plain int if it is an integer scalar (:func:`as_int`: numpy and 0-d torch integers too,
+    bools excluded) in ``[minimum, maximum]`` (odd, with ``odd=True``), else a ValueError naming ``name`` and
+    what was expected."""
+    number = as_int(value)
+    valid = number is not None
+    valid = valid and (minimum is None or number >= minimum) and (maximum is None or number <= maximum)
+    valid = valid and (not odd or number % 2 == 1)
     if not valid:
         bounds = (f" from {minimum} to {maximum}" if minimum is not None and maximum is not None
                   else f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else "")
         raise ValueError(f"{name}: expected {'an odd' if odd else 'an'} integer{bounds}, got {value!r}")
-    return value
+    return number
 
 
 def check_choice(value: object, name: str, choices) -> object:

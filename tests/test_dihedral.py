@@ -3,6 +3,7 @@ bit-exact INT8 invariance, bounded error for other elements."""
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -129,7 +130,25 @@ def test_group_names(name, expected):
     assert rotconv.as_group(name) == expected
 
 
-@pytest.mark.parametrize("bad", ["D0", "P4M", "", 2.5, True])
+@pytest.mark.parametrize("bad", ["D0", "P4M", "", 2.5, True, np.True_, torch.tensor(True), np.float64(4),
+                                 torch.tensor(4.0), torch.tensor([4, 8]), np.array([4]), "4.0", " C4", "0", "-4"])
 def test_bad_group_names(bad):
     with pytest.raises(ValueError, match="group"):
         rotconv.as_group(bad)
+
+
+@given(N=st.integers(1, 10_000))
+def test_a_group_is_taken_as_any_integer_scalar_or_its_name(N):
+    # numpy and torch integers (a loop over np.arange, a config read with numpy) are integers like Python's;
+    # "12" is what a command line hands over for 12
+    expected = rotconv.CyclicGroup(N)
+    for given_as in (N, np.int64(N), np.int32(min(N, 2**31 - 1)), np.uint16(N), np.array(N), torch.tensor(N),
+                     str(N), f"C{N}", f"c{N}"):
+        group = rotconv.as_group(given_as)
+        assert group == expected and type(group.N) is int, repr(given_as)
+    assert rotconv.as_group(f"D{N}") == rotconv.DihedralGroup(N)
+    for given_as in (np.int64(N), torch.tensor(N)):
+        value = rotconv.check_positive_int(given_as, "n")
+        assert value == N and type(value) is int  # a plain int comes back: no numpy type leaks into arguments()
+    with pytest.raises(ValueError, match="n: expected an integer >= 1"):
+        rotconv.check_positive_int(np.int64(-N), "n")

@@ -446,3 +446,27 @@ def test_data_the_model_cannot_take_is_refused_before_the_first_step(which, case
                         log=lines.append)
     assert not any("epoch 1" in str(line) for line in lines)  # before any training step
     assert model.training  # and the model is left in its mode
+
+
+def test_numpy_and_torch_integers_are_taken_and_stored_as_plain_ints(tmp_path):
+    # integers from np.arange or a numpy-read config: taken like Python ints, and stored as Python ints, so a
+    # model file and a checkpoint still load with torch.load(weights_only=True)
+    model = mobilenet.mobilenet_v2(group=np.int64(4), width_mult=0.25, min_fields=np.int32(2),
+                                   num_classes=torch.tensor(2), input_size=np.int64(95))
+    arguments = model.arguments()
+    assert all(type(arguments[k]) is int for k in ("group", "min_fields", "num_classes", "input_size"))
+    assert arguments["group"] == 4 and arguments["min_fields"] == 2
+    path = str(tmp_path / "model.pt")
+    mobilenet.save(model, path)
+    assert mobilenet.load(path).arguments() == arguments
+    config = mobilenet.TrainConfig(epochs=np.int64(1), batch_size=np.int64(8), seed=np.int64(3),
+                                   steps_per_epoch=torch.tensor(1), patience=np.uint8(2), warmup_steps=np.int16(0))
+    config.validate()
+    assert all(type(getattr(config, k)) is int for k in ("epochs", "batch_size", "seed", "steps_per_epoch",
+                                                         "patience", "warmup_steps"))
+    mobilenet.train(_small_net(), _tensor_data(16, 0), _tensor_data(8, 1), config, str(tmp_path / "run"),
+                    log=lambda *a: None)
+    torch.load(str(tmp_path / "run" / "last.pt"), weights_only=True)  # no numpy scalar inside
+    for bad in (np.True_, np.float64(1.0), torch.tensor([1, 2])):
+        with pytest.raises(mobilenet.UsageError, match="config.epochs: expected an integer >= 1"):
+            mobilenet.TrainConfig(epochs=bad).validate()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rotconv.validation import check_positive_int
+from rotconv.validation import check_int
 
 __all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision",
            "resolve_stain_jitter", "STAIN_JITTER"]
@@ -74,38 +74,33 @@ class TrainConfig:
     patience: int | None = None
 
     def validate(self) -> None:
-        """Raise :class:`UsageError` naming the first field that is out of range."""
-        for name in ("epochs", "batch_size"):
+        """Raise :class:`UsageError` naming the first field that is out of range (integer fields given as numpy
+        or 0-d torch integers become plain ints)."""
+        # integer fields: (name, minimum, None allowed); numpy or 0-d torch integers are stored as plain ints
+        for name, minimum, optional in (("epochs", 1, False), ("batch_size", 1, False), ("steps_per_epoch", 1, True),
+                                        ("warmup_steps", 0, False), ("patience", 1, True), ("seed", 0, False)):
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
             try:
-                check_positive_int(getattr(self, name), name)
+                setattr(self, name, check_int(value, name, minimum=minimum))
             except ValueError as error:
-                raise UsageError(f"config.{name}", str(error).split(": ", 1)[1]) from None
+                raise UsageError(f"config.{name}", str(error).split(": ", 1)[1]
+                                 + (" (or None)" if optional else "")) from None
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise UsageError("config.lr", f"expected a finite positive learning rate, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
                 and self.weight_decay >= 0):
             raise UsageError("config.weight_decay", f"expected a finite number >= 0, got {self.weight_decay!r}")
-        if self.steps_per_epoch is not None:
-            try:
-                check_positive_int(self.steps_per_epoch, "steps_per_epoch")
-            except ValueError as error:
-                raise UsageError("config.steps_per_epoch", str(error).split(": ", 1)[1]) from None
         if self.stain_jitter is not None and not (
             isinstance(self.stain_jitter, (int, float))
             and not isinstance(self.stain_jitter, bool)
             and 0 <= self.stain_jitter < 1
         ):
             raise UsageError("config.stain_jitter", f"expected a number in [0, 1), got {self.stain_jitter!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise UsageError("config.warmup_steps", f"expected an integer >= 0, got {self.warmup_steps!r}")
         if isinstance(self.label_smoothing, bool) or not (isinstance(self.label_smoothing, (int, float))
                                                           and 0 <= self.label_smoothing < 1):
             raise UsageError("config.label_smoothing", f"expected a number in [0, 1), got {self.label_smoothing!r}")
-        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
-                                          or self.patience < 1):
-            raise UsageError("config.patience", f"expected an integer >= 1 or None, got {self.patience!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UsageError("config.seed", f"expected an integer >= 0, got {self.seed!r}")
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "constant"), "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
