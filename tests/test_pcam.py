@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import pcam, predict
-from mobilenet.data import Normalizer, PCam, augment_batch, balanced_subset, open_pcam, split_paths
+from mobilenet.data import Normalizer, PCam, PCamError, augment_batch, balanced_subset, open_pcam, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -386,3 +386,13 @@ def test_int8_backend_auto_prefers_the_executorch_program(monkeypatch, installed
     assert chosen == ("executorch" if installed else "torch-ao")
     assert bool(notices) != installed and all("rotconv[deploy]" in notice for notice in notices)
     assert pcam.resolve_int8_backend("onnx", log=notices.append) == "onnx"
+
+
+def test_a_directory_of_neither_layout_names_both(tmp_path):
+    (tmp_path / "patches").mkdir()
+    (tmp_path / "patches" / "a.jpg").write_bytes(b"")  # images, but not in label folders
+    with pytest.raises(PCamError) as raised:
+        PCam(str(tmp_path), "train")
+    message = str(raised.value)
+    assert "camelyonpatch_level_2_split_train_x.h5: file not found" in message
+    assert "image folders train/{0,1}/, valid/{0,1}/, test/{0,1}/" in message

@@ -153,7 +153,8 @@ def _open_dataset(path: str, name: str) -> tuple[h5py.File, h5py.Dataset]:
             raise PCamError(f"{path}: only the compressed {os.path.basename(path)}.gz is there; "
                             f"decompress it first: gunzip -k {path}.gz") from None
         raise PCamError(f"{path}: file not found (expected the official PCam HDF5 file here, or in a pcam/ "
-                        "subdirectory as torchvision keeps it)") from None
+                        "subdirectory as torchvision keeps it; or image folders train/{0,1}/, valid/{0,1}/, "
+                        "test/{0,1}/ beside it)") from None
     except OSError as error:  # permission denied, a symlink loop, ...
         raise PCamError(f"{path}: cannot be read ({error.strerror})") from None
     try:
