@@ -20,7 +20,7 @@ from .extras import INT8_RUNTIMES, default_int8_runtime
 from .onnx import OnnxModel, load_onnx, to_onnx
 from .int8 import BACKENDS, ClampCodes, Int8Model, convert_int8, load_int8, save_int8
 from .pipeline import MODES, RELU6_DEFAULT, RELU6_MODES, dfq, prepare, quantize
-from .plan import FakeQuantize, QuantPlan, plan_quantization, simulate
+from .plan import DEFAULT_INPUT_RANGE, FakeQuantize, QuantPlan, input_range_of, plan_quantization, simulate
 from .registry import ModuleRule, register_module
 from .transforms import absorb_high_bias, correct_bias, equalize, fold_batchnorm, replace_relu6
 
@@ -34,6 +34,8 @@ __all__ = [
     "dfq",
     "plan_quantization",
     "simulate",
+    "input_range_of",
+    "DEFAULT_INPUT_RANGE",
     "convert_int8",
     "Int8Model",
     "save_int8",

@@ -25,7 +25,7 @@ from rotconv.files import atomic_write, check_writable
 
 from .extras import DEPLOY_EXTRA, capture_native_stderr, require_extra, runtime_input
 from .pipeline import RELU6_DEFAULT, check_float_model, prepare
-from .plan import QuantPlan, plan_quantization
+from .plan import QuantPlan, input_range_of, plan_quantization
 
 __all__ = [
     "to_executorch",
@@ -195,7 +195,7 @@ def traced_example(model: nn.Module, example_input: torch.Tensor | None, batch: 
 
 
 def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
-                  input_range: tuple[float, float] = (-3.0, 3.0), calibration: Iterable | None = None,
+                  input_range: tuple[float, float] | None = None, calibration: Iterable | None = None,
                   bias_correction: bool = True, relu6: str = RELU6_DEFAULT,
                   per_channel_weights: bool = False) -> fx.GraphModule:
     """The data-free INT8 model as a PT2E graph (quantize/dequantize ops around int8 convolutions and adds,
@@ -204,6 +204,7 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
     ``per_channel_weights``: conv weights symmetric per output channel instead of per tensor."""
     api = require_executorch()
     check_float_model(model)
+    input_range = input_range_of(model, input_range)  # the model's normaliser; the prepared graph drops it
     prepared = prepare(model, group, bias_correction, weight_bits=8, weight_scheme="symmetric", reduce_range=False,
                        relu6=relu6, per_channel_weights=per_channel_weights)
     plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric",
@@ -226,7 +227,7 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
 
 
 def to_executorch(model: nn.Module, path: str, group: object = None, example_batch: int = 1,
-                  example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
+                  example_input: torch.Tensor | None = None, input_range: tuple[float, float] | None = None,
                   calibration: Iterable | None = None, bias_correction: bool = True, relu6: str = RELU6_DEFAULT,
                   per_channel_weights: bool = False) -> str:
     """Quantize ``model`` (a float plain network, e.g. ``model.export()``) data-free and write it to ``path``
@@ -239,7 +240,8 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
         example_batch: the program's batch size (its input shape is fixed; :class:`ExecuTorchModel` splits
             other batches into programs' batches). Ignored with ``example_input``.
         example_input: an input of the right shape (default: zeros of ``model.input_size``).
-        input_range: the range of the network input (the data-free range of the first activation).
+        input_range: the range of the network input (the data-free range of the first activation; default:
+            the range of ``model.normalizer`` where the model has one, else (-3, 3): :func:`quant.input_range_of`).
         calibration: optional batches to measure ranges instead.
         bias_correction, relu6: as :func:`quant.prepare` (``relu6="keep"``: ReLU6 kept, clipped by the range).
         per_channel_weights: each conv's weights on one symmetric int8 grid per output channel (XNNPACK's

@@ -42,7 +42,7 @@ __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
 
 
 def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True, example_batch: int = 1,
-            example_input: torch.Tensor | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
+            example_input: torch.Tensor | None = None, input_range: tuple[float, float] | None = None,
             calibration: Iterable | None = None, bias_correction: bool = True, dynamic_batch: bool = True,
             relu6: str = RELU6_DEFAULT) -> str:
     """Write ``model`` (a float plain network, e.g. ``model.export()``) to ``path`` as ONNX; returns ``path``.

@@ -12,7 +12,7 @@ from rotconv.validation import check_choice
 
 from .arithmetic import WEIGHT_SCHEME_DEFAULT, reduces_range
 from .int8 import BACKENDS, Int8Model, convert_int8
-from .plan import FakeQuantize, plan_quantization, simulate
+from .plan import FakeQuantize, input_range_of, plan_quantization, simulate
 from .transforms import absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, replace_relu6
 
 __all__ = ["quantize", "dfq", "prepare", "MODES", "RELU6_MODES", "RELU6_DEFAULT", "check_float_model"]
@@ -28,7 +28,7 @@ RELU6_DEFAULT = "keep"
 
 def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
              backend: str = "x86", calibration: Iterable | None = None,
-             input_range: tuple[float, float] = (-3.0, 3.0), weight_scheme: str = WEIGHT_SCHEME_DEFAULT) -> nn.Module:
+             input_range: tuple[float, float] | None = None, weight_scheme: str = WEIGHT_SCHEME_DEFAULT) -> nn.Module:
     """Quantize a BN-folded network: per-tensor weights and activations.
 
     Args:
@@ -41,7 +41,8 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
         calibration: optional iterable of input batches (or (input, label) pairs) to measure activation
             ranges; without it ranges come data-free from the BN statistics, and a conv fed by anything
             whose range is not data-free (SiLU, Linear, ...) raises ValueError.
-        input_range: the range of the network input used when no calibration is given.
+        input_range: the range of the network input used when no calibration is given (default: the
+            range of ``model.normalizer`` where the model has one, else (-3, 3): :func:`input_range_of`).
         weight_scheme: ``"symmetric"`` (zero point 0; the default, :data:`WEIGHT_SCHEME_DEFAULT`) or
             ``"asymmetric"`` (per-tensor [min, max] with a zero point, as the DFQ paper). On x86/fbgemm,
             depthwise convs with a non-zero weight zero point fall back to a generic kernel 10-100x slower.
@@ -50,7 +51,7 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
     if mode == "int8" and (weight_bits != 8 or act_bits != 8):
         raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
     check_choice(backend, "backend", BACKENDS)
-    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range,
+    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range_of(model, input_range),
                              reduce_range=reduces_range(backend), weight_scheme=weight_scheme,
                              integer_bias=backend == "qnnpack")
     if mode == "simulated":
@@ -107,6 +108,8 @@ def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
     """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: a rotconv group,
     its name or N, as the network was built with), absorb high biases, correct biases, quantize
     (``quantize_kwargs`` go to :func:`quantize`). ``relu6``: see :func:`prepare` (default: kept)."""
+    # the model's own normaliser gives the input range; the prepared graph no longer carries it
+    quantize_kwargs["input_range"] = input_range_of(model, quantize_kwargs.get("input_range"))
     prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
                        quantize_kwargs.get("weight_scheme", WEIGHT_SCHEME_DEFAULT),
                        reduces_range(quantize_kwargs.get("backend", "x86")), relu6=relu6)

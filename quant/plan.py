@@ -11,6 +11,7 @@ Simulated quantization (the reference) and the real int8 model use the same plan
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -25,7 +26,29 @@ from .arithmetic import (WEIGHT_SCHEME_DEFAULT, WEIGHT_SCHEMES, fake_quantize_we
 from .graph import describe, is_add, is_conv, module_of, trace
 from .registry import ModuleRule, rule_for
 
-__all__ = ["QuantPlan", "plan_quantization", "FakeQuantize", "simulate"]
+__all__ = ["QuantPlan", "plan_quantization", "FakeQuantize", "simulate", "input_range_of", "DEFAULT_INPUT_RANGE"]
+
+#: the network input's data-free range where neither ``input_range`` nor a normaliser on the model gives one:
+#: per-channel normalised images stay within a few units (PCam: -3.1 to 1.7)
+DEFAULT_INPUT_RANGE = (-3.0, 3.0)
+
+
+def input_range_of(model: nn.Module, input_range: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The range of ``model``'s input for data-free quantization: ``input_range`` where given, else the range
+    of ``model.normalizer`` (anything with ``value_range()``, such as the :class:`mobilenet.Normalizer` that
+    ``mobilenet.load`` and ``mobilenet.pretrained`` attach and ``export()`` keeps), else
+    :data:`DEFAULT_INPUT_RANGE`. ValueError for a range that is not two finite numbers, low < high."""
+    if input_range is None:
+        normalizer = getattr(model, "normalizer", None)
+        input_range = normalizer.value_range() if callable(getattr(normalizer, "value_range", None)) \
+            else DEFAULT_INPUT_RANGE
+    try:
+        low, high = (float(value) for value in input_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_range: expected (low, high), got {input_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"input_range: expected finite numbers with low < high, got {input_range!r}")
+    return low, high
 
 DATA_FREE_SIGMAS = 6.0
 
@@ -170,7 +193,7 @@ def _calibrate(graph_module: fx.GraphModule, names: list[str], calibration: Iter
 
 
 def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
-                      calibration: Iterable | None = None, input_range: tuple[float, float] = (-3.0, 3.0),
+                      calibration: Iterable | None = None, input_range: tuple[float, float] | None = None,
                       reduce_range: bool = False, weight_scheme: str = WEIGHT_SCHEME_DEFAULT,
                       integer_bias: bool = False) -> QuantPlan:
     """Trace ``model`` (BN folded: see :func:`quant.fold_batchnorm`) and choose quantization points/ranges.
@@ -182,7 +205,7 @@ def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
     _check_arguments(weight_bits, act_bits, weight_scheme)
     graph_module = trace(model).eval()
     _check_folded(graph_module)
-    found = _Points(graph_module, input_range)
+    found = _Points(graph_module, input_range_of(model, input_range))
     points = found.points
     if calibration is not None:
         points = _calibrate(graph_module, list(points), calibration)

@@ -408,3 +408,35 @@ def test_bias_correction_per_channel_subtracts_the_per_channel_rounding_error():
         expected = -(error.double().sum(dim=(2, 3)) @ expected_input)
         assert torch.allclose(shifts[per_channel].double(), expected, rtol=1e-4, atol=1e-6), per_channel
     assert not torch.allclose(shifts[False], shifts[True])
+
+
+def test_the_input_range_comes_from_the_models_normaliser_unless_given(monkeypatch):
+    # mobilenet.load and mobilenet.pretrained attach the normaliser, and export() keeps it: the data-free range
+    # of the network input is then the normaliser's, as the shipped programs were made, not a guess of +-3
+    torch.manual_seed(0)
+    model = rotconv.randomize_batchnorm(mobilenet.mobilenet_v2(group=4, width_mult=0.25), torch.randn(4, 3, 95, 95))
+    model.normalizer = mobilenet.Normalizer([0.7, 0.54, 0.69], [0.24, 0.28, 0.22])
+    plain = model.eval().export()
+    low, high = model.normalizer.value_range()
+    assert quant.input_range_of(plain) == (low, high) and high < 2  # far from +-3
+    assert quant.input_range_of(plain, (-1.0, 1.0)) == (-1.0, 1.0)
+    assert quant.input_range_of(nn.Conv2d(3, 3, 1)) == quant.DEFAULT_INPUT_RANGE == (-3.0, 3.0)
+    with pytest.raises(ValueError, match="input_range: expected"):
+        quant.input_range_of(plain, (2.0, 1.0))
+    x = model.normalizer(torch.randint(0, 256, (4, 3, 95, 95), dtype=torch.uint8))
+    with torch.no_grad():
+        by_default = quant.dfq(plain, group=4, mode="int8")(x)
+        assert torch.equal(by_default, quant.dfq(plain, group=4, mode="int8", input_range=(low, high))(x))
+        assert not torch.equal(by_default, quant.dfq(plain, group=4, mode="int8", input_range=(-3.0, 3.0))(x))
+    # the file exports resolve it the same way (what they hand to the PT2E quantizer)
+    class Planned(Exception):
+        pass
+
+    def plan(*args, **kwargs):
+        raise Planned(args[4])  # the range handed on; nothing is exported
+
+    monkeypatch.setattr(quant.executorch, "plan_quantization", plan)
+    pytest.importorskip("executorch", reason="the .pte export is the optional deploy extra")
+    with pytest.raises(Planned) as planned:
+        quant.executorch.quantize_pt2e(plain, 4, torch.zeros(1, 3, 95, 95))
+    assert planned.value.args[0] == (low, high)
