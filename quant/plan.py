@@ -108,10 +108,11 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _check_arguments(weight_bits: int, act_bits: int, weight_scheme: str) -> None:
-    weight_bits = check_int(weight_bits, "weight_bits", minimum=2, maximum=8)
-    act_bits = check_int(act_bits, "act_bits", minimum=2, maximum=8)
+def _check_arguments(weight_bits: int, act_bits: int, weight_scheme: str) -> tuple[int, int]:
+    """The bit widths as plain ints, checked with the weight scheme (ValueError naming the argument)."""
     check_choice(weight_scheme, "weight_scheme", WEIGHT_SCHEMES)
+    return (check_int(weight_bits, "weight_bits", minimum=2, maximum=8),
+            check_int(act_bits, "act_bits", minimum=2, maximum=8))
 
 
 def _check_folded(graph_module: fx.GraphModule) -> None:
@@ -202,7 +203,7 @@ def plan_quantization(model: nn.Module, weight_bits: int = 8, act_bits: int = 8,
     saturate). Raises ValueError for what it cannot quantize correctly: unfolded batch norms and, without
     ``calibration``, any value entering the quantized region whose
     range is not data-free (the output of a SiLU, a Linear, a reshape, ... feeding a conv)."""
-    _check_arguments(weight_bits, act_bits, weight_scheme)
+    weight_bits, act_bits = _check_arguments(weight_bits, act_bits, weight_scheme)
     graph_module = trace(model).eval()
     _check_folded(graph_module)
     found = _Points(graph_module, input_range_of(model, input_range))
