@@ -149,7 +149,8 @@ def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
     """Class probabilities ``(N, num_classes)`` of ``images``: uint8 (0-255) or float in ``[0, 1]``,
     ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)``; centre-cropped to the model's input
     (:func:`as_images`), normalised with ``model.normalizer``, softmax of the logits. Without a normalizer
-    the images must already be float and normalised.
+    the images must already be float and normalised. An ``h5py.Dataset`` or a memory-mapped array (a whole
+    PCam split) is read ``batch_size`` images at a time, never whole.
 
     The model runs in eval mode and is left in the mode it came in (predicting during training is safe).
     On the CPU the batches go in as channels_last (the model itself is left as it is): oneDNN then runs the
@@ -157,17 +158,31 @@ def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
     the logits differ from a contiguous forward only by float rounding (~1e-5 relative)."""
     batch_size = rotconv.check_positive_int(batch_size, "batch_size")
     normalizer = getattr(model, "normalizer", None)
-    batch = as_images(images, model.input_size, normalised=normalizer is None)
-    if normalizer is None and not batch.is_floating_point():
-        raise ValueError("images: uint8 images need the model's normalizer (load the model with mobilenet.load, "
-                         "or pass float images normalised as in training)")
     device = next(model.parameters()).device
     outputs = []
     with rotconv.eval_mode(model):  # batch norm on its running statistics; the caller's mode is given back
-        for start in range(0, batch.shape[0], batch_size):
-            chunk = batch[start:start + batch_size].to(device)
-            inputs = normalizer(chunk) if normalizer is not None else chunk.float()
-            if inputs.device.type == "cpu":
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
+        for part in _parts(images, batch_size):
+            batch = as_images(part, model.input_size, normalised=normalizer is None)
+            if normalizer is None and not batch.is_floating_point():
+                raise ValueError("images: uint8 images need the model's normalizer (load the model with "
+                                 "mobilenet.load, or pass float images normalised as in training)")
+            for start in range(0, batch.shape[0], batch_size):
+                chunk = batch[start:start + batch_size].to(device)
+                inputs = normalizer(chunk) if normalizer is not None else chunk.float()
+                if inputs.device.type == "cpu":
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
     return torch.cat(outputs) if outputs else torch.empty(0, model.num_classes)
+
+
+def _parts(images, batch_size: int):
+    """``images`` in reads of ``batch_size``: a 4-D array-like that is not in memory as a whole (an
+    ``h5py.Dataset``, a memory-mapped array) is sliced batch by batch, so it is never read whole; anything
+    else (a tensor, an array, a list, one image) comes as one part."""
+    in_memory = isinstance(images, torch.Tensor) or (isinstance(images, np.ndarray)
+                                                      and not isinstance(images, np.memmap))
+    if in_memory or getattr(images, "ndim", None) != 4 or not hasattr(images, "__getitem__") or len(images) == 0:
+        yield images
+        return
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]

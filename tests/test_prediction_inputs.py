@@ -271,3 +271,33 @@ def test_duplicate_seeds_are_refused(tmp_path, capsys):
     assert "seed 0 is given twice" in capsys.readouterr().err
     assert efficiency.main(["--quick", "--seeds", "1", "1", "--runs", str(tmp_path)]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_predict_reads_a_large_array_a_batch_at_a_time(model_file, tmp_path):
+    # an HDF5 dataset or a memory-mapped array of a whole split (PCam's train x is 7 GB) is read batch by
+    # batch, never whole
+    model = mobilenet.load(model_file)
+    images = patches(10, seed=3)
+
+    class Reads:  # array-like, as h5py.Dataset is: records every read
+        shape, ndim, dtype, reads = images.shape, 4, images.dtype, []
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index):
+            part = images[index]
+            self.reads.append(len(part) if part.ndim == 4 else 1)
+            return part
+
+    expected = mobilenet.predict(model, images)
+    assert torch.allclose(mobilenet.predict(model, Reads(), batch_size=4), expected, atol=1e-6)
+    assert Reads.reads == [4, 4, 2]
+    path = str(tmp_path / "x.h5")
+    with h5py.File(path, "w") as handle:
+        handle["x"] = images
+    with h5py.File(path, "r") as handle:
+        assert torch.allclose(mobilenet.predict(model, handle["x"], batch_size=3), expected, atol=1e-6)
+    np.save(tmp_path / "x.npy", images)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert torch.allclose(mobilenet.predict(model, mapped, batch_size=4), expected, atol=1e-6)
