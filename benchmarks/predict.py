@@ -180,34 +180,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _classify(model, path: str, args: argparse.Namespace, writer) -> int:
+class _Batches:
+    """Patches from any number of files gathered into batches of ``batch_size`` for the model (a directory of
+    one-patch image files is not classified a patch at a time), their CSV lines written in input order."""
+
+    def __init__(self, model, batch_size: int, writer) -> None:
+        self.model, self.batch_size, self.writer = model, batch_size, writer
+        self.lines: list[list] = []  # the leading columns of each pending patch's line
+        self.images: list[torch.Tensor] = []  # uint8 (n, 3, s, s), cropped or tiled to the model's input
+        self.pending = 0
+
+    def add(self, lines: list[list], images: torch.Tensor) -> None:
+        self.lines += lines
+        self.images.append(images)
+        self.pending += images.shape[0]
+        if self.pending >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        probabilities = mobilenet.predict(self.model, torch.cat(self.images), batch_size=self.batch_size)
+        for line, row in zip(self.lines, probabilities.tolist()):
+            self.writer.writerow(line + [f"{row[-1]:.6f}", int(np.argmax(row))])
+        self.lines, self.images, self.pending = [], [], 0
+
+
+def _classify(path: str, args: argparse.Namespace, batches: _Batches) -> int:
     try:
-        return _classify_file(model, path, args, writer)
+        return _classify_file(path, args, batches)
     except InputError:
         raise
-    except ValueError as error:  # mobilenet.predict's checks: name the file
+    except ValueError as error:  # mobilenet's input checks: name the file
         raise InputError(f"{path}: {error}") from None
 
 
-def _classify_file(model, path: str, args: argparse.Namespace, writer) -> int:
-    size, count, noticed = model.input_size, 0, False
+def _classify_file(path: str, args: argparse.Namespace, batches: _Batches) -> int:
+    size, count, noticed = batches.model.input_size, 0, False
     for patches in iter_patches(path, args.batch_size):
         height, width = patches.shape[1:3]
         if height < size or width < size:
             raise InputError(f"{path}: {height}x{width} pixels, the model needs at least {size}x{size}")
         if args.tiles:
             tiles, positions = mobilenet.tile_images(patches, size)
-            probabilities = mobilenet.predict(model, tiles, batch_size=args.batch_size)
-            for (image, top, left), row in zip(positions.tolist(), probabilities.tolist()):
-                writer.writerow([path, count + image, top, left, f"{row[-1]:.6f}", int(np.argmax(row))])
+            batches.add([[path, count + image, top, left] for image, top, left in positions.tolist()], tiles)
         else:
             if max(height, width) > size + 1 and not noticed:  # 96x96 PCam patches lose one row and column
                 print(f"note: {path}: {height}x{width} pixels, classified on the central {size}x{size} "
                       "(--tiles for one probability per tile)", file=sys.stderr)
                 noticed = True
-            probabilities = mobilenet.predict(model, patches, batch_size=args.batch_size)
-            for index, row in enumerate(probabilities.tolist()):
-                writer.writerow([path, count + index, f"{row[-1]:.6f}", int(np.argmax(row))])
+            batches.add([[path, count + index] for index in range(patches.shape[0])],
+                        mobilenet.as_images(patches, size))
         count += patches.shape[0]
     return count
 
@@ -227,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.writer(stream)
             writer.writerow(["source", "index"] + (["top", "left"] if args.tiles else [])
                             + ["probability_tumour", "predicted"])
+            batches = _Batches(model, args.batch_size, writer)
             with torch.inference_mode():
-                return sum(_classify(model, path, args, writer) for path in inputs)
+                count = sum(_classify(path, args, batches) for path in inputs)
+                batches.flush()
+            return count
 
         if args.out:
             counted = []
