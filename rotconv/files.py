@@ -22,8 +22,8 @@ TEMPORARY_PREFIX = ".tmp-"
 class OutputError(OSError):
     """An output path cannot be written (the message names it; ``errno`` says why)."""
 
-    def __str__(self) -> str:
-        return str(self.strerror)  # the message alone, without OSError's "[Errno N]" prefix
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return self.strerror if self.strerror is not None else super().__str__()
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:

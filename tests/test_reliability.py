@@ -351,3 +351,10 @@ def test_dfq_names_what_it_cannot_start_from(case, message):
             model = quant.dfq(model, mode="int8")
     with pytest.raises(ValueError, match=message):
         quant.dfq(model)
+
+
+def test_an_output_error_says_its_message_alone():
+    # printed as "error: {error}" by every command: without OSError's "[Errno 28]" in front, with or without an errno
+    error = OutputError(28, "results.json: could not be written (disk full)")
+    assert str(error) == "results.json: could not be written (disk full)" and error.errno == 28
+    assert str(OutputError("runs: not a directory")) == "runs: not a directory"
