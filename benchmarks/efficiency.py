@@ -47,6 +47,7 @@ from . import pcam
 from .common import add_memory_argument, check_outputs, initialize_rotconv_layers
 from .rotation import angle_count
 from .synthetic import write_synthetic_pcam
+from .exits import command
 
 __all__ = ["main", "nested_balanced_order", "format_curve", "plot_curve", "load_results", "series_label"]
 
@@ -696,6 +697,7 @@ def run(args: argparse.Namespace) -> dict:
         return results
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     return pcam.exit_code(run, _parser().parse_args(argv), "finished runs are kept; continue with --resume")
 

@@ -38,6 +38,7 @@ from rotconv.files import atomic_write, write_json
 from mobilenet.training import UsageError
 
 from .common import check_outputs, untrained_but_generic
+from .exits import command
 
 
 def e2cnn_test_net(group: rotconv.CyclicGroup, seed: int, basis_options: dict | None = None) -> nn.Module:
@@ -264,6 +265,7 @@ def format_sweep(results: dict) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.equivariance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

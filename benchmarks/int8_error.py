@@ -41,6 +41,8 @@ import quant
 from mobilenet.data import PCamError, open_pcam
 from rotconv.files import OutputError, check_writable, write_json
 
+from .exits import command
+
 __all__ = ["round_weights", "variants", "compare", "format_rows", "main"]
 
 def round_weights(model: nn.Module, per_channel: bool = False) -> nn.Module:
@@ -132,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

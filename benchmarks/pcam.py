@@ -45,6 +45,7 @@ from rotconv.files import OutputError, RunLock, check_writable, write_json
 
 from .common import add_memory_argument, apply_memory_argument, serialized_bytes
 from .synthetic import DEFAULT_SIZES, write_synthetic_pcam
+from .exits import command
 
 __all__ = ["main", "PAPER", "PROFILES", "format_table", "mean_std", "percent", "model_label"]
 
@@ -722,6 +723,7 @@ def exit_code(run, args: argparse.Namespace, interrupted: str) -> int:
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     return exit_code(run, _parser().parse_args(argv),
                      "finished epochs are in the checkpoints; continue with --resume")

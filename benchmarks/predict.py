@@ -38,14 +38,10 @@ from rotconv.files import OutputError, atomic_write, check_writable
 from mobilenet.data import IMAGE_SUFFIXES, ImageError, read_image
 
 from .common import add_memory_argument, apply_memory_argument
+from .exits import command
 
 __all__ = ["main", "read_patches", "iter_patches", "expand_inputs", "PATCH_SUFFIXES", "InputError",
            "check_output_path"]
-
-
-#: exit status when stdout is closed before the CSV is written (a pipe into ``head``): 128 + SIGPIPE, what a
-#: shell reports for a command that signal ends
-EXIT_READER_GONE = 141
 
 
 class InputError(ValueError):
@@ -235,6 +231,7 @@ def _classify_file(path: str, args: argparse.Namespace, batches: _Batches) -> in
     return count
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     apply_memory_argument(args)
@@ -268,12 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(args.out, write)
             print(f"{counted[0]} patches classified; written to {args.out}", file=sys.stderr)
         else:
-            try:
-                write_csv(sys.stdout)
-                sys.stdout.flush()
-            except BrokenPipeError:  # the reader stopped reading (`| head`): end quietly, as SIGPIPE would
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-                return EXIT_READER_GONE
+            write_csv(sys.stdout)  # a reader that stops early (`| head`): exit 141, quietly (benchmarks.exits)
     except (InputError, OutputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

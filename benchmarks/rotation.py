@@ -50,6 +50,7 @@ from mobilenet.training import Progress, UsageError
 from rotconv.files import write_json
 
 from . import pcam
+from .exits import command
 
 __all__ = ["rotated_inputs", "control_inputs", "predictions", "rotation_figures", "evaluate_run",
            "current_figures", "other_run", "figures_file", "angle_count", "main"]
@@ -269,6 +270,7 @@ def _summary_line(kind: str, figures: dict) -> str:
     return line
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     return pcam.exit_code(run, _parser().parse_args(argv), "figures of finished runs are kept")
 

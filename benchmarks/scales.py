@@ -39,6 +39,7 @@ from mobilenet.training import UsageError, training_step
 from . import pcam
 from .common import add_memory_argument, initialize_rotconv_layers
 from .synthetic import write_synthetic_pcam
+from .exits import command
 
 __all__ = ["main", "layer_scales", "format_scales", "KINDS"]
 
@@ -229,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     return pcam.exit_code(run, _parser().parse_args(argv), "")
 

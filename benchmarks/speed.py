@@ -47,6 +47,7 @@ from .common import (add_memory_argument, apply_memory_argument, check_outputs, 
 from .isa import ISAError, xnnpack_isa
 from mobilenet.training import UsageError, bf16_supported, training_step
 from quant.int8 import quantized_engine
+from .exits import command
 
 __all__ = ["compare", "layer_benchmarks", "model_benchmarks", "training_throughput", "plain_training_twin",
            "allocator_probe", "allocator_benchmarks", "main"]
@@ -603,6 +604,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)

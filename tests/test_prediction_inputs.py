@@ -258,6 +258,26 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(model_file, tmp_path
     assert error == "", error  # no traceback, no "Exception ignored" from the interpreter's exit
 
 
+@pytest.mark.parametrize("ending", ["returns", "exits", "writes late"])
+def test_a_command_ends_quietly_with_141_when_its_reader_is_gone(monkeypatch, ending):
+    # every command's main is wrapped so (benchmarks.exits): a pipe whose reader has gone, as after `| head`
+    from benchmarks.exits import EXIT_READER_GONE, command
+
+    read, write = os.pipe()
+    os.close(read)
+    monkeypatch.setattr(sys, "stdout", open(write, "w"))
+
+    @command
+    def main(argv=None):
+        print("x" * 100_000 if ending == "returns" else "a line")  # 100 kB: past the buffer, written at once
+        if ending == "exits":
+            raise SystemExit(0)  # as argparse's --help does: the line fails at the flush after main
+        return 0  # "writes late": the line fails when the buffer is flushed, after main
+
+    assert main([]) == EXIT_READER_GONE == 141
+    assert os.path.samefile(f"/proc/self/fd/{write}", os.devnull)  # nothing left to fail at the interpreter's exit
+
+
 def test_image_inputs_give_no_warning(model_file):
     model = mobilenet.load(model_file)
     frozen = patches(1)
