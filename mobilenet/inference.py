@@ -77,10 +77,13 @@ def load(path: str, device: str | torch.device = "cpu") -> MobileNetV2:
 
 
 def _channels_first(images) -> torch.Tensor:
-    """``(N, H, W, 3)`` or ``(N, 3, H, W)`` (or one image without N), numpy or tensor -> ``(N, 3, H, W)``."""
-    if isinstance(images, np.ndarray) and not images.flags.writeable:
-        images = np.array(images)  # torch cannot share read-only memory (it would warn on every call)
-    given = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    """``(N, H, W, 3)`` or ``(N, 3, H, W)`` (or one image without N), numpy, tensor, a PIL image or a list of
+    them -> ``(N, 3, H, W)``."""
+    if not isinstance(images, torch.Tensor):
+        images = np.asarray(images)  # also a PIL image, or a list of them
+        if not images.flags.writeable:
+            images = np.array(images)  # torch cannot share read-only memory (it would warn on every call)
+    given = images if isinstance(images, torch.Tensor) else torch.as_tensor(images)
     batch = given.unsqueeze(0) if given.dim() == 3 else given
     if batch.dim() != 4 or 3 not in (batch.shape[1], batch.shape[-1]):
         raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(given.shape)}"
@@ -147,7 +150,8 @@ def tile_images(images, input_size: int, stride: int | None = None) -> tuple[tor
 @torch.no_grad()
 def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
     """Class probabilities ``(N, num_classes)`` of ``images``: uint8 (0-255) or float in ``[0, 1]``,
-    ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)``; centre-cropped to the model's input
+    ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)`` (a PIL image, or a list of them, too);
+    centre-cropped to the model's input
     (:func:`as_images`), normalised with ``model.normalizer``, softmax of the logits. Without a normalizer
     the images must already be float and normalised. An ``h5py.Dataset`` or a memory-mapped array (a whole
     PCam split) is read ``batch_size`` images at a time, never whole.

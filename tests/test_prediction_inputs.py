@@ -284,7 +284,11 @@ def test_image_inputs_give_no_warning(model_file):
     frozen.flags.writeable = False  # as np.asarray(PIL image) is
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mobilenet.predict(model, frozen)
+        expected = mobilenet.predict(model, frozen)
+        # a PIL image itself, and a list of them (np.asarray gives read-only arrays; torch warned on them)
+        image = Image.fromarray(frozen[0])
+        assert torch.equal(mobilenet.predict(model, image), expected)
+        assert torch.allclose(mobilenet.predict(model, [image, image]), expected.repeat(2, 1), atol=1e-6)
 
 
 def test_duplicate_seeds_are_refused(tmp_path, capsys):
