@@ -6,7 +6,8 @@ each run's checkpoint, or by ``mobilenet.save``) or a shipped model's name (``mo
     python -m benchmarks.predict pcam-c12 patch.jpg                                # the shipped C_12 model
     python -m benchmarks.predict pcam-c12 patches/ --out probabilities.csv         # every patch file under it
 
-Inputs: HDF5 files with a dataset ``x`` of uint8 patches ``(N, H, W, 3)`` (the PCam layout; read in batches,
+Inputs: HDF5 files with a dataset ``x`` of patches ``(N, H, W, 3)``, uint8 as in PCam or float in [0, 1] (the
+rule of :func:`mobilenet.predict`; read in batches,
 so memory does not grow with the file), ``.npy`` arrays of the same layout, or image files (PNG, JPEG,
 TIFF, BMP; needs Pillow; every frame of a multi-frame file is a patch; 16-bit grayscale is scaled to 8
 bits; an EXIF orientation tag is applied, so positions are those of the image as shown:
@@ -48,6 +49,13 @@ class InputError(ValueError):
     """An input file cannot be read as patches (the message names it)."""
 
 
+def _patch_array(array) -> bool:
+    """Whether ``array`` (numpy or h5py) holds patches ``(N, H, W, 3)`` of a dtype predict takes: uint8 or float
+    (whose values :func:`mobilenet.as_images` checks)."""
+    return (array.ndim == 4 and array.shape[-1] == 3
+            and (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)))
+
+
 def _hdf5_patches(path: str, chunk: int) -> Iterator[np.ndarray]:
     try:
         handle = h5py.File(path, "r")
@@ -62,8 +70,9 @@ def _hdf5_patches(path: str, chunk: int) -> Iterator[np.ndarray]:
             raise InputError(f"{path}: its entry 'x' cannot be opened (a broken link?): {error}") from None
         if not isinstance(x, h5py.Dataset):
             raise InputError(f"{path}: 'x' is a {type(x).__name__}, expected a dataset of patches (N, H, W, 3)")
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise InputError(f"{path}: expected 'x' to hold uint8 patches (N, H, W, 3), got {x.shape} {x.dtype}")
+        if not _patch_array(x):
+            raise InputError(f"{path}: expected 'x' to hold uint8 or float patches (N, H, W, 3), got {x.shape} "
+                             f"{x.dtype}")
         for start in range(0, x.shape[0], chunk):
             try:
                 yield x[start:start + chunk]
@@ -73,8 +82,8 @@ def _hdf5_patches(path: str, chunk: int) -> Iterator[np.ndarray]:
 
 
 def iter_patches(path: str, chunk: int = 256) -> Iterator[np.ndarray]:
-    """uint8 ``(n, H, W, 3)`` batches of at most ``chunk`` patches from an HDF5 file (dataset ``x``, read
-    batch by batch), a ``.npy`` array (memory-mapped) or an image file (all its frames)."""
+    """``(n, H, W, 3)`` batches (uint8, or float in [0, 1]) of at most ``chunk`` patches from an HDF5 file
+    (dataset ``x``, read batch by batch), a ``.npy`` array (memory-mapped) or an image file (all its frames)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
     suffix = os.path.splitext(path)[1].lower()
@@ -93,8 +102,9 @@ def iter_patches(path: str, chunk: int = 256) -> Iterator[np.ndarray]:
             raise InputError(str(error)) from None
     else:
         raise InputError(f"{path}: unknown kind of file; expected .h5, .npy or an image ({', '.join(IMAGE_SUFFIXES)})")
-    if patches.dtype != np.uint8 or patches.ndim != 4 or patches.shape[-1] != 3:
-        raise InputError(f"{path}: expected uint8 patches (N, H, W, 3), got {patches.shape} {patches.dtype}")
+    if not _patch_array(patches):
+        raise InputError(f"{path}: expected uint8 or float patches (N, H, W, 3), got {patches.shape} "
+                         f"{patches.dtype}")
     for start in range(0, patches.shape[0], chunk):
         yield np.array(patches[start:start + chunk])
 
@@ -133,7 +143,7 @@ def expand_inputs(paths: list[str]) -> list[str]:
 
 
 def read_patches(path: str) -> np.ndarray:
-    """All patches of ``path`` at once (see :func:`iter_patches`): uint8 ``(N, H, W, 3)``."""
+    """All patches of ``path`` at once (see :func:`iter_patches`): ``(N, H, W, 3)``."""
     batches = list(iter_patches(path))
     return np.concatenate(batches) if batches else np.empty((0, 96, 96, 3), np.uint8)
 
@@ -183,7 +193,7 @@ class _Batches:
     def __init__(self, model, batch_size: int, writer) -> None:
         self.model, self.batch_size, self.writer = model, batch_size, writer
         self.lines: list[list] = []  # the leading columns of each pending patch's line
-        self.images: list[torch.Tensor] = []  # uint8 (n, 3, s, s), cropped or tiled to the model's input
+        self.images: list[torch.Tensor] = []  # (n, 3, s, s) uint8 or float 0-255 (mobilenet.as_images)
         self.pending = 0
 
     def add(self, lines: list[list], images: torch.Tensor) -> None:
@@ -196,7 +206,11 @@ class _Batches:
     def flush(self) -> None:
         if not self.pending:
             return
-        probabilities = mobilenet.predict(self.model, torch.cat(self.images), batch_size=self.batch_size)
+        if all(part.dtype == torch.uint8 for part in self.images):
+            images = torch.cat(self.images)
+        else:  # float patches among them: all as float in [0, 1], what predict takes
+            images = torch.cat([part.float() / 255 for part in self.images])
+        probabilities = mobilenet.predict(self.model, images, batch_size=self.batch_size)
         for line, row in zip(self.lines, probabilities.tolist()):
             self.writer.writerow(line + [f"{row[-1]:.6f}", int(np.argmax(row))])
         self.lines, self.images, self.pending = [], [], 0
@@ -219,7 +233,8 @@ def _classify_file(path: str, args: argparse.Namespace, batches: _Batches) -> in
             raise InputError(f"{path}: {height}x{width} pixels, the model needs at least {size}x{size}")
         if args.tiles:
             tiles, positions = mobilenet.tile_images(patches, size)
-            batches.add([[path, count + image, top, left] for image, top, left in positions.tolist()], tiles)
+            batches.add([[path, count + image, top, left] for image, top, left in positions.tolist()],
+                        mobilenet.as_images(tiles, size))  # uint8, or float 0-255 (checked in [0, 1] first)
         else:
             if max(height, width) > size + 1 and not noticed:  # 96x96 PCam patches lose one row and column
                 print(f"note: {path}: {height}x{width} pixels, classified on the central {size}x{size} "

@@ -17,6 +17,7 @@ import torch
 
 import mobilenet
 import quant
+import rotconv
 from benchmarks import efficiency, pcam, predict
 from rotconv.files import OutputError, atomic_write
 
@@ -26,11 +27,17 @@ Image = pytest.importorskip("PIL.Image", reason="Pillow is not installed (pip in
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     torch.manual_seed(0)
-    model = mobilenet.mobilenet_v2(group=4, width_mult=0.25).eval()
+    normalizer = mobilenet.Normalizer([0.7, 0.5, 0.7], [0.2, 0.25, 0.2])
+    images = normalizer(torch.from_numpy(patches(16, seed=99)).permute(0, 3, 1, 2)[:, :, :95, :95])
+    # batch-norm statistics of such patches and a small random classifier: tumour probabilities that depend
+    # on the input (0.55-0.74 on random patches; with the default init every patch gets ~1e-10, and no
+    # comparison of probabilities could fail)
+    model = rotconv.randomize_batchnorm(mobilenet.mobilenet_v2(group=4, width_mult=0.25), images)
     with torch.no_grad():
-        model.classifier[-1].weight.normal_()  # probabilities that depend on the input
+        model.classifier[-1].weight.normal_(0, 0.1)
+        model.classifier[-1].bias.zero_()
     path = str(tmp_path_factory.mktemp("model") / "model.pt")
-    mobilenet.save(model, path, mobilenet.Normalizer([0.7, 0.5, 0.7], [0.2, 0.25, 0.2]))
+    mobilenet.save(model.eval(), path, normalizer)
     return path
 
 
@@ -165,6 +172,27 @@ def test_a_directory_stands_for_the_patch_files_under_it(model_file, tmp_path, c
     assert code == 2 and "refusing to replace it" in err  # an output over a file found in a directory too
 
 
+def test_the_command_takes_float_arrays_in_0_1_like_predict(model_file, tmp_path, capsys):
+    # one rule for what a prediction input is, in the library and on the command line: uint8, or float in [0, 1]
+    images = patches(3, seed=7)
+    np.save(tmp_path / "bytes.npy", images)
+    np.save(tmp_path / "floats.npy", images.astype(np.float32) / 255)
+    with h5py.File(tmp_path / "floats.h5", "w") as handle:
+        handle["x"] = images.astype(np.float64) / 255
+    code, out, err = run([model_file, str(tmp_path / "bytes.npy"), str(tmp_path / "floats.npy"),
+                          str(tmp_path / "floats.h5")], capsys)  # uint8 and float patches in one batch
+    assert code == 0, err
+    values = [float(row["probability_tumour"]) for row in rows(out)]
+    assert values[3:6] == pytest.approx(values[:3], abs=2e-6) and values[6:] == pytest.approx(values[:3], abs=2e-6)
+    code, out, err = run([model_file, str(tmp_path / "floats.h5"), str(tmp_path / "bytes.npy"), "--tiles"], capsys)
+    tiles = [float(row["probability_tumour"]) for row in rows(out)]  # one 95x95 tile per 96x96 patch
+    assert code == 0, err
+    assert tiles[:3] == pytest.approx(values[:3], abs=2e-6) and tiles[3:] == pytest.approx(values[:3], abs=2e-6)
+    np.save(tmp_path / "pixels.npy", images.astype(np.float32))  # 0-255 as float: refused, naming the file
+    code, _, err = run([model_file, str(tmp_path / "pixels.npy")], capsys)
+    assert code == 2 and "pixels.npy: images: float images must lie in [0, 1]" in err, err
+
+
 def test_outputs_never_replace_an_input_and_are_checked_first(model_file, tmp_path, capsys):
     data = str(tmp_path / "x.h5")
     with h5py.File(data, "w") as handle:
@@ -204,7 +232,7 @@ BAD_INPUTS = {
     "x is a group": (lambda p: h5py.File(p, "w").create_group("x"), "x.h5", "is a Group"),
     "dangling link": (lambda p: h5py.File(p, "w").__setitem__("x", h5py.ExternalLink("gone.h5", "x")),
                       "x.h5", "cannot be opened"),
-    "scalar x": (lambda p: h5py.File(p, "w").create_dataset("x", data=3), "x.h5", "uint8 patches"),
+    "scalar x": (lambda p: h5py.File(p, "w").create_dataset("x", data=3), "x.h5", "uint8 or float patches"),
     "small image": (lambda p: Image.new("RGB", (64, 64)).save(p), "small.png", "64x64 pixels"),
     "float image": (lambda p: Image.fromarray(np.ones((96, 96), np.float32)).save(p), "f.tif", "white level"),
 }
