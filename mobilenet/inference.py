@@ -152,9 +152,8 @@ def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
     """Class probabilities ``(N, num_classes)`` of ``images``: uint8 (0-255) or float in ``[0, 1]``,
     ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)`` (a PIL image, or a list of them, too);
     centre-cropped to the model's input (:func:`as_images`), normalised with ``model.normalizer``, softmax of
-    the logits. Without a normalizer
-    the images must already be float and normalised. An ``h5py.Dataset`` or a memory-mapped array (a whole
-    PCam split) is read ``batch_size`` images at a time, never whole.
+    the logits. Without a normalizer the images must already be float and normalised. An ``h5py.Dataset`` or
+    a memory-mapped array (a whole PCam split) is read ``batch_size`` images at a time, never whole.
 
     The model runs in eval mode and is left in the mode it came in (predicting during training is safe).
     On the CPU the batches go in as channels_last (the model itself is left as it is): oneDNN then runs the

@@ -51,7 +51,7 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
     if mode == "int8" and (weight_bits != 8 or act_bits != 8):
         raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
     check_choice(backend, "backend", BACKENDS)
-    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range_of(model, input_range),
+    plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range,  # None: resolved there
                              reduce_range=reduces_range(backend), weight_scheme=weight_scheme,
                              integer_bias=backend == "qnnpack")
     if mode == "simulated":

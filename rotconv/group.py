@@ -240,10 +240,9 @@ def as_group(group: Group | int | str, name: str = "group") -> Group:
         return group
     if as_int(group) is not None:
         return CyclicGroup(check_positive_int(group, name))
-    if isinstance(group, str) and group.isascii() and group.isdigit() and int(group) > 0:
-        return CyclicGroup(int(group))
-    if (isinstance(group, str) and len(group) > 1 and group[0] in "CcDd" and group[1:].isascii()
-            and group[1:].isdigit() and int(group[1:]) > 0):
-        return (CyclicGroup if group[0] in "Cc" else DihedralGroup)(int(group[1:]))
+    if isinstance(group, str):  # "C12", "d4", or "12" for C_12
+        kind, digits = (group[0].upper(), group[1:]) if group[:1] in ("C", "c", "D", "d") else ("C", group)
+        if digits.isascii() and digits.isdigit() and int(digits) > 0:
+            return (CyclicGroup if kind == "C" else DihedralGroup)(int(digits))
     raise ValueError(f"{name}: expected a rotconv group (CyclicGroup, DihedralGroup), its name ('C12', 'D12') or "
                      f"N, the number of rotations of C_N (an int), got {group!r}")
