@@ -445,7 +445,7 @@ def _pixels_dataset(count: int, scale: float, classes: int = 2, seed: int = 0):
 @pytest.mark.parametrize("which", ["train_data", "valid_data"])
 @pytest.mark.parametrize("case, message", [
     ("raw pixels", r"the model refuses its items 0, 31: input: values up to 25\d"),
-    ("labels", r"item \d+ has label 2, not a class of the model's 2 outputs \(0-1\)"),
+    ("labels", r"item \d+ holds label 2, not a class of the model's 2 outputs \(0-1\)"),
 ])
 def test_data_the_model_cannot_take_is_refused_before_the_first_step(which, case, message):
     good = _pixels_dataset(32, 1 / 255 / 0.3)  # normalised enough for the model's check
@@ -460,6 +460,61 @@ def test_data_the_model_cannot_take_is_refused_before_the_first_step(which, case
                         log=lines.append)
     assert not any("epoch 1" in str(line) for line in lines)  # before any training step
     assert model.training  # and the model is left in its mode
+
+
+class _Relabelled(torch.utils.data.Dataset):
+    """``data`` with the label of item ``position`` replaced by ``label``."""
+
+    def __init__(self, data, position: int, label) -> None:
+        self.data, self.position, self.label = data, position, label
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        image, label = self.data[index]
+        return image, self.label if index == self.position else label
+
+
+@pytest.mark.parametrize("which", ["train_data", "valid_data"])
+@pytest.mark.parametrize("form", ["dataset", "loader"])
+@pytest.mark.parametrize("label, message", [
+    (2, r"(epoch 1, )?batch \d+ holds label 2, not a class of the model's 2 outputs \(0-1\)"),
+    (-1, r"(epoch 1, )?batch \d+ holds label -1, not a class"),
+    (0.5, r"labels must be integer class indices, got torch.float\d+ value 0.5"),
+    (torch.tensor([0, 1]), r"labels of shape \((2,|8, 2)\) for (1|8) image"),
+])
+def test_labels_that_are_not_class_indices_are_refused_wherever_they_are(which, form, label, message):
+    # an item in the middle of the data (the up-front check reads the first and last only): torch's
+    # cross-entropy would raise IndexError (out of range), truncate 0.5 to class 0 or read floats as
+    # probabilities; refused naming the argument and the batch
+    good = _tensor_data(32, 0)
+    bad = _Relabelled(good, 13, label)
+    if form == "loader":  # the labels as a tensor of the label's kind: (32,) int64 or float, or (32, 2)
+        images, labels = good.tensors
+        labels = labels[:, None].repeat(1, 2) if torch.is_tensor(label) else labels.to(torch.as_tensor(label).dtype,
+                                                                                       copy=True)
+        labels[13] = label
+        bad = torch.utils.data.TensorDataset(images, labels)
+        good, bad = (torch.utils.data.DataLoader(data, batch_size=8) for data in (good, bad))
+    data = {"train_data": good, "valid_data": good, which: bad}
+    with pytest.raises(mobilenet.UsageError, match=f"{which}: .*{message}"):
+        mobilenet.train(_small_net(), data["train_data"], data["valid_data"],
+                        mobilenet.TrainConfig(epochs=1, batch_size=8, precision="fp32", augment=False),
+                        log=lambda *a: None)
+
+
+def test_labels_in_any_shape_of_one_per_image_and_whole_floats_are_class_indices():
+    # PCam's label files hold (N, 1, 1, 1); a loader of them, or of whole-number floats, trains as int64
+    data = _tensor_data(32, 0)
+    images, labels = data.tensors
+    config = mobilenet.TrainConfig(epochs=1, batch_size=8, precision="fp32", augment=False)
+    results = []
+    for form in (labels, labels.reshape(-1, 1, 1, 1).to(torch.uint8), labels.double()):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, form), batch_size=8)
+        torch.manual_seed(0)
+        results.append(mobilenet.train(_small_net(), loader, loader, config, log=lambda *a: None)["history"])
+    assert results[1] == results[0] and results[2] == results[0]  # the same training, whatever the form
 
 
 def test_numpy_and_torch_integers_are_taken_and_stored_as_plain_ints(tmp_path):

@@ -55,10 +55,53 @@ def _reader(data: torch.utils.data.Dataset, name: str) -> Callable[[np.ndarray],
             if not isinstance(item, (tuple, list)) or len(item) != 2:
                 raise UsageError(name, f"items must be (image, label) pairs, got {type(item).__name__}")
             images.append(torch.as_tensor(item[0]))
-            labels.append(int(item[1]))
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+            labels.append(_class_indices(item[1], 1, name, f"item {int(position)}"))
+        return torch.stack(images), torch.cat(labels)
 
     return read
+
+
+def _class_indices(labels, count: int, name: str, where: str) -> torch.Tensor:
+    """The labels of ``count`` images as int64 class indices ``(count,)``: integers (whole-number floats too),
+    one per image in any shape of ``count`` elements (PCam's label files hold ``(N, 1, 1, 1)``). A
+    :class:`UsageError` naming ``name`` and ``where`` (an item or a batch) for anything else: a fractional
+    or soft label would otherwise be truncated or read as class probabilities."""
+    try:
+        values = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise UsageError(name, f"{where}: label {labels!r} is not a class index") from None
+    if values.numel() != count:
+        raise UsageError(name, f"{where}: labels of shape {tuple(values.shape)} for {count} image(s); expected "
+                               "one class index per image")
+    values = values.reshape(count)
+    if values.dtype == torch.bool or values.is_complex() or (values.is_floating_point() and not bool(
+            (torch.isfinite(values) & (values == values.round())).all())):
+        example = values[0].item() if values.dtype == torch.bool or values.is_complex() else next(
+            value for value in values.tolist() if not (math.isfinite(value) and value == round(value)))
+        raise UsageError(name, f"{where}: labels must be integer class indices, got {values.dtype} value "
+                               f"{example!r}")
+    return values.long()
+
+
+def _check_classes(labels: torch.Tensor, classes: int, name: str, where: str) -> None:
+    """:class:`UsageError` naming ``name`` and ``where`` when a label (int64 ``(B,)``) is not a class index of
+    a model with ``classes`` outputs."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        label = next(value for value in labels.tolist() if not 0 <= value < classes)
+        raise UsageError(name, f"{where} holds label {label}, not a class of the model's {classes} outputs "
+                               f"(0-{classes - 1})")
+
+
+def _output_classes(network: nn.Module, inputs: torch.Tensor, name: str) -> int:
+    """The number of classes ``network`` (or the model a DistributedDataParallel wraps) answers for, from one
+    input in eval mode without gradients (the model's own input checks run: a :class:`UsageError` naming
+    ``name`` when it refuses the batch)."""
+    model = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+    with torch.no_grad(), eval_mode(model):
+        try:
+            return int(model(inputs[:1]).shape[-1])
+        except ValueError as error:
+            raise UsageError(name, f"the model refuses its first batch: {error}") from None
 
 
 def _check_data(data: object, name: str) -> None:
@@ -72,13 +115,14 @@ def _check_data(data: object, name: str) -> None:
 
 
 @torch.no_grad()
-def _check_fits_model(model: nn.Module, data, name: str, preprocess: Callable | None, device: str) -> None:
+def _check_fits_model(model: nn.Module, data, name: str, preprocess: Callable | None, device: str) -> int | None:
     """Before any step: the first and last items of a map-style ``data``, read as training reads them, go
     through ``preprocess`` and ``model`` (eval mode: the model's own input checks, such as MobileNetV2's refusal
-    of raw 0-255 pixels, run only there), and their labels are class indices of the model's output. A
-    DataLoader is not checked (its collate function may change what the items are)."""
+    of raw 0-255 pixels, run only there), and their labels are class indices of the model's output. Returns
+    the model's number of classes. A DataLoader is not checked here (its collate function may change what the
+    items are; its batches are checked as they come) and gives None."""
     if isinstance(data, torch.utils.data.DataLoader):
-        return
+        return None
     positions = np.unique([0, len(data) - 1])
     images, labels = _reader(data, name)(positions)
     with eval_mode(model):
@@ -88,11 +132,10 @@ def _check_fits_model(model: nn.Module, data, name: str, preprocess: Callable | 
             raise
         except ValueError as error:  # the model's own input checks
             raise UsageError(name, f"the model refuses its items {', '.join(map(str, positions))}: {error}") from None
-    classes = logits.shape[-1]
+    classes = int(logits.shape[-1])
     for position, label in zip(positions.tolist(), labels.tolist()):
-        if not 0 <= label < classes:
-            raise UsageError(name, f"item {position} has label {label}, not a class of the model's {classes} "
-                                   f"outputs (0-{classes - 1})")
+        _check_classes(torch.tensor([label]), classes, name, f"item {position}")
+    return classes
 
 
 def _prepare(images: torch.Tensor, preprocess: Callable | None, device: str,
@@ -208,12 +251,12 @@ def _train_batches(data, config: TrainConfig, epoch: int, processes: Distributed
     return iter(loader), steps
 
 
-def _eval_batches(data, batch_size: int, processes: Distributed) -> tuple[Iterator, int, int]:
+def _eval_batches(data, batch_size: int, processes: Distributed, name: str) -> tuple[Iterator, int, int]:
     """(batches, their number, examples) of this process's share of ``data`` for evaluation."""
     if isinstance(data, torch.utils.data.DataLoader):
-        return ((item[0], torch.as_tensor(item[1])) for item in data), len(data), len(data.dataset)
+        return ((item[0], item[1]) for item in data), len(data), len(data.dataset)
     positions = np.arange(len(data))[processes.rank::processes.world_size]
-    read = _reader(data, "valid_data")
+    read = _reader(data, name)
     batches = (read(positions[start:start + batch_size]) for start in range(0, len(positions), batch_size))
     return batches, math.ceil(len(positions) / batch_size), len(positions)
 
@@ -221,16 +264,19 @@ def _eval_batches(data, batch_size: int, processes: Distributed) -> tuple[Iterat
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, data, preprocess: Callable | None, batch_size: int, device: str = "cpu",
                   processes: Distributed | None = None, description: str = "valid",
-                  show: bool = True) -> tuple[float, float]:
+                  show: bool = True, name: str = "data") -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on ``data`` (a dataset or DataLoader; shared out over
-    the processes), in eval mode; the model is left in the mode it came in."""
+    the processes), in eval mode; the model is left in the mode it came in. Labels that are not class
+    indices of the model's output raise :class:`UsageError` naming ``name`` and the batch."""
     processes = processes or Distributed()
-    batches, count, examples = _eval_batches(data, batch_size, processes)
+    batches, count, examples = _eval_batches(data, batch_size, processes, name)
     loss_sum = correct = 0.0
     progress = Progress(count, description, show and processes.main)
     with eval_mode(model):  # the caller's mode is given back afterwards
-        for images, labels in batches:
+        for batch, (images, labels) in enumerate(batches, 1):
+            labels = _class_indices(labels, images.shape[0], name, f"batch {batch}")
             logits = model(_prepare(images, preprocess, device, torch.contiguous_format))
+            _check_classes(labels, logits.shape[-1], name, f"batch {batch}")
             labels = labels.to(device)
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
@@ -276,9 +322,10 @@ def training_step(network: nn.Module, optimizer: torch.optim.Optimizer, inputs: 
 
 def _train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator, steps: int,
                  preprocess: Callable | None, config: TrainConfig, epoch: int, device: str,
-                 progress: Progress) -> tuple[float, float, float]:
+                 progress: Progress, classes: int | None = None) -> tuple[float, float, float]:
     """One epoch of optimizer steps; returns this process's (loss sum, correct count, examples). A
-    non-finite loss stops training (:class:`DivergedError`)."""
+    non-finite loss stops training (:class:`DivergedError`); labels that are not class indices of the
+    model's ``classes`` outputs (None: asked of the model on the first batch) raise :class:`UsageError`."""
     network.train()
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     loss_sum = correct = seen = 0.0
@@ -288,7 +335,12 @@ def _train_epoch(network: nn.Module, optimizer: torch.optim.Optimizer, batches: 
         images, labels = item
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, (epoch - 1) * steps + step, config.epochs * steps)
+        where = f"epoch {epoch}, batch {step + 1}"
+        labels = _class_indices(labels, images.shape[0], "train_data", where)
         inputs = _prepare(images, preprocess, device, memory_format)
+        if classes is None:
+            classes = _output_classes(network, inputs, "train_data")
+        _check_classes(labels, classes, "train_data", where)
         labels = labels.to(device)
         loss, logits = training_step(network, optimizer, inputs, labels, config.precision, config.label_smoothing)
         if not torch.isfinite(loss):
@@ -355,7 +407,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     :class:`DivergedError`; bad settings raise :class:`UsageError` naming the config field or argument, and so
     does data the model cannot take, before the first step: the first and last items of each dataset go
     through ``preprocess`` and the model in eval mode (MobileNetV2 refuses raw 0-255 pixels there) and their
-    labels must be class indices of its output.
+    labels must be class indices of its output; every later batch's labels are checked before its step
+    (integers, or whole-number floats, one per image in any shape: PCam's ``(N, 1, 1, 1)`` files too).
     """
     if not isinstance(config, TrainConfig):
         raise UsageError("config", f"expected a TrainConfig, got {type(config).__name__}")
@@ -376,8 +429,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     if isinstance(preprocess, nn.Module):
         preprocess = preprocess.to(device)
     optimizer, state = _start(model, config, run_dir, resume, overwrite, identity, device, processes, quiet)
-    for data, name in ((train_data, "train_data"), (valid_data, "valid_data")):
-        _check_fits_model(model, data, name, preprocess, device)  # not after an epoch of training
+    classes = _check_fits_model(model, train_data, "train_data", preprocess, device)  # not after an epoch
+    _check_fits_model(model, valid_data, "valid_data", preprocess, device)
     history, best = state["history"], state["best"]
     network: nn.Module = model
     if processes.world_size > 1:
@@ -395,9 +448,10 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
         batches, steps = _train_batches(train_data, config, epoch, processes, workers, device)
         progress = Progress(steps, f"epoch {epoch}/{config.epochs} train", processes.main)
         loss_sum, correct, seen = processes.sum(list(_train_epoch(network, optimizer, batches, steps, preprocess,
-                                                                  config, epoch, device, progress)))
+                                                                  config, epoch, device, progress, classes)))
         valid_loss, valid_accuracy = evaluate_loss(model, valid_data, preprocess, config.batch_size * 2, device,
-                                                   processes, f"epoch {epoch}/{config.epochs} valid")
+                                                   processes, f"epoch {epoch}/{config.epochs} valid",
+                                                   name="valid_data")
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                   "valid_loss": valid_loss, "valid_accuracy": valid_accuracy}
         history.append(record)
