@@ -22,7 +22,7 @@ from .int8 import BACKENDS, ClampCodes, Int8Model, convert_int8, load_int8, save
 from .pipeline import MODES, RELU6_DEFAULT, RELU6_MODES, dfq, prepare, quantize
 from .plan import DEFAULT_INPUT_RANGE, FakeQuantize, QuantPlan, input_range_of, plan_quantization, simulate
 from .registry import ModuleRule, register_module
-from .transforms import absorb_high_bias, correct_bias, equalize, fold_batchnorm, replace_relu6
+from .transforms import absorb_high_bias, correct_bias, equalize, fold_batchnorm, model_group, replace_relu6
 
 __all__ = [
     "fold_batchnorm",
@@ -30,6 +30,7 @@ __all__ = [
     "equalize",
     "absorb_high_bias",
     "correct_bias",
+    "model_group",
     "quantize",
     "dfq",
     "plan_quantization",

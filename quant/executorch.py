@@ -236,7 +236,8 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
     Args:
         model: the float network (batch norms unfolded, as trained).
         path: the ``.pte`` file to write (atomically).
-        group: the model's group (as everywhere: a group, its name or N), for field-shared equalization.
+        group: the model's group (as everywhere: a group, its name or N), for field-shared equalization;
+            default: the group the model carries (:func:`quant.model_group`), none for other networks.
         example_batch: the program's batch size (its input shape is fixed; :class:`ExecuTorchModel` splits
             other batches into programs' batches). Ignored with ``example_input``.
         example_input: an input of the right shape (default: zeros of ``model.input_size``).

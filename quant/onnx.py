@@ -50,8 +50,8 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
     Args:
         model: the float network (batch norms unfolded, as trained).
         path: the ``.onnx`` file to write (atomically).
-        group: the model's group (a group, its name or N; None for a conventional model), for DFQ's
-            field-shared equalization. Unused with ``int8=False``.
+        group: the model's group (a group, its name or N), for DFQ's field-shared equalization; default: the
+            group the model carries (:func:`quant.model_group`). Unused with ``int8=False``.
         int8: the data-free INT8 model as a QDQ graph (True) or the float model (False).
         example_batch, example_input: the traced input (default zeros of ``model.input_size``).
         input_range, calibration, bias_correction, relu6: as :func:`quant.to_executorch`.

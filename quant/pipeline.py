@@ -13,7 +13,8 @@ from rotconv.validation import check_choice
 from .arithmetic import WEIGHT_SCHEME_DEFAULT, reduces_range
 from .int8 import BACKENDS, Int8Model, convert_int8
 from .plan import FakeQuantize, input_range_of, plan_quantization, simulate
-from .transforms import absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, replace_relu6
+from .transforms import (absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, model_group,
+                         replace_relu6)
 
 __all__ = ["quantize", "dfq", "prepare", "MODES", "RELU6_MODES", "RELU6_DEFAULT", "check_float_model"]
 
@@ -91,7 +92,7 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
     :func:`quant.to_executorch` with ``per_channel_weights=True`` writes)."""
     check_choice(relu6, "relu6", RELU6_MODES)
     check_float_model(model)
-    size = field_size(group)
+    size = field_size(model_group(model, group))
     prepared: fx.GraphModule = fold_batchnorm(model)
     if relu6 == "replace":
         prepared = replace_relu6(prepared)
@@ -106,7 +107,8 @@ def prepare(model: nn.Module, group: object = None, bias_correction: bool = True
 def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
         relu6: str = RELU6_DEFAULT, **quantize_kwargs) -> nn.Module:
     """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: a rotconv group,
-    its name or N, as the network was built with), absorb high biases, correct biases, quantize
+    its name or N, as the network was built with; default: the group the model carries,
+    :func:`quant.model_group`), absorb high biases, correct biases, quantize
     (``quantize_kwargs`` go to :func:`quantize`). ``relu6``: see :func:`prepare` (default: kept)."""
     # the model's own normaliser gives the input range; the prepared graph no longer carries it
     quantize_kwargs["input_range"] = input_range_of(model, quantize_kwargs.get("input_range"))

@@ -14,12 +14,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rotconv.group import as_group
+from rotconv.group import Group, as_group
 
 from .arithmetic import WEIGHT_SCHEME_DEFAULT, fake_quantize_weight, weight_bits_for
 from .graph import ConvPair, conv_pairs, module_of, remove_identities, trace
 
-__all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias", "field_size"]
+__all__ = ["fold_batchnorm", "replace_relu6", "equalize", "absorb_high_bias", "correct_bias", "field_size",
+           "model_group"]
 
 
 @torch.no_grad()
@@ -69,6 +70,23 @@ def _input_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return weight.flatten(1).amax(dim=1)  # depthwise: input channel i is output channel i
 
 
+def model_group(model: nn.Module, group: object = None) -> Group | None:
+    """The group whose fields DFQ shares scales over: ``group`` where given (a group, its name or N), else the
+    group ``model`` says it was built with (its ``group`` attribute, which a rotconv MobileNetV2 and its
+    ``export()`` carry), else None (no group structure). A ``group`` other than the model's own is refused
+    (ValueError naming both): scales shared over the wrong blocks of channels would quantize the fields of
+    an equivariant network unevenly."""
+    own = getattr(model, "group", None)
+    own = own if isinstance(own, Group) else None
+    if group is None:
+        return own
+    given = as_group(group)
+    if own is not None and given != own:
+        raise ValueError(f"group: {given} given, but the model was built with {own}; pass group={str(own)!r} "
+                         "or leave it out")
+    return given
+
+
 def field_size(group: object = None) -> int | None:
     """The channels of one regular field for ``group`` (a rotconv group, its name, or N for C_N): the group's
     ``order``; None for a network without group structure."""
@@ -111,12 +129,13 @@ def equalize(model: nn.Module, group: object = None, max_iterations: int = 100, 
     ``s_i = sqrt(r1_i * r2_i) / r2_i``; afterwards both ranges equal ``sqrt(r1_i * r2_i)``. ReLU is
     positively homogeneous, so the function is unchanged (ReLU6 is not: call :func:`replace_relu6` first, or
     pass ``keep_relu6=True`` to leave the pairs through a ReLU6 as they are).
-    With ``group`` (a rotconv group, its name, or N for C_N) the ranges and scales are shared by the ``order``
-    channels of every regular field (maximum over the field), so an equivariant network stays exactly
-    equivariant: a group element permutes channels within fields, and the scaling is the same for all of
-    them. Chains through other activations (SiLU, ...) are left unequalized with a warning naming them.
+    With ``group`` (a rotconv group, its name, or N for C_N; default: the model's own, :func:`model_group`)
+    the ranges and scales are shared by the ``order`` channels of every regular field (maximum over the
+    field), so an equivariant network stays exactly equivariant: a group element permutes channels within
+    fields, and the scaling is the same for all of them. Chains through other activations (SiLU, ...) are
+    left unequalized with a warning naming them.
     """
-    size = field_size(group)
+    size = field_size(model_group(model, group))
     graph_module = trace(model)
     pairs = conv_pairs(graph_module, warn=True)
     for pair in pairs:

@@ -124,6 +124,30 @@ def test_field_shared_equalization_keeps_exact_equivariance(exported, N):
     assert checked > 0  # equalization did rescale something
 
 
+@pytest.mark.parametrize("N", [4, 12])
+def test_dfq_shares_scales_over_the_models_own_group_unless_told(exported, N):
+    model = exported[N]
+    assert quant.model_group(model) == rotconv.CyclicGroup(N)  # export() keeps the group it was built with
+    assert quant.model_group(nn.Sequential(nn.Conv2d(3, 4, 3))) is None
+    x = torch.randn(2, 3, 95, 95)
+    # relu6="replace": MobileNetV2's pairs are equalized only once its ReLU6s are ReLUs
+    default = quant.dfq(model, mode="simulated", relu6="replace")(x)
+    for group in (N, f"C{N}", rotconv.CyclicGroup(N)):
+        assert torch.equal(quant.dfq(model, group=group, mode="simulated", relu6="replace")(x), default)
+    # a network that carries no group gets per-channel scales: for C_12 another quantized function (a field's
+    # channels are 30-degree turns of each other, with other ranges), so the default above was the field-shared
+    # one; for C_4 the same (a field's channels are exact quarter turns of each other, with equal ranges)
+    anonymous = copy.deepcopy(model)
+    anonymous.group = None
+    assert quant.model_group(anonymous) is None
+    assert torch.equal(quant.dfq(anonymous, mode="simulated", relu6="replace")(x), default) == (N == 4)
+    for other in (2 if N == 4 else 4, f"D{N}"):
+        wanted = rf"group: {rotconv.as_group(other)} given, but the model was built with C{N}"
+        for call in (quant.dfq, quant.prepare, quant.equalize):
+            with pytest.raises(ValueError, match=wanted):
+                call(model, group=other)
+
+
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"])
 def test_int8_conv_stack_is_bit_exactly_equivariant(backend):
     # Integer accumulation is exact and the filters are bit-exact rot90 copies, so the int8 feature maps
