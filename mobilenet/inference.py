@@ -10,11 +10,15 @@ larger than the model's input are centre-cropped; :func:`tile_images` cuts them 
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import os
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import rotconv
 
@@ -147,35 +151,81 @@ def tile_images(images, input_size: int, stride: int | None = None) -> tuple[tor
     return torch.stack(tiles, 1).flatten(0, 1), positions
 
 
+def _input_size(model: nn.Module, input_size: int | None) -> int:
+    """``input_size`` where given, else the model's: ``model.input_size`` (MobileNetV2, quant's INT8 models
+    made from one) or the square spatial size of ``model.input_shape`` (quant's ExecuTorch and ONNX modules
+    read it from their file)."""
+    if input_size is not None:
+        return rotconv.check_positive_int(input_size, "input_size")
+    size = getattr(model, "input_size", None)
+    shape = getattr(model, "input_shape", None)
+    if size is None and isinstance(shape, (tuple, list)) and len(shape) == 4 and isinstance(shape[-1], int) \
+            and shape[-1] == shape[-2]:
+        size = shape[-1]
+    if size is None:
+        raise ValueError(f"input_size: the model ({type(model).__name__}) does not say its input size (no "
+                         "input_size or square input_shape); pass input_size= (95 for the PCam models)")
+    return int(size)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's tensors are (its first parameter or buffer); the CPU for a model without any (a
+    runtime's program)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
-def predict(model: MobileNetV2, images, batch_size: int = 256) -> torch.Tensor:
+def predict(model: nn.Module, images, batch_size: int = 256, *, normalizer: Callable | None = None,
+            input_size: int | None = None) -> torch.Tensor:
     """Class probabilities ``(N, num_classes)`` of ``images``: uint8 (0-255) or float in ``[0, 1]``,
     ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)`` (a PIL image, or a list of them, too);
-    centre-cropped to the model's input (:func:`as_images`), normalised with ``model.normalizer``, softmax of
-    the logits. Without a normalizer the images must already be float and normalised. An ``h5py.Dataset`` or
-    a memory-mapped array (a whole PCam split) is read ``batch_size`` images at a time, never whole.
+    centre-cropped to the model's input (:func:`as_images`), normalised, softmax of the logits. An
+    ``h5py.Dataset`` or a memory-mapped array (a whole PCam split) is read ``batch_size`` images at a time,
+    never whole.
+
+    ``model``: a :class:`MobileNetV2` (:func:`load`, :func:`mobilenet.pretrained`) or any classifier of
+    normalised float ``(B, 3, s, s)`` batches, such as quant's INT8 models (``quant.dfq(model.export(),
+    mode="int8")``, ``quant.load_executorch``, ``quant.load_onnx``, ``quant.load_int8``). ``normalizer``: the
+    input preprocessing, default ``model.normalizer`` (:func:`load` attaches it, ``export()`` and
+    ``quant.dfq`` keep it; for a program file pass ``load("model.pt").normalizer``); without one the images
+    must already be float and normalised. ``input_size``: default ``model.input_size``, or the square size of
+    the ``input_shape`` an ExecuTorch or ONNX module reads from its file.
 
     The model runs in eval mode and is left in the mode it came in (predicting during training is safe).
-    On the CPU the batches go in as channels_last (the model itself is left as it is): oneDNN then runs the
-    whole network in that layout, 1.23-1.32x faster than contiguous inputs (2 cores, batch 64, both models);
-    the logits differ from a contiguous forward only by float rounding (~1e-5 relative)."""
+    On the CPU a float torch model gets its batches as channels_last (the model itself is left as it is):
+    oneDNN then runs the whole network in that layout, 1.23-1.32x faster than contiguous inputs (2 cores,
+    batch 64, both models); the logits differ from a contiguous forward only by float rounding (~1e-5
+    relative)."""
     batch_size = rotconv.check_positive_int(batch_size, "batch_size")
-    normalizer = getattr(model, "normalizer", None)
-    device = next(model.parameters()).device
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module (a MobileNetV2 or an INT8 model of quant), got "
+                         f"{type(model).__name__}")
+    size = _input_size(model, input_size)
+    normalizer = normalizer if normalizer is not None else getattr(model, "normalizer", None)
+    if normalizer is not None and not callable(normalizer):
+        raise ValueError(f"normalizer: expected a callable such as mobilenet.Normalizer, got "
+                         f"{type(normalizer).__name__}")
+    device = _device(model)
+    if isinstance(normalizer, nn.Module) and _device(normalizer) != device:
+        normalizer = copy.deepcopy(normalizer).to(device)  # the caller's normaliser stays where it is
+    channels_last = device.type == "cpu" and any(p.is_floating_point() for p in model.parameters())
     outputs = []
     with rotconv.eval_mode(model):  # batch norm on its running statistics; the caller's mode is given back
         for part in _parts(images, batch_size):
-            batch = as_images(part, model.input_size, normalised=normalizer is None)
+            batch = as_images(part, size, normalised=normalizer is None)
             if normalizer is None and not batch.is_floating_point():
                 raise ValueError("images: uint8 images need the model's normalizer (load the model with "
-                                 "mobilenet.load, or pass float images normalised as in training)")
+                                 "mobilenet.load, pass normalizer= (mobilenet.load('model.pt').normalizer for "
+                                 "its INT8 program), or pass float images normalised as in training)")
             for start in range(0, batch.shape[0], batch_size):
                 chunk = batch[start:start + batch_size].to(device)
                 inputs = normalizer(chunk) if normalizer is not None else chunk.float()
-                if inputs.device.type == "cpu":
+                if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, model.num_classes)
+    return torch.cat(outputs) if outputs else torch.empty(0, getattr(model, "num_classes", 0))
 
 
 def _parts(images, batch_size: int):

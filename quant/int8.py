@@ -176,10 +176,24 @@ class Int8Model(nn.Module):
     modules do not unpickle, so ``torch.save`` of the whole model raises a TypeError saying so.
     """
 
-    def __init__(self, graph_module: nn.Module, backend: str) -> None:
+    def __init__(self, graph_module: nn.Module, backend: str, input_size: int | None = None,
+                 normalizer: nn.Module | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.backend = backend
+        #: the float model's input size and input preprocessing where it had them (:func:`quant.dfq` carries
+        #: them over; ``forward`` takes normalised input as the float model does, ``mobilenet.predict`` applies
+        #: the normaliser to raw patches); a :func:`load_int8` file keeps the input size, not the normaliser
+        self.input_size = input_size
+        self.normalizer = normalizer
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Int8Model":
+        """Sets the module's flag only: the int8 graph always runs as in eval mode (an inference program;
+        its dropout stays off, whatever mode a caller's loop or context manager puts the model in)."""
+        super().train(mode)
+        self.graph_module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -199,7 +213,7 @@ class Int8Model(nn.Module):
                         "(TorchScript inside); or save the float model and rerun quant.dfq (it is data-free)")
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        return f"backend={self.backend!r}" + (f", input_size={self.input_size}" if self.input_size else "")
 
 
 def _packing_engine(backend: str, groups: int, weight_zero_point: int) -> str | None:
@@ -337,8 +351,8 @@ _INT8_FILE_KEY = "rotconv_int8.json"  # the metadata entry of a save_int8 file
 
 def save_int8(model: Int8Model, path: str, example: torch.Tensor) -> str:
     """Write ``model`` to ``path`` as TorchScript (its int8 graph traced on ``example``, a ``(B, 3, H, W)``
-    batch of the input size it runs at) with its backend beside it; :func:`load_int8` reads it back.
-    Written atomically; returns ``path``."""
+    batch of the input size it runs at) with its backend and input size beside it (not its normaliser);
+    :func:`load_int8` reads it back. Written atomically; returns ``path``."""
     if not isinstance(model, Int8Model):
         raise TypeError(f"model: expected a quant Int8Model (quant.dfq(..., mode='int8')), got {type(model).__name__}")
     check_writable(path)
@@ -346,7 +360,8 @@ def save_int8(model: Int8Model, path: str, example: torch.Tensor) -> str:
     with quantized_engine(model.backend), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on constants
         traced = torch.jit.trace(model.graph_module, example)
-    metadata = json.dumps({"format": 1, "backend": model.backend})
+    size = int(example.shape[-1]) if example.dim() == 4 and example.shape[-1] == example.shape[-2] else None
+    metadata = json.dumps({"format": 1, "backend": model.backend, "input_size": size})
     atomic_write(path, lambda handle: torch.jit.save(traced, handle, _extra_files={_INT8_FILE_KEY: metadata}))
     return path
 
@@ -385,4 +400,5 @@ def load_int8(path: str) -> Int8Model:
         with quantized_engine(engine or backend):
             module._packed_params = torch.ops.quantized.conv2d_prepack(
                 weight, bias, packed.stride(), packed.padding(), packed.dilation(), packed.groups())
-    return Int8Model(graph, backend)
+    size = metadata.get("input_size")  # files written before it was stored have none
+    return Int8Model(graph, backend, input_size=size if isinstance(size, int) and size > 0 else None)

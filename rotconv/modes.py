@@ -2,7 +2,7 @@
 
     with rotconv.eval_mode(model):      # batch norm on running statistics, dropout off
         logits = model(x)
-    # model.training is what it was before, also when the block raised
+    # every module's training flag is what it was before, also when the block raised
 """
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ __all__ = ["eval_mode"]
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside the block; afterwards ``model.train(previous)`` with the mode it had
-    (as ``Module.train``, for the whole tree). Yields ``model``."""
-    was_training = model.training
+    """``model`` in eval mode inside the block; afterwards every module of its tree has the mode it had
+    before, each its own (a training model with frozen batch norms keeps them frozen; ``model.train(previous)``
+    would switch every submodule alike). Yields ``model``."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

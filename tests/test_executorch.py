@@ -5,6 +5,7 @@ import operator
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -211,3 +212,15 @@ def test_per_channel_weights_in_the_program_are_the_ones_bias_correction_assumed
         assert torch.equal(weights, reference.float())
     peaks = [w.abs().amax(dim=(1, 2, 3)) for w in expected]
     assert all(p.max() > 2 * p.min() for p in peaks)  # channel grids that one per-tensor grid could not give
+
+
+def test_predict_takes_a_program_with_the_float_models_normaliser(program_file):
+    # the program holds no normaliser: mobilenet.predict takes the float model's, and the input size from the file
+    program = quant.load_executorch(program_file("C4", "max", "replace", False))
+    normalizer = mobilenet.Normalizer([0.7, 0.5, 0.7], [0.2, 0.25, 0.2])
+    images = np.random.default_rng(0).integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)  # 3 program batches of 2
+    expected = torch.softmax(program(normalizer(mobilenet.as_images(images, 95))), 1)
+    assert expected.log().std(0).max() > 0.1  # answers that differ from patch to patch (in log terms)
+    assert torch.equal(mobilenet.predict(program, images, normalizer=normalizer), expected)
+    with pytest.raises(ValueError, match="normalizer="):
+        mobilenet.predict(program, images)

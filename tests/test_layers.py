@@ -1,4 +1,5 @@
 """Property tests for the equivariant layers."""
+import contextlib
 import copy
 
 import pytest
@@ -560,6 +561,26 @@ def test_grouped_group_conv_is_its_sets_side_by_side_and_equivariant(group, grou
     for k in group.exact_elements():
         assert rotconv.equivariance_error(layer, group, x, k, input_regular=True) < 1e-5, k
     torch.testing.assert_close(layer.export(size)(x), y, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(modes=st.lists(st.booleans(), min_size=7, max_size=7), fail=st.booleans())
+def test_eval_mode_gives_every_module_its_own_mode_back(modes, fail):
+    # a training model with frozen batch norms (or an inference graph inside a wrapper) has mixed modes;
+    # each module gets its own back, not the top module's: model.train(previous) would unfreeze them
+    model = nn.Sequential(rotconv.LiftingConv2d(3, 2, 3, group=4), rotconv.GroupBatchNorm2d(2, group=4),
+                          nn.Sequential(nn.ReLU(), nn.Dropout(0.5)), rotconv.MaskedGlobalAvgPool(),
+                          rotconv.GroupPool(group=4))
+    for module, training in zip(model.modules(), modes):
+        module.training = training
+    before = [module.training for module in model.modules()]
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+        with rotconv.eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            model(torch.randn(2, 3, 9, 9))
+            if fail:
+                raise RuntimeError("inside the block")
+    assert [module.training for module in model.modules()] == before
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -3,6 +3,7 @@ benchmarks.pcam with either deployable INT8 backend (ExecuTorch, ONNX)."""
 import importlib.util
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -179,3 +180,14 @@ def test_pcam_benchmark_reports_the_deployed_file(tmp_path, backend, file_name, 
     assert run["int8_bytes"] == (tmp_path / "runs" / "C4-seed0" / file_name).stat().st_size
     assert run["stability"]["int8"]["90"] == 1.0
     assert wording in results["table"]
+
+
+def test_predict_takes_the_onnx_file_with_the_float_models_normaliser(files):
+    _, fp32, int8, _ = files
+    normalizer = mobilenet.Normalizer([0.7, 0.5, 0.7], [0.2, 0.25, 0.2])
+    images = np.random.default_rng(0).integers(0, 256, (5, 96, 96, 3), dtype=np.uint8)
+    for path in (fp32, int8):
+        session = quant.load_onnx(path)
+        expected = torch.softmax(session(normalizer(mobilenet.as_images(images, 95))), 1)
+        assert expected.log().std(0).max() > 0.1  # answers that differ from patch to patch (in log terms)
+        assert torch.equal(mobilenet.predict(session, images, normalizer=normalizer), expected)

@@ -83,6 +83,35 @@ def test_raw_pixels_and_empty_batches_are_refused_by_every_model(model_file):
         quant.extras.runtime_input(normalised[:0], (1, 3, 95, 95))
 
 
+def test_the_int8_model_predicts_raw_patches_with_the_float_models_normaliser(model_file, tmp_path):
+    model = mobilenet.load(model_file)
+    images = patches(6)
+    int8 = quant.dfq(model.export(), mode="int8")
+    assert int8.input_size == 95 and torch.equal(int8.normalizer.mean, model.normalizer.mean)
+    expected = torch.softmax(int8(model.normalizer(mobilenet.as_images(images, 95))), 1)
+    assert expected[:, 1].std() > 1e-3  # probabilities that depend on the patch: the comparisons below can fail
+    probabilities = mobilenet.predict(int8, images)
+    assert torch.equal(probabilities, expected)
+    assert (probabilities.argmax(1) == mobilenet.predict(model, images).argmax(1)).float().mean() >= 0.5
+    # predicting leaves the model as it was: its graph still runs in eval mode (dropout off), so it answers
+    # the same afterwards, and a file saved afterwards holds the same model
+    assert torch.equal(mobilenet.predict(int8, images), expected)
+    int8.train()  # an INT8 model is an inference program: its graph stays in eval mode
+    assert torch.equal(mobilenet.predict(int8, images), expected) and int8.training
+    path = quant.save_int8(int8, str(tmp_path / "int8.pt"), torch.zeros(1, 3, 95, 95))
+    loaded = quant.load_int8(path)
+    assert loaded.input_size == 95 and loaded.normalizer is None  # the file keeps the input size, not the normaliser
+    assert torch.equal(mobilenet.predict(loaded, images, normalizer=model.normalizer), expected)
+    with pytest.raises(ValueError, match=r"uint8 images need the model's normalizer .*normalizer="):
+        mobilenet.predict(loaded, images)
+    with pytest.raises(ValueError, match=r"input_size: the model \(Sequential\) does not say its input size"):
+        mobilenet.predict(torch.nn.Sequential(torch.nn.Flatten()), images, normalizer=model.normalizer)
+    with pytest.raises(ValueError, match="normalizer: expected a callable"):
+        mobilenet.predict(loaded, images, normalizer="imagenet")
+    # an explicit input size crops there: the float model's answers on its own size
+    assert torch.equal(mobilenet.predict(model, images, input_size=95), mobilenet.predict(model, images))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_inputs_are_refused_by_the_float_model_too(model_file, bad):
     model = mobilenet.load(model_file)

@@ -11,6 +11,9 @@
 * An EXIF orientation tag (cameras, phones and some scanners store pixels sideways or mirrored and tag them)
   is applied: the pixels come as a viewer shows the image, so ``--tiles`` positions and centre crops refer
   to the image the user sees, not to the stored grid. An EXIF block that cannot be parsed counts as no tag.
+* An embedded ICC colour profile is not applied: pixel values are taken as stored, as PCam's patches (scanner
+  RGB without a profile) were and as torchvision reads images. Converting them to sRGB would move patches
+  tagged with a scanner's profile away from the values the models were trained on.
 * A file that declares more pixels than Pillow's decompression-bomb limit, a truncated or corrupt file and
   an unknown format raise :class:`ImageError` naming the file.
 """
