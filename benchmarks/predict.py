@@ -5,6 +5,11 @@ each run's checkpoint, or by ``mobilenet.save``) or a shipped model's name (``mo
     python -m benchmarks.predict model.pt slide_region.png --tiles --out map.csv   # a probability per tile
     python -m benchmarks.predict pcam-c12 patch.jpg                                # the shipped C_12 model
     python -m benchmarks.predict pcam-c12 patches/ --out probabilities.csv         # every patch file under it
+    python -m benchmarks.predict runs/pcam/C12-seed0/model.pte patches/ --normalizer runs/pcam/C12-seed0/model.pt
+
+The model may also be a deployed INT8 program, an ExecuTorch ``.pte`` or an ONNX ``.onnx`` file (``quant``'s
+``to_executorch`` / ``to_onnx``; needs the ``deploy`` extra). A program takes normalised input and holds no
+normaliser: ``--normalizer`` names the model file (or shipped model) whose normaliser it was made with.
 
 Inputs: HDF5 files with a dataset ``x`` of patches ``(N, H, W, 3)``, uint8 as in PCam or float in [0, 1] (the
 rule of :func:`mobilenet.predict`; read in batches,
@@ -42,7 +47,7 @@ from .common import add_memory_argument, apply_memory_argument
 from .exits import command
 
 __all__ = ["main", "read_patches", "iter_patches", "expand_inputs", "PATCH_SUFFIXES", "InputError",
-           "check_output_path"]
+           "check_output_path", "load_classifier", "PROGRAM_LOADERS"]
 
 
 class InputError(ValueError):
@@ -173,12 +178,15 @@ def check_output_path(out: str, inputs: list[str]) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model file (model.pt), or the name of a shipped model (pcam-c12, "
-                                          "pcam-conventional)")
+    parser.add_argument("model", help="model file (model.pt), the name of a shipped model (pcam-c12, "
+                                          "pcam-conventional), or an INT8 program (.pte, .onnx)")
     parser.add_argument("inputs", nargs="+", help="HDF5 / .npy / image files with patches, or directories of "
                                                    "them (read at any depth, sorted by path)")
     parser.add_argument("--out", help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--normalizer", metavar="MODEL",
+                        help="for a .pte or .onnx program: the model file or shipped model whose input normaliser "
+                             "the program was made with")
     parser.add_argument("--tiles", action="store_true",
                         help="cut patches larger than the model's input into tiles (one line each) instead of "
                              "classifying their centre")
@@ -186,12 +194,49 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: suffixes of the INT8 programs the command runs, and the loader of each
+PROGRAM_LOADERS = {".pte": "load_executorch", ".onnx": "load_onnx"}
+
+
+def load_classifier(model: str, normalizer: str | None) -> tuple[torch.nn.Module, mobilenet.Normalizer, int]:
+    """``(module, its input normaliser, input size)`` for the command's ``model`` argument: a model file or
+    shipped name (its own normaliser; ``normalizer`` must be None), or an INT8 program file (``.pte``,
+    ``.onnx``) with the normaliser of the model file or shipped model ``normalizer``. InputError naming the
+    option at fault."""
+    suffix = os.path.splitext(model)[1].lower()
+    if suffix not in PROGRAM_LOADERS:
+        if normalizer is not None:
+            raise InputError(f"--normalizer: only for a .pte or .onnx program; {model} carries its own normaliser")
+        loaded = mobilenet.load_or_pretrained(model)
+        return loaded, loaded.normalizer, loaded.input_size
+    if normalizer is None:
+        sibling = os.path.join(os.path.dirname(model), "model.pt")
+        hint = f" (beside it: --normalizer {sibling})" if os.path.isfile(sibling) else ""
+        raise InputError(f"--normalizer: {model} is an INT8 program, which takes normalised input; name the model "
+                         f"file or shipped model it was made from{hint}")
+    source = mobilenet.load_or_pretrained(normalizer)
+    if source.normalizer is None:
+        raise InputError(f"--normalizer: {normalizer} holds no normaliser")
+    import quant  # the programs' runtimes are the deploy extra, imported only for them
+
+    try:
+        program = getattr(quant, PROGRAM_LOADERS[suffix])(model)
+    except ImportError as error:
+        raise InputError(f"{model}: {error}") from None
+    shape = program.input_shape
+    if shape[-1] != source.input_size or shape[-2] != source.input_size:
+        raise InputError(f"{model}: its input is {shape[-2]}x{shape[-1]}, but --normalizer {normalizer} is a model "
+                         f"of {source.input_size}x{source.input_size} inputs; is it the program's model?")
+    return program, source.normalizer, source.input_size
+
+
 class _Batches:
     """Patches from any number of files gathered into batches of ``batch_size`` for the model (a directory of
     one-patch image files is not classified a patch at a time), their CSV lines written in input order."""
 
-    def __init__(self, model, batch_size: int, writer) -> None:
-        self.model, self.batch_size, self.writer = model, batch_size, writer
+    def __init__(self, model, normalizer, input_size: int, batch_size: int, writer) -> None:
+        self.model, self.normalizer, self.input_size = model, normalizer, input_size
+        self.batch_size, self.writer = batch_size, writer
         self.lines: list[list] = []  # the leading columns of each pending patch's line
         self.images: list[torch.Tensor] = []  # (n, 3, s, s) uint8 or float 0-255 (mobilenet.as_images)
         self.pending = 0
@@ -210,7 +255,8 @@ class _Batches:
             images = torch.cat(self.images)
         else:  # float patches among them: all as float in [0, 1], what predict takes
             images = torch.cat([part.float() / 255 for part in self.images])
-        probabilities = mobilenet.predict(self.model, images, batch_size=self.batch_size)
+        probabilities = mobilenet.predict(self.model, images, batch_size=self.batch_size, normalizer=self.normalizer,
+                                          input_size=self.input_size)
         for line, row in zip(self.lines, probabilities.tolist()):
             self.writer.writerow(line + [f"{row[-1]:.6f}", int(np.argmax(row))])
         self.lines, self.images, self.pending = [], [], 0
@@ -226,7 +272,7 @@ def _classify(path: str, args: argparse.Namespace, batches: _Batches) -> int:
 
 
 def _classify_file(path: str, args: argparse.Namespace, batches: _Batches) -> int:
-    size, count, noticed = batches.model.input_size, 0, False
+    size, count, noticed = batches.input_size, 0, False
     for patches in iter_patches(path, args.batch_size):
         height, width = patches.shape[1:3]
         if height < size or width < size:
@@ -255,14 +301,14 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--batch-size: expected >= 1, got {args.batch_size}")
         inputs = expand_inputs(args.inputs)
         if args.out:
-            check_output_path(args.out, [args.model, *inputs])
-        model = mobilenet.load_or_pretrained(args.model)
+            check_output_path(args.out, [args.model, *inputs] + ([args.normalizer] if args.normalizer else []))
+        model, normalizer, input_size = load_classifier(args.model, args.normalizer)
 
         def write_csv(stream) -> int:  # line by line: memory does not grow with the inputs
             writer = csv.writer(stream)
             writer.writerow(["source", "index"] + (["top", "left"] if args.tiles else [])
                             + ["probability_tumour", "predicted"])
-            batches = _Batches(model, args.batch_size, writer)
+            batches = _Batches(model, normalizer, input_size, args.batch_size, writer)
             with torch.inference_mode():
                 count = sum(_classify(path, args, batches) for path in inputs)
                 batches.flush()

@@ -4,6 +4,8 @@ the usual file permissions, and memory that does not grow with the input file.""
 import csv
 import io
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -110,6 +112,38 @@ def test_the_int8_model_predicts_raw_patches_with_the_float_models_normaliser(mo
         mobilenet.predict(loaded, images, normalizer="imagenet")
     # an explicit input size crops there: the float model's answers on its own size
     assert torch.equal(mobilenet.predict(model, images, input_size=95), mobilenet.predict(model, images))
+
+
+def test_the_command_runs_an_int8_program_with_the_normaliser_it_names(model_file, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (optional extra: rotconv[deploy])")
+    model = mobilenet.load(model_file)
+    directory = tmp_path / "run"
+    directory.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = quant.to_onnx(model.export(), str(directory / "model.onnx"))
+    images = patches(5, seed=3)
+    inputs = str(tmp_path / "patches.npy")
+    np.save(inputs, images)
+    code, out, err = run([program, inputs, "--normalizer", model_file], capsys)
+    assert code == 0, err
+    expected = mobilenet.predict(quant.load_onnx(program), images, normalizer=model.normalizer)
+    assert expected[:, 1].std() > 1e-3  # answers that differ from patch to patch: the comparison can fail
+    assert [float(row["probability_tumour"]) for row in rows(out)] == pytest.approx(expected[:, 1].tolist(), abs=1e-6)
+    # a program without --normalizer (with a hint where the run wrote model.pt beside it), --normalizer for a
+    # model that has its own, and a normaliser of a model of another input size: exit 2 naming the option
+    small = str(tmp_path / "small.pt")
+    mobilenet.save(mobilenet.mobilenet_v2(group=4, width_mult=0.25, input_size=63), small, model.normalizer)
+    shutil.copyfile(model_file, directory / "model.pt")
+    for arguments, message in [
+        ([program, inputs], "--normalizer: .*model.onnx is an INT8 program, which takes normalised input; name "
+                            "the model file .* \\(beside it: --normalizer .*model.pt\\)"),
+        ([model_file, inputs, "--normalizer", model_file], "--normalizer: only for a .pte or .onnx program"),
+        ([program, inputs, "--normalizer", small], "its input is 95x95, but --normalizer .*small.pt is a model of "
+                                                   "63x63 inputs"),
+    ]:
+        code, out, err = run(arguments, capsys)
+        assert code == 2 and out == "" and re.search(message, err), err
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
