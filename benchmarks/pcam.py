@@ -397,7 +397,8 @@ def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argpa
 def evaluate(name: str, model: mobilenet.MobileNetV2, splits: dict[str, PCam], normalizer: Normalizer,
              args: argparse.Namespace, settings: dict, log, artifact_dir: str | None = None) -> dict:
     """FP32 and INT8 test accuracy, rotation stability, size and cost of a trained model."""
-    device, batch = args.device, 128
+    device = args.device
+    batch = 128 if device.startswith("cuda") else mobilenet.CPU_BATCH_SIZE  # 1.8x faster on a CPU than 128
     test = splits["test"]
     count = min(settings["stability_samples"] or len(test), len(test))
     model.eval()

@@ -4,7 +4,7 @@ a trainer for any classifier and dataset (:mod:`mobilenet.training`), model file
 (:mod:`mobilenet.inference`) and the shipped weights (:mod:`mobilenet.pretrained_models`)."""
 from rotconv.summary import ModelSummary, summary
 
-from .inference import as_images, load, predict, save, tile_images
+from .inference import CPU_BATCH_SIZE, as_images, load, predict, save, tile_images
 from .model import DEPTHWISE_MODES, INVERTED_RESIDUAL_SETTING, MobileNetV2, mobilenet_v2
 from .data import Normalizer, PCam, PCamError
 from .pretrained_models import list_pretrained, load_or_pretrained, pretrained
@@ -12,5 +12,5 @@ from .training import DivergedError, TrainConfig, UsageError, evaluate_loss, reu
 
 __all__ = ["mobilenet_v2", "MobileNetV2", "INVERTED_RESIDUAL_SETTING", "DEPTHWISE_MODES", "summary", "ModelSummary",
            "PCam", "PCamError", "Normalizer", "TrainConfig", "train", "evaluate_loss", "UsageError", "DivergedError",
-           "save", "load", "predict", "as_images", "tile_images", "reuse_freed_memory", "list_pretrained",
-           "pretrained", "load_or_pretrained"]
+           "save", "load", "predict", "as_images", "tile_images", "CPU_BATCH_SIZE", "reuse_freed_memory",
+           "list_pretrained", "pretrained", "load_or_pretrained"]

@@ -26,9 +26,13 @@ from rotconv.files import atomic_write
 from .model import MobileNetV2, mobilenet_v2
 from .data import Normalizer
 
-__all__ = ["save", "load", "predict", "as_images", "tile_images", "MODEL_FORMAT"]
+__all__ = ["save", "load", "predict", "as_images", "tile_images", "MODEL_FORMAT", "CPU_BATCH_SIZE"]
 
 MODEL_FORMAT = "rotconv-mobilenet-v2/1"
+#: images per forward pass on a CPU (prediction, validation, test): the fastest measured on 2 cores, about 2x
+#: faster than 256 and 1.7x faster than 128 for both PCam models, with a fraction of the memory (larger
+#: batches spill the caches; docs/experiments.md). A GPU takes larger batches.
+CPU_BATCH_SIZE = 32
 
 
 def save(model: MobileNetV2, path: str, normalizer: Normalizer | None = None, metadata: dict | None = None) -> None:
@@ -177,7 +181,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images, batch_size: int = 32, *, normalizer: Callable | None = None,
+def predict(model: nn.Module, images, batch_size: int = CPU_BATCH_SIZE, *, normalizer: Callable | None = None,
             input_size: int | None = None) -> torch.Tensor:
     """Class probabilities ``(N, num_classes)`` of ``images``: uint8 (0-255) or float in ``[0, 1]``,
     ``(N, H, W, 3)`` as in the PCam HDF5 files or ``(N, 3, H, W)`` (a PIL image, or a list of them, too);
@@ -193,9 +197,8 @@ def predict(model: nn.Module, images, batch_size: int = 32, *, normalizer: Calla
     must already be float and normalised. ``input_size``: default ``model.input_size``, or the square size of
     the ``input_shape`` an ExecuTorch or ONNX module reads from its file.
 
-    ``batch_size``: images per forward; 32 is the fastest on 2 CPU cores and needs a fifth of the memory of
-    256 (1,024 patches: 4.9 s against 11.8 s for the C_12 model, 0.6 against 3.3 GB for the command; larger
-    batches spill the caches), a GPU takes more.
+    ``batch_size``: images per forward (:data:`CPU_BATCH_SIZE`, the fastest on 2 CPU cores: 1,024 patches in
+    4.9 s against 11.8 s at 256 for the C_12 model, with a fifth of the memory); a GPU takes more.
 
     The model runs in eval mode and is left in the mode it came in (predicting during training is safe).
     On the CPU a float torch model gets its batches as channels_last (the model itself is left as it is):

@@ -33,6 +33,7 @@ from rotconv.files import clean_temporary_files
 from rotconv.modes import eval_mode
 
 from ..data import PCamError, augment_batch, stain_jitter
+from ..inference import CPU_BATCH_SIZE
 from .checkpoints import load_checkpoint, restore_checkpoint, save_atomically
 from .config import DivergedError, TrainConfig, UsageError, resolve_precision, resolve_stain_jitter
 from .distributed import Distributed, convert_batchnorm
@@ -432,6 +433,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     classes = _check_fits_model(model, train_data, "train_data", preprocess, device)  # not after an epoch
     _check_fits_model(model, valid_data, "valid_data", preprocess, device)
     history, best = state["history"], state["best"]
+    # no gradients: a GPU takes twice the training batch; a CPU is fastest at small batches (CPU_BATCH_SIZE)
+    valid_batch = config.batch_size * 2 if device.startswith("cuda") else CPU_BATCH_SIZE
     network: nn.Module = model
     if processes.world_size > 1:
         network = nn.parallel.DistributedDataParallel(
@@ -449,7 +452,7 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
         progress = Progress(steps, f"epoch {epoch}/{config.epochs} train", processes.main)
         loss_sum, correct, seen = processes.sum(list(_train_epoch(network, optimizer, batches, steps, preprocess,
                                                                   config, epoch, device, progress, classes)))
-        valid_loss, valid_accuracy = evaluate_loss(model, valid_data, preprocess, config.batch_size * 2, device,
+        valid_loss, valid_accuracy = evaluate_loss(model, valid_data, preprocess, valid_batch, device,
                                                    processes, f"epoch {epoch}/{config.epochs} valid",
                                                    name="valid_data")
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
