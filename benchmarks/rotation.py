@@ -92,7 +92,7 @@ def control_inputs(images: torch.Tensor, normalizer: mobilenet.Normalizer, seed:
 
 
 @torch.no_grad()
-def predictions(model, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+def predictions(model, x: torch.Tensor, batch: int = mobilenet.CPU_BATCH_SIZE) -> torch.Tensor:
     """``(N, ...)`` inputs -> ``(N,)`` predicted classes, ``batch`` at a time."""
     return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
 
@@ -120,7 +120,7 @@ def evaluate_run(run_dir: str, images: torch.Tensor, labels: torch.Tensor, seed:
     per patch (:func:`rotation_figures`); with ``controls``, the FP32 model's same-class shares under
     :func:`control_inputs` (``turn_plus_90`` against the first angle set, the others against upright)."""
     model = mobilenet.load(os.path.join(run_dir, "model.pt"))
-    models = {"fp32": (model, 64)}
+    models = {"fp32": (model, mobilenet.CPU_BATCH_SIZE)}
     program = os.path.join(run_dir, "model.pte")
     if os.path.isfile(program):
         int8 = quant.load_executorch(program)
