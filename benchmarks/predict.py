@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import mobilenet
+import quant
 from rotconv.files import OutputError, atomic_write, check_writable
 from mobilenet.data import IMAGE_SUFFIXES, ImageError, read_image
 
@@ -195,8 +196,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: suffixes of the INT8 programs the command runs, and the loader of each
-PROGRAM_LOADERS = {".pte": "load_executorch", ".onnx": "load_onnx"}
+#: suffixes of the INT8 programs the command runs, and the loader of each (their runtimes: the deploy extra)
+PROGRAM_LOADERS = {".pte": quant.load_executorch, ".onnx": quant.load_onnx}
 
 
 def load_classifier(model: str, normalizer: str | None) -> tuple[torch.nn.Module, mobilenet.Normalizer, int]:
@@ -218,10 +219,8 @@ def load_classifier(model: str, normalizer: str | None) -> tuple[torch.nn.Module
     source = mobilenet.load_or_pretrained(normalizer)
     if source.normalizer is None:
         raise InputError(f"--normalizer: {normalizer} holds no normaliser")
-    import quant  # the programs' runtimes are the deploy extra, imported only for them
-
     try:
-        program = getattr(quant, PROGRAM_LOADERS[suffix])(model)
+        program = PROGRAM_LOADERS[suffix](model)
     except ImportError as error:
         raise InputError(f"{model}: {error}") from None
     shape = program.input_shape
