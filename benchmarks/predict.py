@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
                                                    "them (read at any depth, sorted by path)")
     parser.add_argument("--out", help="CSV file to write (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="patches per forward (default 32: the fastest on a CPU, and the least memory)")
+                        help="patches per forward (default 32: the fastest measured on a CPU, with little memory)")
     parser.add_argument("--normalizer", metavar="MODEL",
                         help="for a .pte or .onnx program: the model file or shipped model whose input normaliser "
                              "the program was made with")

@@ -29,9 +29,9 @@ from .data import Normalizer
 __all__ = ["save", "load", "predict", "as_images", "tile_images", "MODEL_FORMAT", "CPU_BATCH_SIZE"]
 
 MODEL_FORMAT = "rotconv-mobilenet-v2/1"
-#: images per forward pass on a CPU (prediction, validation, test): the fastest measured on 2 cores, about 2x
-#: faster than 256 and 1.7x faster than 128 for both PCam models, with a fraction of the memory (larger
-#: batches spill the caches; docs/experiments.md). A GPU takes larger batches.
+#: images per forward pass on a CPU (prediction, validation, test): the fastest measured on 2 cores of an Intel
+#: Xeon, about 2x faster than 256 and 1.7x faster than 128 for both PCam models, with a fraction of the memory
+#: (larger batches spill the caches; docs/experiments.md). A GPU takes larger batches.
 CPU_BATCH_SIZE = 32
 
 
@@ -197,7 +197,7 @@ def predict(model: nn.Module, images, batch_size: int = CPU_BATCH_SIZE, *, norma
     must already be float and normalised. ``input_size``: default ``model.input_size``, or the square size of
     the ``input_shape`` an ExecuTorch or ONNX module reads from its file.
 
-    ``batch_size``: images per forward (:data:`CPU_BATCH_SIZE`, the fastest on 2 CPU cores: 1,024 patches in
+    ``batch_size``: images per forward (:data:`CPU_BATCH_SIZE`, the fastest on 2 Xeon cores: 1,024 patches in
     4.9 s against 11.8 s at 256 for the C_12 model, with a fifth of the memory); a GPU takes more.
 
     The model runs in eval mode and is left in the mode it came in (predicting during training is safe).
