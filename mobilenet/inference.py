@@ -232,7 +232,7 @@ def predict(model: nn.Module, images, batch_size: int = CPU_BATCH_SIZE, *, norma
                 if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 outputs.append(torch.softmax(model(inputs).float(), dim=1).cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0, getattr(model, "num_classes", 0))
+    return torch.cat(outputs) if outputs else torch.empty(0, getattr(model, "num_classes", None) or 0)
 
 
 def _parts(images, batch_size: int):

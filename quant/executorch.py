@@ -289,6 +289,8 @@ class ExecuTorchModel(nn.Module):
                              + (f": {detail}" if detail else "") + ")") from None
         meta = self.method.metadata.input_tensor_meta(0)
         self.input_shape = tuple(meta.sizes())
+        output = tuple(self.method.metadata.output_tensor_meta(0).sizes())
+        self.num_classes = output[-1] if len(output) == 2 else None  # (batch, classes) for a classifier
         self.path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

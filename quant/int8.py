@@ -177,15 +177,16 @@ class Int8Model(nn.Module):
     """
 
     def __init__(self, graph_module: nn.Module, backend: str, input_size: int | None = None,
-                 normalizer: nn.Module | None = None) -> None:
+                 normalizer: nn.Module | None = None, num_classes: int | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.backend = backend
-        #: the float model's input size and input preprocessing where it had them (:func:`quant.dfq` carries
-        #: them over; ``forward`` takes normalised input as the float model does, ``mobilenet.predict`` applies
-        #: the normaliser to raw patches); a :func:`load_int8` file keeps the input size, not the normaliser
+        #: the float model's input size, input preprocessing and classes where it had them (:func:`quant.dfq`
+        #: carries them over; ``forward`` takes normalised input as the float model does, ``mobilenet.predict``
+        #: applies the normaliser to raw patches); a :func:`load_int8` file keeps all but the normaliser
         self.input_size = input_size
         self.normalizer = normalizer
+        self.num_classes = num_classes
         self.eval()
 
     def train(self, mode: bool = True) -> "Int8Model":
@@ -351,17 +352,18 @@ _INT8_FILE_KEY = "rotconv_int8.json"  # the metadata entry of a save_int8 file
 
 def save_int8(model: Int8Model, path: str, example: torch.Tensor) -> str:
     """Write ``model`` to ``path`` as TorchScript (its int8 graph traced on ``example``, a ``(B, 3, H, W)``
-    batch of the input size it runs at) with its backend and input size beside it (not its normaliser);
+    batch of the input size it runs at) with its backend, input size and classes beside it (not its normaliser);
     :func:`load_int8` reads it back. Written atomically; returns ``path``."""
     if not isinstance(model, Int8Model):
         raise TypeError(f"model: expected a quant Int8Model (quant.dfq(..., mode='int8')), got {type(model).__name__}")
     check_writable(path)
-    model(example)  # the model's own input checks, before tracing
+    output = model(example)  # the model's own input checks, before tracing
     with quantized_engine(model.backend), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on constants
         traced = torch.jit.trace(model.graph_module, example)
     size = int(example.shape[-1]) if example.dim() == 4 and example.shape[-1] == example.shape[-2] else None
-    metadata = json.dumps({"format": 1, "backend": model.backend, "input_size": size})
+    metadata = json.dumps({"format": 1, "backend": model.backend, "input_size": size,
+                           "num_classes": int(output.shape[-1]) if output.dim() == 2 else None})
     atomic_write(path, lambda handle: torch.jit.save(traced, handle, _extra_files={_INT8_FILE_KEY: metadata}))
     return path
 
@@ -400,5 +402,6 @@ def load_int8(path: str) -> Int8Model:
         with quantized_engine(engine or backend):
             module._packed_params = torch.ops.quantized.conv2d_prepack(
                 weight, bias, packed.stride(), packed.padding(), packed.dilation(), packed.groups())
-    size = metadata.get("input_size")  # files written before it was stored have none
-    return Int8Model(graph, backend, input_size=size if isinstance(size, int) and size > 0 else None)
+    size, classes = metadata.get("input_size"), metadata.get("num_classes")  # files written before: none
+    return Int8Model(graph, backend, input_size=size if isinstance(size, int) and size > 0 else None,
+                     num_classes=classes if isinstance(classes, int) and classes > 0 else None)

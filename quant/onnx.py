@@ -240,6 +240,8 @@ class OnnxModel(nn.Module):
         meta = self.session.get_inputs()[0]
         self.input_name = meta.name
         self.input_shape = tuple(meta.shape)
+        output = tuple(self.session.get_outputs()[0].shape)
+        self.num_classes = output[-1] if len(output) == 2 and isinstance(output[-1], int) else None
         self.path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,8 +109,9 @@ def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
     """The whole DFQ pipeline: fold BN, ReLU6 -> ReLU, equalize (field-shared for ``group``: a rotconv group,
     its name or N, as the network was built with; default: the group the model carries,
     :func:`quant.model_group`), absorb high biases, correct biases, quantize
-    (``quantize_kwargs`` go to :func:`quantize`). An :class:`Int8Model` keeps the model's ``input_size`` and
-    ``normalizer`` (what ``mobilenet.predict`` reads). ``relu6``: see :func:`prepare` (default: kept)."""
+    (``quantize_kwargs`` go to :func:`quantize`). An :class:`Int8Model` keeps the model's ``input_size``,
+    ``normalizer`` and ``num_classes`` (what ``mobilenet.predict`` reads). ``relu6``: see :func:`prepare`
+    (default: kept)."""
     # the model's own normaliser gives the input range; the prepared graph no longer carries it
     quantize_kwargs["input_range"] = input_range_of(model, quantize_kwargs.get("input_range"))
     prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
@@ -120,4 +121,5 @@ def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
     if isinstance(quantized, Int8Model):  # what mobilenet.predict needs to take raw patches, as the float model
         quantized.input_size = getattr(model, "input_size", None)
         quantized.normalizer = getattr(model, "normalizer", None)
+        quantized.num_classes = getattr(model, "num_classes", None)
     return quantized

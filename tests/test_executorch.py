@@ -222,5 +222,7 @@ def test_predict_takes_a_program_with_the_float_models_normaliser(program_file):
     expected = torch.softmax(program(normalizer(mobilenet.as_images(images, 95))), 1)
     assert expected.log().std(0).max() > 0.1  # answers that differ from patch to patch (in log terms)
     assert torch.equal(mobilenet.predict(program, images, normalizer=normalizer), expected)
+    assert program.num_classes == 2  # from the file: an empty input has the model's columns
+    assert mobilenet.predict(program, images[:0], normalizer=normalizer).shape == (0, 2)
     with pytest.raises(ValueError, match="normalizer="):
         mobilenet.predict(program, images)

@@ -191,3 +191,5 @@ def test_predict_takes_the_onnx_file_with_the_float_models_normaliser(files):
         expected = torch.softmax(session(normalizer(mobilenet.as_images(images, 95))), 1)
         assert expected.log().std(0).max() > 0.1  # answers that differ from patch to patch (in log terms)
         assert torch.equal(mobilenet.predict(session, images, normalizer=normalizer), expected)
+        assert session.num_classes == 2  # from the file: an empty input has the model's columns
+        assert mobilenet.predict(session, images[:0], normalizer=normalizer).shape == (0, 2)

@@ -102,7 +102,10 @@ def test_the_int8_model_predicts_raw_patches_with_the_float_models_normaliser(mo
     assert torch.equal(mobilenet.predict(int8, images), expected) and int8.training
     path = quant.save_int8(int8, str(tmp_path / "int8.pt"), torch.zeros(1, 3, 95, 95))
     loaded = quant.load_int8(path)
-    assert loaded.input_size == 95 and loaded.normalizer is None  # the file keeps the input size, not the normaliser
+    # the file keeps the input size and classes, not the normaliser
+    assert loaded.input_size == 95 and loaded.num_classes == 2 and loaded.normalizer is None
+    for runs in (int8, loaded):  # an empty input has the model's columns
+        assert mobilenet.predict(runs, images[:0], normalizer=model.normalizer).shape == (0, 2)
     assert torch.equal(mobilenet.predict(loaded, images, normalizer=model.normalizer), expected)
     with pytest.raises(ValueError, match=r"uint8 images need the model's normalizer .*normalizer="):
         mobilenet.predict(loaded, images)
