@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from rotconv.files import atomic_write, check_writable
 
-from .extras import DEPLOY_EXTRA, capture_native_stderr, require_extra, runtime_input
+from .extras import DEPLOY_EXTRA, capture_native_stderr, output_classes, require_extra, runtime_input
 from .pipeline import RELU6_DEFAULT, check_float_model, prepare
 from .plan import QuantPlan, input_range_of, plan_quantization
 
@@ -289,8 +289,7 @@ class ExecuTorchModel(nn.Module):
                              + (f": {detail}" if detail else "") + ")") from None
         meta = self.method.metadata.input_tensor_meta(0)
         self.input_shape = tuple(meta.sizes())
-        output = tuple(self.method.metadata.output_tensor_meta(0).sizes())
-        self.num_classes = output[-1] if len(output) == 2 else None  # (batch, classes) for a classifier
+        self.num_classes = output_classes(tuple(self.method.metadata.output_tensor_meta(0).sizes()))
         self.path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,12 @@ def require_extra(modules: tuple[str, ...], what: str) -> None:
             raise ImportError(f"{what} needs {name}, which is an optional extra: {DEPLOY_EXTRA} ({error})") from None
 
 
+def output_classes(shape: tuple) -> int | None:
+    """The number of classes of a runtime's ``(batch, classes)`` output shape read from its file; None for
+    another shape or a symbolic class dimension."""
+    return shape[-1] if len(shape) == 2 and isinstance(shape[-1], int) else None
+
+
 def runtime_input(x: torch.Tensor, shape: tuple) -> torch.Tensor:
     """``x`` as a contiguous float32 CPU tensor of shape ``(B, *shape[1:])``, ``B >= 1``, checked finite and
     normalised (:func:`rotconv.check_normalised`: raw 0-255 pixels are refused).

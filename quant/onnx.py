@@ -35,7 +35,7 @@ from rotconv.files import atomic_write, check_writable
 from rotconv.hardware import has_vnni
 
 from .executorch import quantize_pt2e, traced_example
-from .extras import require_extra, runtime_input
+from .extras import output_classes, require_extra, runtime_input
 from .pipeline import RELU6_DEFAULT, check_float_model
 
 __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
@@ -240,8 +240,7 @@ class OnnxModel(nn.Module):
         meta = self.session.get_inputs()[0]
         self.input_name = meta.name
         self.input_shape = tuple(meta.shape)
-        output = tuple(self.session.get_outputs()[0].shape)
-        self.num_classes = output[-1] if len(output) == 2 and isinstance(output[-1], int) else None
+        self.num_classes = output_classes(tuple(self.session.get_outputs()[0].shape))
         self.path = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
