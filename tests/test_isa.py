@@ -10,7 +10,8 @@ those paths on any x86 machine, each in a subprocess (tests/isa_worker.py):
   AVX2 kernels at native speed);
 * the whole process on an emulated AVX2 CPU (``qemu-x86_64 -cpu Haswell``, user-mode emulation), where every
   library, onnxruntime and ExecuTorch's XNNPACK included, sees a CPU without AVX-512. Skipped, with the
-  reason printed, where qemu-user is not installed (``.ci/run`` installs it where apt-get can).
+  reason printed, where qemu-user is not installed (``.ci/run`` installs it where apt-get can), and on a CPU
+  that is itself AVX2-only, where the rest of the suite runs those kernels natively.
 """
 import json
 import os
@@ -97,7 +98,26 @@ def test_benchmarks_isa_refuses_with_one_line_what_it_cannot_do(tmp_path, capsys
     assert {name: os.environ.get(name) for name in isa.AVX2_SWITCHES} == before  # nothing set on refusal
 
 
+def is_emulated_kind(flags: set[str]) -> bool:
+    """Whether a CPU with these feature flags is itself of the kind the emulated Haswell stands for: AVX2, no
+    AVX-512, no AVX-VNNI, no AMX. There every test of the suite runs the AVX2 kernels natively (onnxruntime's and
+    XNNPACK's too), so the slow emulated run would check nothing they do not."""
+    return ("avx2" in flags and not any(flag.startswith(("avx512", "amx")) for flag in flags)
+            and "avx_vnni" not in flags)
+
+
+def test_the_emulated_run_is_left_out_only_on_an_avx2_only_cpu():
+    haswell = {"sse4_2", "avx", "fma", "avx2", "bmi2"}
+    assert is_emulated_kind(haswell)
+    for extra in ("avx512f", "avx512_vnni", "avx_vnni", "amx_tile"):  # AVX-512 servers, Alder Lake, Sapphire Rapids
+        assert not is_emulated_kind(haswell | {extra}), extra
+    assert not is_emulated_kind({"sse4_2", "avx"})  # no AVX2: the emulated CPU has more than this one
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU emulation")
+@pytest.mark.skipif(is_emulated_kind(rotconv.hardware.cpu_flags()),
+                    reason="this CPU is AVX2-only (no AVX-512, VNNI or AMX): the suite's INT8 exactness tests run "
+                           "its AVX2 kernels natively, emulating one would repeat them")
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
                     reason="qemu-user is not installed (apt-get install qemu-user): no emulated AVX2 CPU")
 def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(tmp_path):
