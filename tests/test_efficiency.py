@@ -1,4 +1,5 @@
 """benchmarks.efficiency: the nested balanced sampler (property test) and --quick end to end with resume."""
+import importlib.util
 import json
 import os
 
@@ -10,6 +11,18 @@ from hypothesis import strategies as st
 import mobilenet
 from benchmarks import efficiency
 from benchmarks.synthetic import write_synthetic_pcam
+
+# the plots need matplotlib (the optional plot extra); without it these tests check everything else
+PLOTS = importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_options(directory) -> list[str]:
+    return ["--plots", str(directory)] if PLOTS else []
+
+
+def assert_plotted(directory) -> None:
+    if PLOTS:
+        assert os.path.getsize(directory / "efficiency.png") > 1000
 
 
 @settings(max_examples=40)
@@ -32,7 +45,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     kept = tmp_path / "results"
     arguments = ["--quick", "--data", data, "--runs", str(runs), "--out", str(out), "--threads", "1",
                  "--int8-backend", "torch-ao"]  # the ExecuTorch export is tested once, below (~10 s a model)
-    assert efficiency.main(arguments + ["--plots", str(plots), "--results", str(kept)]) == 0
+    assert efficiency.main(arguments + plot_options(plots) + ["--results", str(kept)]) == 0
     results = json.loads(out.read_text())
     # every finished run left its small result file; the table built from those files alone is the same
     assert sorted(os.listdir(kept)) == sorted(f"{r['run']}.json" for r in results["runs"])
@@ -40,13 +53,13 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
     recipe = json.loads((kept / os.listdir(kept)[0]).read_text())["recipe"]
     assert recipe["data"] == "data" and recipe["precision"] in ("bf16", "fp32")  # as trained, never "auto"
     rebuilt = tmp_path / "rebuilt.json"
-    assert efficiency.main(["--from-results", str(kept), "--out", str(rebuilt), "--plots", str(tmp_path / "p2")]) == 0
+    assert efficiency.main(["--from-results", str(kept), "--out", str(rebuilt)] + plot_options(tmp_path / "p2")) == 0
     again = json.loads(rebuilt.read_text())
     # the same figures; each series is named by its model and recipe variant (here the default stain jitter)
     assert {size: {series.split("-")[0]: stats for series, stats in models.items()}
             for size, models in again["curve"].items()} == results["curve"]
     assert "MobileNetV2, C_4-equivariant (stain0.1)" in again["table"]
-    assert os.path.getsize(tmp_path / "p2" / "efficiency.png") > 1000
+    assert_plotted(tmp_path / "p2")
     assert efficiency.main(["--from-results", str(tmp_path / "nothing-here")]) == 2
     assert set(results["curve"]) == {"16", "32"}
     for size, models in results["curve"].items():
@@ -55,7 +68,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
             assert 0.0 <= stats["fp32_accuracy"]["mean"] <= 1.0 and 0.0 <= stats["int8_accuracy"]["mean"] <= 1.0
     steps = {run["steps"] for run in results["runs"]}
     assert min(steps) >= 4 and len(steps) == 1  # the same step budget at every size
-    assert os.path.getsize(plots / "efficiency.png") > 1000
+    assert_plotted(plots)
     assert "| 16 |" in results["table"] and "| 32 |" in results["table"]
     # a resumed run reuses every finished result (nothing retrains) and reports the same numbers
     before = {(r["size"], r["model"]): r["fp32_accuracy"] for r in results["runs"]}
@@ -71,6 +84,7 @@ def test_quick_end_to_end_with_plot_and_resume(tmp_path, capsys):
 
 
 def test_resume_with_another_int8_backend_evaluates_again_without_training(tmp_path, capsys):
+    pytest.importorskip("executorch", reason="the .pte export is the optional deploy extra")
     data = write_synthetic_pcam(str(tmp_path / "data"), {"train": 16, "valid": 8, "test": 8}, seed=8)
     out, runs = tmp_path / "curve.json", tmp_path / "runs"
     arguments = ["--quick", "--data", data, "--runs", str(runs), "--out", str(out), "--threads", "1", "--sizes", "16",
@@ -208,13 +222,13 @@ def test_table_and_plot_from_results_name_the_crossing_and_the_seeds_per_size(tm
         _result_file(kept, "conventional-stain0.1", 3000, seed, 0.78)
         _result_file(kept, "C12-stain0.1", 3000, seed, 0.79)
     out = tmp_path / "curve.json"
-    assert efficiency.main(["--from-results", str(kept), "--out", str(out), "--plots", str(tmp_path / "p")]) == 0
+    assert efficiency.main(["--from-results", str(kept), "--out", str(out)] + plot_options(tmp_path / "p")) == 0
     results = json.loads(out.read_text())
     (crossing,) = results["crossings"]["C12-stain0.1"]["crossings"]
     assert crossing["between"] == [1024, 3000] and crossing["size"] == pytest.approx((1024 * 3000) ** 0.5)
     assert "crosses the conventional model between 1,024 and 3,000 (about 1,753" in results["table"]
     assert "| 256 | 12 | 1 |" in results["table"] and "| 3,000 | 1.1 | 3 |" in results["table"]  # 100 steps x 32
-    assert os.path.getsize(tmp_path / "p" / "efficiency.png") > 1000
+    assert_plotted(tmp_path / "p")
     for name in os.listdir(kept):  # C12 ahead everywhere: no crossing, said so
         if name.startswith("size256-C12") or name.startswith("size1024-C12"):
             run = json.loads((kept / name).read_text())

@@ -272,6 +272,10 @@ def test_outputs_never_replace_an_input_and_are_checked_first(model_file, tmp_pa
     assert code == 2 and "is a directory" in err
     code, _, err = run([model_file, data, "--out", "/proc/version"], capsys)
     assert code == 2 and "/proc/version" in err and "does not accept new files" in err and "Traceback" not in err
+
+
+def test_an_export_checks_its_output_before_the_work(model_file, tmp_path):
+    pytest.importorskip("onnx", reason="onnx is not installed (optional extra: rotconv[deploy])")
     with pytest.raises(OutputError, match="is a directory"):  # before the export, not after it
         quant.to_onnx(mobilenet.load(model_file).export(), str(tmp_path), int8=False)
 
