@@ -348,12 +348,19 @@ register_module(rotconv.MaskedGlobalAvgPool, keeps_range=True, int8_reader=Integ
 
 
 _INT8_FILE_KEY = "rotconv_int8.json"  # the metadata entry of a save_int8 file
+# torch's deprecation note on torch.jit (a FutureWarning from torch 2.15): it asks the code that calls torch.jit
+# to move on, which a user of save_int8/load_int8 cannot do; only that note is silenced
+_TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
 
 
 def save_int8(model: Int8Model, path: str, example: torch.Tensor) -> str:
     """Write ``model`` to ``path`` as TorchScript (its int8 graph traced on ``example``, a ``(B, 3, H, W)``
     batch of the input size it runs at) with its backend, input size and classes beside it (not its normaliser);
-    :func:`load_int8` reads it back. Written atomically; returns ``path``."""
+    :func:`load_int8` reads it back. Written atomically; returns ``path``.
+
+    TorchScript is deprecated in recent torch releases (torch.ao's quantized modules serialize through nothing
+    else); files load as long as torch ships ``torch.jit``. For deployment, :func:`to_executorch` and
+    :func:`to_onnx` write the maintained formats."""
     if not isinstance(model, Int8Model):
         raise TypeError(f"model: expected a quant Int8Model (quant.dfq(..., mode='int8')), got {type(model).__name__}")
     check_writable(path)
@@ -364,7 +371,9 @@ def save_int8(model: Int8Model, path: str, example: torch.Tensor) -> str:
     size = int(example.shape[-1]) if example.dim() == 4 and example.shape[-1] == example.shape[-2] else None
     metadata = json.dumps({"format": 1, "backend": model.backend, "input_size": size,
                            "num_classes": int(output.shape[-1]) if output.dim() == 2 else None})
-    atomic_write(path, lambda handle: torch.jit.save(traced, handle, _extra_files={_INT8_FILE_KEY: metadata}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCHSCRIPT_DEPRECATED)
+        atomic_write(path, lambda handle: torch.jit.save(traced, handle, _extra_files={_INT8_FILE_KEY: metadata}))
     return path
 
 

@@ -17,7 +17,9 @@ Public API::
     as_int, check_int, check_positive_int, check_choice, check_normalised   argument checks  (rotconv.validation)
     cpu_report, hardware_line                     what the CPU offers kernels (rotconv.hardware)
     atomic_write, RunLock, ...                    files never half-written    (rotconv.files)
+    MIN_TORCH                                     the oldest torch supported  (rotconv.torch_version)
 """
+from .torch_version import MIN_TORCH  # first: an older torch is named before anything else runs
 from .basis import SteerableBasis, steerable_basis
 from .checks import equivariance_error, randomize_batchnorm, smooth_noise
 from .export import EXPORTED_TYPES, export, needs_export
@@ -74,4 +76,5 @@ __all__ = [
     "hardware_line",
     "NORMALISED_LIMIT",
     "check_choice",
+    "MIN_TORCH",
 ]
