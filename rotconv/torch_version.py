@@ -9,8 +9,8 @@ import torch
 
 __all__ = ["MIN_TORCH", "check_torch_version"]
 
-#: ``(major, minor)``: the suite passes on torch 2.7.0; 2.6 lacks ``torch.compiler.is_exporting``, 2.1-2.2 also
-#: ``nn.Module.set_submodule``
+#: ``(major, minor)``: the suite passes on torch 2.7.0; 2.6 lacks ``torch.compiler.is_exporting``, 2.1 also
+#: ``torch.compiler.is_compiling`` and ``nn.Module.set_submodule``
 MIN_TORCH = (2, 7)
 
 
