@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -692,14 +693,15 @@ OPTIONS = {"config.epochs": "--epochs", "config.batch_size": "--batch-size", "co
            "config.warmup_steps": "--warmup-steps", "config.label_smoothing": "--label-smoothing",
            "config.patience": "--patience", "config.optimizer": "--optimizer", "config.schedule": "--schedule",
            "config.precision": "--precision", "config.seed": "--seeds", "run_dir": "--runs", "resume=True": "--resume",
-           "overwrite=True": "--overwrite", "resume:": "--resume:"}
+           "overwrite=True": "--overwrite", "resume:": "--resume:", "workers=0": "--workers 0",
+           "workers:": "--workers:"}
 
 
 def command_line_message(error: Exception) -> str:
     """``error``'s message with the library's setting names replaced by this command's options."""
     text = str(error)
-    for name, option in OPTIONS.items():
-        text = text.replace(name, option)
+    for name, option in OPTIONS.items():  # whole names only: this command's own "--workers: ..." stays
+        text = re.sub(r"(?<![\w.-])" + re.escape(name), option, text)
     return text
 
 

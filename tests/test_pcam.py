@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from benchmarks import pcam, predict
 from mobilenet.data import Normalizer, PCam, PCamError, augment_batch, balanced_subset, open_pcam, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
+from mobilenet.training import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"train": 32, "valid": 16, "test": 16}
@@ -352,6 +353,43 @@ def test_background_workers_feed_the_same_batches(tiny_data, tmp_path):
                           "--runs", str(tmp_path / f"runs{workers}"), "--out", str(out), *TINY]) == 0
         histories.append(json.loads(out.read_text())["runs"][0]["history"])
     assert histories[0] == histories[1]
+
+
+#: benchmarks.pcam run under a given multiprocessing start method (argv: method, then the command's options).
+STARTED_BY = """
+import multiprocessing, sys
+multiprocessing.set_start_method(sys.argv[1])
+from benchmarks import pcam
+raise SystemExit(pcam.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_workers_started_without_fork_feed_the_same_batches(tiny_data, tmp_path, method):
+    # macOS and Windows start DataLoader workers by spawn, Linux from Python 3.14 by forkserver: the dataset
+    # is pickled to them (an open HDF5 file cannot be) and must give the batches a forked worker does
+    histories = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}.json"
+        arguments = ["--data", tiny_data, "--models", "conventional", "--epochs", "1", "--workers", workers,
+                     "--runs", str(tmp_path / f"runs{workers}"), "--out", str(out), *TINY]
+        if workers == "0":
+            assert pcam.main(arguments) == 0
+        else:
+            env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run([sys.executable, "-c", STARTED_BY, method, *arguments], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+        histories.append(json.loads(out.read_text())["runs"][0]["history"])
+    assert histories[0] == histories[1]
+
+
+def test_library_names_in_errors_read_as_this_commands_options():
+    assert pcam.command_line_message(UsageError("config.batch_size", "3 is odd")) == "--batch-size: 3 is odd"
+    assert (pcam.command_line_message(UsageError("workers", "cannot pickle; use workers=0"))
+            == "--workers: cannot pickle; use --workers 0")
+    # the command's own option names are left as they are, not prefixed twice
+    assert pcam.command_line_message(UsageError("--workers", "expected >= 0")) == "--workers: expected >= 0"
 
 
 def test_degenerate_models_are_flagged():

@@ -23,8 +23,10 @@ from rotconv.files import OutputError, RunLock, atomic_write, differences, file_
 from mobilenet.data import PCamError, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
 from mobilenet.training import Distributed
-from mobilenet.training import Progress, TrainConfig
+from mobilenet.training import Progress, TrainConfig, UsageError
 from mobilenet.training.loop import _train_batches, _train_epoch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = {"train": 32, "valid": 16, "test": 16}
 TINY = ["--width-mult", "0.25", "--group", "C4", "--batch-size", "16", "--stability-samples", "4",
@@ -215,6 +217,54 @@ def test_a_data_error_in_a_worker_arrives_as_its_own_message():
         _train_epoch(model, optimizer, batches, steps, lambda x: x, config, 1, "cpu",
                      Progress(steps, "test", enabled=False))
     assert str(raised.value) == "/data/x.h5: could not read patches (truncated file?)"
+
+
+#: mobilenet.train on plain datasets (no batch() method) with workers started by argv[1] (spawn/forkserver).
+TRAIN_STARTED_BY = """
+import multiprocessing, os, sys
+import torch, torch.nn as nn
+multiprocessing.set_start_method(sys.argv[1])
+from mobilenet.training import TrainConfig, UsageError, train
+
+class WithOpenFile(torch.utils.data.TensorDataset):  # what no start method but fork can send to a worker
+    def __init__(self, *tensors):
+        super().__init__(*tensors)
+        self.log = open(os.devnull, "w")
+
+generator = torch.Generator().manual_seed(0)
+data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8, generator=generator), torch.arange(16) % 2)
+config = TrainConfig(epochs=2, batch_size=4, precision="fp32", stain_jitter=0, channels_last=False)
+histories = []
+for workers in (0, 2):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+    histories.append(train(model, data, data, config, workers=workers, log=lambda *a: None)["history"])
+print("same" if histories[0] == histories[1] else histories)
+try:
+    train(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), WithOpenFile(*data.tensors), data, config, workers=1,
+          log=lambda *a: None)
+except UsageError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_workers_not_forked_read_items_alike_and_name_data_that_does_not_pickle(method):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", TRAIN_STARTED_BY, method], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    same, refused = done.stdout.splitlines()
+    assert same == "same"
+    assert refused.startswith(f"workers: 1 worker process(es) started by '{method}' need the training data to "
+                              "pickle") and "use workers=0" in refused
+    assert "Got pickle error" not in done.stderr  # torch's own note gives way to the error
+
+
+@pytest.mark.parametrize("workers", [-1, True, 1.5, "2"])
+def test_workers_must_be_a_count(workers):
+    with pytest.raises(UsageError, match="^workers: expected an integer >= 0"):
+        mobilenet.train(nn.Linear(2, 2), [], [], TrainConfig(), workers=workers)
 
 
 def test_unreadable_files_are_not_called_missing(tmp_path):

@@ -219,7 +219,7 @@ class PCam(torch.utils.data.Dataset):
     Items are ``(image, label)``: ``transform(uint8 tensor (3, 95, 95))`` and an int. :meth:`batch` reads many
     patches at once (uint8, no transform), which the trainer uses. Files are validated on construction
     (:class:`PCamError` names a bad file) and opened on first access in each process, so the dataset works
-    with DataLoader workers.
+    with DataLoader workers under any start method (it pickles without its open file).
     """
 
     def __init__(self, root: str, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -265,6 +265,11 @@ class PCam(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return int(self.indices.size)
+
+    def __getstate__(self) -> dict:
+        # an open HDF5 handle cannot be pickled: a worker started by "spawn" or "forkserver" (macOS, Windows,
+        # Linux from Python 3.14) reopens the file on first access, as a forked one does
+        return {**self.__dict__, "_x": None, "_pid": None}
 
     def _dataset(self) -> h5py.Dataset:
         if self._x is None or self._pid != os.getpid():

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import copy
 import math
+import multiprocessing
 import os
+import pickle
+import warnings
 from dataclasses import asdict, replace
 from typing import Callable, Iterator
 
@@ -45,21 +48,26 @@ __all__ = ["train", "training_step", "evaluate_loss", "learning_rate", "patience
 # -- data --------------------------------------------------------------------------------------------------
 def _reader(data: torch.utils.data.Dataset, name: str) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
     """``positions -> (images (B, C, H, W), labels (B,))`` for a map-style dataset: its own ``batch`` method
-    where it has one, else its items stacked."""
-    if hasattr(data, "batch"):
-        return data.batch
+    where it has one, else its items stacked (:class:`_ItemReader`; both pickle, as DataLoader workers started
+    by "spawn" or "forkserver" need, where the dataset does)."""
+    return data.batch if hasattr(data, "batch") else _ItemReader(data, name)
 
-    def read(positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+
+class _ItemReader:
+    """Reads ``positions`` of a dataset of ``(image, label)`` items, one item at a time."""
+
+    def __init__(self, data: torch.utils.data.Dataset, name: str) -> None:
+        self.data, self.name = data, name
+
+    def __call__(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = [], []
         for position in positions:
-            item = data[int(position)]
+            item = self.data[int(position)]
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise UsageError(name, f"items must be (image, label) pairs, got {type(item).__name__}")
+                raise UsageError(self.name, f"items must be (image, label) pairs, got {type(item).__name__}")
             images.append(torch.as_tensor(item[0]))
-            labels.append(_class_indices(item[1], 1, name, f"item {int(position)}"))
+            labels.append(_class_indices(item[1], 1, self.name, f"item {int(position)}"))
         return torch.stack(images), torch.cat(labels)
-
-    return read
 
 
 def _class_indices(labels, count: int, name: str, where: str) -> torch.Tensor:
@@ -249,7 +257,24 @@ def _train_batches(data, config: TrainConfig, epoch: int, processes: Distributed
                             local, steps)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
                                          pin_memory=device.startswith("cuda"))
-    return iter(loader), steps
+    return _start_workers(loader, workers), steps
+
+
+def _start_workers(loader: torch.utils.data.DataLoader, workers: int) -> Iterator:
+    """``iter(loader)``: its worker processes start here. Where they are started by "spawn" or "forkserver"
+    (macOS and Windows; Linux from Python 3.14) the data is pickled to them, and data that cannot be raises a
+    :class:`UsageError` naming ``workers`` (torch would raise a bare pickling error from deep inside)."""
+    try:
+        with warnings.catch_warnings():  # torch's own note on the same failure, in favour of the error below
+            warnings.filterwarnings("ignore", message="Got pickle error")
+            return iter(loader)
+    except (pickle.PicklingError, TypeError, AttributeError) as error:
+        if not workers:
+            raise
+        method = multiprocessing.get_start_method()
+        raise UsageError("workers", f"{workers} worker process(es) started by {method!r} need the training data "
+                                    f"to pickle, and it does not ({type(error).__name__}: {error}); use "
+                                    "workers=0, or a dataset that opens its files on first access") from None
 
 
 def _eval_batches(data, batch_size: int, processes: Distributed, name: str) -> tuple[Iterator, int, int]:
@@ -400,7 +425,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
             of model and data) is stored and must match. Without it an existing checkpoint is refused unless
             ``overwrite=True``.
         device, processes, log, workers: where to train, the torchrun processes (default: this one alone),
-            where progress lines go, DataLoader workers that read the next batches.
+            where progress lines go, DataLoader workers that read the next batches (where the platform starts
+            them by "spawn" or "forkserver", the dataset must pickle; :class:`mobilenet.PCam` does).
 
     The weights with the lowest validation loss are kept (``best_state``, also in the checkpoint); ``model``
     is returned holding the last epoch's weights, in eval mode. A
@@ -414,6 +440,8 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
     if not isinstance(config, TrainConfig):
         raise UsageError("config", f"expected a TrainConfig, got {type(config).__name__}")
     config.validate()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UsageError("workers", f"expected an integer >= 0, got {workers!r}")
     _check_data(train_data, "train_data")
     _check_data(valid_data, "valid_data")
     if preprocess is not None and not callable(preprocess):
