@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--valid-size", type=int, help="validation patches (default: all)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")
     parser.add_argument("--stability-samples", type=int, help="test patches for rotation stability (default 128)")
-    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default=quant.default_backend(),
+                        help="torch.ao int8 engine (default: this CPU's, %(default)s; qnnpack on ARM)")
     parser.add_argument(
         "--int8-backend",
         choices=pcam.INT8_BACKENDS,
@@ -294,7 +295,8 @@ def _recipe(args: argparse.Namespace, settings: dict, config: TrainConfig) -> di
             "lr": config.lr, "weight_decay": config.weight_decay, "augment": config.augment,
             "stain_jitter": config.stain_jitter, "valid_only": args.valid_only,
             "precision": resolve_precision(config.precision, "cpu", lambda *_: None),  # as trained, not "auto"
-            "int8_backend": args.int8_backend, "relu6": args.relu6, "width_mult": settings["width_mult"],
+            "int8_backend": args.int8_backend, "backend": args.backend, "relu6": args.relu6,
+            "width_mult": settings["width_mult"],
             "min_fields": args.min_fields, "depthwise": args.depthwise, "antialias": args.antialias,
             "warmup_steps": config.warmup_steps,
             "label_smoothing": config.label_smoothing, "patience": config.patience, "torch": torch.__version__}
@@ -356,7 +358,7 @@ def results_from_files(args: argparse.Namespace) -> dict:
                 "steps": sorted({run["steps"] for run in runs}), "batch_size": first.get("batch_size"),
                 "seeds": sorted({run["seed"] for run in runs}), "augment": first.get("augment", True),
                 "valid_only": modes == {"valid"}, "int8_backend": first.get("int8_backend", "torch-ao"),
-                "backend": "x86"}
+                "backend": first.get("backend", "x86")}  # files written before it was recorded: x86
     results = {"synthetic": first.get("data") == "synthetic", "data": first.get("data", "?"), "settings": settings,
                "runs": runs, "curve": summarize_curve(runs)}
     results["crossings"] = curve_crossings(results)

@@ -7,8 +7,8 @@ measures, for each angle:
   makes the output a stack of scalar maps that any rotation acts on): relative L2 error
   ``||P f(R x) - R P f(x)|| / ||R P f(x)||`` inside the central disc, on smooth disc-masked noise and on
   PCam-like patches; ``nn.Conv2d`` with random filters as the reference;
-* the whole MobileNetV2, equivariant (C_12) and conventional, FP32 and INT8 (DFQ, x86 int8 kernels,
-  symmetric weights):
+* the whole MobileNetV2, equivariant (C_12) and conventional, FP32 and INT8 (DFQ, this CPU's int8 kernels:
+  x86, qnnpack on ARM; symmetric weights):
   relative change of the logits ``||f(R x) - f(x)|| / ||f(x)||`` and prediction stability (fraction of
   patches whose class is unchanged). Trained weights come from ``--runs`` (the checkpoints of
   ``python -m benchmarks.pcam``); without them the models have random weights and calibrated batch norms.
@@ -148,7 +148,7 @@ def model_sweep(models: dict[str, nn.Module], images: torch.Tensor, degrees: lis
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             int8 = quant.dfq(plain, group=None if name == "conventional" else name, mode="int8",
-                             input_range=input_range, backend="x86", weight_scheme="symmetric")
+                             input_range=input_range, weight_scheme="symmetric")
         for precision, network in (("FP32", model.eval()), ("INT8", int8)):
             reference = network(images)
             classes = reference.argmax(1)

@@ -119,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--stability-samples", type=int, help="test patches used for rotation stability")
     add_model_arguments(parser, width_default=1.0)
-    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="torch.ao int8 engine (x86)")
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default=quant.default_backend(),
+                        help="torch.ao int8 engine (default: this CPU's, %(default)s; qnnpack on ARM)")
     parser.add_argument("--int8-backend", choices=INT8_BACKENDS, default="auto",
                         help="where the INT8 model runs: an ExecuTorch XNNPACK program (RUNS/<model>-seed<k>/"
                              "model.pte), an ONNX QDQ file in onnxruntime (RUNS/<model>-seed<k>/model.onnx), both "

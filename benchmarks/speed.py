@@ -597,7 +597,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and narrower layers (< 2 minutes)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, help="timed pairs per comparison (default 7, quick 5)")
-    parser.add_argument("--backend", choices=("x86", "qnnpack"), default="x86", help="int8 engine (x86)")
+    parser.add_argument("--backend", choices=("x86", "qnnpack"), default=quant.default_backend(),
+                        help="int8 engine (default: this CPU's, %(default)s; qnnpack on ARM)")
     parser.add_argument("--out", help="write the results as JSON to this file")
     parser.add_argument("--group", default="C12", help="group of the equivariant layers and model (C12, D12, ...)")
     add_memory_argument(parser)

@@ -25,10 +25,17 @@ from .graph import is_add, is_conv, module_of
 from .plan import QuantPlan
 from .registry import register_module, rule_for
 
-__all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "IntegerMaskedGlobalAvgPool",
-           "ClampCodes"]
+__all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "default_backend",
+           "IntegerMaskedGlobalAvgPool", "ClampCodes"]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
+
+
+def default_backend() -> str:
+    """The int8 engine used where none is named: ``"x86"`` (fbgemm and oneDNN kernels) where torch has it, as on
+    every x86 CPU; else ``"qnnpack"`` (ARM CPUs, whose torch builds have no x86 engine)."""
+    engines = torch.backends.quantized.supported_engines
+    return "x86" if "x86" in engines or "qnnpack" not in engines else "qnnpack"
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -326,9 +333,10 @@ def _dequantize_exits(graph_module: fx.GraphModule, quantized: set[str]) -> None
             user.replace_input_with(node, new)
 
 
-def convert_int8(plan: QuantPlan, backend: str = "x86") -> Int8Model:
-    """Build the int8 network for ``plan`` on ``backend`` ('x86', 'fbgemm' or 'qnnpack'): quantize the
-    entries, swap convs and adds for int8 ones, dequantize the exits."""
+def convert_int8(plan: QuantPlan, backend: str | None = None) -> Int8Model:
+    """Build the int8 network for ``plan`` on ``backend`` ('x86', 'fbgemm' or 'qnnpack'; default:
+    :func:`default_backend`): quantize the entries, swap convs and adds for int8 ones, dequantize the exits."""
+    backend = default_backend() if backend is None else backend
     check_choice(backend, "backend", BACKENDS)
     if backend not in torch.backends.quantized.supported_engines:
         raise ValueError(f"backend: {backend!r} is not supported by this torch build "
@@ -400,6 +408,10 @@ def load_int8(path: str) -> Int8Model:
         raise ValueError(f"{path}: a TorchScript file not written by quant.save_int8 (no int8 metadata)") from None
     if backend not in BACKENDS:
         raise ValueError(f"{path}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend not in torch.backends.quantized.supported_engines:  # an x86 file on an ARM CPU
+        raise ValueError(f"{path}: written for the {backend!r} int8 engine, which this torch build does not have "
+                         f"(it has {', '.join(torch.backends.quantized.supported_engines)}); quantize the float "
+                         f"model here again (quant.dfq is data-free; backend={default_backend()!r})")
     for module in graph.modules():
         packed = getattr(module, "_packed_params", None)
         if not isinstance(packed, torch.ScriptObject) or \

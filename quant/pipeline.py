@@ -11,7 +11,7 @@ import torch.nn as nn
 from rotconv.validation import check_choice
 
 from .arithmetic import WEIGHT_SCHEME_DEFAULT, reduces_range
-from .int8 import BACKENDS, Int8Model, convert_int8
+from .int8 import BACKENDS, Int8Model, convert_int8, default_backend
 from .plan import FakeQuantize, input_range_of, plan_quantization, simulate
 from .transforms import (absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, model_group,
                          replace_relu6)
@@ -28,7 +28,7 @@ RELU6_DEFAULT = "keep"
 
 
 def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: str = "simulated",
-             backend: str = "x86", calibration: Iterable | None = None,
+             backend: str | None = None, calibration: Iterable | None = None,
              input_range: tuple[float, float] | None = None, weight_scheme: str = WEIGHT_SCHEME_DEFAULT) -> nn.Module:
     """Quantize a BN-folded network: per-tensor weights and activations.
 
@@ -37,8 +37,9 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
         weight_bits, act_bits: bit widths (2..8; ``mode="int8"`` needs 8).
         mode: ``"simulated"`` (float arithmetic with quantize-dequantize: the reference) or ``"int8"``
             (real int8 kernels through torch.ao's quantized modules; float in, float out).
-        backend: int8 engine, ``"x86"`` (also the fbgemm kernels) or ``"qnnpack"``. The simulation follows
-            the backend's plan too (x86/fbgemm: 7-bit activations and 7-bit depthwise weights).
+        backend: int8 engine, ``"x86"`` (also the fbgemm kernels) or ``"qnnpack"``; default: this machine's,
+            :func:`quant.default_backend` (x86 on x86 CPUs, qnnpack on ARM). The simulation follows the
+            backend's plan too (x86/fbgemm: 7-bit activations and 7-bit depthwise weights).
         calibration: optional iterable of input batches (or (input, label) pairs) to measure activation
             ranges; without it ranges come data-free from the BN statistics, and a conv fed by anything
             whose range is not data-free (SiLU, Linear, ...) raises ValueError.
@@ -51,6 +52,7 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
     check_choice(mode, "mode", MODES)
     if mode == "int8" and (weight_bits != 8 or act_bits != 8):
         raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
+    backend = default_backend() if backend is None else backend
     check_choice(backend, "backend", BACKENDS)
     plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range,  # None: resolved there
                              reduce_range=reduces_range(backend), weight_scheme=weight_scheme,
@@ -114,9 +116,12 @@ def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
     (default: kept)."""
     # the model's own normaliser gives the input range; the prepared graph no longer carries it
     quantize_kwargs["input_range"] = input_range_of(model, quantize_kwargs.get("input_range"))
+    if quantize_kwargs.get("backend") is None:
+        quantize_kwargs["backend"] = default_backend()
+    check_choice(quantize_kwargs["backend"], "backend", BACKENDS)  # before the work
     prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
                        quantize_kwargs.get("weight_scheme", WEIGHT_SCHEME_DEFAULT),
-                       reduces_range(quantize_kwargs.get("backend", "x86")), relu6=relu6)
+                       reduces_range(quantize_kwargs["backend"]), relu6=relu6)
     quantized = quantize(prepared, **quantize_kwargs)
     if isinstance(quantized, Int8Model):  # what mobilenet.predict needs to take raw patches, as the float model
         quantized.input_size = getattr(model, "input_size", None)

@@ -188,6 +188,46 @@ def test_int8_mobilenet_logits_are_bit_exactly_invariant_to_quarter_turns(export
         assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k
 
 
+def without_x86_engine(monkeypatch):
+    """torch as an ARM build has it: int8 engines qnnpack and onednn, no x86 or fbgemm."""
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack", "onednn", "none"])
+
+
+def test_the_default_int8_backend_is_one_this_torch_has(exported, monkeypatch):
+    # x86 builds: the x86 engine; an ARM build has none, and a default of "x86" refused every call there
+    assert quant.default_backend() in torch.backends.quantized.supported_engines
+    assert quant.default_backend() == ("x86" if "x86" in torch.backends.quantized.supported_engines else "qnnpack")
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 95, 95)
+    implicit = quant.dfq(exported[4], group=4, mode="int8")
+    assert implicit.backend == quant.default_backend()
+    assert torch.equal(implicit(x), quant.dfq(exported[4], group=4, mode="int8", backend=quant.default_backend())(x))
+    without_x86_engine(monkeypatch)
+    assert quant.default_backend() == "qnnpack"
+    arm = quant.dfq(exported[4], group=4, mode="int8")
+    assert arm.backend == "qnnpack"
+    assert torch.equal(arm(x), quant.dfq(exported[4], group=4, mode="int8", backend="qnnpack")(x))
+    # the simulation follows the same default (qnnpack: full 8-bit activations, no reduced range)
+    assert torch.equal(quant.dfq(exported[4], group=4)(x), quant.dfq(exported[4], group=4, backend="qnnpack")(x))
+
+
+def test_a_bad_backend_is_refused_before_the_work(exported):
+    with pytest.raises(ValueError, match="^backend"):
+        quant.dfq(exported[4], group=4, mode="int8", backend="arm")
+
+
+def test_an_x86_int8_file_on_a_torch_without_the_x86_engine_says_so(exported, tmp_path, monkeypatch):
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no x86 int8 engine to write the file with")
+    path = quant.save_int8(quant.dfq(exported[4], group=4, mode="int8", backend="x86"), str(tmp_path / "int8.pt"),
+                           torch.zeros(1, 3, 95, 95))
+    without_x86_engine(monkeypatch)
+    with pytest.raises(ValueError) as raised:
+        quant.load_int8(path)
+    message = str(raised.value)
+    assert message.startswith(path) and "'x86' int8 engine" in message and "backend='qnnpack'" in message
+
+
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
