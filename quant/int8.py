@@ -30,17 +30,17 @@ __all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "d
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torch.ao.nn.intrinsic.quantized as _nniq
+    import torch.ao.nn.quantized as _nnq
+
 
 def default_backend() -> str:
     """The int8 engine used where none is named: ``"x86"`` (fbgemm and oneDNN kernels) where torch has it, as on
     every x86 CPU; else ``"qnnpack"`` (ARM CPUs, whose torch builds have no x86 engine)."""
     engines = torch.backends.quantized.supported_engines
     return "x86" if "x86" in engines or "qnnpack" not in engines else "qnnpack"
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    import torch.ao.nn.intrinsic.quantized as _nniq
-    import torch.ao.nn.quantized as _nnq
 
 
 @contextlib.contextmanager
