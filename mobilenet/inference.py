@@ -88,7 +88,7 @@ def _channels_first(images) -> torch.Tensor:
     """``(N, H, W, 3)`` or ``(N, 3, H, W)`` (or one image without N), numpy, tensor, a PIL image or a list of
     them -> ``(N, 3, H, W)``."""
     if not isinstance(images, torch.Tensor):
-        images = np.asarray(images)  # also a PIL image, or a list of them
+        images = _as_array(images)
         if not images.flags.writeable:
             images = np.array(images)  # torch cannot share read-only memory (it would warn on every call)
     given = images if isinstance(images, torch.Tensor) else torch.as_tensor(images)
@@ -97,6 +97,29 @@ def _channels_first(images) -> torch.Tensor:
         raise ValueError(f"images: expected (N, H, W, 3) or (N, 3, H, W), got {tuple(given.shape)}"
                          f"{_shape_hint(tuple(given.shape))}")
     return batch if batch.shape[1] == 3 else batch.permute(0, 3, 1, 2)
+
+
+def _as_array(images) -> np.ndarray:
+    """``images`` (an array-like, a PIL image, or a list of either) as one numeric array; a ValueError naming
+    ``images`` for a list of differently shaped images or anything that is not numbers."""
+    if isinstance(images, (list, tuple)) and images:
+        # one at a time: a PIL image inside a list is not a sequence to numpy (older numpy warns on it)
+        items = [np.asarray(item.detach().cpu() if isinstance(item, torch.Tensor) else item) for item in images]
+        for index, (item, array) in enumerate(zip(images, items)):
+            if array.dtype.kind not in "biuf":
+                raise ValueError(f"images: item {index}: expected numbers (uint8 pixels or floats in [0, 1]), got "
+                                 f"{type(item).__name__}")
+        shapes = list(dict.fromkeys(item.shape for item in items))
+        if len(shapes) > 1:
+            raise ValueError(f"images: a list of images of different shapes {', '.join(map(str, shapes[:4]))}; "
+                             "crop or tile them to one size first (mobilenet.tile_images)")
+        array = np.stack(items)
+    else:
+        array = np.asarray(images)  # also a PIL image
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"images: expected numbers (uint8 pixels or floats in [0, 1]), got "
+                         f"{type(images).__name__}{f' of {array.dtype}' if array.dtype.kind != 'O' else ''}")
+    return array
 
 
 def _shape_hint(shape: tuple) -> str:

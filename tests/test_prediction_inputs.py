@@ -175,6 +175,20 @@ def test_wrong_image_shapes_are_named_as_given(model_file, shape, message):
         mobilenet.predict(mobilenet.load(model_file), np.zeros(shape, np.uint8))
 
 
+@pytest.mark.parametrize("images, message", [
+    ([np.zeros((96, 96, 3), np.uint8), np.zeros((90, 96, 3), np.uint8)],
+     r"images: a list of images of different shapes \(96, 96, 3\), \(90, 96, 3\); crop or tile them"),
+    ([[1, 2], [3]], r"images: a list of images of different shapes \(2,\), \(1,\)"),
+    ("patch.png", r"images: expected numbers \(uint8 pixels or floats in \[0, 1\]\), got str"),
+    (None, r"images: expected numbers .*, got NoneType"),
+    ({"x": 1}, r"images: expected numbers .*, got dict"),
+    ([np.zeros((96, 96, 3), np.uint8), None], r"images: item 1: expected numbers .*, got NoneType"),
+])
+def test_inputs_that_are_not_one_array_of_numbers_are_named(model_file, images, message):
+    with pytest.raises(ValueError, match=message):
+        mobilenet.predict(mobilenet.load(model_file), images)
+
+
 def test_larger_images_are_centre_cropped_with_a_notice_or_tiled(model_file, tmp_path, capsys):
     model = mobilenet.load(model_file)
     image = patches(1, 200)[0]
