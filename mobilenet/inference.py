@@ -118,7 +118,7 @@ def _as_array(images) -> np.ndarray:
         array = np.asarray(images)  # also a PIL image
     if array.dtype.kind not in "biuf":
         raise ValueError(f"images: expected numbers (uint8 pixels or floats in [0, 1]), got "
-                         f"{type(images).__name__}{f' of {array.dtype}' if array.dtype.kind != 'O' else ''}")
+                         f"{type(images).__name__}{f' of {array.dtype}' if isinstance(images, np.ndarray) else ''}")
     return array
 
 
