@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import mobilenet
+import quant
 import rotconv
 from benchmarks import efficiency, equivariance, speed
 
@@ -227,7 +228,7 @@ def test_stock_fx_baseline_quantizes_every_conv():
     network = untrained_but_generic(mobilenet.mobilenet_v2(group="C4", width_mult=0.25),
                                     torch.randn(4, 3, 95, 95)).export().eval()
     x = torch.randn(4, 3, 95, 95)
-    stock = speed.stock_fx_int8(network, "C4", "x86", x)
+    stock = speed.stock_fx_int8(network, "C4", quant.default_backend(), x)
     float_convs = sum(isinstance(m, torch.nn.Conv2d) for m in network.modules())
     int8_convs = sum(isinstance(m, (nnq.Conv2d, nniq.ConvReLU2d)) for m in stock.modules())
     assert int8_convs == float_convs > 0

@@ -106,7 +106,7 @@ def test_d4_mobilenet_is_invariant_in_fp32_and_bit_exact_in_int8(d4_model):
         assert rotconv.equivariance_error(double, group, x.double(), element, output_regular=False) < 1e-10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for backend, scheme in (("x86", "symmetric"), ("qnnpack", "asymmetric")):
+        for backend, scheme in ((quant.default_backend(), "symmetric"), ("qnnpack", "asymmetric")):
             int8 = quant.dfq(d4_model.export(), group=group, mode="int8", backend=backend, weight_scheme=scheme)
             logits = int8(x * 3)  # beyond the declared input range too
             for element in group.exact_elements():

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 import torch
 import torch.nn as nn
 
+from int8_engines import available, engine_params, needs_engines
 import mobilenet
 import quant
 import rotconv
@@ -148,7 +149,7 @@ def test_dfq_shares_scales_over_the_models_own_group_unless_told(exported, N):
                 call(model, group=other)
 
 
-@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+@pytest.mark.parametrize("backend", engine_params("x86", "qnnpack"))
 def test_int8_conv_stack_is_bit_exactly_equivariant(backend):
     # Integer accumulation is exact and the filters are bit-exact rot90 copies, so the int8 feature maps
     # of a rotated input are exactly the rotated feature maps (no float op in between).
@@ -165,8 +166,9 @@ def test_int8_conv_stack_is_bit_exactly_equivariant(backend):
 
 
 @pytest.mark.parametrize("backend, weight_scheme, relu6", [
-    ("x86", "symmetric", "replace"), ("qnnpack", "asymmetric", "replace"), ("qnnpack", "symmetric", "replace"),
-    ("x86", "symmetric", "keep"), ("qnnpack", "symmetric", "keep")])
+    pytest.param(backend, weight_scheme, relu6, marks=needs_engines(backend)) for backend, weight_scheme, relu6 in (
+        ("x86", "symmetric", "replace"), ("qnnpack", "asymmetric", "replace"), ("qnnpack", "symmetric", "replace"),
+        ("x86", "symmetric", "keep"), ("qnnpack", "symmetric", "keep"))])
 @pytest.mark.parametrize("N", [4, 12])
 def test_int8_mobilenet_logits_are_bit_exactly_invariant_to_quarter_turns(exported, N, backend, weight_scheme, relu6):
     # int8 feature maps rotate bit-exactly (test above); the masked global pooling then sums the last int8
@@ -216,9 +218,8 @@ def test_a_bad_backend_is_refused_before_the_work(exported):
         quant.dfq(exported[4], group=4, mode="int8", backend="arm")
 
 
+@needs_engines("x86")
 def test_an_x86_int8_file_on_a_torch_without_the_x86_engine_says_so(exported, tmp_path, monkeypatch):
-    if "x86" not in torch.backends.quantized.supported_engines:
-        pytest.skip("this torch has no x86 int8 engine to write the file with")
     path = quant.save_int8(quant.dfq(exported[4], group=4, mode="int8", backend="x86"), str(tmp_path / "int8.pt"),
                            torch.zeros(1, 3, 95, 95))
     without_x86_engine(monkeypatch)
@@ -240,7 +241,7 @@ class _Residual(nn.Module):
         return y + self.b(y)
 
 
-@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+@pytest.mark.parametrize("backend", engine_params("x86", "qnnpack"))
 def test_int8_matches_simulation(backend):
     # Same plan (scales, zero points) in both; remaining differences are the int32 bias rounding and the
     # kernels' requantization rounding: one quantization step here and there, < 1% relative.
@@ -297,7 +298,7 @@ def test_unexported_model_is_rejected(make):
 @given(in_channels=st.integers(1, 6), out_channels=st.integers(1, 8), kernel=st.sampled_from([1, 3, 5]),
        depthwise=st.booleans(), activation=st.sampled_from([None, nn.ReLU, nn.ReLU6]), stride=st.integers(1, 2),
        size=st.integers(5, 13),
-       backend=st.sampled_from(["x86", "qnnpack"]), weight_scheme=st.sampled_from(["asymmetric", "symmetric"]),
+       backend=st.sampled_from(available("x86", "qnnpack")), weight_scheme=st.sampled_from(["asymmetric", "symmetric"]),
        seed=st.integers(0, 2**16))
 def test_int8_layer_is_within_one_step_of_the_simulation(in_channels, out_channels, kernel, depthwise, activation,
                                                           stride, size, backend, weight_scheme, seed):
@@ -354,6 +355,7 @@ def test_integer_pool_sums_exactly(size, channels, batch, scale, zero_point, cha
     assert torch.allclose(pool(x), reference, rtol=1e-5, atol=bound)
 
 
+@needs_engines("x86")
 def test_int8_x86_is_bit_exactly_invariant_where_onednn_was_not():
     # A found case (this random-BN C_12 network, the fifth-patch batch below, 270 degrees): with its dense
     # convs packed for oneDNN, as torch's x86 engine chooses for symmetric weights, a 1x1 projection conv
@@ -372,7 +374,7 @@ def test_int8_x86_is_bit_exactly_invariant_where_onednn_was_not():
         assert torch.equal(int8(group.rotate(x, k, regular=False)), logits), k
 
 
-@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no oneDNN int8 engine")
+@needs_engines("x86", "onednn")
 @pytest.mark.parametrize("weight_scheme", ["symmetric", "asymmetric"])
 def test_int8_x86_packs_each_conv_for_the_library_that_runs_it_fast_and_exact(weight_scheme, monkeypatch):
     # Which library a packed conv runs on is fixed when it is packed. On the x86 engine: dense convs on fbgemm
@@ -400,7 +402,7 @@ def test_int8_x86_packs_each_conv_for_the_library_that_runs_it_fast_and_exact(we
         packed_on
 
 
-@pytest.mark.parametrize("backend", ["qnnpack", "x86"])
+@pytest.mark.parametrize("backend", engine_params("qnnpack", "x86"))
 def test_simulation_adds_biases_as_the_backend_does(backend):
     # qnnpack (like XNNPACK and ONNX QLinearConv) adds a conv's bias as an int32 multiple of
     # input scale * weight scale; fbgemm/oneDNN (x86) add it in float. The simulation must do the same, or it

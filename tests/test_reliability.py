@@ -22,6 +22,7 @@ from benchmarks import efficiency, pcam
 from rotconv.files import OutputError, RunLock, atomic_write, differences, file_fingerprint, write_json
 from mobilenet.data import PCamError, split_paths
 from benchmarks.synthetic import write_synthetic_pcam
+from int8_engines import available, engine_params, needs_engines
 from mobilenet.training import Distributed
 from mobilenet.training import Progress, TrainConfig, UsageError
 from mobilenet.training.loop import _train_batches, _train_epoch
@@ -310,10 +311,10 @@ def generic_c12_int8():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return {backend: quant.dfq(network, group=12, mode="int8", backend=backend, weight_scheme="symmetric")
-                for backend in ("x86", "qnnpack")}
+                for backend in available("x86", "qnnpack")}
 
 
-@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+@pytest.mark.parametrize("backend", engine_params("x86", "qnnpack"))
 def test_int8_model_saves_and_loads_bit_exactly(generic_c12_int8, backend, tmp_path):
     # A plain torch.jit.load packs every conv with the engine's own choice of library, which depends on the CPU
     # (with VNNI: dense convs on oneDNN, which requantizes some positions differently; without: depthwise convs
@@ -338,7 +339,7 @@ def test_int8_model_saves_and_loads_bit_exactly(generic_c12_int8, backend, tmp_p
         loaded(torch.full((1, 3, 95, 95), float("nan")))
 
 
-@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no oneDNN int8 engine")
+@needs_engines("x86", "onednn")
 def test_load_int8_packs_each_conv_for_the_library_it_was_built_for(generic_c12_int8, tmp_path, monkeypatch):
     path = quant.save_int8(generic_c12_int8["x86"], str(tmp_path / "int8.pt"), torch.randn(1, 3, 95, 95))
     packed_on = []
