@@ -1,0 +1,187 @@
+"""Instructions the INT8 programs execute per forward on an AVX2-only CPU, counted by valgrind: the .pte against
+stock ExecuTorch, without timing noise and on any x86-64 machine.
+
+    python -m benchmarks.instructions [--group C12] [--batches 1 32] [--calls 5] [--out FILE]
+
+Valgrind runs each program on its own virtual x86-64 CPU, which has AVX2 and FMA but no AVX-512, VNNI or AMX
+(whatever the host has beyond that is hidden from the program), so ExecuTorch's XNNPACK picks the kernels it
+runs on an AVX2-only CPU; its callgrind tool counts the instructions executed inside ExecuTorch's
+``Method::execute`` (one thread, so that all of a forward runs where it is counted). The count is the same on
+every run of the same files and does not depend on what else the machine is doing, where timings on a shared
+machine vary by 10 % and more. Compared, as in :mod:`benchmarks.speed`: the .pte :func:`quant.to_executorch`
+writes and the stock ExecuTorch program of the same network (torchao PT2E, ``XNNPACKQuantizer``, per-tensor
+symmetric, calibrated; :func:`benchmarks.speed.stock_executorch`), for each batch size.
+
+An instruction count is not a time: memory stalls, caches and how well the instructions overlap differ
+between programs and CPUs. It tells whether one program does more work than the other on these kernels.
+Needs valgrind (``apt-get install valgrind``) and the deploy extra; each counted forward runs ~50x slower than
+natively (12 minutes for ``--calls 3`` on 2 cores of an Intel Xeon, 2026-12-04).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import torch
+
+import mobilenet
+import quant
+import rotconv
+from rotconv.files import write_json
+
+from .common import check_outputs, untrained_but_generic
+from .exits import command
+from mobilenet.training import UsageError
+from quant.executorch import require_executorch
+
+__all__ = ["COUNTED_FUNCTION", "count_instructions", "collected_instructions", "seen_on_valgrind", "main"]
+
+#: the function whose instructions are counted (inclusive): one call per forward of a program
+COUNTED_FUNCTION = "executorch::runtime::Method::execute()"
+
+
+def collected_instructions(valgrind_log: str) -> int:
+    """The instruction count callgrind reports at exit (``==PID== Collected : N``)."""
+    found = re.findall(r"^==\d+== Collected\s*:\s*(\d+)\s*$", valgrind_log, flags=re.MULTILINE)
+    if not found:
+        raise RuntimeError("callgrind reported no instruction count; its output ends:\n" + valgrind_log[-2000:])
+    return int(found[-1])
+
+
+def _on_valgrind(tool_options: list[str], program: str, inputs: str, calls: int) -> tuple[dict, str]:
+    """Run the child on valgrind: what it saw (its last line of output, JSON) and valgrind's log."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    completed = subprocess.run(["valgrind", *tool_options, sys.executable, "-m", "benchmarks.instructions",
+                                "--child", program, inputs, str(calls)], capture_output=True, text=True, cwd=root,
+                               env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"})
+    if completed.returncode != 0:
+        raise RuntimeError(f"the run of {program} on valgrind failed (exit {completed.returncode}):\n"
+                           + completed.stderr[-3000:])
+    return json.loads(completed.stdout.strip().splitlines()[-1]), completed.stderr
+
+
+def seen_on_valgrind(program: str, inputs: str) -> dict:
+    """What a process running ``program`` once on valgrind's CPU sees, without counting (~30 s): torch's CPU
+    capability, the instruction set XNNPACK picks its kernels for, the output's sum."""
+    return _on_valgrind(["--tool=none"], program, inputs, 1)[0]
+
+
+def count_instructions(program: str, inputs: str, calls: int) -> dict:
+    """Run ``program`` (.pte) on the tensor saved in ``inputs`` ``calls`` times under callgrind: the instructions
+    per call (the first call included) and what the process saw (:func:`seen_on_valgrind`)."""
+    seen, log = _on_valgrind(["--tool=callgrind", "--collect-atstart=no", f"--toggle-collect={COUNTED_FUNCTION}",
+                              "--callgrind-out-file=" + os.devnull], program, inputs, calls)
+    count = collected_instructions(log)
+    if count == 0:
+        raise RuntimeError(f"no instruction was counted: {COUNTED_FUNCTION} was never entered (another ExecuTorch?)")
+    return {"instructions_per_call": count / calls, **seen}
+
+
+def _child(program: str, inputs: str, calls: int) -> None:
+    """In the counted process: one ExecuTorch thread, ``calls`` forwards, then what this process saw."""
+    from executorch.extension.pybindings import portable_lib
+
+    from .isa import xnnpack_isa
+    # ExecuTorch's only handle on its thread pool: with one thread every operator runs in the counted call
+    portable_lib._unsafe_reset_threadpool(1)
+    module = quant.load_executorch(program)
+    x = torch.load(inputs)
+    for _ in range(calls):
+        out = module(x)
+    print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "xnnpack": xnnpack_isa(),
+                      "output_sum": float(out.sum())}))
+
+
+def _programs(directory: str, group: str, batches: list[int]) -> dict:
+    """The .pte and the stock program of the untrained but generic exported model, and an input, per batch."""
+    from .speed import stock_executorch
+    torch.manual_seed(0)
+    model = untrained_but_generic(mobilenet.mobilenet_v2(group=group), torch.randn(8, 3, 95, 95)).export().eval()
+    files = {}
+    for batch in batches:
+        x = torch.randn(batch, 3, 95, 95)
+        inputs = os.path.join(directory, f"x-b{batch}.pt")
+        torch.save(x, inputs)
+        stock = os.path.join(directory, f"stock-b{batch}.pte")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pte = quant.to_executorch(model, os.path.join(directory, f"b{batch}.pte"), group=group,
+                                      example_batch=batch)
+            stock_executorch(model, group, x, stock)
+        files[batch] = {"pte": pte, "stock": stock, "inputs": inputs}
+    return files
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--group", default="C12", help="group of the equivariant model (default C12)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    parser.add_argument("--calls", type=int, default=5,
+                        help="forwards counted per program, the first included (default 5)")
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument("--child", nargs=3, metavar=("PROGRAM", "INPUTS", "CALLS"), help=argparse.SUPPRESS)
+    return parser
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child[0], args.child[1], int(args.child[2]))
+        return 0
+    try:
+        args.group = str(rotconv.as_group(args.group))
+    except ValueError as error:
+        parser.error(f"--group: {error}")
+    if args.calls < 1:
+        parser.error("--calls: expected >= 1")
+    if any(batch < 1 for batch in args.batches):
+        parser.error("--batches: expected sizes >= 1")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        parser.error(f"counts the AVX2 kernels of x86-64 CPUs; this machine is {platform.machine()}")
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not installed (apt-get install valgrind): it is what counts the instructions")
+    try:
+        check_outputs(args.out)
+        require_executorch()
+    except (UsageError, ImportError) as error:
+        parser.error(str(error))
+    print(rotconv.hardware_line(), "(the host; the programs run on valgrind's AVX2 CPU)")
+    results = {"group": args.group, "calls": args.calls, "counted": COUNTED_FUNCTION, "torch": torch.__version__,
+               "host": rotconv.cpu_report(), "batches": {}}
+    with tempfile.TemporaryDirectory() as directory:
+        print(f"exporting the .pte and the stock program for batches {args.batches} ...", file=sys.stderr)
+        files = _programs(directory, args.group, args.batches)
+        for batch in args.batches:
+            row = {}
+            for name in ("pte", "stock"):
+                print(f"counting {name} at batch {batch} ({args.calls} forwards under callgrind) ...", file=sys.stderr)
+                row[name] = count_instructions(files[batch][name], files[batch]["inputs"], args.calls)
+                if row[name]["xnnpack"] != "AVX2":  # valgrind's CPU is AVX2: anything else means another valgrind
+                    raise RuntimeError(f"XNNPACK ran {row[name]['xnnpack']} kernels under valgrind, not AVX2")
+            row["ratio"] = row["pte"]["instructions_per_call"] / row["stock"]["instructions_per_call"]
+            results["batches"][str(batch)] = row
+    lines = ["| batch | .pte, instructions per forward | stock ExecuTorch | .pte / stock |", "|---|---|---|---|"]
+    lines += [f"| {batch} | {row['pte']['instructions_per_call'] / 1e6:,.1f} M | "
+              f"{row['stock']['instructions_per_call'] / 1e6:,.1f} M | {row['ratio']:.3f}x |"
+              for batch, row in results["batches"].items()]
+    results["table"] = "\n".join(lines)
+    print(results["table"])
+    if args.out:
+        write_json(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
