@@ -61,7 +61,7 @@ def _on_valgrind(tool_options: list[str], program: str, inputs: str, calls: int)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     completed = subprocess.run(["valgrind", *tool_options, sys.executable, "-m", "benchmarks.instructions",
-                                "--child", program, inputs, str(calls)], capture_output=True, text=True, cwd=root,
+                                "--child", program, inputs, str(calls)], capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"})
     if completed.returncode != 0:
         raise RuntimeError(f"the run of {program} on valgrind failed (exit {completed.returncode}):\n"

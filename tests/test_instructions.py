@@ -1,4 +1,5 @@
 """benchmarks.instructions: instruction counts of the INT8 programs on valgrind's AVX2 CPU."""
+import os
 import platform
 import shutil
 
@@ -40,7 +41,7 @@ def test_without_valgrind_it_says_so_before_any_work(monkeypatch, capsys):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="valgrind's AVX2 CPU is x86-64")
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
-def test_a_program_runs_on_valgrinds_avx2_cpu_as_on_an_avx2_only_one(tmp_path):
+def test_a_program_runs_on_valgrinds_avx2_cpu_as_on_an_avx2_only_one(tmp_path, monkeypatch):
     # the counts are of AVX2 kernels only if the counted process sees an AVX2-only CPU, whatever this one has
     # (the count itself, ~3 minutes even for a small network, is left to the benchmark, which refuses a zero)
     pytest.importorskip("executorch", reason="the .pte runtime is the optional deploy extra")
@@ -50,7 +51,8 @@ def test_a_program_runs_on_valgrinds_avx2_cpu_as_on_an_avx2_only_one(tmp_path):
     x = torch.randn(1, 3, 95, 95)
     torch.save(x, str(tmp_path / "x.pt"))
     program = quant.to_executorch(model, str(tmp_path / "int8.pte"), group="C4")
-    seen = instructions.seen_on_valgrind(program, str(tmp_path / "x.pt"))
+    monkeypatch.chdir(tmp_path)  # paths relative to the caller's directory
+    seen = instructions.seen_on_valgrind(os.path.basename(program), "x.pt")
     # torch's dispatch and the feature table XNNPACK picks its kernels from
     assert seen["capability"] == "AVX2" and seen["xnnpack"] == "AVX2", seen
     assert abs(seen["output_sum"]) < float("inf")
