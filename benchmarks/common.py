@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import os
 import sys
 
 import torch
@@ -14,7 +15,17 @@ from mobilenet.training import UsageError, reuse_freed_memory
 from rotconv.files import OutputError, check_writable
 
 __all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "untrained_but_generic",
-           "initialize_rotconv_layers", "check_outputs"]
+           "initialize_rotconv_layers", "check_outputs", "REPOSITORY", "child_environment"]
+
+#: the directory holding this repository's packages (a child Python imports them from here, installed or not)
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_environment(**variables: str) -> dict:
+    """This process's environment for a child Python that imports this repository's packages (the repository on
+    ``PYTHONPATH`` first), with ``variables`` set."""
+    path = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **variables}
 
 
 def check_outputs(out: str | None = None, plots: str | None = None) -> None:

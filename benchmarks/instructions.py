@@ -37,7 +37,7 @@ import quant
 import rotconv
 from rotconv.files import write_json
 
-from .common import check_outputs, untrained_but_generic
+from .common import check_outputs, child_environment, untrained_but_generic
 from .exits import command
 from mobilenet.training import UsageError
 from quant.executorch import require_executorch
@@ -58,11 +58,9 @@ def collected_instructions(valgrind_log: str) -> int:
 
 def _on_valgrind(tool_options: list[str], program: str, inputs: str, calls: int) -> tuple[dict, str]:
     """Run the child on valgrind: what it saw (its last line of output, JSON) and valgrind's log."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     completed = subprocess.run(["valgrind", *tool_options, sys.executable, "-m", "benchmarks.instructions",
                                 "--child", program, inputs, str(calls)], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": path, "PYTHONHASHSEED": "0"})
+                               env=child_environment(PYTHONHASHSEED="0"))
     if completed.returncode != 0:
         raise RuntimeError(f"the run of {program} on valgrind failed (exit {completed.returncode}):\n"
                            + completed.stderr[-3000:])
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calls: expected >= 1")
     if any(batch < 1 for batch in args.batches):
         parser.error("--batches: expected sizes >= 1")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not rotconv.hardware.is_x86():
         parser.error(f"counts the AVX2 kernels of x86-64 CPUs; this machine is {platform.machine()}")
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not installed (apt-get install valgrind): it is what counts the instructions")

@@ -42,8 +42,8 @@ import rotconv
 from rotconv.files import atomic_write, write_json
 from rotconv.hardware import cpu_flags
 
-from .common import (add_memory_argument, apply_memory_argument, check_outputs, serialized_bytes,
-                     untrained_but_generic)
+from .common import (REPOSITORY, add_memory_argument, apply_memory_argument, check_outputs, child_environment,
+                     serialized_bytes, untrained_but_generic)
 from .isa import ISAError, xnnpack_isa
 from mobilenet.training import UsageError, bf16_supported, training_step
 from quant.int8 import quantized_engine
@@ -432,8 +432,7 @@ def allocator_benchmarks(rounds: int, group: str = "C12", batch: int = 32, steps
     process-wide), ``rounds`` times alternating which goes first; per measurement the median over rounds, and the
     ratio reuse / system allocator of the wall times. Also the default training setting with reuse against fp32
     contiguous without it (the trainer's settings of this project against plain torch's)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    environment = child_environment()
     probes: dict[bool, list[dict]] = {False: [], True: []}
     for index in range(rounds):
         for reuse in ((False, True) if index % 2 == 0 else (True, False)):
@@ -442,7 +441,7 @@ def allocator_benchmarks(rounds: int, group: str = "C12", batch: int = 32, steps
                 f"print(json.dumps(allocator_probe({reuse}, {group!r}, {batch}, {steps}, {torch.get_num_threads()})))"
             )
             done = subprocess.run(
-                [sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=root
+                [sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=REPOSITORY
             )
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["no output"])[-1]

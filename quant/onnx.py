@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import tempfile
 import warnings
 from typing import Iterable
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from rotconv.files import atomic_write, check_writable
-from rotconv.hardware import has_vnni
+from rotconv.hardware import has_vnni, is_x86
 
 from .executorch import quantize_pt2e, traced_example
 from .extras import output_classes, require_extra, runtime_input
@@ -150,7 +149,7 @@ def _activations_to_uint8(proto) -> int:
 def _u8s8_saturates() -> bool:
     """Whether onnxruntime's uint8 x int8 kernels add products in saturating int16 pairs here (x86 without
     VNNI)."""
-    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") and not has_vnni()
+    return is_x86() and not has_vnni()
 
 
 def _weights_to_uint8(proto) -> int:

@@ -11,7 +11,7 @@ import platform
 
 import torch
 
-__all__ = ["cpu_report", "hardware_line", "cpu_flags", "has_vnni", "has_amx"]
+__all__ = ["cpu_report", "hardware_line", "cpu_flags", "is_x86", "has_vnni", "has_amx"]
 
 
 def cpu_flags() -> set[str]:
@@ -41,6 +41,11 @@ def _cpu_answers(probe_name: str, flag: str) -> bool:
     """torch's cpuid probe ``torch.cpu.<probe_name>`` where this torch has it, else the kernel's ``flag``."""
     probe = getattr(torch.cpu, probe_name, None)
     return bool(probe()) if probe is not None else flag in cpu_flags()
+
+
+def is_x86() -> bool:
+    """Whether this is an x86 CPU (x86-64 or 32-bit), where the VNNI question and the AVX2 kernels arise."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
 def has_vnni() -> bool:

@@ -1,7 +1,6 @@
 """quant.to_onnx: the float model and the data-free INT8 model (QDQ) as ONNX files run by onnxruntime; and
 benchmarks.pcam with either deployable INT8 backend (ExecuTorch, ONNX)."""
 import importlib.util
-import platform
 import warnings
 
 import numpy as np
@@ -92,8 +91,7 @@ def test_int8_file_runs_the_data_free_qdq_model(files):
     assert len(int8_weights) >= 50  # every convolution's weight is stored as int8 (VNNI's fast u8s8 kernels)
     # on an x86 CPU without VNNI load_onnx stores them as uint8 for its session (u8s8 pair sums saturate there;
     # ARM's int8 dot products do not)
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-    assert session.uint8_weights == (x86 and not rotconv.hardware.has_vnni())
+    assert session.uint8_weights == (rotconv.hardware.is_x86() and not rotconv.hardware.has_vnni())
 
 
 def test_onnxruntime_runs_every_convolution_and_add_as_an_integer_kernel(files, tmp_path):
