@@ -13,6 +13,7 @@ Needs the optional extra: ``pip install 'rotconv[deploy]'`` (executorch, which b
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Iterable
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from rotconv.files import atomic_write, check_writable
 
+from .arithmetic import quantization_parameters
 from .extras import DEPLOY_EXTRA, capture_native_stderr, output_classes, require_extra, runtime_input
 from .pipeline import RELU6_DEFAULT, check_float_model, prepare
 from .plan import QuantPlan, input_range_of, plan_quantization
@@ -134,33 +136,87 @@ def _round_small(y: torch.Tensor, negative_offset: float | torch.Tensor = -ROUND
     return (y - negative_offset) - offset
 
 
+#: float32 has a 24-bit significand: sums of integers below 2**24 are exact in any order
+EXACT_INTEGERS = 2**24
+
+#: the most a pooled map's int8 range is narrowed to put it on a grid the pool sums exactly (relative)
+GRID_NARROWING = 0.01
+
+
+def step_mantissa(step: float) -> int:
+    """The odd integer ``m`` with ``step = m * 2**e``: how many bits a grid step carries into products."""
+    mantissa, exponent = math.frexp(step)
+    integer = int(mantissa * 2**53)
+    while integer % 2 == 0:
+        integer //= 2
+    return integer
+
+
+def exact_pool_range(low: float, high: float) -> tuple[float, float] | None:
+    """The int8 range for a map that an exported masked pool reads: ``[low, high]`` narrowed by at most
+    :data:`GRID_NARROWING` so that its grid step is ``m * 2**e`` with ``m`` in {1, 3} (ReLU6's ``[0, 6]``,
+    step 6/255, becomes ``[0, 5.977]``, step 3/128), or None where no such step is that close. On such a grid
+    the dequantized values ``(q - z) * step`` are exact in float32 and so are their products with the pool's
+    integer weights: the pool needs no rounding."""
+    scale = quantization_parameters(low, high, 8)[0]
+    exponent = math.floor(math.log2(scale))
+    step = 1.5 * 2.0**exponent if 1.5 * 2.0**exponent <= scale else 2.0**exponent
+    if step < (1 - GRID_NARROWING) * scale:
+        return None
+    below_zero = min(max(round(-min(low, 0.0) / step), 0), 255)  # levels below zero; zero stays a level
+    return -below_zero * step, (255 - below_zero) * step
+
+
+def narrow_pooled_ranges(plan: QuantPlan) -> list[str]:
+    """Narrow, in ``plan``, the range of every quantized value a :class:`rotconv.MaskedGlobalAvgPool` reads to
+    :func:`exact_pool_range` where there is one; returns the values' names."""
+    import rotconv
+
+    narrowed = []
+    for node in plan.graph_module.graph.nodes:
+        module = plan.graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        name = node.args[0].name if node.args and isinstance(node.args[0], fx.Node) else None
+        if isinstance(module, rotconv.MaskedGlobalAvgPool) and name in plan.points:
+            grid = exact_pool_range(*plan.points[name])
+            if grid is not None:
+                plan.points[name] = grid
+                narrowed.append(name)
+    return narrowed
+
+
 class _ExactMaskedGlobalAvgPool(nn.Module):
     """:class:`rotconv.MaskedGlobalAvgPool` on a dequantized int8 map, summed exactly, so that a rotated map
-    gives the same bits: ``round(x / scale)`` recovers the integers ``q - z`` (|q - z| <= 255), the pooling
-    weights are rounded to integers ``W`` (multiples of ``2**-15``, summing to about ``2**15``), and the
-    products are averaged (a global average pool, which XNNPACK runs): every partial sum is an integer below
-    ``255 * 2**15 < 2**24``, exact in float32 in any order, then one deterministic division.
-    ``(B, C, H, W) -> (B, C)``."""
-
-    WEIGHT_BITS = 15
+    gives the same bits. The map's values are ``(q - z) * step``; with ``step = m * 2**e``, ``m`` in {1, 3}
+    (:func:`exact_pool_range`) they are exact, otherwise ``round(x / step)`` first recovers the integers
+    ``q - z`` (``m = 1``). The pooling weights are rounded to integers ``W`` summing to about ``2**bits``, the
+    most bits with ``255 * m * sum(W) < 2**24``; the products are averaged (a global average pool, which
+    XNNPACK runs): every partial sum is ``2**e`` times an integer below ``2**24``, exact in float32 in any
+    order, then one deterministic division. ``(B, C, H, W) -> (B, C)``."""
 
     def __init__(self, pool: nn.Module, scale: float) -> None:
         super().__init__()
         if pool.size is None:
             raise ValueError("model: ExecuTorch export needs MaskedGlobalAvgPool(size=...) (fixed input size)")
-        weights = torch.round(pool.pool_weights.double() * 2**self.WEIGHT_BITS).float()
+        self.rounds = step_mantissa(scale) not in (1, 3)
+        mantissa = 1 if self.rounds else step_mantissa(scale)
+        weights = pool.pool_weights.double()
+        self.bits = max(bits for bits in range(8, 25)
+                        if 255 * mantissa * torch.round(weights * 2**bits).sum().item() < EXACT_INTEGERS)
+        integers = torch.round(weights * 2**self.bits).float()
         # Every constant is 4-D, (1, 1, ...): XNNPACK's layout pass then keeps the map channels-last from the last
         # conv through the mean. A 0-d or 2-D constant makes it transpose the map to NCHW for the elementwise ops
         # and back for the mean (2.4 of 42 ms of the C_12 .pte at batch 32).
-        self.register_buffer("integer_weights", weights.reshape(1, 1, *weights.shape))
-        self.register_buffer("inverse_scale", torch.full((1, 1, 1, 1), 1.0 / scale))
-        self.register_buffer("negative_offset", torch.full((1, 1, 1, 1), -ROUNDING_OFFSET))
-        self.register_buffer("offset", torch.full((1, 1, 1, 1), ROUNDING_OFFSET))
-        self.factor = scale * pool.pool_weights.numel() / 2**self.WEIGHT_BITS
+        self.register_buffer("integer_weights", integers.reshape(1, 1, *integers.shape))
+        if self.rounds:
+            self.register_buffer("inverse_scale", torch.full((1, 1, 1, 1), 1.0 / scale))
+            self.register_buffer("negative_offset", torch.full((1, 1, 1, 1), -ROUNDING_OFFSET))
+            self.register_buffer("offset", torch.full((1, 1, 1, 1), ROUNDING_OFFSET))
+        self.factor = (scale if self.rounds else 1.0) * pool.pool_weights.numel() / 2**self.bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        integers = _round_small(x * self.inverse_scale, self.negative_offset, self.offset)
-        return (integers * self.integer_weights).mean(dim=(-2, -1), keepdim=True).flatten(1) * self.factor
+        if self.rounds:
+            x = _round_small(x * self.inverse_scale, self.negative_offset, self.offset)
+        return (x * self.integer_weights).mean(dim=(-2, -1), keepdim=True).flatten(1) * self.factor
 
 
 def _export_graph(plan: QuantPlan) -> fx.GraphModule:
@@ -209,6 +265,7 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
                        relu6=relu6, per_channel_weights=per_channel_weights)
     plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric",
                              integer_bias=True)
+    narrow_pooled_ranges(plan)  # the pool then sums the dequantized map exactly without rounding it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export(_export_graph(plan).eval(), (example,)).module()

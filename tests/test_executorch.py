@@ -48,7 +48,9 @@ def program_file(tmp_path_factory):
 def test_program_logits_are_bit_exactly_invariant_to_quarter_turns(group, group_pool, relu6, per_channel,
                                                                    program_file):
     # The int8 feature maps of a rotated input are the rotated maps (rot90-exact filters, per-tensor scales);
-    # the masked average pool sums integers exactly in float64, so even the float head gives identical bits.
+    # the masked average pool sums them exactly in float32, so even the float head gives identical bits: with
+    # ReLU6 kept the pooled map is on the 3/128 grid; with it replaced, these models' pooled maps have ranges
+    # off such grids ([0, 9.1] for C_4), and the pool rounds them to integers first.
     # Inputs 3x wider than the declared range saturate the first quantizer: still exact. group_pool="sort"
     # is exported as a min/max sorting network (ExecuTorch has no sort kernel): exact too. relu6="keep":
     # ReLU6 clipped by the top of the int8 range, no equalization: exact too. Per-channel weights: the channels
@@ -81,18 +83,37 @@ def _xnnpack_operators(path: str, x: torch.Tensor) -> list[str]:
 # "no output buffer" (the dump is asked for operator names only)
 @pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning",
                             "ignore:Output Buffer not found:UserWarning")
-@pytest.mark.parametrize("group, group_pool", [("C4", "max"), ("C4", "sort")])
-def test_program_keeps_the_last_map_channels_last_through_the_pool(group, group_pool, program_file):
-    # XNNPACK runs convs on NHWC maps. The exact pool's constants are 4-D, so its dequantize, rounding, weighting
-    # and mean run on the NHWC map the last conv wrote: no transpose between the last conv and the mean (with a
-    # 0-d or 2-D constant XNNPACK transposed the int8 map to NCHW and the float map back, 6 % of the C_12
-    # program's time at batch 32).
-    operators = _xnnpack_operators(program_file(group, group_pool, "replace", False), torch.randn(2, 3, 95, 95))
+@pytest.mark.parametrize("group, group_pool, relu6", [("C4", "max", "replace"), ("C4", "sort", "replace"),
+                                                      ("C12", "max", "keep")])
+def test_program_keeps_the_last_map_channels_last_through_the_pool(group, group_pool, relu6, program_file):
+    # XNNPACK runs convs on NHWC maps. The exact pool's constants are 4-D, so its dequantize, weighting and mean
+    # run on the NHWC map the last conv wrote: no transpose between the last conv and the mean (with a 0-d or
+    # 2-D constant XNNPACK transposed the int8 map to NCHW and the float map back, 6 % of the C_12 program's
+    # time at batch 32). With ReLU6 kept the map is on the 3/128 grid: dequantize, one multiply, the mean; the
+    # rounding to integers (three float passes over the map, 3.5 % of the C_12 program's time at batch 32)
+    # runs only for these models with ReLU6 replaced, whose pooled range is [0, 9.1] (C_4).
+    operators = _xnnpack_operators(program_file(group, group_pool, relu6, False), torch.randn(2, 3, 95, 95))
     convolutions = [i for i, name in enumerate(operators) if name.startswith("Convolution")]
     means = [i for i, name in enumerate(operators) if name.startswith("Mean")]
     assert convolutions and len(means) == 1, operators  # the dump names XNNPACK's ops; the pool's mean ran there
     between = operators[convolutions[-1]:means[0]]
     assert means[0] > convolutions[-1] and not [name for name in between if name.startswith("Transpose")], between
+    last_gemm = max(i for i, name in enumerate(operators[:means[0]]) if "QS8" in name)
+    rounding = ["Multiply (ND)", "Subtract (ND)", "Subtract (ND)"] if relu6 == "replace" else []
+    assert [name.split(" #")[0] for name in operators[last_gemm + 1:means[0]]] == [
+        "Convert (NC)", *rounding, "Multiply (ND)"]
+
+
+def test_pooled_map_is_dequantized_on_the_exact_grid():
+    # The plan's ReLU6 range [0, 6] (step 6/255) is narrowed to [0, 765/128] for the map the pool reads, and the
+    # quantizer's observer turns that range into exactly the step 3/128 the pool was built for
+    pytest.importorskip("torchao")
+    graph = quant.executorch.quantize_pt2e(_random_model("C4"), "C4", torch.zeros(1, 3, 95, 95), relu6="keep")
+    weighting = [node for node in graph.graph.nodes if node.op == "call_function" and
+                 any(getattr(arg, "target", None) == "pool.integer_weights" for arg in node.args)]
+    assert len(weighting) == 1
+    dequantize = weighting[0].args[0]
+    assert "dequantize_per_tensor" in str(dequantize.target) and dequantize.args[1:3] == (3 / 128, -128)
 
 
 class _Shallow(nn.Module):
