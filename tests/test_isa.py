@@ -25,9 +25,9 @@ import pytest
 
 import quant
 import rotconv.hardware
+from benchmarks.common import child_environment
 
 WORKER = os.path.join(os.path.dirname(__file__), "isa_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVX2_SWITCHES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
@@ -36,11 +36,9 @@ def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout
     """The worker's report; ``prefix`` runs before it (an emulator, then the interpreter; or, with
     ``script_prefix=False``, a whole command that takes the worker's path, such as ``python -m benchmarks.isa``)."""
     # the repository on the path, installed or not (the worker imports the packages under test from here)
-    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     command = prefix + [sys.executable, WORKER] if script_prefix else prefix + [WORKER]
-    completed = subprocess.run(command + list(arguments),
-                               env={**os.environ, "PYTHONPATH": path, **env}, capture_output=True, text=True,
-                               timeout=timeout)
+    completed = subprocess.run(command + list(arguments), env=child_environment(**env), capture_output=True,
+                               text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
