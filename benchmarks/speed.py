@@ -64,7 +64,8 @@ def _timed(function: Callable[[], object], block: int = 1) -> float:
 
 def compare(first: Callable[[], object], second: Callable[[], object], repeats: int, warmup: int = 2,
             block: int = 1) -> dict:
-    """Interleaved timing of two callables: medians (seconds) and the median of per-pair ratios first/second.
+    """Interleaved timing of two callables: medians (seconds), the median of per-pair ratios first/second and
+    the ratios' quartiles (``ratio_quartiles``: where they straddle 1, this run does not tell the two apart).
 
     With ``block > 1`` each side of a pair is the median of ``block`` consecutive calls. Use it when the two
     run on different runtimes: a runtime's worker threads spin for milliseconds after their last task (torch's
@@ -84,8 +85,18 @@ def compare(first: Callable[[], object], second: Callable[[], object], repeats: 
             a = _timed(first, block)
             b = _timed(second, block)
         pairs.append((a, b))
+    ratios = [a / b for a, b in pairs]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return {"first_s": statistics.median(a for a, _ in pairs), "second_s": statistics.median(b for _, b in pairs),
-            "ratio": statistics.median(a / b for a, b in pairs), "repeats": repeats, "block": block}
+            "ratio": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]],
+            "repeats": repeats, "block": block}
+
+
+def ratio_text(timing: dict) -> str:
+    """``0.920x`` or, where the timing has them, ``0.920x (0.905-0.944)``: the median ratio and its quartiles."""
+    quartiles = timing.get("ratio_quartiles")
+    spread = f" ({quartiles[0]:.3f}-{quartiles[1]:.3f})" if quartiles else ""
+    return f"{timing['ratio']:.3f}x{spread}"
 
 
 def _train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -271,7 +282,7 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
                 stock = stock_executorch(exported, group, x, os.path.join(directory, f"stock-b{batch}.pte"))
                 key = f"executorch_vs_stock_b{batch}"
                 result[key] = inference(program, stock, x)
-                print(f"  ExecuTorch .pte / stock ExecuTorch PT2E at batch {batch}: {result[key]['ratio']:.3f}x",
+                print(f"  ExecuTorch .pte / stock ExecuTorch PT2E at batch {batch}: {ratio_text(result[key])}",
                       file=sys.stderr)
     if all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript", "executorch")):
         with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
@@ -470,7 +481,8 @@ def format_tables(results: dict) -> str:
     g = _name(results.get("group", "C12"))
     machine = rotconv.hardware_line(results["hardware"]) if "hardware" in results else \
         f"{results['machine']}, {results['threads']} threads, torch {results['torch']}"
-    lines = [f"Machine: {machine}; time ratios are medians of interleaved pairs (lower is faster for rotconv).", "",
+    lines = [f"Machine: {machine}; time ratios are medians of interleaved pairs (lower is faster for rotconv); "
+             "in the model table, in brackets, the quartiles of the pairs' ratios.", "",
              f"| layer ({g}, batch 32, 47x47) | channels | train step vs nn.Conv2d | eval forward vs nn.Conv2d |",
              "|---|---|---|---|"]
     for row in results["layers"]:
@@ -534,7 +546,7 @@ def format_tables(results: dict) -> str:
     for key, label in labels:
         row = models[key]
         lines.append(
-            f"| {label} | {1e3 * row['first_s']:.1f} vs {1e3 * row['second_s']:.1f} ms | {row['ratio']:.3f}x |"
+            f"| {label} | {1e3 * row['first_s']:.1f} vs {1e3 * row['second_s']:.1f} ms | {ratio_text(row)} |"
         )
     size = models["size"]
     lines.append(f"| INT8 vs FP32 size (serialised state dict) | {size['int8_bytes'] / 2**20:.2f} vs "

@@ -133,8 +133,29 @@ def test_compare_interleaves_and_reports_medians():
     calls = []
     result = speed.compare(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
-    assert set(result) == {"first_s", "second_s", "ratio", "repeats", "block"} and result["repeats"] == 4
-    assert result["first_s"] >= 0 and result["ratio"] > 0
+    assert set(result) == {"first_s", "second_s", "ratio", "ratio_quartiles", "repeats", "block"}
+    assert result["repeats"] == 4 and result["first_s"] >= 0 and result["ratio"] > 0
+    low, high = result["ratio_quartiles"]
+    assert low <= result["ratio"] <= high
+
+
+def test_compare_reports_the_quartiles_of_the_pair_ratios(monkeypatch):
+    # a's calls take 1, 2, 3, 4 s and b's 1 s: pair ratios 1, 2, 3, 4, median 2.5, quartiles 1.25 and 3.75
+    # (the exclusive method); one pair gives its ratio as both quartiles
+    durations = {"a": iter([1, 2, 3, 4, 7]), "b": iter([1] * 5)}
+    now = [0.0]
+
+    def call(name):
+        def run():
+            now[0] += next(durations[name])
+        return run
+
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: now[0])
+    result = speed.compare(call("a"), call("b"), repeats=4, warmup=0)
+    assert result["ratio"] == 2.5 and result["ratio_quartiles"] == [1.25, 3.75]
+    assert speed.ratio_text(result) == "2.500x (1.250-3.750)"
+    assert speed.compare(call("a"), call("b"), repeats=1, warmup=0)["ratio_quartiles"] == [7.0, 7.0]
+    assert speed.ratio_text({"ratio": 0.5}) == "0.500x"  # results written before the quartiles were kept
 
 
 def test_compare_in_blocks_takes_the_median_of_consecutive_calls(monkeypatch):
@@ -155,6 +176,7 @@ def test_compare_in_blocks_takes_the_median_of_consecutive_calls(monkeypatch):
     result = speed.compare(call("a"), call("b"), repeats=4, warmup=0, block=3)
     assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
     assert result["first_s"] == 1 and result["second_s"] == 2 and result["ratio"] == 0.5 and result["block"] == 3
+    assert result["ratio_quartiles"] == [0.5, 0.5]
 
 
 def test_plain_twins_do_the_same_work():
