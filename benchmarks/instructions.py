@@ -1,7 +1,7 @@
 """Instructions the INT8 programs execute per forward on an AVX2-only CPU, counted by valgrind: the .pte against
 stock ExecuTorch, without timing noise and on any x86-64 machine.
 
-    python -m benchmarks.instructions [--group C12] [--batches 1 32] [--calls 5] [--out FILE]
+    python -m benchmarks.instructions [--group C12] [--batches 1 32] [--calls 5] [--cache-kib KIB] [--out FILE]
 
 Valgrind runs each program on its own virtual x86-64 CPU, which has AVX2 and FMA but no AVX-512, VNNI or AMX
 (whatever the host has beyond that is hidden from the program), so ExecuTorch's XNNPACK picks the kernels it
@@ -14,6 +14,10 @@ symmetric, calibrated; :func:`benchmarks.speed.stock_executorch`), for each batc
 
 An instruction count is not a time: memory stalls, caches and how well the instructions overlap differ
 between programs and CPUs. It tells whether one program does more work than the other on these kernels.
+``--cache-kib KIB`` adds callgrind's cache model, also deterministic: 32 KiB 8-way first-level instruction and
+data caches and a KIB KiB 8-way second level (64-byte lines, no prefetcher; 512 for a Zen 2/3 core), and
+reports each program's first- and second-level data misses (reads and writes) per forward: where the programs'
+data does not fit that second level, which one goes beyond it more often.
 Needs valgrind (``apt-get install valgrind``) and the deploy extra; each counted forward runs ~50x slower than
 natively (12 minutes for ``--calls 3`` on 2 cores of an Intel Xeon, 2026-12-04).
 """
@@ -42,18 +46,34 @@ from .exits import command
 from mobilenet.training import UsageError
 from quant.executorch import require_executorch
 
-__all__ = ["COUNTED_FUNCTION", "count_instructions", "collected_instructions", "seen_on_valgrind", "main"]
+__all__ = ["COUNTED_FUNCTION", "count_instructions", "collected_instructions", "collected_events", "cache_options",
+           "seen_on_valgrind", "main"]
 
 #: the function whose instructions are counted (inclusive): one call per forward of a program
 COUNTED_FUNCTION = "executorch::runtime::Method::execute()"
 
 
+def collected_events(valgrind_log: str) -> dict[str, int]:
+    """The event counts callgrind reports at exit (``==PID== Events : Ir ...`` and ``==PID== Collected : N ...``),
+    by event name (``Ir``: instructions; with the cache model also ``D1mr``, ``DLmw``, ...)."""
+    names = re.findall(r"^==\d+== Events\s*:\s*(.+?)\s*$", valgrind_log, flags=re.MULTILINE)
+    counts = re.findall(r"^==\d+== Collected\s*:\s*([\d ]+?)\s*$", valgrind_log, flags=re.MULTILINE)
+    if not names or not counts or len(names[-1].split()) != len(counts[-1].split()):
+        raise RuntimeError("callgrind reported no instruction count; its output ends:\n" + valgrind_log[-2000:])
+    return dict(zip(names[-1].split(), map(int, counts[-1].split())))
+
+
 def collected_instructions(valgrind_log: str) -> int:
     """The instruction count callgrind reports at exit (``==PID== Collected : N``)."""
-    found = re.findall(r"^==\d+== Collected\s*:\s*(\d+)\s*$", valgrind_log, flags=re.MULTILINE)
-    if not found:
-        raise RuntimeError("callgrind reported no instruction count; its output ends:\n" + valgrind_log[-2000:])
-    return int(found[-1])
+    return collected_events(valgrind_log)["Ir"]
+
+
+def cache_options(second_level_kib: int) -> list[str]:
+    """Callgrind's cache model: 32 KiB 8-way first-level caches and a ``second_level_kib`` KiB 8-way second
+    level, 64-byte lines (valgrind needs a power-of-two number of sets: the size a power of two, >= 64 KiB)."""
+    if second_level_kib < 64 or second_level_kib & (second_level_kib - 1):
+        raise ValueError(f"--cache-kib: expected a power of two >= 64 (KiB), got {second_level_kib}")
+    return ["--cache-sim=yes", "--I1=32768,8,64", "--D1=32768,8,64", f"--LL={second_level_kib * 1024},8,64"]
 
 
 def _on_valgrind(tool_options: list[str], program: str, inputs: str, calls: int) -> tuple[dict, str]:
@@ -73,15 +93,22 @@ def seen_on_valgrind(program: str, inputs: str) -> dict:
     return _on_valgrind(["--tool=none"], program, inputs, 1)[0]
 
 
-def count_instructions(program: str, inputs: str, calls: int) -> dict:
+def count_instructions(program: str, inputs: str, calls: int, cache_kib: int | None = None) -> dict:
     """Run ``program`` (.pte) on the tensor saved in ``inputs`` ``calls`` times under callgrind: the instructions
-    per call (the first call included) and what the process saw (:func:`seen_on_valgrind`)."""
+    per call (the first call included) and what the process saw (:func:`seen_on_valgrind`); with ``cache_kib``
+    (:func:`cache_options`) also the first- and second-level data misses per call, reads and writes."""
+    cache = cache_options(cache_kib) if cache_kib else []
     seen, log = _on_valgrind(["--tool=callgrind", "--collect-atstart=no", f"--toggle-collect={COUNTED_FUNCTION}",
-                              "--callgrind-out-file=" + os.devnull], program, inputs, calls)
-    count = collected_instructions(log)
-    if count == 0:
+                              *cache, "--callgrind-out-file=" + os.devnull], program, inputs, calls)
+    events = collected_events(log)
+    if events["Ir"] == 0:
         raise RuntimeError(f"no instruction was counted: {COUNTED_FUNCTION} was never entered (another ExecuTorch?)")
-    return {"instructions_per_call": count / calls, **seen}
+    result = {"instructions_per_call": events["Ir"] / calls, **seen}
+    if cache_kib:
+        result["first_level_data_misses_per_call"] = (events["D1mr"] + events["D1mw"]) / calls
+        result["second_level_data_misses_per_call"] = (events["DLmr"] + events["DLmw"]) / calls
+        result["second_level_kib"] = cache_kib
+    return result
 
 
 def _child(program: str, inputs: str, calls: int) -> None:
@@ -126,9 +153,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
     parser.add_argument("--calls", type=int, default=5,
                         help="forwards counted per program, the first included (default 5)")
+    parser.add_argument("--cache-kib", type=int, metavar="KIB",
+                        help="also simulate caches with a second level of KIB KiB (e.g. 512) and count data misses")
     parser.add_argument("--out", help="write the results as JSON to this file")
     parser.add_argument("--child", nargs=3, metavar=("PROGRAM", "INPUTS", "CALLS"), help=argparse.SUPPRESS)
     return parser
+
+
+def _table(batches: dict, cache_kib: int | None) -> str:
+    lines = ["| batch | .pte, instructions per forward | stock ExecuTorch | .pte / stock |", "|---|---|---|---|"]
+    lines += [f"| {batch} | {row['pte']['instructions_per_call'] / 1e6:,.1f} M | "
+              f"{row['stock']['instructions_per_call'] / 1e6:,.1f} M | {row['ratio']:.3f}x |"
+              for batch, row in batches.items()]
+    if cache_kib:
+        lines += ["", f"| batch | data misses per forward (32 KiB first level / {cache_kib} KiB second level): .pte | "
+                      "stock ExecuTorch | .pte / stock, second level |", "|---|---|---|---|"]
+        lines += [f"| {batch} | " + " | ".join(
+                      f"{row[name]['first_level_data_misses_per_call'] / 1e3:,.1f} K / "
+                      f"{row[name]['second_level_data_misses_per_call'] / 1e3:,.1f} K" for name in ("pte", "stock"))
+                  + f" | {row['second_level_ratio']:.3f}x |" for batch, row in batches.items()]
+    return "\n".join(lines)
 
 
 @command
@@ -146,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--calls: expected >= 1")
     if any(batch < 1 for batch in args.batches):
         parser.error("--batches: expected sizes >= 1")
+    if args.cache_kib is not None:
+        try:
+            cache_options(args.cache_kib)
+        except ValueError as error:
+            parser.error(str(error))
     if not rotconv.hardware.is_x86():
         parser.error(f"counts the AVX2 kernels of x86-64 CPUs; this machine is {platform.machine()}")
     if shutil.which("valgrind") is None:
@@ -157,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     print(rotconv.hardware_line(), "(the host; the programs run on valgrind's AVX2 CPU)")
     results = {"group": args.group, "calls": args.calls, "counted": COUNTED_FUNCTION, "torch": torch.__version__,
-               "host": rotconv.cpu_report(), "batches": {}}
+               "host": rotconv.cpu_report(), "cache_kib": args.cache_kib, "batches": {}}
     with tempfile.TemporaryDirectory() as directory:
         print(f"exporting the .pte and the stock program for batches {args.batches} ...", file=sys.stderr)
         files = _programs(directory, args.group, args.batches)
@@ -165,16 +214,15 @@ def main(argv: list[str] | None = None) -> int:
             row = {}
             for name in ("pte", "stock"):
                 print(f"counting {name} at batch {batch} ({args.calls} forwards under callgrind) ...", file=sys.stderr)
-                row[name] = count_instructions(files[batch][name], files[batch]["inputs"], args.calls)
+                row[name] = count_instructions(files[batch][name], files[batch]["inputs"], args.calls, args.cache_kib)
                 if row[name]["xnnpack"] != "AVX2":  # valgrind's CPU is AVX2: anything else means another valgrind
                     raise RuntimeError(f"XNNPACK ran {row[name]['xnnpack']} kernels under valgrind, not AVX2")
             row["ratio"] = row["pte"]["instructions_per_call"] / row["stock"]["instructions_per_call"]
+            if args.cache_kib:
+                row["second_level_ratio"] = (row["pte"]["second_level_data_misses_per_call"]
+                                             / max(row["stock"]["second_level_data_misses_per_call"], 1.0))
             results["batches"][str(batch)] = row
-    lines = ["| batch | .pte, instructions per forward | stock ExecuTorch | .pte / stock |", "|---|---|---|---|"]
-    lines += [f"| {batch} | {row['pte']['instructions_per_call'] / 1e6:,.1f} M | "
-              f"{row['stock']['instructions_per_call'] / 1e6:,.1f} M | {row['ratio']:.3f}x |"
-              for batch, row in results["batches"].items()]
-    results["table"] = "\n".join(lines)
+    results["table"] = _table(results["batches"], args.cache_kib)
     print(results["table"])
     if args.out:
         write_json(results, args.out)
