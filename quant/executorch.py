@@ -5,10 +5,10 @@ field-shared equalization, high-bias absorption, bias correction), then through 
 XNNPACK's quantizer (per-tensor symmetric int8 weights, int8 activations) restricted to convolutions and
 residual adds, and every activation observer is given the range of the project's own
 :class:`~quant.plan.QuantPlan` (data-free: from the BN statistics and the input range; no calibration data
-needed), except that the map a masked pool reads may be narrowed by up to 1 % onto a grid the pool sums exactly
-(:func:`exact_pool_range`). The result is lowered to XNNPACK and written as a ``.pte`` program. ``mode="simulated"`` with the
-same options describes it (``quant.dfq(model, group, mode="simulated", backend="qnnpack",
-weight_scheme="symmetric")``: 8-bit activations and weights everywhere, as XNNPACK).
+needed), except that the map a masked pool reads may be narrowed by up to 1 % onto a grid the pool sums
+exactly (:func:`exact_pool_range`). The result is lowered to XNNPACK and written as a ``.pte`` program.
+``mode="simulated"`` with the same options describes it (``quant.dfq(model, group, mode="simulated",
+backend="qnnpack", weight_scheme="symmetric")``: 8-bit activations and weights everywhere, as XNNPACK).
 
 Needs the optional extra: ``pip install 'rotconv[deploy]'`` (executorch, which brings torchao).
 """
