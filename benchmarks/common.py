@@ -12,13 +12,20 @@ import torch.nn as nn
 
 import rotconv
 from mobilenet.training import UsageError, reuse_freed_memory
-from rotconv.files import OutputError, check_writable
+from rotconv.files import OutputError, check_writable, write_json
 
 __all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "untrained_but_generic",
-           "initialize_rotconv_layers", "check_outputs", "REPOSITORY", "child_environment"]
+           "initialize_rotconv_layers", "check_outputs", "report", "REPOSITORY", "child_environment"]
 
 #: the directory holding this repository's packages (a child Python imports them from here, installed or not)
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def report(results: dict, out: str | None) -> None:
+    """A command's end: print ``results["table"]``, and write ``results`` as JSON to ``out`` where given."""
+    print(results["table"])
+    if out:
+        write_json(results, out)
 
 
 def child_environment(**variables: str) -> dict:

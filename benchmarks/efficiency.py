@@ -44,7 +44,7 @@ from mobilenet.data import Normalizer, PCam, open_pcam
 from mobilenet.training import PRECISIONS, TrainConfig, UsageError, resolve_precision, train
 
 from . import pcam
-from .common import add_memory_argument, check_outputs, initialize_rotconv_layers
+from .common import add_memory_argument, check_outputs, initialize_rotconv_layers, report
 from .rotation import angle_count
 from .synthetic import write_synthetic_pcam
 from .exits import command
@@ -634,9 +634,7 @@ def run(args: argparse.Namespace) -> dict:
         results = results_from_files(args)
         if args.plots:
             results["plot"] = plot_curve(results, args.plots)
-        print(results["table"])
-        if args.out:
-            write_json(results, args.out)
+        report(results, args.out)
         return results
     settings = _settings(args)
     if args.threads:

@@ -39,15 +39,13 @@ import torch
 import mobilenet
 import quant
 import rotconv
-from rotconv.files import write_json
 
-from .common import check_outputs, child_environment, untrained_but_generic
+from .common import check_outputs, child_environment, report, untrained_but_generic
 from .exits import command
 from mobilenet.training import UsageError
 from quant.executorch import require_executorch
 
-__all__ = ["COUNTED_FUNCTION", "count_instructions", "collected_instructions", "collected_events", "cache_options",
-           "seen_on_valgrind", "main"]
+__all__ = ["COUNTED_FUNCTION", "count_instructions", "collected_events", "cache_options", "seen_on_valgrind", "main"]
 
 #: the function whose instructions are counted (inclusive): one call per forward of a program
 COUNTED_FUNCTION = "executorch::runtime::Method::execute()"
@@ -61,11 +59,6 @@ def collected_events(valgrind_log: str) -> dict[str, int]:
     if not names or not counts or len(names[-1].split()) != len(counts[-1].split()):
         raise RuntimeError("callgrind reported no instruction count; its output ends:\n" + valgrind_log[-2000:])
     return dict(zip(names[-1].split(), map(int, counts[-1].split())))
-
-
-def collected_instructions(valgrind_log: str) -> int:
-    """The instruction count callgrind reports at exit (``==PID== Collected : N``)."""
-    return collected_events(valgrind_log)["Ir"]
 
 
 def cache_options(second_level_kib: int) -> list[str]:
@@ -223,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                                              / max(row["stock"]["second_level_data_misses_per_call"], 1.0))
             results["batches"][str(batch)] = row
     results["table"] = _table(results["batches"], args.cache_kib)
-    print(results["table"])
-    if args.out:
-        write_json(results, args.out)
+    report(results, args.out)
     return 0
 
 

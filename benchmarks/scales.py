@@ -32,12 +32,12 @@ import torch.nn.functional as F
 
 import mobilenet
 import rotconv
-from rotconv.files import check_writable, write_json
+from rotconv.files import check_writable
 from mobilenet.data import Normalizer, PCam, augment_batch
 from mobilenet.training import UsageError, training_step
 
 from . import pcam
-from .common import add_memory_argument, initialize_rotconv_layers
+from .common import add_memory_argument, initialize_rotconv_layers, report
 from .synthetic import write_synthetic_pcam
 from .exits import command
 
@@ -223,9 +223,8 @@ def run(args: argparse.Namespace) -> dict:
         logits["after"] = _rms(model.eval()(probe_inputs))
         results["models"][name] = {**stages, "logits": logits, "final_loss": float(np.mean(losses[-10:]))}
     results["table"] = format_scales(results)
-    print(results["table"])
+    report(results, args.out)
     if args.out:
-        write_json(results, args.out)
         print(f"\nresults written to {args.out}")
     return results
 

@@ -39,11 +39,11 @@ import mobilenet
 import quant
 import rotconv
 
-from rotconv.files import atomic_write, write_json
+from rotconv.files import atomic_write
 from rotconv.hardware import cpu_flags
 
 from .common import (REPOSITORY, add_memory_argument, apply_memory_argument, check_outputs, child_environment,
-                     serialized_bytes, untrained_but_generic)
+                     report, serialized_bytes, untrained_but_generic)
 from .isa import ISAError, xnnpack_isa
 from mobilenet.training import UsageError, bf16_supported, training_step
 from quant.int8 import quantized_engine
@@ -666,9 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     print("allocator (fresh processes) ...", file=sys.stderr)
     results["allocator"] = allocator_benchmarks(1 if args.quick else 3, args.group)
     results["table"] = format_tables(results)
-    print(results["table"])
-    if args.out:
-        write_json(results, args.out)
+    report(results, args.out)
     return 0
 
 

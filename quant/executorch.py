@@ -198,8 +198,9 @@ class _ExactMaskedGlobalAvgPool(nn.Module):
         super().__init__()
         if pool.size is None:
             raise ValueError("model: ExecuTorch export needs MaskedGlobalAvgPool(size=...) (fixed input size)")
-        self.rounds = step_mantissa(scale) not in (1, 3)
-        mantissa = 1 if self.rounds else step_mantissa(scale)
+        mantissa = step_mantissa(scale)
+        self.rounds = mantissa not in (1, 3)
+        mantissa = 1 if self.rounds else mantissa
         weights = pool.pool_weights.double()
         self.bits = max(bits for bits in range(8, 25)
                         if 255 * mantissa * torch.round(weights * 2**bits).sum().item() < EXACT_INTEGERS)
