@@ -1,40 +1,81 @@
-"""What this machine offers the kernels: CPU model, instruction set as torch dispatches it, native bf16, the
-integer dot-product instructions (VNNI), quantized engines, threads. One line of it heads every timing.
+"""What this machine offers the kernels: CPU model (with x86's family and model, and the L2 size), instruction
+set as torch dispatches it, native bf16, the integer dot-product instructions (VNNI), quantized engines,
+threads. One line of it heads every timing.
 
     >>> rotconv.hardware_line()      # doctest: +SKIP
-    'AMD EPYC (2 cores) | ATen AVX512 | VNNI yes | bf16 yes | AMX no | int8 engines qnnpack, ... | 2 threads'
+    'AMD EPYC, family 26 model 2, L2 1 MiB (2 cores) | ATen AVX512 | VNNI yes | bf16 yes | AMX no | ...'
 """
 from __future__ import annotations
 
+import glob
 import os
 import platform
 
 import torch
 
-__all__ = ["cpu_report", "hardware_line", "cpu_flags", "is_x86", "has_vnni", "has_amx"]
+__all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_vnni", "has_amx"]
+
+
+#: where the kernel describes the CPU and its caches (read at each call)
+CPUINFO = "/proc/cpuinfo"
+CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def _cpuinfo_fields() -> dict[str, str]:
+    """The first processor's fields in :data:`CPUINFO` (``{}`` where there is none), first value of each."""
+    fields: dict[str, str] = {}
+    try:
+        with open(CPUINFO) as handle:
+            for line in handle:
+                if not line.strip() and fields:
+                    break
+                key, colon, value = line.partition(":")
+                if colon:
+                    fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
 
 
 def cpu_flags() -> set[str]:
     """The CPU feature flags the kernel reports (``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    fields = _cpuinfo_fields()
+    return set(fields.get("flags", fields.get("Features", "")).split())
 
 
 def _cpu_model() -> str:
+    return _cpuinfo_fields().get("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_family_model() -> tuple[int, int] | None:
+    """x86's cpuid family and model (``cpu family``, ``model`` in cpuinfo): what tells CPU generations apart
+    where a virtual machine names its CPU only "AMD EPYC" or "Intel(R) Xeon(R) Processor"."""
+    fields = _cpuinfo_fields()
     try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _read_line(path: str) -> str:
+    with open(path) as handle:
+        return handle.read().strip()
+
+
+def cache_sizes() -> dict[str, int]:
+    """The first core's caches in KiB by name (``L1d``, ``L1i``, ``L2``, ``L3``), as the kernel reports them
+    under :data:`CACHE_DIR`; ``{}`` where it does not. L1 and L2 are per core on current x86 and Arm server
+    CPUs, L3 is shared."""
+    units = {"K": 1, "M": 1024, "G": 1024 * 1024}
+    sizes = {}
+    for entry in sorted(glob.glob(os.path.join(CACHE_DIR, "index*"))):
+        try:
+            level, kind, size = (_read_line(os.path.join(entry, name)) for name in ("level", "type", "size"))
+            kib = int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size) // 1024
+        except (OSError, ValueError):
+            continue
+        sizes[f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")] = kib
+    return sizes
 
 
 def _cpu_answers(probe_name: str, flag: str) -> bool:
@@ -72,8 +113,11 @@ def cpu_report() -> dict:
     below the CPU (fbgemm, oneDNN, ATen), by library. A caller that holds other libraries (``python -m
     benchmarks.isa`` does XNNPACK) adds them to ``isa_caps``."""
     bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    family_model = _cpu_family_model()
     return {
         "cpu": _cpu_model(),
+        "family_model": list(family_model) if family_model else None,
+        "caches_kib": cache_sizes(),
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "capability": torch.backends.cpu.get_cpu_capability(),
@@ -97,6 +141,11 @@ def hardware_line(report: dict | None = None) -> str:
     # reports stored before isa_caps existed name only fbgemm's cap, as fbgemm_isa
     caps = r.get("isa_caps") or ({"fbgemm": r["fbgemm_isa"]} if r.get("fbgemm_isa") else {})
     capped = f" (kernels capped: {', '.join(f'{k} {v}' for k, v in caps.items())})" if caps else ""
-    return (f"{r['cpu']} ({r['cores']} cores) | ATen {r['capability']} | VNNI {yes(r['vnni'])}{capped} | "
+    # reports stored before the family and caches were kept name the CPU alone
+    family = f", family {r['family_model'][0]} model {r['family_model'][1]}" if r.get("family_model") else ""
+    l2 = (r.get("caches_kib") or {}).get("L2")
+    cache = (f", L2 {l2 // 1024} MiB" if l2 % 1024 == 0 else f", L2 {l2} KiB") if l2 else ""
+    return (f"{r['cpu']}{family}{cache} ({r['cores']} cores) | ATen {r['capability']} | "
+            f"VNNI {yes(r['vnni'])}{capped} | "
             f"bf16 {yes(r['bf16'])} | AMX {yes(r['amx'])} | int8 engines {', '.join(r['int8_engines'])} | "
             f"{r['threads']} threads | torch {r['torch']}")

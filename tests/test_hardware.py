@@ -1,0 +1,127 @@
+"""rotconv.hardware: what the machine line says is read from the kernel's own descriptions (cpuinfo, the sysfs
+cache directory), here written as files of the tests' own so that every layout is checked on any machine."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tempfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rotconv
+import rotconv.hardware as hardware
+
+XEON_AND_EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni
+
+processor\t: 1
+cpu family\t: 6
+model\t\t: 167
+model name\t: Intel(R) Xeon(R) Processor
+flags\t\t: fpu sse2
+"""
+
+ARM = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes sha1 asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0c
+"""
+
+
+def write_cpuinfo(monkeypatch, tmp_path, text: str) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    monkeypatch.setattr(hardware, "CPUINFO", str(path))
+
+
+def test_cpuinfo_is_read_from_the_first_processor(monkeypatch, tmp_path):
+    write_cpuinfo(monkeypatch, tmp_path, XEON_AND_EPYC)
+    report = rotconv.cpu_report()
+    assert report["cpu"] == "AMD EPYC"
+    assert report["family_model"] == [26, 2]
+    assert rotconv.hardware.cpu_flags() == {"fpu", "sse2", "avx2", "avx512f", "avx512_vnni"}
+
+
+def test_a_cpu_without_x86_family_has_none_and_arm_features_are_its_flags(monkeypatch, tmp_path):
+    write_cpuinfo(monkeypatch, tmp_path, ARM)
+    report = rotconv.cpu_report()
+    assert report["family_model"] is None
+    assert rotconv.hardware.cpu_flags() == {"fp", "asimd", "evtstrm", "aes", "sha1", "asimddp"}
+    assert report["cpu"] == (platform.processor() or platform.machine())  # Arm cpuinfo has no model name
+    assert "family" not in rotconv.hardware_line(report)
+
+
+def test_no_cpuinfo_means_no_flags_and_the_platform_name(monkeypatch, tmp_path):
+    monkeypatch.setattr(hardware, "CPUINFO", str(tmp_path / "absent"))
+    monkeypatch.setattr(hardware, "CACHE_DIR", str(tmp_path / "absent-too"))
+    report = rotconv.cpu_report()
+    assert rotconv.hardware.cpu_flags() == set()
+    assert report["family_model"] is None and report["caches_kib"] == {}
+    assert rotconv.hardware_line(report).startswith(f"{report['cpu']} ({report['cores']} cores) | ATen ")
+
+
+CACHE_KINDS = st.sampled_from([(1, "Data", "L1d"), (1, "Instruction", "L1i"), (2, "Unified", "L2"),
+                               (3, "Unified", "L3")])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(CACHE_KINDS, st.integers(1, 4096), st.sampled_from(["K", "M", ""])),
+                min_size=0, max_size=4, unique_by=lambda entry: entry[0]),
+       st.booleans())
+def test_cache_sizes_are_read_in_kib_whatever_the_unit(entries, add_broken):
+    with tempfile.TemporaryDirectory() as root:
+        expected = {}
+        for index, ((level, kind, name), amount, unit) in enumerate(entries):
+            entry = os.path.join(root, f"index{index}")
+            os.mkdir(entry)
+            for field, value in (("level", level), ("type", kind), ("size", f"{amount}{unit}")):
+                with open(os.path.join(entry, field), "w") as handle:
+                    handle.write(f"{value}\n")
+            expected[name] = {"K": amount, "M": amount * 1024, "": amount // 1024}[unit]
+        if add_broken:  # an entry the kernel left without a size is skipped, not a failure
+            os.mkdir(os.path.join(root, "index9"))
+            with open(os.path.join(root, "index9", "level"), "w") as handle:
+                handle.write("4\n")
+        old = hardware.CACHE_DIR
+        hardware.CACHE_DIR = root
+        try:
+            assert rotconv.hardware.cache_sizes() == expected
+        finally:
+            hardware.CACHE_DIR = old
+
+
+REPORT = {"cpu": "AMD EPYC", "cores": 2, "capability": "AVX2", "vnni": False, "bf16": False, "amx": False,
+          "int8_engines": ["qnnpack", "x86"], "threads": 2, "torch": "2.13.0+cpu"}
+
+
+@pytest.mark.parametrize("extra, head", [
+    ({"family_model": [25, 1], "caches_kib": {"L1d": 32, "L2": 512, "L3": 32768}},
+     "AMD EPYC, family 25 model 1, L2 512 KiB (2 cores) | ATen AVX2 | VNNI no | "),
+    ({"family_model": [26, 2], "caches_kib": {"L2": 1024}}, "AMD EPYC, family 26 model 2, L2 1 MiB (2 cores) | "),
+    ({"family_model": None, "caches_kib": {}}, "AMD EPYC (2 cores) | ATen AVX2 | "),
+    ({}, "AMD EPYC (2 cores) | ATen AVX2 | "),  # a report stored before the family and caches were kept
+])
+def test_the_machine_line_names_family_and_second_level_cache_where_known(extra, head):
+    line = rotconv.hardware_line({**REPORT, **extra})
+    assert line.startswith(head)
+    assert line.endswith("| int8 engines qnnpack, x86 | 2 threads | torch 2.13.0+cpu")
+
+
+@pytest.mark.skipif(not (rotconv.hardware.is_x86() and os.path.exists("/proc/cpuinfo")),
+                    reason="the family and model are x86 cpuid fields, read from Linux's /proc/cpuinfo")
+def test_this_x86_machine_reports_its_family_and_model():
+    with open("/proc/cpuinfo") as handle:  # an independent reading: the first "cpu family" and "model" lines
+        text = handle.read()
+    family = int(re.search(r"^cpu family\s*:\s*(\d+)", text, re.M).group(1))
+    model = int(re.search(r"^model\s*:\s*(\d+)", text, re.M).group(1))
+    report = rotconv.cpu_report()
+    assert report["family_model"] == [family, model]
+    assert f"family {family} model {model}" in rotconv.hardware_line(report)
