@@ -25,7 +25,7 @@ from benchmarks.synthetic import write_synthetic_pcam
 from int8_engines import available, engine_params, needs_engines
 from mobilenet.training import Distributed
 from mobilenet.training import Progress, TrainConfig, UsageError
-from mobilenet.training.loop import _train_batches, _train_epoch
+from mobilenet.training.loop import _train_epoch, _TrainBatches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,7 +211,7 @@ class _FailingSplit(torch.utils.data.Dataset):
 
 def test_a_data_error_in_a_worker_arrives_as_its_own_message():
     config = TrainConfig(precision="fp32", batch_size=2)
-    batches, steps = _train_batches(_FailingSplit(), config, 1, Distributed(), workers=1, device="cpu")
+    batches, steps = _TrainBatches(_FailingSplit(), config, Distributed(), workers=1, device="cpu").epoch(1)
     model = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with pytest.raises(PCamError) as raised:
@@ -260,6 +260,54 @@ def test_workers_not_forked_read_items_alike_and_name_data_that_does_not_pickle(
     assert refused.startswith(f"workers: 1 worker process(es) started by '{method}' need the training data to "
                               "pickle") and "use workers=0" in refused
     assert "Got pickle error" not in done.stderr  # torch's own note gives way to the error
+
+
+#: 3 epochs of mobilenet.train with 2 workers started by argv[1]; every item read writes its reader's pid to argv[2].
+WORKER_PIDS = """
+import multiprocessing, os, sys
+import torch, torch.nn as nn
+from mobilenet.training import TrainConfig, train
+
+class ReadersNoted(torch.utils.data.TensorDataset):
+    def __init__(self, path, *tensors):
+        super().__init__(*tensors)
+        self.path = path
+
+    def __getitem__(self, index):
+        with open(self.path, "a") as handle:
+            handle.write(f"{os.getpid()}\\n")
+        return super().__getitem__(index)
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    generator = torch.Generator().manual_seed(0)
+    tensors = torch.randn(16, 3, 8, 8, generator=generator), torch.arange(16) % 2
+    config = TrainConfig(epochs=3, batch_size=4, precision="fp32", stain_jitter=0, channels_last=False)
+    histories = []
+    for workers, data in ((0, torch.utils.data.TensorDataset(*tensors)), (2, ReadersNoted(sys.argv[2], *tensors))):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+        valid = torch.utils.data.TensorDataset(*tensors)
+        histories.append(train(model, data, valid, config, workers=workers, log=lambda *a: None)["history"])
+    print(os.getpid(), "same" if histories[0] == histories[1] else histories)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_training_workers_start_once_not_once_an_epoch(method, tmp_path):
+    # With workers started by spawn or forkserver (macOS, Windows; Linux from Python 3.14) the data is pickled to
+    # each worker when it starts: 2 workers for a whole 3-epoch training, not 2 an epoch, and the same batches.
+    script, noted = tmp_path / "train_with_workers.py", tmp_path / "readers.txt"
+    script.write_text(WORKER_PIDS)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), method, str(noted)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main_pid, same = done.stdout.split()
+    assert same == "same"
+    in_workers = [pid for pid in noted.read_text().split() if pid != main_pid]  # the trainer checks an item itself
+    assert len(in_workers) == 3 * 16  # every item of every epoch, read in a worker
+    assert len(set(in_workers)) == 2
 
 
 @pytest.mark.parametrize("workers", [-1, True, 1.5, "2"])

@@ -296,15 +296,12 @@ def test_each_process_gets_its_share_of_the_augmented_global_batch(data, process
     # patches with the same quarter turns, flips and stain factors (the epoch plan is indexed by position).
     from mobilenet.data import open_pcam
     from mobilenet.training import TrainConfig
-    from mobilenet.training.loop import _EpochBatches, _epoch_plan
+    from mobilenet.training.loop import _TrainSteps
     train = open_pcam(data)["train"]
     config = TrainConfig(epochs=1, batch_size=16, stain_jitter=0.1, seed=3)
-    order, turns, flips, stains = _epoch_plan(config, 0, 16)
-    whole = _EpochBatches(train.batch, order, turns, flips, stains, 16, 0, 16, 1)[0]
+    whole = _TrainSteps(train.batch, config, 16, 0, 16, 1)[0, 0]
     local = 16 // processes
-    shares = [
-        _EpochBatches(train.batch, order, turns, flips, stains, 16, rank, local, 1)[0] for rank in range(processes)
-    ]
+    shares = [_TrainSteps(train.batch, config, 16, rank, local, 1)[0, 0] for rank in range(processes)]
     assert torch.equal(torch.cat([images for images, _ in shares]), whole[0])
     assert torch.equal(torch.cat([labels for _, labels in shares]), whole[1])
 

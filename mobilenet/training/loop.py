@@ -199,65 +199,95 @@ def _apply_stain_jitter(images: torch.Tensor, factors: np.ndarray | None) -> tor
     return stain_jitter(images, factors[:, 0], factors[:, 1])
 
 
-class _EpochBatches(torch.utils.data.Dataset):
-    """Item ``step`` = this process's share of global batch ``step`` of an epoch, read and augmented: a
-    DataLoader with workers prepares the next batches while the current one trains (the same batches,
-    in the same order, whatever the number of workers)."""
+class _TrainSteps(torch.utils.data.Dataset):
+    """Item ``(epoch, step)`` = this process's share of global batch ``step`` of ``epoch``, read and augmented
+    by the epoch's plan (:func:`_epoch_plan`, a function of (seed, epoch) alone, made where the item is read
+    and kept for the epoch's other steps). One DataLoader over it serves the whole training: its workers start
+    once, not once an epoch, and prepare the next batches while the current one trains (the same batches, in
+    the same order, whatever the number of workers)."""
 
-    def __init__(self, read: Callable, order: np.ndarray, turns: np.ndarray, flips: np.ndarray,
-                 stains: np.ndarray | None, batch_size: int, rank: int, local: int, steps: int) -> None:
-        self.read, self.order, self.turns, self.flips, self.stains = read, order, turns, flips, stains
-        self.batch_size, self.rank, self.local, self.steps = batch_size, rank, local, steps
+    def __init__(self, read: Callable, config: TrainConfig, size: int, rank: int, local: int, steps: int) -> None:
+        self.read, self.config, self.size = read, config, size
+        self.rank, self.local, self.steps = rank, local, steps
+        self.planned: tuple[int, tuple] | None = None  # (epoch, its plan)
 
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | str:
-        start = step * self.batch_size + self.rank * self.local
+    def plan(self, epoch: int) -> tuple[np.ndarray, ...]:
+        if self.planned is None or self.planned[0] != epoch:
+            self.planned = (epoch, _epoch_plan(self.config, epoch, self.size))
+        return self.planned[1]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | str:
+        epoch, step = key
+        order, turns, flips, stains = self.plan(epoch)
+        start = step * self.config.batch_size + self.rank * self.local
         positions = slice(start, start + self.local)  # into the epoch's order (and its augmentation)
         try:
-            images, labels = self.read(self.order[positions])
+            images, labels = self.read(order[positions])
         except PCamError as error:  # returned, not raised: a worker's exception would carry its traceback text
             return str(error)
-        images = _apply_stain_jitter(images, None if self.stains is None else self.stains[positions])
-        return augment_batch(images, torch.from_numpy(self.turns[positions]),
-                             torch.from_numpy(self.flips[positions])), labels
+        images = _apply_stain_jitter(images, None if stains is None else stains[positions])
+        return augment_batch(images, torch.from_numpy(turns[positions]),
+                             torch.from_numpy(flips[positions])), labels
 
 
-def _train_batches(data, config: TrainConfig, epoch: int, processes: Distributed, workers: int,
-                   device: str) -> tuple[Iterator, int]:
-    """This process's (augmented) training batches of ``epoch`` and their number (a DataLoader's own length;
-    ``config.steps_per_epoch`` applies to datasets)."""
-    if isinstance(data, torch.utils.data.DataLoader):  # the loader decides order and batches; D4 is ours
-        rng = np.random.default_rng([config.seed, epoch])
+class _EpochSteps(torch.utils.data.Sampler):
+    """The keys ``(epoch, 0), ..., (epoch, steps - 1)`` of :class:`_TrainSteps`, for the epoch last set."""
 
-        def loader_batches():
-            for item in data:
-                images, labels = item[0], torch.as_tensor(item[1])
-                size = images.shape[0]
-                if config.augment:
-                    turns, flips = (
-                        torch.from_numpy(rng.integers(0, 4, size)),
-                        torch.from_numpy(rng.integers(0, 2, size)),
-                    )
-                    images = augment_batch(images, turns, flips)
-                images = _apply_stain_jitter(images, _stain_factors(rng, config.stain_jitter, size))
-                yield images, labels
+    def __init__(self, steps: int) -> None:
+        self.steps, self.epoch = steps, 1
 
-        return loader_batches(), len(data)
-    steps = config.steps_per_epoch or len(data) // config.batch_size
-    if len(data) < config.batch_size:
-        raise UsageError("config.batch_size", f"{config.batch_size} is larger than the training set ({len(data)})")
-    order, turns, flips, stains = _epoch_plan(config, epoch, len(data))
-    local = config.batch_size // processes.world_size
-    read = _reader(data, "train_data")
-    if stains is not None:  # checked here: raised inside a loader worker, the error would lose its type
-        _apply_stain_jitter(read(order[:1])[0], stains[:1])
-    batches = _EpochBatches(read, order, turns, flips, stains, config.batch_size, processes.rank,
-                            local, steps)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                         pin_memory=device.startswith("cuda"))
-    return _start_workers(loader, workers), steps
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, step) for step in range(self.steps))
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class _TrainBatches:
+    """This process's (augmented) training batches, epoch by epoch: :meth:`epoch` gives an epoch's batches and
+    their number (a DataLoader's own length; ``config.steps_per_epoch`` applies to datasets). For a dataset,
+    one DataLoader for the whole training, its ``workers`` persistent: where they are started by "spawn" or
+    "forkserver" the data is pickled to them once, not once an epoch."""
+
+    def __init__(self, data, config: TrainConfig, processes: Distributed, workers: int, device: str) -> None:
+        self.data, self.config, self.workers, self.loader = data, config, workers, None
+        if isinstance(data, torch.utils.data.DataLoader):  # the loader decides order and batches; D4 is ours
+            return
+        if len(data) < config.batch_size:
+            raise UsageError("config.batch_size", f"{config.batch_size} is larger than the training set ({len(data)})")
+        read = _reader(data, "train_data")
+        if config.stain_jitter:  # checked here: raised inside a loader worker, the error would lose its type
+            _apply_stain_jitter(read(np.zeros(1, dtype=np.int64))[0], np.zeros((1, 2, 3)))
+        steps = config.steps_per_epoch or len(data) // config.batch_size
+        local = config.batch_size // processes.world_size
+        self.sampler = _EpochSteps(steps)
+        self.loader = torch.utils.data.DataLoader(
+            _TrainSteps(read, config, len(data), processes.rank, local, steps), batch_size=None,
+            sampler=self.sampler, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=device.startswith("cuda"))
+
+    def epoch(self, epoch: int) -> tuple[Iterator, int]:
+        if self.loader is None:
+            return self._loader_batches(epoch), len(self.data)
+        self.sampler.epoch = epoch
+        return _start_workers(self.loader, self.workers), self.sampler.steps
+
+    def _loader_batches(self, epoch: int) -> Iterator:
+        config, rng = self.config, np.random.default_rng([self.config.seed, epoch])
+        for item in self.data:
+            images, labels = item[0], torch.as_tensor(item[1])
+            size = images.shape[0]
+            if config.augment:
+                turns, flips = (
+                    torch.from_numpy(rng.integers(0, 4, size)),
+                    torch.from_numpy(rng.integers(0, 2, size)),
+                )
+                images = augment_batch(images, turns, flips)
+            images = _apply_stain_jitter(images, _stain_factors(rng, config.stain_jitter, size))
+            yield images, labels
 
 
 def _start_workers(loader: torch.utils.data.DataLoader, workers: int) -> Iterator:
@@ -425,8 +455,9 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
             of model and data) is stored and must match. Without it an existing checkpoint is refused unless
             ``overwrite=True``.
         device, processes, log, workers: where to train, the torchrun processes (default: this one alone),
-            where progress lines go, DataLoader workers that read the next batches (where the platform starts
-            them by "spawn" or "forkserver", the dataset must pickle; :class:`mobilenet.PCam` does).
+            where progress lines go, DataLoader workers that read the next batches (started once for the whole
+            training, not once an epoch; where the platform starts them by "spawn" or "forkserver", the dataset
+            must pickle, :class:`mobilenet.PCam` does, and is pickled to each worker once).
 
     The weights with the lowest validation loss are kept (``best_state``, also in the checkpoint); ``model``
     is returned holding the last epoch's weights, in eval mode. A
@@ -468,6 +499,7 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
         network = nn.parallel.DistributedDataParallel(
             model, device_ids=[processes.local_rank] if device.startswith("cuda") else None
         )
+    train_batches = _TrainBatches(train_data, config, processes, workers, device)
     stopped = None
     for epoch in range(state["start_epoch"], config.epochs + 1):
         if patience_spent(history, best["epoch"], config.patience):
@@ -476,7 +508,7 @@ def train(model: nn.Module, train_data, valid_data, config: TrainConfig, run_dir
                 log(f"early stop after epoch {stopped}: no lower validation loss in {config.patience} epochs "
                     f"(best: epoch {best['epoch']}, {best['valid_loss']:.4f})")
             break
-        batches, steps = _train_batches(train_data, config, epoch, processes, workers, device)
+        batches, steps = train_batches.epoch(epoch)
         progress = Progress(steps, f"epoch {epoch}/{config.epochs} train", processes.main)
         loss_sum, correct, seen = processes.sum(list(_train_epoch(network, optimizer, batches, steps, preprocess,
                                                                   config, epoch, device, progress, classes)))
