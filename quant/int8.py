@@ -204,6 +204,9 @@ class Int8Model(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"input: expected a (B, C, H, W) float tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[0] == 0:
             raise ValueError("input: an empty batch (0 images)")
         if not torch.isfinite(x).all():

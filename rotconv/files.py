@@ -26,12 +26,19 @@ class OutputError(OSError):
         return self.strerror if self.strerror is not None else super().__str__()
 
 
+def _require_path(path, name: str) -> None:
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name}: expected a file path (str or os.PathLike), got {type(path).__name__}")
+
+
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it to ``path``: readers see the
     old file or the whole new one, never a part. The file gets the permissions of a plainly created one
     (0666 less the umask), so another user, e.g. a model server, can read it. On any failure (disk full,
     permissions, interruption) the
-    temporary file is removed and an :class:`OutputError` names ``path``."""
+    temporary file is removed and an :class:`OutputError` names ``path``; a ``path`` that is not one is a
+    TypeError."""
+    _require_path(path, "path")
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)
@@ -76,9 +83,11 @@ def clean_temporary_files(directory: str) -> list[str]:
     return removed
 
 
-def check_writable(path: str, is_directory: bool = False) -> None:
+def check_writable(path: str, is_directory: bool = False, name: str = "path") -> None:
     """Fail early (:class:`OutputError` naming ``path``) when ``path`` (a file, or a directory) cannot be
-    written: the directory is created if needed and a probe file is written and removed."""
+    written: the directory is created if needed and a probe file is written and removed. A ``path`` that is
+    not one (a tensor passed in its place, say) is a TypeError naming the argument ``name``."""
+    _require_path(path, name)
     directory = path if is_directory else (os.path.dirname(path) or ".")
     if not is_directory and os.path.isdir(path):
         raise OutputError(errno.EISDIR, f"{path}: is a directory, expected a file path")

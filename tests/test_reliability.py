@@ -4,6 +4,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -419,6 +420,43 @@ def test_save_int8_and_load_int8_refuse_what_they_cannot_use(int8_model, tmp_pat
     with pytest.raises(ValueError, match="not written by quant.save_int8"):
         quant.load_int8(other)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary files left
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+NOT_PATHS = [torch.zeros(1, 3, 95, 95), 3, None, ["model.pt"]]
+
+
+@pytest.mark.parametrize("not_a_path", NOT_PATHS, ids=["tensor", "int", "None", "list"])
+def test_writers_name_a_path_argument_that_is_not_a_path(not_a_path, int8_model, tmp_path, monkeypatch):
+    # e.g. save_int8(model, example, path): the arguments swapped gave a bare TypeError from os.path, deep inside
+    monkeypatch.chdir(tmp_path)
+    model = mobilenet.mobilenet_v2(width_mult=0.25, input_size=95).eval()
+    writers = {"mobilenet.save": lambda: mobilenet.save(model, not_a_path),
+               "quant.save_int8": lambda: quant.save_int8(int8_model, not_a_path, torch.randn(1, 3, 95, 95)),
+               "write_json": lambda: write_json({"a": 1}, not_a_path),
+               "atomic_write": lambda: atomic_write(not_a_path, lambda handle: handle.write(b"x"))}
+    if _has_module("executorch") and _has_module("torchao"):
+        writers["quant.to_executorch"] = lambda: quant.to_executorch(model.export(), not_a_path)
+    if _has_module("onnx") and _has_module("onnxscript"):
+        writers["quant.to_onnx"] = lambda: quant.to_onnx(model.export(), not_a_path)
+    for name, write in writers.items():
+        with pytest.raises(TypeError) as raised:
+            write()
+        expected = f"path: expected a file path (str or os.PathLike), got {type(not_a_path).__name__}"
+        assert str(raised.value) == expected, name
+    assert os.listdir(tmp_path) == []  # nothing written, not even a temporary file
+
+
+def test_save_int8_names_an_example_that_is_not_an_input(int8_model, tmp_path):
+    for example, shown in ((str(tmp_path / "x.pt"), "str"), (torch.randn(3, 95, 95), "(3, 95, 95)")):
+        expected = rf"^input: expected a \(B, C, H, W\) float tensor, got {re.escape(shown)}$"
+        with pytest.raises(ValueError, match=expected):
+            quant.save_int8(int8_model, str(tmp_path / "int8.pt"), example)
+    assert os.listdir(tmp_path) == []
 
 
 def test_traced_mobilenet_pickles():
