@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-import warnings
 from typing import Callable
 
 import torch
@@ -47,6 +46,7 @@ from .common import (REPOSITORY, add_memory_argument, apply_memory_argument, che
 from .isa import ISAError, xnnpack_isa
 from mobilenet.training import UsageError, bf16_supported, training_step
 from quant.int8 import quantized_engine
+from quant.notices import upstream_notices_hidden
 from .exits import command
 
 __all__ = ["compare", "layer_benchmarks", "model_benchmarks", "training_throughput", "plain_training_twin",
@@ -191,8 +191,7 @@ def stock_fx_int8(model: nn.Module, group: str, backend: str, calibration: torch
     prepared = quant.prepare(model, group=group, weight_scheme="symmetric")
     qconfig = QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=backend != "qnnpack"),
                       weight=MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric))
-    with quantized_engine(backend), warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with quantized_engine(backend), upstream_notices_hidden(), torch.no_grad():
         observed = prepare_fx(prepared, QConfigMapping().set_global(qconfig), example_inputs=(calibration[:1],))
         observed(calibration)
         converted = convert_fx(observed)
@@ -216,8 +215,7 @@ def stock_executorch(model: nn.Module, group: str, calibration: torch.Tensor, pa
     from quant.executorch import require_executorch
     api = require_executorch()
     prepared = quant.prepare(model, group=group, weight_scheme="symmetric")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with upstream_notices_hidden(), torch.no_grad():
         exported = torch.export.export(prepared.eval(), (calibration,)).module()
         quantizer = api["XNNPACKQuantizer"]().set_global(api["get_symmetric_quantization_config"](is_per_channel=False))
         observed = api["prepare_pt2e"](exported, quantizer)
@@ -235,8 +233,7 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
     conventional = untrained_but_generic(mobilenet.mobilenet_v2(), images)
     equivariant = untrained_but_generic(mobilenet.mobilenet_v2(group=group), images)
     exported = equivariant.export().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with upstream_notices_hidden():
         int8 = {scheme: quant.dfq(exported, group=group, mode="int8", backend=backend, weight_scheme=scheme)
                 for scheme in ("symmetric", "asymmetric")}
     result: dict = {}
@@ -285,8 +282,7 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
                 print(f"  ExecuTorch .pte / stock ExecuTorch PT2E at batch {batch}: {ratio_text(result[key])}",
                       file=sys.stderr)
     if all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript", "executorch")):
-        with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with tempfile.TemporaryDirectory() as directory, upstream_notices_hidden():
             files = {"fp32": quant.to_onnx(exported, os.path.join(directory, "fp32.onnx"), int8=False),
                      "int8": quant.to_onnx(exported, os.path.join(directory, "int8.onnx"), group=group)}
             sessions = {name: quant.load_onnx(path) for name, path in files.items()}

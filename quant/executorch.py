@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Iterable
 
 import torch
@@ -27,6 +26,7 @@ from rotconv.files import atomic_write, check_writable
 
 from .arithmetic import quantization_parameters
 from .extras import DEPLOY_EXTRA, capture_native_stderr, output_classes, require_extra, runtime_input
+from .notices import upstream_notices_hidden
 from .pipeline import RELU6_DEFAULT, check_float_model, prepare
 from .plan import QuantPlan, input_range_of, plan_quantization
 
@@ -44,8 +44,7 @@ __all__ = [
 def require_executorch():
     require_extra(("executorch", "torchao"), "quant.to_executorch")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with upstream_notices_hidden():
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                                  get_symmetric_quantization_config)
@@ -268,8 +267,7 @@ def quantize_pt2e(model: nn.Module, group: object, example: torch.Tensor,
     plan = plan_quantization(prepared, 8, 8, calibration, input_range, reduce_range=False, weight_scheme="symmetric",
                              integer_bias=True)
     narrow_pooled_ranges(plan)  # the pool then sums the dequantized map exactly without rounding it
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with upstream_notices_hidden():
         exported = torch.export.export(_export_graph(plan).eval(), (example,)).module()
         config = api["get_symmetric_quantization_config"](is_per_channel=False)
         conv_config = api["get_symmetric_quantization_config"](is_per_channel=per_channel_weights)
@@ -314,8 +312,7 @@ def to_executorch(model: nn.Module, path: str, group: object = None, example_bat
     example = traced_example(model, example_input, example_batch)
     converted = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6,
                               per_channel_weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with upstream_notices_hidden():
         program = api["to_edge_transform_and_lower"](torch.export.export(converted, (example,)),
                                                      partitioner=[api["XnnpackPartitioner"]()]).to_executorch()
     atomic_write(path, lambda handle: handle.write(program.buffer))

@@ -22,6 +22,7 @@ from rotconv.files import atomic_write, check_writable
 from rotconv.validation import check_choice, check_normalised
 
 from .graph import is_add, is_conv, module_of
+from .notices import upstream_notices_hidden
 from .plan import QuantPlan
 from .registry import register_module, rule_for
 
@@ -30,8 +31,7 @@ __all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "d
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
+with upstream_notices_hidden():
     import torch.ao.nn.intrinsic.quantized as _nniq
     import torch.ao.nn.quantized as _nnq
 
@@ -345,8 +345,7 @@ def convert_int8(plan: QuantPlan, backend: str | None = None) -> Int8Model:
         raise ValueError(f"backend: {backend!r} is not supported by this torch build "
                          f"(supported: {torch.backends.quantized.supported_engines})")
     graph_module = copy.deepcopy(plan.graph_module)
-    with quantized_engine(backend), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quantized_engine(backend), upstream_notices_hidden():
         quantized = _quantize_entries(graph_module, plan)
         quantized |= _quantize_operations(graph_module, plan)
         _dequantize_exits(graph_module, quantized)
@@ -377,8 +376,7 @@ def save_int8(model: Int8Model, path: str, example: torch.Tensor) -> str:
         raise TypeError(f"model: expected a quant Int8Model (quant.dfq(..., mode='int8')), got {type(model).__name__}")
     check_writable(path)
     output = model(example)  # the model's own input checks, before tracing
-    with quantized_engine(model.backend), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on constants
+    with quantized_engine(model.backend), torch.no_grad(), upstream_notices_hidden():
         traced = torch.jit.trace(model.graph_module, example)
     size = int(example.shape[-1]) if example.dim() == 4 and example.shape[-1] == example.shape[-2] else None
     metadata = json.dumps({"format": 1, "backend": model.backend, "input_size": size,
@@ -400,8 +398,7 @@ def load_int8(path: str) -> Int8Model:
         raise ValueError(f"{path}: int8 model file not found")  # as the other loaders say it
     extra = {_INT8_FILE_KEY: ""}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with upstream_notices_hidden():
             graph = torch.jit.load(path, map_location="cpu", _extra_files=extra)
     except (RuntimeError, ValueError) as error:
         raise ValueError(f"{path}: not a TorchScript file ({str(error).splitlines()[0][:200]})") from None

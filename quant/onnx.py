@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-import warnings
 from typing import Iterable
 
 import torch
@@ -35,6 +34,7 @@ from rotconv.hardware import has_vnni, is_x86
 
 from .executorch import quantize_pt2e, traced_example
 from .extras import output_classes, require_extra, runtime_input
+from .notices import upstream_notices_hidden
 from .pipeline import RELU6_DEFAULT, check_float_model
 
 __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
@@ -67,8 +67,10 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         check_float_model(model)
         network = copy.deepcopy(model).eval()  # the caller's model keeps its mode
     dynamic = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as directory:
-        warnings.simplefilter("ignore")
+    # the PT2E graph was captured in eval mode, and an exported graph cannot be switched to it: its training
+    # flag, which the ONNX exporter warns about, changes nothing
+    with upstream_notices_hidden("Exporting a model while it is in training mode"), \
+            tempfile.TemporaryDirectory() as directory:
         program = _export(network, example, dynamic)
         temporary = os.path.join(directory, "model.onnx")
         program.save(temporary)
