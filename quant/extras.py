@@ -17,6 +17,8 @@ import torch
 
 from rotconv.validation import check_normalised
 
+from .notices import upstream_notices_hidden
+
 #: how to install what :mod:`quant.executorch` and :mod:`quant.onnx` need
 DEPLOY_EXTRA = "pip install 'rotconv[deploy]'  (executorch==1.5.1, onnxruntime)"
 
@@ -79,10 +81,11 @@ def capture_native_stderr() -> Iterator[NativeOutput]:
 
 
 def require_extra(modules: tuple[str, ...], what: str) -> None:
-    """Import ``modules`` or raise an ImportError that names ``what`` needed them and the extra to install."""
+    """Import ``modules`` or raise an ImportError that names ``what`` needed them and the extra to install.
+    Their notices about themselves at import (ExecuTorch's "This API is experimental") are hidden."""
     for name in modules:
         try:
-            with quiet_import_logs():
+            with quiet_import_logs(), upstream_notices_hidden():
                 importlib.import_module(name)
         except ImportError as error:
             raise ImportError(f"{what} needs {name}, which is an optional extra: {DEPLOY_EXTRA} ({error})") from None

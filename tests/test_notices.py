@@ -3,6 +3,9 @@ every other warning — one about the user's model above all — still reaches t
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -74,3 +77,28 @@ def test_a_warning_from_the_model_reaches_the_caller_of_an_export(tmp_path):
     messages = [str(w.message) for w in caught]
     assert "WarnsInForward: the model's own note" in messages
     assert not [m for m in messages if "deprecat" in m.lower() or "training mode" in m]  # upstream's own: hidden
+
+
+#: a fresh process, every warning an error: export, load and run each INT8 format (argv[1]: a directory)
+ROUND_TRIP = """
+import os, sys, warnings
+warnings.simplefilter("error")
+import torch
+import mobilenet, quant
+model = mobilenet.mobilenet_v2(group=4, input_size=95, width_mult=0.25).eval().export()
+x, directory = torch.zeros(1, 3, 95, 95), sys.argv[1]
+print(quant.load_executorch(quant.to_executorch(model, os.path.join(directory, "m.pte")))(x).shape[-1])
+print(quant.load_onnx(quant.to_onnx(model, os.path.join(directory, "m.onnx")))(x).shape[-1])
+int8 = quant.dfq(model, group=4, mode="int8")
+print(quant.load_int8(quant.save_int8(int8, os.path.join(directory, "m.int8.pt"), x))(x).shape[-1])
+"""
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("executorch", "onnxruntime", "onnxscript")),
+                    reason="the INT8 formats need the deploy extra (ExecuTorch, onnxruntime), not installed")
+def test_a_fresh_process_exports_and_runs_every_int8_format_without_a_warning(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(tmp_path)], cwd=root,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2", "2", "2"]
