@@ -22,7 +22,7 @@ import torch.nn as nn
 
 import rotconv
 
-from rotconv.files import atomic_write
+from rotconv.files import atomic_write, check_path
 from .model import MobileNetV2, mobilenet_v2
 from .data import Normalizer
 
@@ -62,6 +62,7 @@ def load(path: str, device: str | torch.device = "cpu") -> MobileNetV2:
     """The model saved by :func:`save`, on ``device`` in eval mode, with its preprocessing as
     ``model.normalizer`` (a :class:`Normalizer`, or None) and ``model.metadata``. A file that is missing,
     unreadable or of another kind raises ValueError naming ``path``."""
+    check_path(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: model file not found")
     try:

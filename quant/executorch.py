@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from rotconv.files import atomic_write, check_writable
+from rotconv.files import atomic_write, check_path, check_writable
 
 from .arithmetic import quantization_parameters
 from .extras import DEPLOY_EXTRA, capture_native_stderr, output_classes, require_extra, runtime_input
@@ -328,6 +328,7 @@ class ExecuTorchModel(nn.Module):
         require_extra(("executorch.runtime",), "quant.load_executorch")
         from executorch.runtime import Runtime
 
+        check_path(path)
         if not os.path.isfile(path):
             raise ValueError(f"{path}: program file not found")
         # The runtime's C++ logs (a CPU probe on the first load, the reason a file is rejected) go to stderr:

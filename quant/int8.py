@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import rotconv
-from rotconv.files import atomic_write, check_writable
+from rotconv.files import atomic_write, check_path, check_writable
 from rotconv.validation import check_choice, check_normalised
 
 from .graph import is_add, is_conv, module_of
@@ -394,6 +394,7 @@ def load_int8(path: str) -> Int8Model:
     choice, which depends on the CPU: a TorchScript file loaded with ``torch.jit.load`` alone runs depthwise convs
     on fbgemm's slow path on CPUs without VNNI and dense convs on oneDNN on CPUs with VNNI, which breaks
     quarter-turn exactness for some networks (docs/quantization.md)."""
+    check_path(path)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: int8 model file not found")  # as the other loaders say it
     extra = {_INT8_FILE_KEY: ""}

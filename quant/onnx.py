@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from rotconv.files import atomic_write, check_writable
+from rotconv.files import atomic_write, check_path, check_writable
 from rotconv.hardware import has_vnni, is_x86
 
 from .executorch import quantize_pt2e, traced_example
@@ -213,6 +213,7 @@ class OnnxModel(nn.Module):
         require_extra(("onnxruntime",), "quant.load_onnx")
         import onnxruntime
 
+        check_path(path)
         if not os.path.isfile(path):
             raise ValueError(f"{path}: ONNX file not found")
         options = onnxruntime.SessionOptions()

@@ -13,8 +13,8 @@ import socket
 import tempfile
 from typing import IO, Callable
 
-__all__ = ["OutputError", "atomic_write", "clean_temporary_files", "check_writable", "strict_json", "write_json",
-           "file_fingerprint", "differences", "RunLock", "TEMPORARY_PREFIX"]
+__all__ = ["OutputError", "atomic_write", "clean_temporary_files", "check_path", "check_writable", "strict_json",
+           "write_json", "file_fingerprint", "differences", "RunLock", "TEMPORARY_PREFIX"]
 
 TEMPORARY_PREFIX = ".tmp-"
 
@@ -26,7 +26,10 @@ class OutputError(OSError):
         return self.strerror if self.strerror is not None else super().__str__()
 
 
-def _require_path(path, name: str) -> None:
+def check_path(path, name: str = "path") -> None:
+    """Refuse a ``path`` that is not a file path (str, bytes or os.PathLike) with a TypeError naming the
+    argument ``name``: a tensor or a list passed in its place, or an int, which ``os.path`` would take for an
+    open file descriptor."""
     if not isinstance(path, (str, bytes, os.PathLike)):
         raise TypeError(f"{name}: expected a file path (str or os.PathLike), got {type(path).__name__}")
 
@@ -38,7 +41,7 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     permissions, interruption) the
     temporary file is removed and an :class:`OutputError` names ``path``; a ``path`` that is not one is a
     TypeError."""
-    _require_path(path, "path")
+    check_path(path, "path")
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)
@@ -87,7 +90,7 @@ def check_writable(path: str, is_directory: bool = False, name: str = "path") ->
     """Fail early (:class:`OutputError` naming ``path``) when ``path`` (a file, or a directory) cannot be
     written: the directory is created if needed and a probe file is written and removed. A ``path`` that is
     not one (a tensor passed in its place, say) is a TypeError naming the argument ``name``."""
-    _require_path(path, name)
+    check_path(path, name)
     directory = path if is_directory else (os.path.dirname(path) or ".")
     if not is_directory and os.path.isdir(path):
         raise OutputError(errno.EISDIR, f"{path}: is a directory, expected a file path")

@@ -451,6 +451,28 @@ def test_writers_name_a_path_argument_that_is_not_a_path(not_a_path, int8_model,
     assert os.listdir(tmp_path) == []  # nothing written, not even a temporary file
 
 
+@pytest.mark.parametrize("not_a_path", NOT_PATHS, ids=["tensor", "int", "None", "list"])
+def test_readers_name_a_path_argument_that_is_not_a_path(not_a_path):
+    # an int in particular: os.path takes it for an open file descriptor and would stat whatever that is
+    from mobilenet.data import PCam, convert_to_hdf5, data_fingerprint, open_pcam, read_image, read_patch_files
+    readers = {"path": [lambda: mobilenet.load(not_a_path), lambda: quant.load_int8(not_a_path),
+                        lambda: read_image(not_a_path)],
+               "directory": [lambda: open_pcam(not_a_path), lambda: convert_to_hdf5(".", not_a_path)],
+               "root": [lambda: PCam(not_a_path, "train"), lambda: data_fingerprint(not_a_path),
+                        lambda: convert_to_hdf5(not_a_path, "out")],
+               "files[1]": [lambda: read_patch_files(["patch.png", not_a_path])]}
+    if _has_module("executorch"):
+        readers["path"].append(lambda: quant.load_executorch(not_a_path))
+    if _has_module("onnxruntime"):
+        readers["path"].append(lambda: quant.load_onnx(not_a_path))
+    for argument, calls in readers.items():
+        for read in calls:
+            with pytest.raises(TypeError) as raised:
+                read()
+            assert str(raised.value) == (f"{argument}: expected a file path (str or os.PathLike), "
+                                         f"got {type(not_a_path).__name__}")
+
+
 def test_save_int8_names_an_example_that_is_not_an_input(int8_model, tmp_path):
     for example, shown in ((str(tmp_path / "x.pt"), "str"), (torch.randn(3, 95, 95), "(3, 95, 95)")):
         expected = rf"^input: expected a \(B, C, H, W\) float tensor, got {re.escape(shown)}$"

@@ -15,7 +15,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from rotconv.files import OutputError, atomic_write
+from rotconv.files import OutputError, atomic_write, check_path
 
 from .dataset import PATCH_SHAPE, SPLITS, PCam, PCamError, image_folder, read_patch_files, split_name, split_paths
 
@@ -40,6 +40,8 @@ def convert_to_hdf5(root: str, directory: str, splits: tuple[str, ...] | None = 
     does); a file whose pixels do not decode stops the conversion there, named. Every ``.h5`` file is written
     atomically: a stopped or interrupted conversion leaves the splits already written, whole, and nothing else.
     """
+    check_path(root, "root")
+    check_path(directory, "directory")
     if not os.path.isdir(root):
         raise PCamError(f"{root}: not a directory (expected an image-folder PCam in it)")
     if splits is None:

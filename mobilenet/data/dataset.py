@@ -27,7 +27,7 @@ import torch
 
 from rotconv import check_choice
 
-from rotconv.files import file_fingerprint
+from rotconv.files import check_path, file_fingerprint
 from .images import IMAGE_SUFFIXES, ImageError, read_image, require_pillow
 
 __all__ = [
@@ -133,6 +133,8 @@ def _check_image_headers(files: list[str]) -> None:
 def read_patch_files(files: list[str]) -> np.ndarray:
     """The image files ``files`` decoded as whole PCam patches, ``(len(files), 96, 96, 3)`` uint8;
     :class:`PCamError` names a file that is not one readable 96x96 RGB patch."""
+    for slot, path in enumerate(files):
+        check_path(path, f"files[{slot}]")
     batch = np.empty((len(files),) + PATCH_SHAPE, dtype=np.uint8)
     for slot, path in enumerate(files):
         try:
@@ -226,6 +228,7 @@ class PCam(torch.utils.data.Dataset):
                  indices: np.ndarray | None = None, preload: bool = False):
         self.split = split_name(split)
         self.root = root
+        check_path(root, "root")
         if not os.path.isdir(root):
             raise PCamError(f"{root}: not a directory (expected the PCam HDF5 files in it)")
         if transform is not None and not callable(transform):
@@ -314,6 +317,7 @@ def data_fingerprint(root: str) -> dict:
     """Size and sampled content hash of every split file (see :func:`rotconv.files.file_fingerprint`):
     what identifies a data set for resuming, wherever it lies (symlinked, moved, copied). An image folder:
     per split, the count of files per label and a hash of their names and sizes."""
+    check_path(root, "root")
     if any(image_folder(root, split) for split in SPLITS):
         return {split: _folder_fingerprint(image_folder(root, split)) for split in SPLITS if image_folder(root, split)}
     return {os.path.basename(path).replace("camelyonpatch_level_2_split_", ""): file_fingerprint(path)
@@ -338,6 +342,7 @@ def open_pcam(directory: str, limits: dict[str, int | None] | None = None, seed:
     ``limits`` maps a split to a maximum number of patches: a class-balanced random subset (seeded) is taken.
     Splits whose (subset) size fits in ``preload_bytes`` are read into memory once.
     """
+    check_path(directory, "directory")
     if not os.path.isdir(directory):
         raise PCamError(f"{directory}: not a directory (expected the PCam HDF5 files in it)")
     if not os.access(directory, os.R_OK | os.X_OK):

@@ -25,6 +25,8 @@ import warnings
 
 import numpy as np
 
+from rotconv.files import check_path
+
 __all__ = ["ImageError", "IMAGE_SUFFIXES", "read_image", "require_pillow"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -93,6 +95,7 @@ def read_image(path: str, max_frames: int | None = None) -> np.ndarray:
 
     ``max_frames``: refuse files with more frames than this (``ImageError``); None accepts any count.
     """
+    check_path(path)
     Image = require_pillow(path)
     if not os.path.isfile(path):
         raise ImageError(f"{path}: file not found")
