@@ -204,8 +204,10 @@ class Int8Model(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"input: expected a (B, C, H, W) float tensor, got "
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or (self.input_size is not None and x.dim() != 4):
+            expected = "a (B, C, H, W) float tensor" if self.input_size is not None else \
+                "a float tensor with a batch dimension"
+            raise ValueError(f"input: expected {expected}, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[0] == 0:
             raise ValueError("input: an empty batch (0 images)")

@@ -4,7 +4,6 @@ import errno
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -474,10 +473,16 @@ def test_readers_name_a_path_argument_that_is_not_a_path(not_a_path):
 
 
 def test_save_int8_names_an_example_that_is_not_an_input(int8_model, tmp_path):
-    for example, shown in ((str(tmp_path / "x.pt"), "str"), (torch.randn(3, 95, 95), "(3, 95, 95)")):
-        expected = rf"^input: expected a \(B, C, H, W\) float tensor, got {re.escape(shown)}$"
+    # the model has an input size (an image network): a (B, C, H, W) batch; without one any batch of rank >= 1
+    assert int8_model.input_size is not None
+    for example, shown in ((str(tmp_path / "x.pt"), "str"), (torch.randn(3, 95, 95), r"\(3, 95, 95\)")):
+        expected = rf"^input: expected a \(B, C, H, W\) float tensor, got {shown}$"
         with pytest.raises(ValueError, match=expected):
             quant.save_int8(int8_model, str(tmp_path / "int8.pt"), example)
+    sizeless = quant.Int8Model(nn.Identity(), quant.default_backend())  # e.g. a network of linear layers
+    assert torch.equal(sizeless(torch.ones(2, 5)), torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"^input: expected a float tensor with a batch dimension, got \(\)$"):
+        sizeless(torch.tensor(1.0))
     assert os.listdir(tmp_path) == []
 
 
