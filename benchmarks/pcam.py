@@ -41,7 +41,6 @@ from mobilenet.data import Normalizer, PCam, PCamError, convert_to_hdf5, data_fi
 from mobilenet import training
 from mobilenet.training import PRECISIONS, DivergedError, Progress, TrainConfig, UsageError, resolve_precision, train
 
-from quant.notices import upstream_notices_hidden
 from rotconv.files import OutputError, RunLock, check_writable, write_json
 
 from .common import add_memory_argument, apply_memory_argument, serialized_bytes
@@ -390,8 +389,7 @@ def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argpa
         directory = artifact_dir or tempfile.mkdtemp(prefix=f"rotconv-{backend}-")
         path = export(plain, os.path.join(directory, file_name), example_batch=batch, **options)
         return load(path), os.path.getsize(path), label
-    with upstream_notices_hidden():
-        int8 = quant.dfq(plain, mode="int8", backend=args.backend, weight_scheme=args.weight_scheme, **options)
+    int8 = quant.dfq(plain, mode="int8", backend=args.backend, weight_scheme=args.weight_scheme, **options)
     return int8, serialized_bytes(int8), args.backend
 
 

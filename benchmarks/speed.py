@@ -233,9 +233,8 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
     conventional = untrained_but_generic(mobilenet.mobilenet_v2(), images)
     equivariant = untrained_but_generic(mobilenet.mobilenet_v2(group=group), images)
     exported = equivariant.export().eval()
-    with upstream_notices_hidden():
-        int8 = {scheme: quant.dfq(exported, group=group, mode="int8", backend=backend, weight_scheme=scheme)
-                for scheme in ("symmetric", "asymmetric")}
+    int8 = {scheme: quant.dfq(exported, group=group, mode="int8", backend=backend, weight_scheme=scheme)
+            for scheme in ("symmetric", "asymmetric")}
     result: dict = {}
     x32 = torch.randn(32, 3, 95, 95)
     x1 = torch.randn(1, 3, 95, 95)
@@ -282,7 +281,7 @@ def model_benchmarks(repeats: int, backend: str, group: str = "C12") -> dict:
                 print(f"  ExecuTorch .pte / stock ExecuTorch PT2E at batch {batch}: {ratio_text(result[key])}",
                       file=sys.stderr)
     if all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnxscript", "executorch")):
-        with tempfile.TemporaryDirectory() as directory, upstream_notices_hidden():
+        with tempfile.TemporaryDirectory() as directory:
             files = {"fp32": quant.to_onnx(exported, os.path.join(directory, "fp32.onnx"), int8=False),
                      "int8": quant.to_onnx(exported, os.path.join(directory, "int8.onnx"), group=group)}
             sessions = {name: quant.load_onnx(path) for name, path in files.items()}

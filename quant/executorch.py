@@ -167,20 +167,28 @@ def exact_pool_range(low: float, high: float) -> tuple[float, float] | None:
     return -below_zero * step, (255 - below_zero) * step
 
 
+def _quantized_masked_pools(graph_module: fx.GraphModule, plan: QuantPlan) -> Iterable[tuple[fx.Node, nn.Module]]:
+    """The (node, module) of every :class:`rotconv.MaskedGlobalAvgPool` in ``graph_module`` that reads a value
+    ``plan`` quantizes (``node.args[0].name`` is in ``plan.points``)."""
+    import rotconv
+
+    for node in graph_module.graph.nodes:
+        module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        if (isinstance(module, rotconv.MaskedGlobalAvgPool) and node.args and isinstance(node.args[0], fx.Node)
+                and node.args[0].name in plan.points):
+            yield node, module
+
+
 def narrow_pooled_ranges(plan: QuantPlan) -> list[str]:
     """Narrow, in ``plan``, the range of every quantized value a :class:`rotconv.MaskedGlobalAvgPool` reads to
     :func:`exact_pool_range` where there is one; returns the values' names."""
-    import rotconv
-
     narrowed = []
-    for node in plan.graph_module.graph.nodes:
-        module = plan.graph_module.get_submodule(node.target) if node.op == "call_module" else None
-        name = node.args[0].name if node.args and isinstance(node.args[0], fx.Node) else None
-        if isinstance(module, rotconv.MaskedGlobalAvgPool) and name in plan.points:
-            grid = exact_pool_range(*plan.points[name])
-            if grid is not None:
-                plan.points[name] = grid
-                narrowed.append(name)
+    for node, _ in _quantized_masked_pools(plan.graph_module, plan):
+        name = node.args[0].name
+        grid = exact_pool_range(*plan.points[name])
+        if grid is not None:
+            plan.points[name] = grid
+            narrowed.append(name)
     return narrowed
 
 
@@ -226,16 +234,14 @@ def _export_graph(plan: QuantPlan) -> fx.GraphModule:
     (XNNPACK fuses conv + ReLU into one int8 op, not conv + hardtanh)."""
     import copy
 
-    import rotconv
-
     graph_module = copy.deepcopy(plan.graph_module)
     for node in graph_module.graph.nodes:
-        module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(module, nn.ReLU6) and node.name in plan.fused.values():
+        if node.op == "call_module" and node.name in plan.fused.values() \
+                and isinstance(graph_module.get_submodule(node.target), nn.ReLU6):
             graph_module.set_submodule(node.target, nn.ReLU())
-        if isinstance(module, rotconv.MaskedGlobalAvgPool) and node.args[0].name in plan.points:
-            scale = plan.activation_qparams(node.args[0].name)[0]
-            graph_module.set_submodule(node.target, _ExactMaskedGlobalAvgPool(module, scale))
+    for node, module in list(_quantized_masked_pools(graph_module, plan)):
+        scale = plan.activation_qparams(node.args[0].name)[0]
+        graph_module.set_submodule(node.target, _ExactMaskedGlobalAvgPool(module, scale))
     graph_module.recompile()
     return graph_module
 

@@ -43,14 +43,13 @@ def cpu_flags() -> set[str]:
     return set(fields.get("flags", fields.get("Features", "")).split())
 
 
-def _cpu_model() -> str:
-    return _cpuinfo_fields().get("model name") or platform.processor() or platform.machine()
+def _cpu_model(fields: dict[str, str]) -> str:
+    return fields.get("model name") or platform.processor() or platform.machine()
 
 
-def _cpu_family_model() -> tuple[int, int] | None:
-    """x86's cpuid family and model (``cpu family``, ``model`` in cpuinfo): what tells CPU generations apart
-    where a virtual machine names its CPU only "AMD EPYC" or "Intel(R) Xeon(R) Processor"."""
-    fields = _cpuinfo_fields()
+def _cpu_family_model(fields: dict[str, str]) -> tuple[int, int] | None:
+    """x86's cpuid family and model (``cpu family``, ``model`` in cpuinfo ``fields``): what tells CPU
+    generations apart where a virtual machine names its CPU only "AMD EPYC" or "Intel(R) Xeon(R) Processor"."""
     try:
         return int(fields["cpu family"]), int(fields["model"])
     except (KeyError, ValueError):
@@ -113,9 +112,10 @@ def cpu_report() -> dict:
     below the CPU (fbgemm, oneDNN, ATen), by library. A caller that holds other libraries (``python -m
     benchmarks.isa`` does XNNPACK) adds them to ``isa_caps``."""
     bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    family_model = _cpu_family_model()
+    fields = _cpuinfo_fields()
+    family_model = _cpu_family_model(fields)
     return {
-        "cpu": _cpu_model(),
+        "cpu": _cpu_model(fields),
         "family_model": list(family_model) if family_model else None,
         "caches_kib": cache_sizes(),
         "cores": os.cpu_count(),
