@@ -1,26 +1,38 @@
-"""Run a command with the kernels an AVX2-only x86 CPU runs, on any x86-64 CPU with AVX2 (AVX-512, AMX).
+"""Run a command with the kernels of a lesser x86 CPU, on any x86-64 CPU that has what that one has.
 
-    python -m benchmarks.isa avx2 MODULE_OR_SCRIPT [ARGS ...]
+    python -m benchmarks.isa LEVEL MODULE_OR_SCRIPT [ARGS ...]
     python -m benchmarks.isa avx2 benchmarks.speed --quick
     python -m benchmarks.isa avx2 benchmarks.pcam --out run-avx2
+    python -m benchmarks.isa avx512 pytest -q tests/test_quant.py
 
-What is held to AVX2, in this process and before any of it loads:
+Levels:
 
-* torch's own kernels, oneDNN and fbgemm, through their switches ``ATEN_CPU_CAPABILITY=avx2``,
-  ``ONEDNN_MAX_CPU_ISA=AVX2`` and ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` (so also in child processes). With
-  oneDNN held to AVX2, torch reports no native bf16 and ``--precision auto`` trains in fp32, as on such a CPU.
+* ``avx2``: an AVX2-only CPU (AMD Zen 1-3, Intel Haswell to Comet Lake): no AVX-512, VNNI, BF16 or AMX.
+* ``avx512``: an AVX-512 CPU without VNNI or BF16 (Intel Skylake-SP, the first AVX-512 servers; AVX-512 F, CD,
+  BW, DQ and VL only). int8 products go through the same saturating int16 pair sums as on AVX2 CPUs, and
+  oneDNN runs bf16 emulated (slower than float32), so torch's own bf16 probe still answers yes there.
+
+What is held, in this process and before any of it loads:
+
+* torch's own kernels, oneDNN and fbgemm, through their switches (``ATEN_CPU_CAPABILITY``,
+  ``ONEDNN_MAX_CPU_ISA``, ``FBGEMM_ENABLE_INSTRUCTIONS``: :data:`AVX2_SWITCHES`, :data:`AVX512_SWITCHES`; so
+  also in child processes). With oneDNN held to AVX2, torch reports no bf16; held to AVX512_CORE, no native
+  bf16 (:func:`rotconv.hardware.has_native_bf16`); either way ``--precision auto`` trains in fp32, as on such
+  a CPU.
 * ExecuTorch's XNNPACK (the ``.pte`` runtime), which has no switch: it picks its kernels from the CPU features
   that ExecuTorch's copy of cpuinfo detected (the ``cpuinfo_isa`` table of ``libexecutorch_threadpool.so``).
-  :func:`cap_xnnpack_at_avx2` clears the AVX-512, AVX-VNNI and AMX entries of that table before XNNPACK is
-  first initialised. Only in this process, not in child processes. The library is loaded into the process's
-  global symbol scope before torch, so torch's own CPU probes read the same table: ATen dispatches AVX2 code and
-  ``torch.cpu._is_vnni_supported()`` (:func:`rotconv.hardware.has_vnni`) answers no, as on an AVX2-only CPU.
+  :func:`cap_xnnpack` clears the entries the level's CPU lacks (AVX-512 beyond the level, AVX-VNNI, AMX)
+  before XNNPACK is first initialised. Only in this process, not in child processes. The library is loaded
+  into the process's global symbol scope before torch, so torch's own CPU probes read the same table: ATen
+  dispatches the level's code and ``torch.cpu._is_vnni_supported()`` (:func:`rotconv.hardware.has_vnni`)
+  answers no, as on such a CPU.
 
 Not held: onnxruntime (it reads the CPU itself), and what the CPU is — caches, clocks and the cores' other
-units stay this machine's, so times are those of AVX2 code on this CPU, not of an AVX2-only CPU. Use it for
-ratios (the .pte against stock ExecuTorch, channels_last against contiguous) and to see which code path a
-result comes from; for whole-CPU behaviour (onnxruntime too) run under ``qemu-x86_64 -cpu Haswell``
-(tests/test_isa.py), which is exact in behaviour but says nothing about speed.
+units stay this machine's, so times are those of the level's code on this CPU, not of such a CPU. Use it for
+ratios (the .pte against stock ExecuTorch, channels_last against contiguous, bf16 against fp32) and to see
+which code path a result comes from; for whole-CPU behaviour (onnxruntime too) of an AVX2 CPU run under
+``qemu-x86_64 -cpu Haswell`` (tests/test_isa.py), which is exact in behaviour but says nothing about speed
+(qemu does not emulate AVX-512).
 """
 from __future__ import annotations
 
@@ -30,10 +42,14 @@ import os
 import runpy
 import sys
 
-__all__ = ["AVX2_SWITCHES", "ISAError", "cap_xnnpack_at_avx2", "xnnpack_isa", "main"]
+__all__ = ["AVX2_SWITCHES", "AVX512_SWITCHES", "LEVELS", "ISAError", "cap_xnnpack", "cap_xnnpack_at_avx2",
+           "cpu_has_level", "xnnpack_capped", "xnnpack_isa", "main"]
 
 #: The libraries' own switches that hold torch's kernels, oneDNN and fbgemm to AVX2
 AVX2_SWITCHES = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+#: ... and to AVX-512 without VNNI or BF16 (oneDNN's AVX512_CORE; fbgemm's AVX512 is its level before VNNI)
+AVX512_SWITCHES = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+                   "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512"}
 
 # cpuinfo's ``struct cpuinfo_x86_isa`` on x86-64 (one bool per feature, in this order; 85 entries in the
 # cpuinfo that ExecuTorch 1.x links). The order is checked against /proc/cpuinfo before anything is written.
@@ -47,6 +63,12 @@ _ISA_FIELDS = (
     "aes vaes pclmulqdq vpclmulqdq gfni rdrand rdseed sha rng ace ace2 phe pmm lwp").split()
 # what an AVX2-only CPU lacks: every entry from avx512f to avx_ne_convert, and AVX-VNNI
 _BEYOND_AVX2 = ["avxvnni"] + _ISA_FIELDS[_ISA_FIELDS.index("avx512f"):_ISA_FIELDS.index("avx_ne_convert") + 1]
+
+#: per level: its libraries' switches, and the entries beyond AVX2 that its CPU has (kept in XNNPACK's table)
+LEVELS = {
+    "avx2": (AVX2_SWITCHES, ()),
+    "avx512": (AVX512_SWITCHES, ("avx512f", "avx512cd", "avx512dq", "avx512bw", "avx512vl")),
+}
 # entries checked against the kernel's flags (name in /proc/cpuinfo) before the table is trusted
 _CHECKED = {"sse4_1": "sse4_1", "sse4_2": "sse4_2", "avx": "avx", "fma3": "fma", "f16c": "f16c", "avx2": "avx2",
             "avx512f": "avx512f", "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512bw": "avx512bw",
@@ -99,10 +121,9 @@ def _check_layout(table) -> None:
     flags = _cpu_flags()
     if not flags:
         raise ISAError("no CPU flags in /proc/cpuinfo to check ExecuTorch's cpuinfo table against")
-    capped = not any(table[_ISA_FIELDS.index(field)] for field in _BEYOND_AVX2)
     wrong = [field for field, flag in _CHECKED.items()
              if bool(table[_ISA_FIELDS.index(field)]) != (flag in flags)
-             and not (capped and field in _BEYOND_AVX2 and not table[_ISA_FIELDS.index(field)])]
+             and not (field in _BEYOND_AVX2 and not table[_ISA_FIELDS.index(field)])]  # cleared by a cap
     if wrong:
         raise ISAError(f"ExecuTorch's cpuinfo feature table does not match /proc/cpuinfo (entries {', '.join(wrong)}: "
                        f"another cpuinfo layout, or an emulated CPU); XNNPACK left as it is")
@@ -110,42 +131,69 @@ def _check_layout(table) -> None:
 
 def xnnpack_isa() -> str:
     """The widest x86 vector instruction set XNNPACK may pick kernels for in this process, as ExecuTorch's cpuinfo
-    table now says: ``"AVX512"``, ``"AVX2"`` or ``"older"`` (on an emulated CPU, the emulated one's). Initialises
-    that cpuinfo (cheap; XNNPACK itself is not touched)."""
+    table now says: ``"AVX512-VNNI"``, ``"AVX512"`` (without VNNI), ``"AVX2"`` or ``"older"`` (on an emulated CPU,
+    the emulated one's). Initialises that cpuinfo (cheap; XNNPACK itself is not touched)."""
     table = _isa_table()
     if table[_ISA_FIELDS.index("avx512f")]:
-        return "AVX512"
+        return "AVX512-VNNI" if table[_ISA_FIELDS.index("avx512vnni")] else "AVX512"
     return "AVX2" if table[_ISA_FIELDS.index("avx2")] else "older"
 
 
-def cap_xnnpack_at_avx2() -> None:
-    """Clear the AVX-512, AVX-VNNI and AMX entries of ExecuTorch's cpuinfo table, so that XNNPACK takes the
-    kernels of an AVX2-only CPU. Must run before the first ExecuTorch program is loaded in this process (XNNPACK
-    reads the table once); raises :class:`ISAError` where it cannot be done: no ExecuTorch, a runtime already
-    loaded, a CPU without AVX2, or a table laid out otherwise than expected."""
+def xnnpack_capped() -> bool:
+    """Whether XNNPACK's feature table in this process lacks an instruction set the CPU has (/proc/cpuinfo):
+    held lower by :func:`cap_xnnpack`."""
+    table, flags = _isa_table(), _cpu_flags()
+    return any(flag in flags and not table[_ISA_FIELDS.index(field)]
+               for field, flag in _CHECKED.items() if field in _BEYOND_AVX2)
+
+
+def cap_xnnpack(level: str = "avx2") -> None:
+    """Clear the entries of ExecuTorch's cpuinfo table that a CPU of ``level`` (:data:`LEVELS`) lacks, so that
+    XNNPACK takes that CPU's kernels. Must run before the first ExecuTorch program is loaded in this process
+    (XNNPACK reads the table once); raises :class:`ISAError` where it cannot be done: an unknown level, no
+    ExecuTorch, a runtime already loaded, a CPU without what the level has, or a table laid out otherwise than
+    expected."""
+    if level not in LEVELS:
+        raise ISAError(f"unknown instruction set {level!r} (choices: {', '.join(LEVELS)})")
     if any(name.startswith("executorch.extension.pybindings") for name in sys.modules):
         raise ISAError("the ExecuTorch runtime is already loaded in this process; XNNPACK may have read the CPU "
                        "features already (cap it first thing, as python -m benchmarks.isa does)")
     table = _isa_table()
     _check_layout(table)
-    if not table[_ISA_FIELDS.index("avx2")]:
-        raise ISAError("this CPU has no AVX2")
+    kept = LEVELS[level][1]
+    missing = [field for field in ("avx2", *kept) if not table[_ISA_FIELDS.index(field)]]
+    if missing:
+        raise ISAError(f"this CPU has no {', '.join(missing)}")
     for field in _BEYOND_AVX2:
-        table[_ISA_FIELDS.index(field)] = 0
+        if field not in kept:
+            table[_ISA_FIELDS.index(field)] = 0
+
+
+def cap_xnnpack_at_avx2() -> None:
+    """:func:`cap_xnnpack` at ``"avx2"``: XNNPACK takes the kernels of an AVX2-only CPU."""
+    cap_xnnpack("avx2")
+
+
+def cpu_has_level(level: str, flags: set[str] | None = None) -> bool:
+    """Whether a CPU with these /proc/cpuinfo ``flags`` (default: this one's) has everything ``level`` runs."""
+    flags = _cpu_flags() if flags is None else flags
+    return "avx2" in flags and all(_CHECKED[field] in flags for field in LEVELS[level][1])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m benchmarks.isa avx2 MODULE_OR_SCRIPT [ARGS ...]"
+    usage = f"usage: python -m benchmarks.isa {{{','.join(LEVELS)}}} MODULE_OR_SCRIPT [ARGS ...]"
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
         print(__doc__ if argv[:1] in (["-h"], ["--help"]) else usage, file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     isa, target, arguments = argv[0].lower(), argv[1], argv[2:]
-    if isa != "avx2":
-        print(f"{usage}\nbenchmarks.isa: unknown instruction set {argv[0]!r} (choices: avx2)", file=sys.stderr)
+    if isa not in LEVELS:
+        print(f"{usage}\nbenchmarks.isa: unknown instruction set {argv[0]!r} (choices: {', '.join(LEVELS)})",
+              file=sys.stderr)
         return 2
-    if os.uname().machine != "x86_64" or "avx2" not in _cpu_flags():
-        print("benchmarks.isa: needs an x86-64 Linux CPU with AVX2", file=sys.stderr)
+    if os.uname().machine != "x86_64" or not cpu_has_level(isa):
+        print(f"benchmarks.isa: {isa} needs an x86-64 Linux CPU with "
+              f"{'AVX2' if isa == 'avx2' else 'AVX2 and AVX-512 F, CD, BW, DQ, VL'}", file=sys.stderr)
         return 2
     is_script = target.endswith(".py")
     if is_script and not os.path.isfile(target):
@@ -157,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in sys.modules:  # the switches are read when the libraries load
         print("benchmarks.isa: torch is already loaded; run it as python -m benchmarks.isa", file=sys.stderr)
         return 2
-    os.environ.update(AVX2_SWITCHES)
+    os.environ.update(LEVELS[isa][0])
     try:
-        cap_xnnpack_at_avx2()
+        cap_xnnpack(isa)
         xnnpack = "XNNPACK (.pte) by its cpuinfo table"
     except ISAError as error:
         xnnpack = f"not XNNPACK: {error}"
-    print(f"benchmarks.isa: kernels held to AVX2: torch/oneDNN/fbgemm by their switches, {xnnpack}; "
+    name = "AVX2" if isa == "avx2" else "AVX-512 without VNNI or BF16"
+    print(f"benchmarks.isa: kernels held to {name}: torch/oneDNN/fbgemm by their switches, {xnnpack}; "
           f"onnxruntime not (it reads the CPU itself)", file=sys.stderr, flush=True)
     sys.argv = [target, *arguments]
     try:

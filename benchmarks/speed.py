@@ -13,7 +13,9 @@ inference), the exported C_12 network vs the conventional one, INT8 (DFQ, real i
 batch 1 and 32, the same INT8 model vs stock torch.ao FX quantization of the same network, serialised size.
 Training throughput of both models in each precision x memory layout, and the equivariant model against its plain
 twin (the same channel counts in nn.Conv2d / nn.BatchNorm2d), which tells rotconv's own overhead apart from the
-cost of the equivariant channel table. Freed-memory reuse (:mod:`mobilenet.training`, on unless ``--no-reuse-memory``)
+cost of the equivariant channel table. bf16 autocast against fp32 for both models' train step wherever oneDNN runs
+bf16, saying whether natively (AVX512-BF16/AMX) or emulated (other AVX-512 CPUs, where ``--precision auto`` trains
+in fp32). Freed-memory reuse (:mod:`mobilenet.training`, on unless ``--no-reuse-memory``)
 against the system allocator, each in fresh processes: wall time, system time and page faults of train steps and
 inference.
 """
@@ -39,11 +41,11 @@ import quant
 import rotconv
 
 from rotconv.files import atomic_write
-from rotconv.hardware import cpu_flags
+from rotconv.hardware import has_native_bf16, onednn_has_bf16
 
 from .common import (REPOSITORY, add_memory_argument, apply_memory_argument, check_outputs, child_environment,
                      report, serialized_bytes, untrained_but_generic)
-from .isa import ISAError, xnnpack_isa
+from .isa import ISAError, xnnpack_capped, xnnpack_isa
 from mobilenet.training import UsageError, bf16_supported, training_step
 from quant.int8 import quantized_engine
 from quant.notices import upstream_notices_hidden
@@ -342,6 +344,33 @@ def memory_layouts(repeats: int, batch: int = 32, group: str = "C12") -> list[di
     return rows
 
 
+def precisions(repeats: int, batch: int = 32, group: str = "C12") -> list[dict]:
+    """bf16 autocast against fp32, interleaved, for both MobileNetV2s: the trainer's step in channels_last,
+    wherever oneDNN runs bf16 at all (:func:`rotconv.hardware.onednn_has_bf16`), natively or emulated (``native``:
+    :func:`rotconv.hardware.has_native_bf16`). ``ratio`` < 1: bf16 is faster. What ``TrainConfig(precision=
+    "auto")`` chooses from: bf16 where it is native, fp32 elsewhere (no rows where oneDNN has no bf16)."""
+    if not onednn_has_bf16():
+        return []
+    native = has_native_bf16()
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 95, 95).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 2, (batch,))
+    rows = []
+    for name, build in (("conventional", lambda: mobilenet.mobilenet_v2()),
+                        (_name(group), lambda: mobilenet.mobilenet_v2(group=group))):
+        calls = []
+        for precision in ("bf16", "fp32"):
+            torch.manual_seed(0)
+            model = build().to(memory_format=torch.channels_last).train()
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            calls.append(lambda m=model, o=optimizer, p=precision: _checked_step(m, o, x, labels, p))
+        timing = compare(calls[0], calls[1], repeats)
+        rows.append({"model": name, "batch": batch, "native": native, "ratio": timing["ratio"], "timing": timing})
+        print(f"  {name} train step bf16 ({'native' if native else 'emulated'}) / fp32 {timing['ratio']:.3f}x",
+              file=sys.stderr)
+    return rows
+
+
 def plain_training_twin(model: mobilenet.MobileNetV2) -> nn.Module:
     """The equivariant ``model`` as plain torch layers for a training-time comparison: :meth:`export`'s
     ``nn.Conv2d`` / ``nn.BatchNorm2d`` network with the same channel counts, in training mode (its filters are free
@@ -572,6 +601,13 @@ def format_tables(results: dict) -> str:
         lines += ["", "| memory layout (batch 32, 95x95) | channels_last / contiguous time |", "|---|---|"]
         lines += [f"| {row['model']}, {row['task']} | {row['ratio']:.3f}x ({1e3 * row['timing']['first_s']:.1f} vs "
                   f"{1e3 * row['timing']['second_s']:.1f} ms) |" for row in layouts]
+    bf16_rows = results.get("precisions", [])
+    if bf16_rows:
+        kind = "native" if bf16_rows[0]["native"] else "emulated by oneDNN: --precision auto trains in fp32 here"
+        lines += ["", f"| training precision (channels_last, batch 32, 95x95) | bf16 ({kind}) / fp32 time |",
+                  "|---|---|"]
+        lines += [f"| {row['model']} | {row['ratio']:.3f}x ({1e3 * row['timing']['first_s']:.1f} vs "
+                  f"{1e3 * row['timing']['second_s']:.1f} ms) |" for row in bf16_rows]
     allocator = results.get("allocator")
     if allocator:
         precision, channels_last = allocator["default_setting"]
@@ -634,11 +670,10 @@ def main(argv: list[str] | None = None) -> int:
     hardware = rotconv.cpu_report()
     if importlib.util.find_spec("executorch") is not None:  # which kernels the .pte gets (benchmarks.isa)
         try:
-            xnnpack = xnnpack_isa()
+            if xnnpack_capped():
+                hardware["isa_caps"]["XNNPACK"] = xnnpack_isa()
         except ISAError:
-            xnnpack = None
-        if xnnpack not in (None, "AVX512") and "avx512f" in cpu_flags():
-            hardware["isa_caps"]["XNNPACK"] = xnnpack
+            pass
     print(rotconv.hardware_line(hardware))
     print("layers ...", file=sys.stderr)
     results = {
@@ -658,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     results["training"] = training_throughput(max(3, repeats // 2) if args.quick else repeats, group=args.group)
     print("memory layouts ...", file=sys.stderr)
     results["layouts"] = memory_layouts(max(3, repeats // 2) if args.quick else repeats, group=args.group)
+    print("training precisions ...", file=sys.stderr)
+    results["precisions"] = precisions(max(3, repeats // 2) if args.quick else repeats, group=args.group)
     print("allocator (fresh processes) ...", file=sys.stderr)
     results["allocator"] = allocator_benchmarks(1 if args.quick else 3, args.group)
     results["table"] = format_tables(results)

@@ -4,6 +4,9 @@ threads. One line of it heads every timing.
 
     >>> rotconv.hardware_line()      # doctest: +SKIP
     'AMD EPYC, family 26 model 2, L2 1 MiB (2 cores) | ATen AVX512 | VNNI yes | bf16 yes | AMX no | ...'
+
+"bf16 yes" means native bf16 instructions; "bf16 no (emulated)" an AVX-512 CPU where oneDNN runs bf16 slower
+than float32.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import platform
 
 import torch
 
-__all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_vnni", "has_amx"]
+__all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_vnni", "has_amx",
+           "has_native_bf16", "onednn_has_bf16"]
 
 
 #: where the kernel describes the CPU and its caches (read at each call)
@@ -101,6 +105,34 @@ def has_amx() -> bool:
     return _cpu_answers("_is_amx_tile_supported", "amx_tile")
 
 
+#: the ``ONEDNN_MAX_CPU_ISA`` levels below AVX512_CORE_BF16: oneDNN held at one of them has no bf16 instructions
+#: (at AVX512_CORE and AVX512_CORE_VNNI it still runs bf16, emulated; at AVX2_VNNI_2 it only converts)
+_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def onednn_has_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions and matrix products here at all (``torch.ops.mkldnn``'s own
+    answer): on x86 from AVX-512 on, natively with AVX512-BF16 or AMX and *emulated* on CPUs without them
+    (Skylake-SP, Cascade Lake, Ice Lake), where bf16 is slower than float32; on Arm with the bf16 extension."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def has_native_bf16() -> bool:
+    """Whether bf16 runs on native instructions here, so that bf16 autocast is faster than float32: on x86
+    AVX512-BF16 or AMX, asked of the CPU like :func:`has_vnni` and with oneDNN not held below them by
+    ``ONEDNN_MAX_CPU_ISA``; on other CPUs oneDNN's answer (:func:`onednn_has_bf16`). An AVX-512 CPU without
+    AVX512-BF16 answers no: oneDNN emulates bf16 there, and a C_12 MobileNetV2 training step took 1.35x its
+    float32 time (oneDNN held at AVX512_CORE, 2026-12-04)."""
+    if not onednn_has_bf16():
+        return False
+    if not is_x86():
+        return True
+    held = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if held in _ONEDNN_BELOW_BF16:
+        return False
+    return _cpu_answers("_is_avx512_bf16_supported", "avx512_bf16") or has_amx()
+
+
 #: the environment variables by which libraries under torch hold their kernels below what the CPU has
 _ISA_SWITCHES = {"fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS", "oneDNN": "ONEDNN_MAX_CPU_ISA", "ATen": "ATEN_CPU_CAPABILITY"}
 
@@ -108,10 +140,11 @@ _ISA_SWITCHES = {"fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS", "oneDNN": "ONEDNN_MAX_C
 def cpu_report() -> dict:
     """The facts :func:`hardware_line` prints, as a dict (kept beside timings in JSON results).
 
-    ``vnni``: :func:`has_vnni`; ``amx``: :func:`has_amx`; ``isa_caps``: every library switch that holds kernels
-    below the CPU (fbgemm, oneDNN, ATen), by library. A caller that holds other libraries (``python -m
-    benchmarks.isa`` does XNNPACK) adds them to ``isa_caps``."""
-    bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    ``vnni``: :func:`has_vnni`; ``amx``: :func:`has_amx`; ``bf16``: :func:`has_native_bf16`;
+    ``bf16_emulated``: oneDNN runs bf16 without native instructions (:func:`onednn_has_bf16` but not native);
+    ``isa_caps``: every library switch that holds kernels below the CPU (fbgemm, oneDNN, ATen), by library. A
+    caller that holds other libraries (``python -m benchmarks.isa`` does XNNPACK) adds them to ``isa_caps``."""
+    bf16 = has_native_bf16()
     fields = _cpuinfo_fields()
     family_model = _cpu_family_model(fields)
     return {
@@ -124,6 +157,7 @@ def cpu_report() -> dict:
         "vnni": has_vnni(),
         "isa_caps": {library: os.environ[name] for library, name in _ISA_SWITCHES.items() if os.environ.get(name)},
         "bf16": bf16,
+        "bf16_emulated": not bf16 and onednn_has_bf16(),
         "amx": has_amx(),
         "int8_engines": list(torch.backends.quantized.supported_engines),
         "threads": torch.get_num_threads(),
@@ -147,5 +181,6 @@ def hardware_line(report: dict | None = None) -> str:
     cache = (f", L2 {l2 // 1024} MiB" if l2 % 1024 == 0 else f", L2 {l2} KiB") if l2 else ""
     return (f"{r['cpu']}{family}{cache} ({r['cores']} cores) | ATen {r['capability']} | "
             f"VNNI {yes(r['vnni'])}{capped} | "
-            f"bf16 {yes(r['bf16'])} | AMX {yes(r['amx'])} | int8 engines {', '.join(r['int8_engines'])} | "
+            f"bf16 {yes(r['bf16'])}{' (emulated)' if r.get('bf16_emulated') else ''} | AMX {yes(r['amx'])} | "
+            f"int8 engines {', '.join(r['int8_engines'])} | "
             f"{r['threads']} threads | torch {r['torch']}")

@@ -360,3 +360,36 @@ def test_memory_layouts_time_both_layouts_of_both_models():
     for row in rows:
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0
         assert row["timing"]["first_s"] > 0 and row["timing"]["second_s"] > 0
+
+
+def test_precisions_time_bf16_against_fp32_wherever_onednn_runs_bf16_and_say_whether_natively():
+    import rotconv.hardware as hardware
+
+    rows = speed.precisions(1, batch=2, group="C4")
+    if not hardware.onednn_has_bf16():  # no bf16 kernels at all (AVX2-only x86): nothing to compare
+        assert rows == []
+        return
+    assert [row["model"] for row in rows] == ["conventional", "C_4"]
+    for row in rows:
+        assert row["native"] == hardware.has_native_bf16()
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["timing"]["first_s"] > 0 and row["timing"]["second_s"] > 0
+
+
+@pytest.mark.parametrize("native, says", [(True, "bf16 (native) / fp32 time"),
+                                          (False, "emulated by oneDNN: --precision auto trains in fp32 here")])
+def test_the_precision_table_says_whether_bf16_is_native(native, says):
+    timing = {"first_s": 0.5, "second_s": 0.4, "ratio": 1.25}
+    rows = [{"model": name, "batch": 32, "native": native, "ratio": 1.25, "timing": timing}
+            for name in ("conventional", "C_12")]
+    table = speed.format_tables({
+        "machine": "m", "threads": 1, "torch": "t", "group": "C12", "layers": [], "backend": "x86",
+        "construction": dict.fromkeys(("cold_s", "warm_s", "parameter_bytes", "buffer_bytes",
+                                       "expanded_filter_bytes", "filter_expansion_s"), 0) | {"layer": "l"},
+        "models": {"size": {"int8_bytes": 1, "fp32_bytes": 1}} | {
+            key: {"first_s": 1.0, "second_s": 1.0, "ratio": 1.0}
+            for key in ["train_step_b32", "inference_b32", "exported_inference_b32"]
+            + [f"int8_{scheme}_vs_fp32_b{batch}" for scheme in ("symmetric", "asymmetric") for batch in (1, 32)]},
+        "precisions": rows})
+    assert says in table
+    assert "| C_12 | 1.250x (500.0 vs 400.0 ms) |" in table

@@ -125,3 +125,62 @@ def test_this_x86_machine_reports_its_family_and_model():
     report = rotconv.cpu_report()
     assert report["family_model"] == [family, model]
     assert f"family {family} model {model}" in rotconv.hardware_line(report)
+
+
+@pytest.mark.parametrize("native, emulated, says", [
+    (True, False, "| bf16 yes | "), (False, True, "| bf16 no (emulated) | "), (False, False, "| bf16 no | "),
+    (False, None, "| bf16 no | "),  # a report stored before bf16_emulated was kept
+])
+def test_the_machine_line_tells_native_from_emulated_bf16(native, emulated, says):
+    extra = {} if emulated is None else {"bf16_emulated": emulated}
+    assert says in rotconv.hardware_line({**REPORT, "bf16": native, **extra})
+
+
+_BF16_PROBE = """
+import json, rotconv, rotconv.hardware as h
+from mobilenet.training import resolve_precision
+notices = []
+report = rotconv.cpu_report()
+print(json.dumps({"native": h.has_native_bf16(), "onednn": h.onednn_has_bf16(), "report": report["bf16"],
+                  "emulated": report["bf16_emulated"], "line": rotconv.hardware_line(report),
+                  "auto": resolve_precision("auto", "cpu", notices.append),
+                  "asked": resolve_precision("bf16", "cpu", notices.append), "notices": notices}))
+"""
+
+
+def _bf16_answers(**switches: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.common import child_environment
+    environment = child_environment(**switches)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if name not in switches:  # this suite may itself run with oneDNN held (python -m benchmarks.isa)
+            environment.pop(name, None)
+    completed = subprocess.run([sys.executable, "-c", _BF16_PROBE], env=environment, capture_output=True,
+                               text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not (rotconv.hardware.is_x86() and os.path.exists("/proc/cpuinfo")),
+                    reason="native bf16 on x86 is read from the CPU's flags; /proc/cpuinfo is Linux's")
+@pytest.mark.parametrize("held", [None, "AVX2", "AVX512_CORE", "AVX512_CORE_VNNI", "avx512_core_bf16"])
+def test_bf16_is_native_only_with_avx512_bf16_or_amx_and_oneDNN_not_held_below_them(held):
+    """On AVX-512 CPUs without AVX512-BF16 (Skylake-SP to Ice Lake) oneDNN still answers bf16 (emulated, slower
+    than fp32): training's "auto" must choose fp32 there, and an explicit "bf16" falls back with a notice."""
+    answers = _bf16_answers(**({"ONEDNN_MAX_CPU_ISA": held} if held else {}))
+    flags = rotconv.hardware.cpu_flags()
+    # an independent reading: the kernel's flags, and oneDNN's level as held (names are case-insensitive)
+    has_instructions = "avx512_bf16" in flags or "amx_bf16" in flags
+    expected = answers["onednn"] and has_instructions and (held is None or held.upper() == "AVX512_CORE_BF16")
+    assert answers["native"] == answers["report"] == expected, answers
+    assert answers["emulated"] == (answers["onednn"] and not expected), answers
+    assert ("bf16 no (emulated)" in answers["line"]) == answers["emulated"], answers
+    assert answers["auto"] == answers["asked"] == ("bf16" if expected else "fp32"), answers
+    if not expected:
+        assert len(answers["notices"]) == 1 and "training in fp32" in answers["notices"][0], answers
+        assert ("emulate" in answers["notices"][0]) == answers["onednn"], answers
+    if held in ("AVX512_CORE", "AVX512_CORE_VNNI") and "avx512f" in flags:  # the case this guards against
+        assert answers["onednn"] and not answers["native"], answers

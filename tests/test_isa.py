@@ -7,7 +7,8 @@ those paths on any x86 machine, each in a subprocess (tests/isa_worker.py):
 * the libraries' own switches, ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``, ``ONEDNN_MAX_CPU_ISA=AVX2``,
   ``ATEN_CPU_CAPABILITY=avx2`` (torch's kernels only; onnxruntime and XNNPACK read the CPU themselves), and
   the same switches plus ExecuTorch's XNNPACK held to AVX2 by ``python -m benchmarks.isa avx2`` (the .pte's
-  AVX2 kernels at native speed);
+  AVX2 kernels at native speed), and every library held to AVX-512 without VNNI or BF16 (Skylake-SP) by
+  ``python -m benchmarks.isa avx512``;
 * the whole process on an emulated AVX2 CPU (``qemu-x86_64 -cpu Haswell``, user-mode emulation), where every
   library, onnxruntime and ExecuTorch's XNNPACK included, sees a CPU without AVX-512. Skipped, with the
   reason printed, where qemu-user is not installed (``.ci/run`` installs it where apt-get can), and on a CPU
@@ -59,9 +60,20 @@ def test_int8_is_bit_exact_under_the_libraries_avx2_switches():
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in rotconv.hardware.cpu_flags(),
-                    reason="AVX2 kernels need an x86-64 CPU with AVX2")
-def test_benchmarks_isa_runs_every_kernel_library_at_avx2_and_int8_stays_exact(tmp_path):
+def _lacks_level(level: str) -> bool:
+    from benchmarks.isa import cpu_has_level
+    return platform.machine() not in ("x86_64", "AMD64") or not cpu_has_level(level)
+
+
+@pytest.mark.parametrize("level, capability, xnnpack", [
+    pytest.param("avx2", "AVX2", "AVX2", marks=pytest.mark.skipif(
+        _lacks_level("avx2"), reason="AVX2 kernels need an x86-64 CPU with AVX2")),
+    # AVX-512 without VNNI or BF16 (Skylake-SP): fbgemm's AVX-512 kernels saturate in int16 pairs as its AVX2 ones do
+    pytest.param("avx512", "AVX512", "AVX512", marks=pytest.mark.skipif(
+        _lacks_level("avx512"), reason="AVX-512 kernels need an x86-64 CPU with AVX-512 F, CD, BW, DQ and VL")),
+])
+def test_benchmarks_isa_runs_every_kernel_library_at_its_level_and_int8_stays_exact(tmp_path, level, capability,
+                                                                                   xnnpack):
     pytest.importorskip("executorch", reason="the .pte runtime is the optional deploy extra")
     import test_onnx
 
@@ -69,13 +81,13 @@ def test_benchmarks_isa_runs_every_kernel_library_at_avx2_and_int8_stays_exact(t
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = quant.to_executorch(model, str(tmp_path / "int8.pte"), group="C4")
-    report = _run_worker([sys.executable, "-m", "benchmarks.isa", "avx2"], {}, ["--engines", "x86", "--groups", "4",
-                                                                            path], script_prefix=False)
-    # the wrapper held ATen (and so torch's CPU probes: no VNNI, no AMX) and XNNPACK's feature table to AVX2 ...
-    assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
+    report = _run_worker([sys.executable, "-m", "benchmarks.isa", level], {},
+                         ["--engines", "x86", "--groups", "4", path], script_prefix=False)
+    # the wrapper held ATen (and so torch's CPU probes: no VNNI, no AMX) and XNNPACK's feature table to the level ...
+    assert report["capability"] == capability and report["xnnpack"] == xnnpack, report
     assert not report["vnni"] and not report["amx"], report
     _check(report)
-    # ... and fbgemm: without ClampCodes its AVX2 kernels saturate
+    # ... and fbgemm: without ClampCodes its kernels of that level saturate
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
 
 
@@ -84,12 +96,13 @@ def test_benchmarks_isa_runs_every_kernel_library_at_avx2_and_int8_stays_exact(t
 def test_benchmarks_isa_refuses_with_one_line_what_it_cannot_do(tmp_path, capsys):
     from benchmarks import isa
 
-    cases = [([], "usage"), (["avx512", "benchmarks.speed"], "unknown instruction set 'avx512'"),
+    cases = [([], "usage"), (["avx10", "benchmarks.speed"], "unknown instruction set 'avx10' (choices: avx2, avx512)"),
              (["avx2", "no_such_module_here"], "no such module: no_such_module_here"),
              (["avx2", str(tmp_path / "missing.py")], "no such script"),
              # in this process torch is loaded already, so its switches could no longer take effect
              (["avx2", "benchmarks.speed"], "torch is already loaded")]
     before = {name: os.environ.get(name) for name in isa.AVX2_SWITCHES}
+    assert set(isa.AVX512_SWITCHES) == set(isa.AVX2_SWITCHES)
     for argv, message in cases:
         assert isa.main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rotconv.hardware import has_native_bf16, onednn_has_bf16
 from rotconv.validation import check_int
 
 __all__ = ["UsageError", "DivergedError", "TrainConfig", "PRECISIONS", "bf16_supported", "resolve_precision",
@@ -113,10 +114,12 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def bf16_supported(device: str) -> bool:
-    """Whether ``device`` has fast bfloat16 kernels (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    """Whether ``device`` has fast bfloat16 kernels: CUDA with bf16, or a CPU with native bf16 instructions
+    (:func:`rotconv.hardware.has_native_bf16`: AVX512-BF16/AMX on x86; not AVX-512 CPUs without them, where
+    oneDNN emulates bf16 and trains slower than in float32)."""
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return has_native_bf16()
 
 
 #: TrainConfig(stain_jitter=None) on uint8 RGB training images (H&E patches such as PCam's)
@@ -148,5 +151,7 @@ def resolve_precision(precision: str, device: str, log=print) -> str:
     if bf16_supported(device):
         return "bf16"
     if precision == "bf16":
-        log(f"notice: {device} has no fast bfloat16 kernels; training in fp32")
+        why = (" (oneDNN would emulate them: slower than fp32)" if not device.startswith("cuda") and onednn_has_bf16()
+               else "")
+        log(f"notice: {device} has no fast bfloat16 kernels{why}; training in fp32")
     return "fp32"
