@@ -35,6 +35,21 @@ def child_environment(**variables: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, **variables}
 
 
+#: the libraries' switches that hold kernels below what the CPU has (``python -m benchmarks.isa`` sets them)
+ISA_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def emulated_cpu_environment(**variables: str) -> dict:
+    """:func:`child_environment` for a child on an emulated CPU (valgrind's, qemu's): without :data:`ISA_SWITCHES`,
+    which may name more than that CPU has (``avx512`` under ``python -m benchmarks.isa avx512``; the child
+    would then run instructions its CPU lacks). The emulated CPU alone decides its kernels."""
+    environment = child_environment(**variables)
+    for name in ISA_SWITCHES:
+        if name not in variables:
+            environment.pop(name, None)
+    return environment
+
+
 def check_outputs(out: str | None = None, plots: str | None = None) -> None:
     """Before any work: ``--out`` (a file) can be written; ``--plots`` (a directory) needs matplotlib and can be
     written. :class:`mobilenet.training.UsageError` naming the option otherwise (exit 2 in every command)."""

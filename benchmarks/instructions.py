@@ -40,7 +40,7 @@ import mobilenet
 import quant
 import rotconv
 
-from .common import check_outputs, child_environment, report, untrained_but_generic
+from .common import check_outputs, emulated_cpu_environment, report, untrained_but_generic
 from .exits import command
 from mobilenet.training import UsageError
 from quant.executorch import require_executorch
@@ -73,7 +73,7 @@ def _on_valgrind(tool_options: list[str], program: str, inputs: str, calls: int)
     """Run the child on valgrind: what it saw (its last line of output, JSON) and valgrind's log."""
     completed = subprocess.run(["valgrind", *tool_options, sys.executable, "-m", "benchmarks.instructions",
                                 "--child", program, inputs, str(calls)], capture_output=True, text=True,
-                               env=child_environment(PYTHONHASHSEED="0"))
+                               env=emulated_cpu_environment(PYTHONHASHSEED="0"))
     if completed.returncode != 0:
         raise RuntimeError(f"the run of {program} on valgrind failed (exit {completed.returncode}):\n"
                            + completed.stderr[-3000:])

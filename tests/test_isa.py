@@ -26,19 +26,22 @@ import pytest
 
 import quant
 import rotconv.hardware
-from benchmarks.common import child_environment
+from benchmarks.common import child_environment, emulated_cpu_environment
 
 WORKER = os.path.join(os.path.dirname(__file__), "isa_worker.py")
 AVX2_SWITCHES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout: int = 900,
-                script_prefix: bool = True) -> dict:
+                script_prefix: bool = True, emulated: bool = False) -> dict:
     """The worker's report; ``prefix`` runs before it (an emulator, then the interpreter; or, with
     ``script_prefix=False``, a whole command that takes the worker's path, such as ``python -m benchmarks.isa``)."""
     # the repository on the path, installed or not (the worker imports the packages under test from here)
     command = prefix + [sys.executable, WORKER] if script_prefix else prefix + [WORKER]
-    completed = subprocess.run(command + list(arguments), env=child_environment(**env), capture_output=True,
+    # on an emulated CPU the library switches this suite may run under (python -m benchmarks.isa avx512) would
+    # name instructions that CPU lacks
+    environment = (emulated_cpu_environment if emulated else child_environment)(**env)
+    completed = subprocess.run(command + list(arguments), env=environment, capture_output=True,
                                text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -142,8 +145,20 @@ def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(tmp_path):
     # emulation is slow: the x86 engine on C_12 (on a CPU without VNNI it runs depthwise convs on fbgemm too,
     # which the switches above cannot reach) and the two files
     report = _run_worker(["qemu-x86_64", "-cpu", "Haswell"], {}, ["--engines", "x86", "--groups", "12", *files],
-                         timeout=1500)
+                         timeout=1500, emulated=True)
     # the emulated CPU has no AVX-512, VNNI or AMX, as ATen and ExecuTorch's cpuinfo (XNNPACK's kernels) see it
     assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
     assert not report["vnni"] and not report["amx"], report
     _check(report)
+
+
+def test_a_child_on_an_emulated_cpu_does_not_inherit_the_library_switches(monkeypatch):
+    from benchmarks.common import ISA_SWITCHES, REPOSITORY
+
+    for name in ISA_SWITCHES:
+        monkeypatch.setenv(name, "AVX512_CORE")  # as under python -m benchmarks.isa avx512
+    environment = emulated_cpu_environment(PYTHONHASHSEED="0", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
+    assert not any(name in environment for name in ISA_SWITCHES if name != "FBGEMM_ENABLE_INSTRUCTIONS")
+    assert environment["FBGEMM_ENABLE_INSTRUCTIONS"] == "AVX2"  # one asked for explicitly stays
+    assert environment["PYTHONHASHSEED"] == "0" and environment["PYTHONPATH"].split(os.pathsep)[0] == REPOSITORY
+    assert all(child_environment()[name] == "AVX512_CORE" for name in ISA_SWITCHES)  # other children inherit them
