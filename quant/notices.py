@@ -5,7 +5,9 @@ torch, torchao, ExecuTorch and onnx print, while a model is quantized, traced or
 user cannot act on: deprecations of their own APIs (as DeprecationWarning, FutureWarning, or a UserWarning
 that says so), ExecuTorch's "This API is experimental", and the TorchScript tracer's note that a shape check
 is frozen into the trace (the traced programs have a fixed input shape). A warning about the model itself (a
-``warnings.warn`` in its forward, a numerical notice) is not among them and still shows.
+``warnings.warn`` in its forward, a numerical notice, a UserWarning of its own that says "deprecated") is not
+among them and still shows; DeprecationWarning, FutureWarning and tracer notes are hidden by category,
+whoever raises them (Python itself hides DeprecationWarning outside ``__main__``).
 """
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ import torch
 __all__ = ["upstream_notices_hidden"]
 
 #: UserWarning texts (regular expressions, matched at the start) that announce an upstream deprecation or
-#: experimental API
+#: experimental API; hidden only when raised from code of :data:`_NOTICE_MODULES`, so that a model's own
+#: warning saying "deprecated" still shows
 _NOTICE_MESSAGES = (r"(?i).*\bdeprecat", r"This API is experimental")
+#: the modules (regular expression on the warning's module name) those notices come from: the upstream
+#: libraries, and this project's packages where a library warns at its caller's line
+_NOTICE_MODULES = r"(torch|torchao|executorch|onnx|onnxscript|onnxruntime|quant|rotconv|mobilenet)(\.|$)"
 
 
 @contextlib.contextmanager
@@ -29,6 +35,8 @@ def upstream_notices_hidden(*messages: str) -> Iterator[None]:
     with warnings.catch_warnings():
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning, torch.jit.TracerWarning):
             warnings.filterwarnings("ignore", category=category)
-        for message in _NOTICE_MESSAGES + messages:
+        for message in _NOTICE_MESSAGES:
+            warnings.filterwarnings("ignore", message=message, module=_NOTICE_MODULES)
+        for message in messages:
             warnings.filterwarnings("ignore", message=message)
         yield
