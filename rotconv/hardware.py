@@ -112,8 +112,9 @@ _ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX51
 
 def onednn_has_bf16() -> bool:
     """Whether oneDNN runs bf16 convolutions and matrix products here at all (``torch.ops.mkldnn``'s own
-    answer): on x86 from AVX-512 on, natively with AVX512-BF16 or AMX and *emulated* on CPUs without them
-    (Skylake-SP, Cascade Lake, Ice Lake), where bf16 is slower than float32; on Arm with the bf16 extension."""
+    answer): on x86 AVX-512 CPUs natively with AVX512-BF16 or AMX, and *emulated* on those without them
+    (Skylake-SP, Cascade Lake, Ice Lake), where bf16 is slower than float32 (no on AVX2-only CPUs; seen with
+    oneDNN held to each level); on Arm with the bf16 extension."""
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
@@ -121,8 +122,8 @@ def has_native_bf16() -> bool:
     """Whether bf16 runs on native instructions here, so that bf16 autocast is faster than float32: on x86
     AVX512-BF16 or AMX, asked of the CPU like :func:`has_vnni` and with oneDNN not held below them by
     ``ONEDNN_MAX_CPU_ISA``; on other CPUs oneDNN's answer (:func:`onednn_has_bf16`). An AVX-512 CPU without
-    AVX512-BF16 answers no: oneDNN emulates bf16 there, and a C_12 MobileNetV2 training step took 1.35x its
-    float32 time (oneDNN held at AVX512_CORE, 2026-12-04)."""
+    AVX512-BF16 answers no: oneDNN emulates bf16 there, and a MobileNetV2 training step took 1.56x (C_12) and
+    1.65x (conventional) its float32 time (``python -m benchmarks.isa avx512 benchmarks.speed``, 2026-12-04)."""
     if not onednn_has_bf16():
         return False
     if not is_x86():

@@ -112,6 +112,24 @@ def test_benchmarks_isa_refuses_with_one_line_what_it_cannot_do(tmp_path, capsys
     assert {name: os.environ.get(name) for name in isa.AVX2_SWITCHES} == before  # nothing set on refusal
 
 
+def test_a_level_is_refused_on_a_cpu_without_what_it_has(monkeypatch, capsys):
+    from benchmarks import isa
+
+    haswell = {"sse4_1", "sse4_2", "avx", "fma", "f16c", "avx2", "bmi2", "popcnt", "aes"}
+    skylake_sp = haswell | {"avx512f", "avx512cd", "avx512dq", "avx512bw", "avx512vl"}
+    assert isa.cpu_has_level("avx2", haswell) and not isa.cpu_has_level("avx512", haswell)
+    assert isa.cpu_has_level("avx512", skylake_sp)
+    assert not isa.cpu_has_level("avx512", skylake_sp - {"avx512bw"})
+    assert not isa.cpu_has_level("avx2", {"sse4_2", "avx"})
+    if os.uname().machine != "x86_64":
+        return
+    monkeypatch.setattr(isa, "_cpu_flags", lambda: haswell)
+    before = {name: os.environ.get(name) for name in isa.AVX512_SWITCHES}
+    assert isa.main(["avx512", "benchmarks.speed"]) == 2
+    assert "avx512 needs an x86-64 Linux CPU with AVX2 and AVX-512 F, CD, BW, DQ, VL" in capsys.readouterr().err
+    assert {name: os.environ.get(name) for name in isa.AVX512_SWITCHES} == before
+
+
 def is_emulated_kind(flags: set[str]) -> bool:
     """Whether a CPU with these feature flags is itself of the kind the emulated Haswell stands for: AVX2, no
     AVX-512, no AVX-VNNI, no AMX. There every test of the suite runs the AVX2 kernels natively (onnxruntime's and
