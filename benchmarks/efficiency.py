@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", choices=("fan_in", "fan_out"), default="fan_in",
                         help="Kaiming mode of the rotconv layers (recipe studies): fan_in, mobilenet_v2's default, "
                              "or fan_out (torchvision's rule, the conventional model's scale; run dirs end -fanout)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="training precision: auto (default) = bf16 where native, else fp32; bf16; fp32")
     add_memory_argument(parser)
     parser.add_argument("--valid-size", type=int, help="validation patches (default: all)")
     parser.add_argument("--test-size", type=int, help="test patches (default: all)")

@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"H&E stain augmentation strength (default {STAIN_JITTER}, chosen on the validation "
                              "split: docs/training.md section 8; 0 = off)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="training precision: bf16 autocast where the device supports it (auto), or fp32")
+                        help="training precision: auto (default) = bf16 autocast where the device has native "
+                             "bf16 (AVX512-BF16/AMX, CUDA), else fp32; bf16; fp32")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="train in channels_last memory layout (default: on; faster on CPU and GPU)")
     add_memory_argument(parser)

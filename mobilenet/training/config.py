@@ -144,14 +144,17 @@ def resolve_stain_jitter(stain_jitter: float | None, data, log=print) -> float:
 
 
 def resolve_precision(precision: str, device: str, log=print) -> str:
-    """``"bf16"`` or ``"fp32"``: ``"auto"`` picks bf16 where supported; an explicit ``"bf16"`` on a device
-    without bf16 kernels falls back to fp32 with a one-line notice."""
+    """``"bf16"`` or ``"fp32"``: ``"auto"`` picks bf16 where it is fast (:func:`bf16_supported`). An explicit
+    ``"bf16"`` is kept where oneDNN runs bf16 only by emulation (AVX-512 CPUs without AVX512-BF16: slower than
+    fp32, said in a one-line notice), and falls back to fp32 with a notice on a device without bf16 kernels."""
     if precision == "fp32":
         return "fp32"
     if bf16_supported(device):
         return "bf16"
     if precision == "bf16":
-        why = (" (oneDNN would emulate them: slower than fp32)" if not device.startswith("cuda") and onednn_has_bf16()
-               else "")
-        log(f"notice: {device} has no fast bfloat16 kernels{why}; training in fp32")
+        if not device.startswith("cuda") and onednn_has_bf16():
+            log(f"notice: {device} has no native bfloat16 instructions; oneDNN emulates them, so bf16 trains "
+                "slower than fp32 here (--precision auto would choose fp32)")
+            return "bf16"
+        log(f"notice: {device} has no fast bfloat16 kernels; training in fp32")
     return "fp32"
