@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import rotconv
+from rotconv.hardware import ISA_SWITCHES
 from mobilenet.training import UsageError, reuse_freed_memory
 from rotconv.files import OutputError, check_writable, write_json
 
@@ -35,16 +36,13 @@ def child_environment(**variables: str) -> dict:
     return {**os.environ, "PYTHONPATH": path, **variables}
 
 
-#: the libraries' switches that hold kernels below what the CPU has (``python -m benchmarks.isa`` sets them)
-ISA_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
-
-
 def emulated_cpu_environment(**variables: str) -> dict:
-    """:func:`child_environment` for a child on an emulated CPU (valgrind's, qemu's): without :data:`ISA_SWITCHES`,
-    which may name more than that CPU has (``avx512`` under ``python -m benchmarks.isa avx512``; the child
+    """:func:`child_environment` for a child on an emulated CPU (valgrind's, qemu's): without the libraries' ISA
+    switches (:data:`rotconv.hardware.ISA_SWITCHES`; ``python -m benchmarks.isa`` sets them), which may name more
+    than that CPU has (``avx512`` under ``python -m benchmarks.isa avx512``; the child
     would then run instructions its CPU lacks). The emulated CPU alone decides its kernels."""
     environment = child_environment(**variables)
-    for name in ISA_SWITCHES:
+    for name in ISA_SWITCHES.values():
         if name not in variables:
             environment.pop(name, None)
     return environment

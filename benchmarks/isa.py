@@ -64,10 +64,12 @@ _ISA_FIELDS = (
 # what an AVX2-only CPU lacks: every entry from avx512f to avx_ne_convert, and AVX-VNNI
 _BEYOND_AVX2 = ["avxvnni"] + _ISA_FIELDS[_ISA_FIELDS.index("avx512f"):_ISA_FIELDS.index("avx_ne_convert") + 1]
 
-#: per level: its libraries' switches, and the entries beyond AVX2 that its CPU has (kept in XNNPACK's table)
+#: per level: its libraries' switches, the entries beyond AVX2 that its CPU has (kept in XNNPACK's table), and
+#: what that CPU is, in words
 LEVELS = {
-    "avx2": (AVX2_SWITCHES, ()),
-    "avx512": (AVX512_SWITCHES, ("avx512f", "avx512cd", "avx512dq", "avx512bw", "avx512vl")),
+    "avx2": (AVX2_SWITCHES, (), "AVX2"),
+    "avx512": (AVX512_SWITCHES, ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),
+               "AVX-512 without VNNI or BF16"),
 }
 # entries checked against the kernel's flags (name in /proc/cpuinfo) before the table is trusted
 _CHECKED = {"sse4_1": "sse4_1", "sse4_2": "sse4_2", "avx": "avx", "fma3": "fma", "f16c": "f16c", "avx2": "avx2",
@@ -192,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if os.uname().machine != "x86_64" or not cpu_has_level(isa):
-        print(f"benchmarks.isa: {isa} needs an x86-64 Linux CPU with "
-              f"{'AVX2' if isa == 'avx2' else 'AVX2 and AVX-512 F, CD, BW, DQ, VL'}", file=sys.stderr)
+        kept = LEVELS[isa][1]
+        needs = "AVX2" + (f" and AVX-512 {', '.join(field[6:].upper() for field in kept)}" if kept else "")
+        print(f"benchmarks.isa: {isa} needs an x86-64 Linux CPU with {needs}", file=sys.stderr)
         return 2
     is_script = target.endswith(".py")
     if is_script and not os.path.isfile(target):
@@ -211,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         xnnpack = "XNNPACK (.pte) by its cpuinfo table"
     except ISAError as error:
         xnnpack = f"not XNNPACK: {error}"
-    name = "AVX2" if isa == "avx2" else "AVX-512 without VNNI or BF16"
-    print(f"benchmarks.isa: kernels held to {name}: torch/oneDNN/fbgemm by their switches, {xnnpack}; "
+    print(f"benchmarks.isa: kernels held to {LEVELS[isa][2]}: torch/oneDNN/fbgemm by their switches, {xnnpack}; "
           f"onnxruntime not (it reads the CPU itself)", file=sys.stderr, flush=True)
     sys.argv = [target, *arguments]
     try:

@@ -17,7 +17,7 @@ import platform
 import torch
 
 __all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_vnni", "has_amx",
-           "has_native_bf16", "onednn_has_bf16"]
+           "has_native_bf16", "onednn_has_bf16", "ISA_SWITCHES"]
 
 
 #: where the kernel describes the CPU and its caches (read at each call)
@@ -105,6 +105,9 @@ def has_amx() -> bool:
     return _cpu_answers("_is_amx_tile_supported", "amx_tile")
 
 
+#: the environment variables by which libraries under torch hold their kernels below what the CPU has
+ISA_SWITCHES = {"fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS", "oneDNN": "ONEDNN_MAX_CPU_ISA", "ATen": "ATEN_CPU_CAPABILITY"}
+
 #: the ``ONEDNN_MAX_CPU_ISA`` levels below AVX512_CORE_BF16: oneDNN held at one of them has no bf16 instructions
 #: (at AVX512_CORE and AVX512_CORE_VNNI it still runs bf16, emulated; at AVX2_VNNI_2 it only converts)
 _ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
@@ -128,14 +131,10 @@ def has_native_bf16() -> bool:
         return False
     if not is_x86():
         return True
-    held = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    held = os.environ.get(ISA_SWITCHES["oneDNN"], "").strip().upper()
     if held in _ONEDNN_BELOW_BF16:
         return False
     return _cpu_answers("_is_avx512_bf16_supported", "avx512_bf16") or has_amx()
-
-
-#: the environment variables by which libraries under torch hold their kernels below what the CPU has
-_ISA_SWITCHES = {"fbgemm": "FBGEMM_ENABLE_INSTRUCTIONS", "oneDNN": "ONEDNN_MAX_CPU_ISA", "ATen": "ATEN_CPU_CAPABILITY"}
 
 
 def cpu_report() -> dict:
@@ -156,7 +155,7 @@ def cpu_report() -> dict:
         "machine": platform.machine(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "vnni": has_vnni(),
-        "isa_caps": {library: os.environ[name] for library, name in _ISA_SWITCHES.items() if os.environ.get(name)},
+        "isa_caps": {library: os.environ[name] for library, name in ISA_SWITCHES.items() if os.environ.get(name)},
         "bf16": bf16,
         "bf16_emulated": not bf16 and onednn_has_bf16(),
         "amx": has_amx(),

@@ -155,9 +155,8 @@ def _bf16_answers(**switches: str) -> dict:
 
     from benchmarks.common import child_environment
     environment = child_environment(**switches)
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        if name not in switches:  # this suite may itself run with oneDNN held (python -m benchmarks.isa)
-            environment.pop(name, None)
+    if hardware.ISA_SWITCHES["oneDNN"] not in switches:  # the suite may run with oneDNN held (benchmarks.isa)
+        environment.pop(hardware.ISA_SWITCHES["oneDNN"], None)
     completed = subprocess.run([sys.executable, "-c", _BF16_PROBE], env=environment, capture_output=True,
                                text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]

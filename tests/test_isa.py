@@ -171,12 +171,14 @@ def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(tmp_path):
 
 
 def test_a_child_on_an_emulated_cpu_does_not_inherit_the_library_switches(monkeypatch):
-    from benchmarks.common import ISA_SWITCHES, REPOSITORY
+    from benchmarks.common import REPOSITORY
+    from rotconv.hardware import ISA_SWITCHES
 
-    for name in ISA_SWITCHES:
+    for name in ISA_SWITCHES.values():
         monkeypatch.setenv(name, "AVX512_CORE")  # as under python -m benchmarks.isa avx512
     environment = emulated_cpu_environment(PYTHONHASHSEED="0", FBGEMM_ENABLE_INSTRUCTIONS="AVX2")
-    assert not any(name in environment for name in ISA_SWITCHES if name != "FBGEMM_ENABLE_INSTRUCTIONS")
+    assert not any(name in environment for name in ISA_SWITCHES.values() if name != "FBGEMM_ENABLE_INSTRUCTIONS")
     assert environment["FBGEMM_ENABLE_INSTRUCTIONS"] == "AVX2"  # one asked for explicitly stays
     assert environment["PYTHONHASHSEED"] == "0" and environment["PYTHONPATH"].split(os.pathsep)[0] == REPOSITORY
-    assert all(child_environment()[name] == "AVX512_CORE" for name in ISA_SWITCHES)  # other children inherit them
+    # other children inherit them
+    assert all(child_environment()[name] == "AVX512_CORE" for name in ISA_SWITCHES.values())
