@@ -19,7 +19,8 @@ import torch.nn as nn
 import rotconv
 from rotconv.grid import equivariant_padding
 from rotconv.group import as_group
-from rotconv.validation import check_choice, check_int, check_normalised, check_positive_int, is_symbolic, shape_of
+from rotconv.validation import (check_choice, check_int, check_normalised, check_positive_int, input_checks_skipped,
+                                is_symbolic, shape_of)
 
 __all__ = ["MobileNetV2", "mobilenet_v2", "INVERTED_RESIDUAL_SETTING", "STEM_CHANNELS", "LAST_CHANNELS",
            "DEPTHWISE_MODES"]
@@ -340,7 +341,7 @@ class MobileNetV2(nn.Module):
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):
+        if input_checks_skipped(x):
             return
         expected = (3, self.input_size, self.input_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:

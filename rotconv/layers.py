@@ -17,8 +17,8 @@ Expansion is two ops per layer: one contraction of the coefficients with the rot
 entry of the full bank (quarter completion, cyclic offsets, and the memory layout: contiguous or
 channels_last, following the input). Each conv expands its filter on every forward in training mode
 (gradients flow to the coefficients) and caches it in eval mode when no gradient is needed; the cache is
-checked against the coefficients' values on every call, so it never goes stale. ``export()`` returns a plain
-:class:`torch.nn.Conv2d`.
+checked against the coefficients' values on every call, so it never goes stale (under ``torch.jit.trace`` the
+expansion is recorded instead). ``export()`` returns a plain :class:`torch.nn.Conv2d`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .basis import SteerableBasis, group_basis, steerable_basis
 from .grid import equivariant_padding
 from .group import Group, as_group
-from .validation import check_choice, check_positive_int, is_symbolic, shape_of
+from .validation import check_choice, check_positive_int, input_checks_skipped, shape_of
 
 __all__ = ["SteerableConv2d", "LiftingConv2d", "GroupConv2d", "DepthwiseGroupConv2d"]
 
@@ -228,7 +228,7 @@ class SteerableConv2d(nn.Module):
         cache that is rebuilt whenever the coefficients' values differ from those it was built from."""
         parameters = (self.weight, self.bias)
         needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in parameters)
-        if self.training or needs_grad:
+        if self.training or needs_grad or torch.jit.is_tracing():  # a trace records the expansion, not a cache
             if self._cache is not None:  # (nn.Module.__setattr__ costs microseconds on every training step)
                 self._cache = None
             return self.expand_filter(memory_format), self.expanded_bias()
@@ -265,7 +265,7 @@ class SteerableConv2d(nn.Module):
         return int(self.padding)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):  # symbolic tracing: shapes are not known
+        if input_checks_skipped(x):  # tracing: shapes unknown or frozen
             return
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"input: {type(self).__name__} expects (B, C, H, W), got {shape_of(x)}")

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .group import Group, as_group
-from .validation import check_positive_int, is_symbolic, shape_of
+from .validation import check_positive_int, input_checks_skipped, shape_of
 
 __all__ = ["GroupBatchNorm2d"]
 
@@ -41,7 +41,9 @@ class GroupBatchNorm2d(nn.Module):
         return self.fields * self.group.order
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not is_symbolic(x) and (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.num_channels):
+        if input_checks_skipped(x):
+            return
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.num_channels:
             raise ValueError(f"input: GroupBatchNorm2d expects (B, {self.num_channels}, H, W) "
                              f"(fields={self.fields} x {self.group.order}), got {shape_of(x)}")
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from .group import Group, as_group
-from .validation import check_choice, check_positive_int, is_symbolic, shape_of
+from .validation import check_choice, check_positive_int, input_checks_skipped, is_symbolic, shape_of
 
 __all__ = ["GroupPool", "CircularMask", "MaskedGlobalAvgPool", "disc_mask"]
 
@@ -70,7 +70,7 @@ class GroupPool(nn.Module):
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):
+        if input_checks_skipped(x):
             return
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] % self.order != 0:
             raise ValueError(f"input: GroupPool expects (B, F*{self.order}, ...) channels, got {shape_of(x)}")
@@ -113,7 +113,7 @@ class CircularMask(nn.Module):
 
     @torch.jit.unused
     def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):
+        if input_checks_skipped(x):
             return
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-2:] != (self.size, self.size):
             raise ValueError(f"input: CircularMask expects (B, C, {self.size}, {self.size}), got {shape_of(x)}")
@@ -158,7 +158,7 @@ class MaskedGlobalAvgPool(nn.Module):
     @torch.jit.unused
     def _weights_for(self, x: torch.Tensor) -> torch.Tensor:
         """Check ``x`` and return its pooling weights (eager and torch.fx; TorchScript uses the buffer)."""
-        if not is_symbolic(x):
+        if not input_checks_skipped(x):
             if not isinstance(x, torch.Tensor) or x.dim() != 4:
                 raise ValueError(f"input: MaskedGlobalAvgPool expects (B, C, H, W), got {shape_of(x)}")
             if self.size is not None and x.shape[-2:] != (self.size, self.size):

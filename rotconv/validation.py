@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.fx
 
-__all__ = ["as_int", "check_int", "check_positive_int", "check_choice", "is_symbolic", "shape_of",
-           "NORMALISED_LIMIT", "check_normalised"]
+__all__ = ["as_int", "check_int", "check_positive_int", "check_choice", "is_symbolic", "input_checks_skipped",
+           "shape_of", "NORMALISED_LIMIT", "check_normalised"]
 
 # A per-channel normalised image, (x / 255 - mean) / std, stays within a few units for any real image set
 # (PCam: -2.4 to 2.7); raw 0-255 pixel values passed as floats reach 100 or more. Beyond this bound an input
@@ -20,6 +20,13 @@ NORMALISED_LIMIT = 50.0
 def is_symbolic(x: object) -> bool:
     """Whether ``x`` is a torch.fx tracing placeholder (shapes unknown: input checks are skipped)."""
     return isinstance(x, torch.fx.Proxy)
+
+
+def input_checks_skipped(x: object) -> bool:
+    """Whether a module's input checks are skipped for ``x``: a torch.fx placeholder (:func:`is_symbolic`), or
+    any input while ``torch.jit.trace`` records (the trace has a fixed input shape; a shape check would only be
+    frozen into it, with a TracerWarning)."""
+    return is_symbolic(x) or torch.jit.is_tracing()
 
 
 def shape_of(x: object) -> object:

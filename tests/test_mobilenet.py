@@ -1,5 +1,6 @@
 import copy
 import io
+import os
 import warnings
 
 import pytest
@@ -208,6 +209,45 @@ def test_exported_model_is_scriptable(models, N):
         loaded = torch.jit.load(buffer)
     with torch.no_grad():
         assert torch.equal(loaded(x), plain(x))
+
+
+@pytest.mark.parametrize("N, exported", [(None, False), (None, True), (4, True), (12, True)])
+def test_traced_model_records_no_tracer_notes_from_the_input_checks(models, N, exported):
+    # torch.jit.trace freezes the input shape into the trace, so the modules' input checks are skipped while it
+    # records (they would only print TracerWarnings, one per shape comparison); the traced module computes the
+    # same logits, and the model itself still checks its input afterwards.
+    model = (models[N].export() if exported else copy.deepcopy(models[N])).eval()
+    x = torch.randn(2, 3, 95, 95)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(model, x)
+    ours = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+            and any(f"{package}{os.sep}" in w.filename for package in ("rotconv", "mobilenet"))]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+    with pytest.raises(ValueError, match="input: expected"):
+        model(torch.randn(2, 3, 96, 96))
+
+
+@pytest.mark.parametrize("N", [4, 12])
+def test_eager_equivariant_model_traces_with_its_filter_expansion(models, N):
+    # In eval mode the eager model expands its filters once and caches them; a trace records the expansion
+    # instead (else torch.jit.trace's checking second trace finds a different graph and refuses), so the traced
+    # module follows its coefficients: changed after tracing, its logits change like the model's. (The trace
+    # freezes the input size, and says so for the size-dependent padding; export() is the deployable form.)
+    model = copy.deepcopy(models[N]).eval()
+    x = torch.randn(2, 3, 95, 95)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x)
+        before = model(x)
+        assert torch.equal(traced(x), before)
+        conv = next(m for m in model.modules() if isinstance(m, rotconv.SteerableConv2d))
+        conv.weight.mul_(1.5)
+        changed = model(x)
+        assert not torch.equal(changed, before)
+        assert torch.equal(traced(x), changed)
 
 
 @given(N=st.sampled_from([4, 12]), input_size=st.sampled_from([31, 47, 63]))
