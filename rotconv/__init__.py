@@ -24,6 +24,7 @@ from .basis import SteerableBasis, steerable_basis
 from .checks import equivariance_error, randomize_batchnorm, smooth_noise
 from .export import EXPORTED_TYPES, export, needs_export
 from .grid import equivariant_output_size, equivariant_padding
+from . import hardware
 from .hardware import cpu_report, hardware_line
 from .group import CyclicGroup, DihedralGroup, Group, as_group, mirror_image, rotate_image
 from .layers import DepthwiseGroupConv2d, GroupConv2d, LiftingConv2d, SteerableConv2d
@@ -78,3 +79,7 @@ __all__ = [
     "check_choice",
     "MIN_TORCH",
 ]
+
+# On an x86 CPU without AVX2 torch would try to start NNPACK at many small convolutions and print, each time, that
+# it cannot: turned off there (rotconv.hardware.turn_off_unusable_nnpack; nothing else changes).
+hardware.turn_off_unusable_nnpack()

@@ -16,8 +16,8 @@ import platform
 
 import torch
 
-__all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_vnni", "has_amx",
-           "has_native_bf16", "onednn_has_bf16", "ISA_SWITCHES"]
+__all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_avx2", "has_vnni", "has_amx",
+           "has_native_bf16", "onednn_has_bf16", "ISA_SWITCHES", "nnpack_unusable", "turn_off_unusable_nnpack"]
 
 
 #: where the kernel describes the CPU and its caches (read at each call)
@@ -90,6 +90,30 @@ def _cpu_answers(probe_name: str, flag: str) -> bool:
 def is_x86() -> bool:
     """Whether this is an x86 CPU (x86-64 or 32-bit), where the VNNI question and the AVX2 kernels arise."""
     return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def has_avx2() -> bool:
+    """Whether the CPU has AVX2, asked of the CPU itself like :func:`has_vnni` (an emulated CPU answers for itself;
+    a CPU held to AVX2 by ``python -m benchmarks.isa`` still has it)."""
+    return _cpu_answers("_is_avx2_supported", "avx2")
+
+
+def nnpack_unusable() -> bool:
+    """Whether torch's NNPACK (its kernel for small float convolutions when oneDNN is not chosen: batches below 16
+    of 1x1 convs on one thread, or batch 1 on two) cannot start on this CPU: an x86 CPU without AVX2, which its
+    x86 kernels need (Sandy and Ivy Bridge, AMD Bulldozer to Piledriver, Jaguar)."""
+    return is_x86() and not has_avx2()
+
+
+def turn_off_unusable_nnpack() -> bool:
+    """Where :func:`nnpack_unusable`, turn NNPACK off in torch (``torch.backends.nnpack.set_flags(False)``) and
+    return True. There torch would otherwise try to start it, and print "Could not initialize NNPACK! Reason:
+    Unsupported hardware.", at every convolution it considers for it: 25 lines a forward of MobileNetV2 on one
+    image. Nothing else changes: NNPACK could not have run. Called when rotconv is imported."""
+    if not nnpack_unusable():
+        return False
+    torch.backends.nnpack.set_flags(False)
+    return True
 
 
 def has_vnni() -> bool:

@@ -3,11 +3,11 @@ emulated CPU): quarter-turn differences of INT8 logits on every int8 engine this
 
     python tests/isa_worker.py [--engines x86,fbgemm,qnnpack] [--groups 4,12] [FILE.onnx|FILE.pte ...]
 
-Prints one JSON object: the ATen CPU capability, whether the CPU answers VNNI and AMX, XNNPACK's widest
-instruction set (with a .pte), and per engine (and per file given) the largest absolute logit difference over
-the quarter turns of random inputs 3x beyond the declared input range (activations leave their planned ranges
-and use all 8 bits). "unclamped" is the x86 model with its ClampCodes removed: the control that shows whether
-this CPU's kernels saturate at all.
+Prints one JSON object: the ATen CPU capability, whether the CPU answers AVX2, VNNI and AMX, the int8 engines
+torch offers and the library's default among them, XNNPACK's widest instruction set (with a .pte), and per
+engine (and per file given) the largest absolute logit difference over the quarter turns of random inputs 3x
+beyond the declared input range (activations leave their planned ranges and use all 8 bits). "unclamped" is
+the x86 model with its ClampCodes removed: the control that shows whether this CPU's kernels saturate at all.
 """
 import json
 import sys
@@ -55,7 +55,9 @@ def main(argv: list[str]) -> dict:
     torch.manual_seed(0)
     x = 3 * torch.randn(3, 3, 95, 95)
     report = {"capability": torch.backends.cpu.get_cpu_capability(), "vnni": rotconv.hardware.has_vnni(),
-              "amx": rotconv.hardware.has_amx(), "engines": {}, "files": {}}
+              "amx": rotconv.hardware.has_amx(), "avx2": rotconv.hardware.has_avx2(),
+              "offered": list(torch.backends.quantized.supported_engines), "default_backend": quant.default_backend(),
+              "engines": {}, "files": {}}
     if any(path.endswith(".pte") for path in paths):  # the kernels XNNPACK will choose from
         from benchmarks.isa import xnnpack_isa
         report["xnnpack"] = xnnpack_isa()

@@ -8,6 +8,7 @@ import re
 import tempfile
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -188,3 +189,18 @@ def test_bf16_is_native_only_with_avx512_bf16_or_amx_and_oneDNN_not_held_below_t
             assert "training in fp32" in answers["notices"][0], answers
     if held in ("AVX512_CORE", "AVX512_CORE_VNNI") and "avx512f" in flags:  # the case this guards against
         assert answers["onednn"] and not answers["native"], answers
+
+
+@pytest.mark.parametrize("x86, avx2, turned_off", [(True, False, True), (True, True, False), (False, False, False)])
+def test_nnpack_is_turned_off_only_on_x86_cpus_without_avx2(monkeypatch, x86, avx2, turned_off):
+    # NNPACK's x86 kernels need AVX2; elsewhere (AVX2 CPUs, Arm) torch's setting is left as it is. The whole
+    # process on an emulated CPU without AVX2: tests/test_isa.py.
+    monkeypatch.setattr(hardware, "is_x86", lambda: x86)
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: avx2)
+    assert hardware.has_avx2() is avx2 and hardware.nnpack_unusable() is turned_off
+    before = torch.backends.nnpack.set_flags(True)[0]
+    try:
+        assert hardware.turn_off_unusable_nnpack() is turned_off
+        assert torch._C._get_nnpack_enabled() is not turned_off
+    finally:
+        torch.backends.nnpack.set_flags(before)

@@ -12,7 +12,9 @@ those paths on any x86 machine, each in a subprocess (tests/isa_worker.py):
 * the whole process on an emulated AVX2 CPU (``qemu-x86_64 -cpu Haswell``, user-mode emulation), where every
   library, onnxruntime and ExecuTorch's XNNPACK included, sees a CPU without AVX-512. Skipped, with the
   reason printed, where qemu-user is not installed (``.ci/run`` installs it where apt-get can), and on a CPU
-  that is itself AVX2-only, where the rest of the suite runs those kernels natively.
+  that is itself AVX2-only, where the rest of the suite runs those kernels natively;
+* the whole process on an emulated CPU with AVX but not AVX2 (``qemu-x86_64 -cpu SandyBridge``), where torch
+  offers no x86 or fbgemm engine and the default is qnnpack.
 """
 import json
 import os
@@ -33,9 +35,10 @@ AVX2_SWITCHES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AV
 
 
 def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout: int = 900,
-                script_prefix: bool = True, emulated: bool = False) -> dict:
+                script_prefix: bool = True, emulated: bool = False, stderr: list | None = None) -> dict:
     """The worker's report; ``prefix`` runs before it (an emulator, then the interpreter; or, with
-    ``script_prefix=False``, a whole command that takes the worker's path, such as ``python -m benchmarks.isa``)."""
+    ``script_prefix=False``, a whole command that takes the worker's path, such as ``python -m benchmarks.isa``).
+    ``stderr``: a list that receives what the worker printed there."""
     # the repository on the path, installed or not (the worker imports the packages under test from here)
     command = prefix + [sys.executable, WORKER] if script_prefix else prefix + [WORKER]
     # on an emulated CPU the library switches this suite may run under (python -m benchmarks.isa avx512) would
@@ -44,7 +47,22 @@ def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout
     completed = subprocess.run(command + list(arguments), env=environment, capture_output=True,
                                text=True, timeout=timeout)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(completed.stderr)
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def int8_files(tmp_path_factory) -> list[str]:
+    """A random C_4 network as an ONNX QDQ file and a .pte, written once for the emulated CPUs."""
+    import test_onnx
+
+    model = test_onnx._random_model("C4")
+    directory = tmp_path_factory.mktemp("int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [quant.to_onnx(model, str(directory / "int8.onnx"), group="C4"),
+                quant.to_executorch(model, str(directory / "int8.pte"), group="C4")]
 
 
 def _check(report: dict) -> None:
@@ -152,22 +170,35 @@ def test_the_emulated_run_is_left_out_only_on_an_avx2_only_cpu():
                            "its AVX2 kernels natively, emulating one would repeat them")
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
                     reason="qemu-user is not installed (apt-get install qemu-user): no emulated AVX2 CPU")
-def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(tmp_path):
-    import test_onnx
-
-    model = test_onnx._random_model("C4")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        files = [quant.to_onnx(model, str(tmp_path / "int8.onnx"), group="C4"),
-                 quant.to_executorch(model, str(tmp_path / "int8.pte"), group="C4")]
+def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(int8_files):
     # emulation is slow: the x86 engine on C_12 (on a CPU without VNNI it runs depthwise convs on fbgemm too,
     # which the switches above cannot reach) and the two files
-    report = _run_worker(["qemu-x86_64", "-cpu", "Haswell"], {}, ["--engines", "x86", "--groups", "12", *files],
+    report = _run_worker(["qemu-x86_64", "-cpu", "Haswell"], {}, ["--engines", "x86", "--groups", "12", *int8_files],
                          timeout=1500, emulated=True)
     # the emulated CPU has no AVX-512, VNNI or AMX, as ATen and ExecuTorch's cpuinfo (XNNPACK's kernels) see it
     assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
     assert not report["vnni"] and not report["amx"], report
     _check(report)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU emulation")
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
+                    reason="qemu-user is not installed (apt-get install qemu-user): no emulated CPU without AVX2")
+def test_int8_is_bit_exact_and_quiet_on_an_emulated_cpu_without_avx2(int8_files):
+    # Sandy and Ivy Bridge, AMD Bulldozer to Piledriver and Jaguar have AVX but not AVX2 (qemu's SandyBridge;
+    # without AVX at all numpy 2.4 and torch's wheels do not start). torch then offers no x86 or fbgemm int8
+    # engine (fbgemm needs AVX2), so the library's default is qnnpack; XNNPACK (.pte) and onnxruntime take
+    # their pre-AVX2 kernels. Every one stays exact under quarter turns. torch's NNPACK cannot start there either:
+    # without rotconv turning it off, the worker's conversions print "Could not initialize NNPACK!" 25 times.
+    stderr = []
+    report = _run_worker(["qemu-x86_64", "-cpu", "SandyBridge"], {},
+                         ["--engines", "x86,fbgemm,qnnpack", "--groups", "4,12", *int8_files], timeout=1500,
+                         emulated=True, stderr=stderr)
+    assert report["capability"] == "DEFAULT" and not report["avx2"] and report["xnnpack"] == "older", report
+    assert not {"x86", "fbgemm"} & set(report["offered"]) and report["default_backend"] == "qnnpack", report
+    assert set(report["engines"]) == {"C4-qnnpack", "C12-qnnpack"}, report
+    _check(report)
+    assert "NNPACK" not in stderr[0], stderr[0][-2000:]
 
 
 def test_a_child_on_an_emulated_cpu_does_not_inherit_the_library_switches(monkeypatch):
