@@ -99,9 +99,9 @@ def has_avx2() -> bool:
 
 
 def nnpack_unusable() -> bool:
-    """Whether torch's NNPACK (its kernel for small float convolutions when oneDNN is not chosen: batches below 16
-    of 1x1 convs on one thread, or batch 1 on two) cannot start on this CPU: an x86 CPU without AVX2, which its
-    x86 kernels need (Sandy and Ivy Bridge, AMD Bulldozer to Piledriver, Jaguar)."""
+    """Whether torch's NNPACK (which torch considers for float convolutions that oneDNN does not take, such as the
+    1x1 convs of a batch-1 forward) cannot start on this CPU: an x86 CPU without AVX2, which its x86 kernels need
+    (Sandy and Ivy Bridge, AMD Bulldozer to Piledriver, Jaguar)."""
     return is_x86() and not has_avx2()
 
 
