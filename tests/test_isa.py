@@ -19,6 +19,7 @@ those paths on any x86 machine, each in a subprocess (tests/isa_worker.py):
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,25 @@ from benchmarks.common import child_environment, emulated_cpu_environment
 
 WORKER = os.path.join(os.path.dirname(__file__), "isa_worker.py")
 AVX2_SWITCHES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def _qemu_version() -> tuple[int, int] | None:
+    """qemu-x86_64's version (major, minor), or None where it is not installed or does not say."""
+    if shutil.which("qemu-x86_64") is None:
+        return None
+    try:
+        completed = subprocess.run(["qemu-x86_64", "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"version (\d+)\.(\d+)", completed.stdout)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+# qemu's CPU emulation (TCG) runs AVX and AVX2 code from version 7.2 on; an older one would start the CPU model
+# without them, and numpy would stop at its first AVX instruction
+QEMU_RUNS_AVX = (_qemu_version() or (0, 0)) >= (7, 2)
+NO_QEMU_REASON = ("qemu-user 7.2 or later is not installed (apt-get install qemu-user; older ones cannot run AVX "
+                  "code): no emulated {}")
 
 
 def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout: int = 900,
@@ -168,8 +188,7 @@ def test_the_emulated_run_is_left_out_only_on_an_avx2_only_cpu():
 @pytest.mark.skipif(is_emulated_kind(rotconv.hardware.cpu_flags()),
                     reason="this CPU is AVX2-only (no AVX-512, VNNI or AMX): the suite's INT8 exactness tests run "
                            "its AVX2 kernels natively, emulating one would repeat them")
-@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
-                    reason="qemu-user is not installed (apt-get install qemu-user): no emulated AVX2 CPU")
+@pytest.mark.skipif(not QEMU_RUNS_AVX, reason=NO_QEMU_REASON.format("AVX2 CPU"))
 def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(int8_files):
     # emulation is slow: the x86 engine on C_12 (on a CPU without VNNI it runs depthwise convs on fbgemm too,
     # which the switches above cannot reach) and the two files
@@ -182,8 +201,7 @@ def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(int8_files):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU emulation")
-@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
-                    reason="qemu-user is not installed (apt-get install qemu-user): no emulated CPU without AVX2")
+@pytest.mark.skipif(not QEMU_RUNS_AVX, reason=NO_QEMU_REASON.format("CPU without AVX2"))
 def test_int8_is_bit_exact_and_quiet_on_an_emulated_cpu_without_avx2(int8_files):
     # Sandy and Ivy Bridge, AMD Bulldozer to Piledriver and Jaguar have AVX but not AVX2 (qemu's SandyBridge;
     # without AVX at all numpy 2.4 and torch's wheels do not start). torch then offers no x86 or fbgemm int8
