@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import rotconv
 from rotconv.files import atomic_write, check_path, check_writable
+from rotconv.hardware import has_avx2, is_x86
 from rotconv.validation import check_choice, check_normalised
 
 from .graph import is_add, is_conv, module_of
@@ -41,6 +42,15 @@ def default_backend() -> str:
     every x86 CPU; else ``"qnnpack"`` (ARM CPUs, whose torch builds have no x86 engine)."""
     engines = torch.backends.quantized.supported_engines
     return "x86" if "x86" in engines or "qnnpack" not in engines else "qnnpack"
+
+
+def _unavailable_because(backend: str) -> str:
+    """Why torch offers no ``backend`` int8 engine here, and what it offers, for an error message: fbgemm (under
+    'x86' and 'fbgemm') needs AVX2, so an x86 CPU without it has neither; an ARM build of torch has neither."""
+    offered = ", ".join(engine for engine in torch.backends.quantized.supported_engines if engine != "none")
+    why = ("its fbgemm kernels need AVX2, which this CPU lacks" if backend in ("x86", "fbgemm") and is_x86()
+           and not has_avx2() else "this torch build does not have it")
+    return f"{why}; torch offers {offered or 'none'}"
 
 
 @contextlib.contextmanager
@@ -344,8 +354,9 @@ def convert_int8(plan: QuantPlan, backend: str | None = None) -> Int8Model:
     backend = default_backend() if backend is None else backend
     check_choice(backend, "backend", BACKENDS)
     if backend not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"backend: {backend!r} is not supported by this torch build "
-                         f"(supported: {torch.backends.quantized.supported_engines})")
+        raise ValueError(f"backend: the {backend!r} int8 engine is not available here "
+                         f"({_unavailable_because(backend)}); use backend={default_backend()!r} "
+                         f"(quant.default_backend())")
     graph_module = copy.deepcopy(plan.graph_module)
     with quantized_engine(backend), upstream_notices_hidden():
         quantized = _quantize_entries(graph_module, plan)
@@ -413,9 +424,9 @@ def load_int8(path: str) -> Int8Model:
     if backend not in BACKENDS:
         raise ValueError(f"{path}: backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend not in torch.backends.quantized.supported_engines:  # an x86 file on an ARM CPU
-        raise ValueError(f"{path}: written for the {backend!r} int8 engine, which this torch build does not have "
-                         f"(it has {', '.join(torch.backends.quantized.supported_engines)}); quantize the float "
-                         f"model here again (quant.dfq is data-free; backend={default_backend()!r})")
+        raise ValueError(f"{path}: written for the {backend!r} int8 engine, not available here "
+                         f"({_unavailable_because(backend)}); quantize the float model here again (quant.dfq is "
+                         f"data-free; backend={default_backend()!r})")
     for module in graph.modules():
         packed = getattr(module, "_packed_params", None)
         if not isinstance(packed, torch.ScriptObject) or \

@@ -218,6 +218,23 @@ def test_a_bad_backend_is_refused_before_the_work(exported):
         quant.dfq(exported[4], group=4, mode="int8", backend="arm")
 
 
+@pytest.mark.parametrize("x86, avx2, because", [(True, False, "need AVX2, which this CPU lacks"),
+                                                (False, False, "this torch build does not have it")])
+def test_an_engine_torch_does_not_offer_is_refused_saying_why(exported, monkeypatch, x86, avx2, because):
+    # An x86 CPU without AVX2 (Sandy Bridge) has no fbgemm, hence no x86 engine; an ARM build has neither. The
+    # refusal names the argument, the reason and the engine to use instead.
+    without_x86_engine(monkeypatch)
+    monkeypatch.setattr(quant.int8, "is_x86", lambda: x86)
+    monkeypatch.setattr(quant.int8, "has_avx2", lambda: avx2)
+    for backend in ("x86", "fbgemm"):
+        with pytest.raises(ValueError) as raised:
+            quant.dfq(exported[4], group=4, mode="int8", backend=backend)
+        message = str(raised.value)
+        assert message.startswith(f"backend: the {backend!r} int8 engine is not available here"), message
+        assert because in message and "torch offers qnnpack, onednn)" in message, message
+        assert "use backend='qnnpack'" in message, message
+
+
 @needs_engines("x86")
 def test_an_x86_int8_file_on_a_torch_without_the_x86_engine_says_so(exported, tmp_path, monkeypatch):
     path = quant.save_int8(quant.dfq(exported[4], group=4, mode="int8", backend="x86"), str(tmp_path / "int8.pt"),
