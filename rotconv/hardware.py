@@ -164,7 +164,8 @@ def has_native_bf16() -> bool:
 def cpu_report() -> dict:
     """The facts :func:`hardware_line` prints, as a dict (kept beside timings in JSON results).
 
-    ``vnni``: :func:`has_vnni`; ``amx``: :func:`has_amx`; ``bf16``: :func:`has_native_bf16`;
+    ``avx2``: :func:`has_avx2` on x86, None elsewhere; ``vnni``: :func:`has_vnni`; ``amx``: :func:`has_amx`;
+    ``bf16``: :func:`has_native_bf16`;
     ``bf16_emulated``: oneDNN runs bf16 without native instructions (:func:`onednn_has_bf16` but not native);
     ``isa_caps``: every library switch that holds kernels below the CPU (fbgemm, oneDNN, ATen), by library. A
     caller that holds other libraries (``python -m benchmarks.isa`` does XNNPACK) adds them to ``isa_caps``."""
@@ -178,6 +179,7 @@ def cpu_report() -> dict:
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "capability": torch.backends.cpu.get_cpu_capability(),
+        "avx2": has_avx2() if is_x86() else None,
         "vnni": has_vnni(),
         "isa_caps": {library: os.environ[name] for library, name in ISA_SWITCHES.items() if os.environ.get(name)},
         "bf16": bf16,
@@ -203,7 +205,9 @@ def hardware_line(report: dict | None = None) -> str:
     family = f", family {r['family_model'][0]} model {r['family_model'][1]}" if r.get("family_model") else ""
     l2 = (r.get("caches_kib") or {}).get("L2")
     cache = (f", L2 {l2 // 1024} MiB" if l2 % 1024 == 0 else f", L2 {l2} KiB") if l2 else ""
-    return (f"{r['cpu']}{family}{cache} ({r['cores']} cores) | ATen {r['capability']} | "
+    # an x86 CPU without AVX2 (ATen DEFAULT): no fbgemm, hence no x86 int8 engine, and no NNPACK
+    no_avx2 = " (no AVX2)" if r.get("avx2") is False else ""
+    return (f"{r['cpu']}{family}{cache} ({r['cores']} cores) | ATen {r['capability']}{no_avx2} | "
             f"VNNI {yes(r['vnni'])}{capped} | "
             f"bf16 {yes(r['bf16'])}{' (emulated)' if r.get('bf16_emulated') else ''} | AMX {yes(r['amx'])} | "
             f"int8 engines {', '.join(r['int8_engines'])} | "

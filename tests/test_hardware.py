@@ -116,6 +116,13 @@ def test_the_machine_line_names_family_and_second_level_cache_where_known(extra,
     assert line.endswith("| int8 engines qnnpack, x86 | 2 threads | torch 2.13.0+cpu")
 
 
+@pytest.mark.parametrize("avx2, says", [(False, "| ATen DEFAULT (no AVX2) | "), (True, "| ATen DEFAULT | "),
+                                        (None, "| ATen DEFAULT | ")])  # None: Arm, or a report stored before
+def test_the_machine_line_says_when_an_x86_cpu_lacks_avx2(avx2, says):
+    extra = {} if avx2 is None else {"avx2": avx2}
+    assert says in rotconv.hardware_line({**REPORT, "capability": "DEFAULT", **extra})
+
+
 @pytest.mark.skipif(not (rotconv.hardware.is_x86() and os.path.exists("/proc/cpuinfo")),
                     reason="the family and model are x86 cpuid fields, read from Linux's /proc/cpuinfo")
 def test_this_x86_machine_reports_its_family_and_model():
