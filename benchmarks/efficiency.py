@@ -187,6 +187,7 @@ def _settings(args: argparse.Namespace) -> dict:
         _train_config(args, settings, lr, seed=0).validate()
     settings["sizes"] = sorted(set(settings["sizes"]))
     args.int8_backend = pcam.resolve_int8_backend(args.int8_backend)
+    pcam.check_int8_engine_option(args)
     if args.results:
         check_writable(args.results, is_directory=True)
     return settings

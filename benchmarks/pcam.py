@@ -228,6 +228,7 @@ def _settings(args: argparse.Namespace) -> dict:
     check_shared_arguments(args, args.width_mult)
     profile["groups"] = parse_groups(args.group)
     args.int8_backend = resolve_int8_backend(args.int8_backend)
+    check_int8_engine_option(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device", "cuda is not available on this machine")
     if args.workers < 0:
@@ -377,6 +378,16 @@ def resolve_int8_backend(choice: str, log=print) -> str:
     log("notice: --int8-backend auto: executorch is not installed (pip install 'rotconv[deploy]'); INT8 runs on "
         "torch.ao's int8 kernels in this process")
     return "torch-ao"
+
+
+def check_int8_engine_option(args: argparse.Namespace) -> None:
+    """Where INT8 runs on torch.ao (``--int8-backend torch-ao``, as resolved), ``--backend`` must be an engine
+    torch offers here (no x86 engine on ARM or on x86 CPUs without AVX2): refused before any training."""
+    if args.int8_backend == "torch-ao":
+        try:
+            quant.check_int8_engine(args.backend)
+        except ValueError as error:
+            raise UsageError("--backend", str(error).removeprefix("backend: ")) from None
 
 
 def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argparse.Namespace, batch: int,

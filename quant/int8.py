@@ -27,7 +27,7 @@ from .notices import upstream_notices_hidden
 from .plan import QuantPlan
 from .registry import register_module, rule_for
 
-__all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "default_backend",
+__all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "default_backend", "check_int8_engine",
            "IntegerMaskedGlobalAvgPool", "ClampCodes"]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
@@ -39,9 +39,20 @@ with upstream_notices_hidden():
 
 def default_backend() -> str:
     """The int8 engine used where none is named: ``"x86"`` (fbgemm and oneDNN kernels) where torch has it, as on
-    every x86 CPU; else ``"qnnpack"`` (ARM CPUs, whose torch builds have no x86 engine)."""
+    every x86 CPU with AVX2; else ``"qnnpack"`` (ARM CPUs, whose torch builds have no x86 engine, and x86 CPUs
+    without AVX2, where fbgemm cannot run)."""
     engines = torch.backends.quantized.supported_engines
     return "x86" if "x86" in engines or "qnnpack" not in engines else "qnnpack"
+
+
+def check_int8_engine(backend: str) -> str:
+    """``backend`` if torch offers that int8 engine here, else a ValueError naming the argument, why it is
+    missing and the engine to use (:func:`default_backend`)."""
+    if backend not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"backend: the {backend!r} int8 engine is not available here "
+                         f"({_unavailable_because(backend)}); use backend={default_backend()!r} "
+                         f"(quant.default_backend())")
+    return backend
 
 
 def _unavailable_because(backend: str) -> str:
@@ -352,11 +363,7 @@ def convert_int8(plan: QuantPlan, backend: str | None = None) -> Int8Model:
     """Build the int8 network for ``plan`` on ``backend`` ('x86', 'fbgemm' or 'qnnpack'; default:
     :func:`default_backend`): quantize the entries, swap convs and adds for int8 ones, dequantize the exits."""
     backend = default_backend() if backend is None else backend
-    check_choice(backend, "backend", BACKENDS)
-    if backend not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"backend: the {backend!r} int8 engine is not available here "
-                         f"({_unavailable_because(backend)}); use backend={default_backend()!r} "
-                         f"(quant.default_backend())")
+    check_int8_engine(check_choice(backend, "backend", BACKENDS))
     graph_module = copy.deepcopy(plan.graph_module)
     with quantized_engine(backend), upstream_notices_hidden():
         quantized = _quantize_entries(graph_module, plan)

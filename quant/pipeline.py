@@ -11,7 +11,7 @@ import torch.nn as nn
 from rotconv.validation import check_choice
 
 from .arithmetic import WEIGHT_SCHEME_DEFAULT, reduces_range
-from .int8 import BACKENDS, Int8Model, convert_int8, default_backend
+from .int8 import BACKENDS, Int8Model, check_int8_engine, convert_int8, default_backend
 from .plan import FakeQuantize, input_range_of, plan_quantization, simulate
 from .transforms import (absorb_high_bias, correct_bias, equalize, field_size, fold_batchnorm, model_group,
                          replace_relu6)
@@ -38,7 +38,7 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
         mode: ``"simulated"`` (float arithmetic with quantize-dequantize: the reference) or ``"int8"``
             (real int8 kernels through torch.ao's quantized modules; float in, float out).
         backend: int8 engine, ``"x86"`` (also the fbgemm kernels) or ``"qnnpack"``; default: this machine's,
-            :func:`quant.default_backend` (x86 on x86 CPUs, qnnpack on ARM). The simulation follows the
+            :func:`quant.default_backend` (x86 on x86 CPUs with AVX2, else qnnpack). The simulation follows the
             backend's plan too (x86/fbgemm: 7-bit activations and 7-bit depthwise weights).
         calibration: optional iterable of input batches (or (input, label) pairs) to measure activation
             ranges; without it ranges come data-free from the BN statistics, and a conv fed by anything
@@ -54,6 +54,8 @@ def quantize(model: nn.Module, weight_bits: int = 8, act_bits: int = 8, mode: st
         raise ValueError("weight_bits/act_bits: mode='int8' runs 8-bit kernels; use mode='simulated' for others")
     backend = default_backend() if backend is None else backend
     check_choice(backend, "backend", BACKENDS)
+    if mode == "int8":
+        check_int8_engine(backend)
     plan = plan_quantization(model, weight_bits, act_bits, calibration, input_range,  # None: resolved there
                              reduce_range=reduces_range(backend), weight_scheme=weight_scheme,
                              integer_bias=backend == "qnnpack")
@@ -119,6 +121,8 @@ def dfq(model: nn.Module, group: object = None, bias_correction: bool = True, *,
     if quantize_kwargs.get("backend") is None:
         quantize_kwargs["backend"] = default_backend()
     check_choice(quantize_kwargs["backend"], "backend", BACKENDS)  # before the work
+    if quantize_kwargs.get("mode") == "int8":
+        check_int8_engine(quantize_kwargs["backend"])
     prepared = prepare(model, group, bias_correction, quantize_kwargs.get("weight_bits", 8),
                        quantize_kwargs.get("weight_scheme", WEIGHT_SCHEME_DEFAULT),
                        reduces_range(quantize_kwargs["backend"]), relu6=relu6)

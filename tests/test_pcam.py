@@ -158,6 +158,22 @@ def test_cli_bad_option_and_bad_directory_exit_2(tmp_path):
     assert result.returncode == 2 and "--epochs" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["pcam", "efficiency"])
+def test_an_int8_engine_torch_lacks_is_refused_before_training(tmp_path, monkeypatch, capsys, command):
+    # On ARM, or an x86 CPU without AVX2, torch offers no x86 engine: --backend x86 with INT8 on torch.ao is
+    # refused up front, naming the option and the engine to use, not after the models have trained.
+    import benchmarks.efficiency
+
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack", "onednn", "none"])
+    monkeypatch.setattr(pcam, "train", lambda *args, **kwargs: pytest.fail("training started"))
+    main = pcam.main if command == "pcam" else benchmarks.efficiency.main
+    code = main(["--data", str(tmp_path / "absent"), "--int8-backend", "torch-ao", "--backend", "x86",
+                 "--runs", str(tmp_path / "runs")])
+    error = capsys.readouterr().err
+    assert code == 2 and "--backend" in error and "'x86' int8 engine is not available here" in error, error
+    assert "use backend='qnnpack'" in error and "Traceback" not in error, error
+
+
 def _last_epoch(path):
     try:
         return torch.load(path, weights_only=False)["epoch"]

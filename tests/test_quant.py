@@ -226,9 +226,16 @@ def test_an_engine_torch_does_not_offer_is_refused_saying_why(exported, monkeypa
     without_x86_engine(monkeypatch)
     monkeypatch.setattr(quant.int8, "is_x86", lambda: x86)
     monkeypatch.setattr(quant.int8, "has_avx2", lambda: avx2)
-    for backend in ("x86", "fbgemm"):
+    quant.dfq(exported[4], group=4, backend="x86")  # the simulation needs no engine
+
+    def work(*args, **kwargs):
+        raise AssertionError("the work started before the engine was checked")
+
+    monkeypatch.setattr(quant.pipeline, "prepare", work)
+    monkeypatch.setattr(quant.pipeline, "plan_quantization", work)
+    for backend, call in [(backend, call) for backend in ("x86", "fbgemm") for call in (quant.dfq, quant.quantize)]:
         with pytest.raises(ValueError) as raised:
-            quant.dfq(exported[4], group=4, mode="int8", backend=backend)
+            call(exported[4], mode="int8", backend=backend)
         message = str(raised.value)
         assert message.startswith(f"backend: the {backend!r} int8 engine is not available here"), message
         assert because in message and "torch offers qnnpack, onednn)" in message, message
