@@ -383,11 +383,9 @@ def resolve_int8_backend(choice: str, log=print) -> str:
 def check_int8_engine_option(args: argparse.Namespace) -> None:
     """Where INT8 runs on torch.ao (``--int8-backend torch-ao``, as resolved), ``--backend`` must be an engine
     torch offers here (no x86 engine on ARM or on x86 CPUs without AVX2): refused before any training."""
-    if args.int8_backend == "torch-ao":
-        try:
-            quant.check_int8_engine(args.backend)
-        except ValueError as error:
-            raise UsageError("--backend", str(error).removeprefix("backend: ")) from None
+    unavailable = quant.int8_engine_unavailable(args.backend) if args.int8_backend == "torch-ao" else None
+    if unavailable:
+        raise UsageError("--backend", unavailable)
 
 
 def _int8_model(name: str, plain: nn.Module, normalizer: Normalizer, args: argparse.Namespace, batch: int,

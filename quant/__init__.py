@@ -18,8 +18,8 @@ from .arithmetic import (REDUCED_RANGE_BACKENDS, WEIGHT_SCHEME_DEFAULT, WEIGHT_S
 from .executorch import ExecuTorchModel, load_executorch, to_executorch
 from .extras import INT8_RUNTIMES, default_int8_runtime
 from .onnx import OnnxModel, load_onnx, to_onnx
-from .int8 import (BACKENDS, ClampCodes, Int8Model, check_int8_engine, convert_int8, default_backend, load_int8,
-                   save_int8)
+from .int8 import (BACKENDS, ClampCodes, Int8Model, check_int8_engine, convert_int8, default_backend,
+                   int8_engine_unavailable, load_int8, save_int8)
 from .pipeline import MODES, RELU6_DEFAULT, RELU6_MODES, dfq, prepare, quantize
 from .plan import DEFAULT_INPUT_RANGE, FakeQuantize, QuantPlan, input_range_of, plan_quantization, simulate
 from .registry import ModuleRule, register_module
@@ -55,6 +55,7 @@ __all__ = [
     "BACKENDS",
     "default_backend",
     "check_int8_engine",
+    "int8_engine_unavailable",
     "MODES",
     "WEIGHT_SCHEMES",
     "WEIGHT_SCHEME_DEFAULT",

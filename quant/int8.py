@@ -28,6 +28,7 @@ from .plan import QuantPlan
 from .registry import register_module, rule_for
 
 __all__ = ["Int8Model", "convert_int8", "save_int8", "load_int8", "BACKENDS", "default_backend", "check_int8_engine",
+           "int8_engine_unavailable",
            "IntegerMaskedGlobalAvgPool", "ClampCodes"]
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
@@ -45,13 +46,21 @@ def default_backend() -> str:
     return "x86" if "x86" in engines or "qnnpack" not in engines else "qnnpack"
 
 
+def int8_engine_unavailable(backend: str) -> str | None:
+    """None where torch offers the ``backend`` int8 engine here; else what an error says: why it is missing and
+    the engine to use (:func:`default_backend`)."""
+    if backend in torch.backends.quantized.supported_engines:
+        return None
+    return (f"the {backend!r} int8 engine is not available here ({_unavailable_because(backend)}); "
+            f"use backend={default_backend()!r} (quant.default_backend())")
+
+
 def check_int8_engine(backend: str) -> str:
-    """``backend`` if torch offers that int8 engine here, else a ValueError naming the argument, why it is
-    missing and the engine to use (:func:`default_backend`)."""
-    if backend not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"backend: the {backend!r} int8 engine is not available here "
-                         f"({_unavailable_because(backend)}); use backend={default_backend()!r} "
-                         f"(quant.default_backend())")
+    """``backend`` if torch offers that int8 engine here, else a ValueError naming the argument
+    (:func:`int8_engine_unavailable`)."""
+    unavailable = int8_engine_unavailable(backend)
+    if unavailable:
+        raise ValueError(f"backend: {unavailable}")
     return backend
 
 
