@@ -165,3 +165,21 @@ def test_the_call_check_sees_a_stale_argument():
         with pytest.raises(TypeError):
             inspect.signature(mobilenet.MobileNetV2).bind_partial(*_placeholder_call(node)[0],
                                                                    **_placeholder_call(node)[1])
+
+
+def test_python_versions_agree_between_readme_and_setup_cfg():
+    # the package's classifiers name exactly the Python releases the README says the suite passes on, from
+    # setup.cfg's floor up without a gap
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(ROOT, "setup.cfg"))
+    classified = sorted(int(minor) for minor in re.findall(r"Programming Language :: Python :: 3\.(\d+)",
+                                                            config["metadata"]["classifiers"]))
+    floor = int(re.fullmatch(r">=3\.(\d+)", config["options"]["python_requires"].strip()).group(1))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    listed = re.search(r"the\s+suite passes on ((?:3\.\d+,? (?:and )?)+)with every extra", readme)
+    assert listed, "README: the sentence naming the Python versions the suite passes on"
+    tested = sorted(int(minor) for minor in re.findall(r"3\.(\d+)", listed.group(1)))
+    assert classified == tested
+    assert classified == list(range(floor, classified[-1] + 1))
