@@ -15,6 +15,8 @@ from rotconv.hardware import ISA_SWITCHES
 from mobilenet.training import UsageError, reuse_freed_memory
 from rotconv.files import OutputError, check_writable, write_json
 
+from .isa import without_cpuid_hold
+
 __all__ = ["add_memory_argument", "apply_memory_argument", "serialized_bytes", "untrained_but_generic",
            "initialize_rotconv_layers", "check_outputs", "report", "REPOSITORY", "child_environment"]
 
@@ -40,8 +42,9 @@ def emulated_cpu_environment(**variables: str) -> dict:
     """:func:`child_environment` for a child on an emulated CPU (valgrind's, qemu's): without the libraries' ISA
     switches (:data:`rotconv.hardware.ISA_SWITCHES`; ``python -m benchmarks.isa`` sets them), which may name more
     than that CPU has (``avx512`` under ``python -m benchmarks.isa avx512``; the child
-    would then run instructions its CPU lacks). The emulated CPU alone decides its kernels."""
-    environment = child_environment(**variables)
+    would then run instructions its CPU lacks), and without that command's CPUID hold. The emulated CPU alone
+    decides its kernels."""
+    environment = without_cpuid_hold(child_environment(**variables))
     for name in ISA_SWITCHES.values():
         if name not in variables:
             environment.pop(name, None)

@@ -27,23 +27,34 @@ What is held, in this process and before any of it loads:
   dispatches the level's code and ``torch.cpu._is_vnni_supported()`` (:func:`rotconv.hardware.has_vnni`)
   answers no, as on such a CPU.
 
-Not held: onnxruntime (it reads the CPU itself), and what the CPU is — caches, clocks and the cores' other
-units stay this machine's, so times are those of the level's code on this CPU, not of such a CPU. Use it for
-ratios (the .pte against stock ExecuTorch, channels_last against contiguous, bf16 against fp32) and to see
-which code path a result comes from; for whole-CPU behaviour (onnxruntime too) of an AVX2 CPU run under
-``qemu-x86_64 -cpu Haswell`` (tests/test_isa.py), which is exact in behaviour but says nothing about speed
-(qemu does not emulate AVX-512).
+* What the CPU itself answers, for every library at once, onnxruntime included (it has no switch): the
+  command runs again with ``benchmarks/cpuid_hold.c`` preloaded (``LD_PRELOAD``; built once with the system's C
+  compiler into ``~/.cache/rotconv``), which has Linux trap the CPUID instruction (CPUID faulting) and answers
+  it with the level's features: :func:`cpuid_held`. So also in child processes. Where there is no C compiler,
+  or the system cannot trap CPUID, the command says so and runs with the holds above alone (onnxruntime then
+  runs this CPU's kernels).
+
+Not held: what the CPU is — caches, clocks and the cores' other units stay this machine's, so times are those
+of the level's code on this CPU, not of such a CPU. Use it for ratios (the .pte against stock ExecuTorch,
+channels_last against contiguous, bf16 against fp32) and to see which code path a result comes from.
+``qemu-x86_64 -cpu Haswell`` (tests/test_isa.py) emulates a whole AVX2 CPU, exact in behaviour but saying
+nothing about speed.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
 import runpy
+import shutil
+import subprocess
 import sys
+import tempfile
 
 __all__ = ["AVX2_SWITCHES", "AVX512_SWITCHES", "LEVELS", "ISAError", "cap_xnnpack", "cap_xnnpack_at_avx2",
-           "cpu_has_level", "xnnpack_capped", "xnnpack_isa", "main"]
+           "cpu_has_level", "xnnpack_capped", "xnnpack_isa", "CPUID_LEVEL_VARIABLE", "CPUID_LIBRARY_PREFIX",
+           "build_cpuid_hold", "cpuid_held", "without_cpuid_hold", "main"]
 
 #: The libraries' own switches that hold torch's kernels, oneDNN and fbgemm to AVX2
 AVX2_SWITCHES = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -182,6 +193,89 @@ def cpu_has_level(level: str, flags: set[str] | None = None) -> bool:
     return "avx2" in flags and all(_CHECKED[field] in flags for field in LEVELS[level][1])
 
 
+#: the variable that asks the preloaded ``cpuid_hold.c`` for a level (``avx2``, ``avx512``)
+CPUID_LEVEL_VARIABLE = "ROTCONV_CPUID_LEVEL"
+#: how the built library's file name starts (then the source's hash)
+CPUID_LIBRARY_PREFIX = "rotconv-cpuid-hold-"
+_CPUID_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpuid_hold.c")
+_CPUID_LEVELS = {1: "avx2", 2: "avx512"}
+
+
+def build_cpuid_hold() -> str:
+    """The path of ``cpuid_hold.c`` built as a shared library for ``LD_PRELOAD``: in ``$XDG_CACHE_HOME/rotconv``
+    (default ``~/.cache/rotconv``), named by the source's hash, built once with ``$CC`` (else ``cc``, ``gcc``)
+    and moved into place whole. Raises :class:`ISAError` without a C compiler or where the build fails."""
+    with open(_CPUID_SOURCE, "rb") as handle:
+        source = handle.read()
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                         "rotconv")
+    library = os.path.join(cache, f"{CPUID_LIBRARY_PREFIX}{hashlib.sha256(source).hexdigest()[:16]}.so")
+    if os.path.exists(library):
+        return library
+    compiler = next((found for found in (os.environ.get("CC"), "cc", "gcc") if found and shutil.which(found)), None)
+    if compiler is None:
+        raise ISAError("no C compiler (cc, gcc or $CC) to build the CPUID hold")
+    try:
+        os.makedirs(cache, exist_ok=True)
+        descriptor, partial = tempfile.mkstemp(suffix=".so.partial", dir=cache)
+        os.close(descriptor)
+    except OSError as error:
+        raise ISAError(f"cannot write the CPUID hold into {cache} ({error.strerror})") from None
+    try:
+        completed = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", partial, _CPUID_SOURCE, "-ldl"],
+                                   capture_output=True, text=True)
+        if completed.returncode != 0:
+            last = (completed.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ISAError(f"{compiler} could not build the CPUID hold: {last}")
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return library
+
+
+def cpuid_held() -> str | None:
+    """The level (``"avx2"``, ``"avx512"``) this process's CPUID answers for, held by the preloaded
+    ``cpuid_hold.c``; None where it is not loaded, not asked, or cannot trap CPUID on this system."""
+    try:
+        level = ctypes.CDLL(None).rotconv_cpuid_level
+    except (AttributeError, OSError):
+        return None
+    level.restype = ctypes.c_int
+    return _CPUID_LEVELS.get(level())
+
+
+def without_cpuid_hold(environment: dict) -> dict:
+    """``environment`` without the CPUID hold (its variable, its library in ``LD_PRELOAD``): for a child on an
+    emulated CPU, which answers CPUID itself."""
+    environment = dict(environment)
+    environment.pop(CPUID_LEVEL_VARIABLE, None)
+    kept = [entry for entry in environment.get("LD_PRELOAD", "").replace(":", " ").split()
+            if not os.path.basename(entry).startswith(CPUID_LIBRARY_PREFIX)]
+    if kept:
+        environment["LD_PRELOAD"] = " ".join(kept)
+    else:
+        environment.pop("LD_PRELOAD", None)
+    return environment
+
+
+def _hold_cpuid(level: str, argv: list[str]) -> str:
+    """Run this command again with the CPUID hold preloaded, asked for ``level`` (does not return), unless this
+    is that run; then, in words, what holds CPUID here."""
+    if os.environ.get(CPUID_LEVEL_VARIABLE) != level:
+        try:
+            library = build_cpuid_hold()
+        except ISAError as error:
+            return f"onnxruntime not held: {error}"
+        preload = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.isa", *argv],
+                  {**os.environ, CPUID_LEVEL_VARIABLE: level, "LD_PRELOAD": preload})
+    if cpuid_held() == level:
+        return "every library, onnxruntime included, by the CPU's answers (CPUID held)"
+    return "onnxruntime not held: this system cannot trap CPUID (no CPUID faulting)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = f"usage: python -m benchmarks.isa {{{','.join(LEVELS)}}} MODULE_OR_SCRIPT [ARGS ...]"
@@ -208,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in sys.modules:  # the switches are read when the libraries load
         print("benchmarks.isa: torch is already loaded; run it as python -m benchmarks.isa", file=sys.stderr)
         return 2
+    cpuid = _hold_cpuid(isa, argv)
     os.environ.update(LEVELS[isa][0])
     try:
         cap_xnnpack(isa)
@@ -215,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except ISAError as error:
         xnnpack = f"not XNNPACK: {error}"
     print(f"benchmarks.isa: kernels held to {LEVELS[isa][2]}: torch/oneDNN/fbgemm by their switches, {xnnpack}; "
-          f"onnxruntime not (it reads the CPU itself)", file=sys.stderr, flush=True)
+          f"{cpuid}", file=sys.stderr, flush=True)
     sys.argv = [target, *arguments]
     try:
         if is_script:

@@ -7,7 +7,10 @@ Prints one JSON object: the ATen CPU capability, whether the CPU answers AVX2, V
 torch offers and the library's default among them, XNNPACK's widest instruction set (with a .pte), and per
 engine (and per file given) the largest absolute logit difference over the quarter turns of random inputs 3x
 beyond the declared input range (activations leave their planned ranges and use all 8 bits). "unclamped" is
-the x86 model with its ClampCodes removed: the control that shows whether this CPU's kernels saturate at all.
+the x86 model with its ClampCodes removed: the control that shows whether this CPU's kernels saturate at all;
+"as_written" likewise for each ONNX file run by onnxruntime with its int8 weights as written (``quant.load_onnx``
+stores them as uint8 where the CPU lacks VNNI). "cpuid_held": the level ``python -m benchmarks.isa`` holds
+the CPU's own answers to, or null.
 """
 import json
 import sys
@@ -54,7 +57,10 @@ def main(argv: list[str]) -> dict:
             paths.append(argument)
     torch.manual_seed(0)
     x = 3 * torch.randn(3, 3, 95, 95)
+    from benchmarks.isa import cpuid_held
+
     report = {"capability": torch.backends.cpu.get_cpu_capability(), "vnni": rotconv.hardware.has_vnni(),
+              "cpuid_held": cpuid_held(), "as_written": {}, "uint8_weights": {},
               "amx": rotconv.hardware.has_amx(), "avx2": rotconv.hardware.has_avx2(),
               "offered": list(torch.backends.quantized.supported_engines), "default_backend": quant.default_backend(),
               "engines": {}, "files": {}}
@@ -73,7 +79,19 @@ def main(argv: list[str]) -> dict:
     for path in paths:
         model = quant.load_onnx(path) if path.endswith(".onnx") else quant.load_executorch(path)
         report["files"][path] = quarter_turn_difference(model, x)
+        if path.endswith(".onnx"):
+            report["uint8_weights"][path] = model.uint8_weights
+            report["as_written"][path] = quarter_turn_difference(onnx_as_written(path), x)
     return report
+
+
+def onnx_as_written(path: str):
+    """The ONNX file in onnxruntime with its weights as written (int8), as a function of a (B, 3, H, W) tensor."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
 
 
 if __name__ == "__main__":

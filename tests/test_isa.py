@@ -8,7 +8,8 @@ those paths on any x86 machine, each in a subprocess (tests/isa_worker.py):
   ``ATEN_CPU_CAPABILITY=avx2`` (torch's kernels only; onnxruntime and XNNPACK read the CPU themselves), and
   the same switches plus ExecuTorch's XNNPACK held to AVX2 by ``python -m benchmarks.isa avx2`` (the .pte's
   AVX2 kernels at native speed), and every library held to AVX-512 without VNNI or BF16 (Skylake-SP) by
-  ``python -m benchmarks.isa avx512``;
+  ``python -m benchmarks.isa avx512``; that command also holds what the CPU answers to CPUID (where a C
+  compiler and CPUID faulting are at hand), so that onnxruntime runs the level's kernels too;
 * the whole process on an emulated AVX2 CPU (``qemu-x86_64 -cpu Haswell``, user-mode emulation), where every
   library, onnxruntime and ExecuTorch's XNNPACK included, sees a CPU without AVX-512. Skipped, with the
   reason printed, where qemu-user is not installed (``.ci/run`` installs it where apt-get can), and on a CPU
@@ -74,7 +75,9 @@ def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout
 
 @pytest.fixture(scope="module")
 def int8_files(tmp_path_factory) -> list[str]:
-    """A random C_4 network as an ONNX QDQ file and a .pte, written once for the emulated CPUs."""
+    """A random C_4 network as an ONNX QDQ file and a .pte, written once for the held and emulated CPUs."""
+    pytest.importorskip("executorch", reason="the .pte runtime is the optional deploy extra")
+    pytest.importorskip("onnxruntime", reason="the ONNX runtime is the optional deploy extra")
     import test_onnx
 
     model = test_onnx._random_model("C4")
@@ -113,23 +116,45 @@ def _lacks_level(level: str) -> bool:
     pytest.param("avx512", "AVX512", "AVX512", marks=pytest.mark.skipif(
         _lacks_level("avx512"), reason="AVX-512 kernels need an x86-64 CPU with AVX-512 F, CD, BW, DQ and VL")),
 ])
-def test_benchmarks_isa_runs_every_kernel_library_at_its_level_and_int8_stays_exact(tmp_path, level, capability,
+def test_benchmarks_isa_runs_every_kernel_library_at_its_level_and_int8_stays_exact(int8_files, level, capability,
                                                                                    xnnpack):
     pytest.importorskip("executorch", reason="the .pte runtime is the optional deploy extra")
-    import test_onnx
-
-    model = test_onnx._random_model("C4")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = quant.to_executorch(model, str(tmp_path / "int8.pte"), group="C4")
+    stderr = []
     report = _run_worker([sys.executable, "-m", "benchmarks.isa", level], {},
-                         ["--engines", "x86", "--groups", "4", path], script_prefix=False)
+                         ["--engines", "x86", "--groups", "4", *int8_files], script_prefix=False, stderr=stderr)
     # the wrapper held ATen (and so torch's CPU probes: no VNNI, no AMX) and XNNPACK's feature table to the level ...
     assert report["capability"] == capability and report["xnnpack"] == xnnpack, report
     assert not report["vnni"] and not report["amx"], report
-    _check(report)
+    _check(report)  # the ONNX file and the .pte exact too
     # ... and fbgemm: without ClampCodes its kernels of that level saturate
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
+    # ... and onnxruntime, through the CPU's own answers: its int8 weights as written saturate there (the control),
+    # the uint8 weights quant.load_onnx chooses without VNNI stay exact (above)
+    onnx = next(path for path in int8_files if path.endswith(".onnx"))
+    if report["cpuid_held"] != level:
+        note = re.search(r"onnxruntime not held: (.*)", stderr[0])
+        pytest.skip(f"onnxruntime's {level} kernels not checked: {note.group(1) if note else stderr[0][-300:]}")
+    assert report["uint8_weights"][onnx] and report["as_written"][onnx] > 0, report
+
+
+def test_the_cpuid_hold_is_left_to_the_system_and_out_of_emulated_children(monkeypatch, tmp_path):
+    from benchmarks import isa
+
+    # an emulated CPU answers CPUID itself: its children lose the hold's variable and library, nothing else
+    preload = f"/lib/other.so /cache/{isa.CPUID_LIBRARY_PREFIX}0123.so"
+    monkeypatch.setenv("LD_PRELOAD", preload)
+    monkeypatch.setenv(isa.CPUID_LEVEL_VARIABLE, "avx2")
+    environment = emulated_cpu_environment()
+    assert environment["LD_PRELOAD"] == "/lib/other.so" and isa.CPUID_LEVEL_VARIABLE not in environment
+    assert child_environment()["LD_PRELOAD"] == preload  # a child on this CPU keeps it
+    assert "LD_PRELOAD" not in isa.without_cpuid_hold({"LD_PRELOAD": f"/x/{isa.CPUID_LIBRARY_PREFIX}1.so"})
+    # this process is not held, and without a C compiler the hold is refused by name
+    assert isa.cpuid_held() is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(isa.ISAError, match=r"no C compiler \(cc, gcc or \$CC\)"):
+        isa.build_cpuid_hold()
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "avx2" not in rotconv.hardware.cpu_flags(),
