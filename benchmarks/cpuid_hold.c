@@ -95,6 +95,10 @@ int sigaction(int signal_number, const struct sigaction *action, struct sigactio
 }
 
 sighandler_t signal(int signal_number, sighandler_t handler) {
+    if (signal_number != SIGSEGV || held_level <= 0) {
+        sighandler_t (*real_signal)(int, sighandler_t) = (sighandler_t(*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
+        return real_signal(signal_number, handler);
+    }
     struct sigaction action, previous;
     memset(&action, 0, sizeof action);
     action.sa_handler = handler;
@@ -120,8 +124,7 @@ __attribute__((constructor)) static void hold_cpuid(void) {
     action.sa_sigaction = on_segv;
     action.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&action.sa_mask);
-    program_handler.sa_handler = SIG_DFL;
-    if (real_sigaction(SIGSEGV, &action, NULL) != 0 || cpuid_faulting(1) != 0) {
+    if (real_sigaction(SIGSEGV, &action, &program_handler) != 0 || cpuid_faulting(1) != 0) {
         held_level = -1;
         return;
     }

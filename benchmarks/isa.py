@@ -204,7 +204,8 @@ _CPUID_LEVELS = {1: "avx2", 2: "avx512"}
 def build_cpuid_hold() -> str:
     """The path of ``cpuid_hold.c`` built as a shared library for ``LD_PRELOAD``: in ``$XDG_CACHE_HOME/rotconv``
     (default ``~/.cache/rotconv``), named by the source's hash, built once with ``$CC`` (else ``cc``, ``gcc``)
-    and moved into place whole. Raises :class:`ISAError` without a C compiler or where the build fails."""
+    and moved into place whole (builds of other versions are removed). Raises :class:`ISAError` without a C
+    compiler or where the build fails."""
     with open(_CPUID_SOURCE, "rb") as handle:
         source = handle.read()
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -231,6 +232,12 @@ def build_cpuid_hold() -> str:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+    for name in os.listdir(cache):  # builds of other versions of the source
+        if name.startswith(CPUID_LIBRARY_PREFIX) and name.endswith(".so") and name != os.path.basename(library):
+            try:
+                os.remove(os.path.join(cache, name))
+            except OSError:
+                pass
     return library
 
 

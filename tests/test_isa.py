@@ -258,3 +258,20 @@ def test_a_child_on_an_emulated_cpu_does_not_inherit_the_library_switches(monkey
     assert environment["PYTHONHASHSEED"] == "0" and environment["PYTHONPATH"].split(os.pathsep)[0] == REPOSITORY
     # other children inherit them
     assert all(child_environment()[name] == "AVX512_CORE" for name in ISA_SWITCHES.values())
+
+
+@pytest.mark.skipif(not any(shutil.which(name) for name in ("cc", "gcc")), reason="no C compiler to build the hold")
+def test_the_cpuid_hold_is_built_once_per_source_into_the_cache(monkeypatch, tmp_path):
+    from benchmarks import isa
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    stale = tmp_path / "rotconv" / f"{isa.CPUID_LIBRARY_PREFIX}0000000000000000.so"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an older build")
+    library = isa.build_cpuid_hold()
+    assert os.path.dirname(library) == str(tmp_path / "rotconv") and not stale.exists()
+    assert sorted(os.listdir(tmp_path / "rotconv")) == [os.path.basename(library)]  # no partial file left
+    with open(library, "rb") as handle:
+        assert handle.read(4) == b"\x7fELF"
+    built = os.stat(library).st_mtime_ns
+    assert isa.build_cpuid_hold() == library and os.stat(library).st_mtime_ns == built  # not built again
