@@ -45,7 +45,7 @@ from rotconv.hardware import has_native_bf16, onednn_has_bf16
 
 from .common import (REPOSITORY, add_memory_argument, apply_memory_argument, check_outputs, child_environment,
                      report, serialized_bytes, untrained_but_generic)
-from .isa import ISAError, xnnpack_capped, xnnpack_isa
+from .isa import ISAError, cpuid_held, xnnpack_capped, xnnpack_isa
 from mobilenet.training import UsageError, bf16_supported, training_step
 from quant.int8 import quantized_engine
 from quant.notices import upstream_notices_hidden
@@ -674,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                 hardware["isa_caps"]["XNNPACK"] = xnnpack_isa()
         except ISAError:
             pass
+    if cpuid_held():  # what the CPU answers, for every library (onnxruntime too)
+        hardware["isa_caps"]["CPUID"] = cpuid_held()
     print(rotconv.hardware_line(hardware))
     print("layers ...", file=sys.stderr)
     results = {

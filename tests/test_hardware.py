@@ -162,8 +162,11 @@ def _bf16_answers(**switches: str) -> dict:
     import sys
 
     from benchmarks.common import child_environment
-    environment = child_environment(**switches)
-    if hardware.ISA_SWITCHES["oneDNN"] not in switches:  # the suite may run with oneDNN held (benchmarks.isa)
+    from benchmarks.isa import without_cpuid_hold
+    # the probe reads this CPU's flags, so it runs on this CPU as it is: the suite may run with oneDNN held, and
+    # with CPUID answering for a lesser CPU (benchmarks.isa)
+    environment = without_cpuid_hold(child_environment(**switches))
+    if hardware.ISA_SWITCHES["oneDNN"] not in switches:
         environment.pop(hardware.ISA_SWITCHES["oneDNN"], None)
     completed = subprocess.run([sys.executable, "-c", _BF16_PROBE], env=environment, capture_output=True,
                                text=True, timeout=300)
