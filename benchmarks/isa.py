@@ -22,11 +22,10 @@ What is held, in this process and before any of it loads:
 * ExecuTorch's XNNPACK (the ``.pte`` runtime), which has no switch: it picks its kernels from the CPU features
   that ExecuTorch's copy of cpuinfo detected (the ``cpuinfo_isa`` table of ``libexecutorch_threadpool.so``).
   :func:`cap_xnnpack` clears the entries the level's CPU lacks (AVX-512 beyond the level, AVX-VNNI, AMX)
-  before XNNPACK is first initialised. Only in this process, not in child processes. The library is loaded
+  before XNNPACK is first initialised (in this process; child processes by the CPUID hold below). The library is loaded
   into the process's global symbol scope before torch, so torch's own CPU probes read the same table: ATen
   dispatches the level's code and ``torch.cpu._is_vnni_supported()`` (:func:`rotconv.hardware.has_vnni`)
   answers no, as on such a CPU.
-
 * What the CPU itself answers, for every library at once, onnxruntime included (it has no switch): the
   command runs again with ``benchmarks/cpuid_hold.c`` preloaded (``LD_PRELOAD``; built once with the system's C
   compiler into ``~/.cache/rotconv``), which has Linux trap the CPUID instruction (CPUID faulting) and answers
@@ -310,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks.isa: torch is already loaded; run it as python -m benchmarks.isa", file=sys.stderr)
         return 2
     cpuid = _hold_cpuid(isa, argv)
+    flags = _cpu_flags()
+    if isa == "avx2" and cpuid_held() != isa and "avx512f" in flags and "avx512_vnni" not in flags:
+        # seen with CPUID held to such a CPU: fbgemm's AVX2 switch there corrupts its heap (SIGSEGV in malloc)
+        print(f"benchmarks.isa: avx2 on an AVX-512 CPU without VNNI needs CPUID held, and {cpuid}: fbgemm switched "
+              "to AVX2 on such a CPU corrupts its memory", file=sys.stderr)
+        return 2
     os.environ.update(LEVELS[isa][0])
     try:
         cap_xnnpack(isa)
