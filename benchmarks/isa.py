@@ -243,12 +243,17 @@ def build_cpuid_hold() -> str:
 def cpuid_held() -> str | None:
     """The level (``"avx2"``, ``"avx512"``) this process's CPUID answers for, held by the preloaded
     ``cpuid_hold.c``; None where it is not loaded, not asked, or cannot trap CPUID on this system."""
+    return _CPUID_LEVELS.get(_cpuid_hold_state())
+
+
+def _cpuid_hold_state() -> int | None:
+    """The preloaded hold's own answer (1 avx2, 2 avx512, 0 not asked, -1 no CPUID faulting), None if not loaded."""
     try:
         level = ctypes.CDLL(None).rotconv_cpuid_level
     except (AttributeError, OSError):
         return None
     level.restype = ctypes.c_int
-    return _CPUID_LEVELS.get(level())
+    return level()
 
 
 def without_cpuid_hold(environment: dict) -> dict:
@@ -279,6 +284,8 @@ def _hold_cpuid(level: str, argv: list[str]) -> str:
                   {**os.environ, CPUID_LEVEL_VARIABLE: level, "LD_PRELOAD": preload})
     if cpuid_held() == level:
         return "every library, onnxruntime included, by the CPU's answers (CPUID held)"
+    if _cpuid_hold_state() is None:
+        return "onnxruntime not held: the CPUID hold did not load (LD_PRELOAD)"
     return "onnxruntime not held: this system cannot trap CPUID (no CPUID faulting)"
 
 

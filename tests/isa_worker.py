@@ -21,6 +21,7 @@ import torch.fx as fx
 import mobilenet
 import quant
 import rotconv
+from benchmarks.isa import cpuid_held, xnnpack_isa
 
 
 def network(N: int) -> torch.nn.Module:
@@ -57,15 +58,12 @@ def main(argv: list[str]) -> dict:
             paths.append(argument)
     torch.manual_seed(0)
     x = 3 * torch.randn(3, 3, 95, 95)
-    from benchmarks.isa import cpuid_held
-
     report = {"capability": torch.backends.cpu.get_cpu_capability(), "vnni": rotconv.hardware.has_vnni(),
               "cpuid_held": cpuid_held(), "as_written": {}, "uint8_weights": {},
               "amx": rotconv.hardware.has_amx(), "avx2": rotconv.hardware.has_avx2(),
               "offered": list(torch.backends.quantized.supported_engines), "default_backend": quant.default_backend(),
               "engines": {}, "files": {}}
     if any(path.endswith(".pte") for path in paths):  # the kernels XNNPACK will choose from
-        from benchmarks.isa import xnnpack_isa
         report["xnnpack"] = xnnpack_isa()
     for N in map(int, options["--groups"].split(",")):
         model = network(N)
