@@ -674,8 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                 hardware["isa_caps"]["XNNPACK"] = xnnpack_isa()
         except ISAError:
             pass
-    if cpuid_held():  # what the CPU answers, for every library (onnxruntime too)
-        hardware["isa_caps"]["CPUID"] = cpuid_held()
+    held = cpuid_held()  # what the CPU answers, for every library (onnxruntime too)
+    if held:
+        hardware["isa_caps"]["CPUID"] = held
     print(rotconv.hardware_line(hardware))
     print("layers ...", file=sys.stderr)
     results = {
