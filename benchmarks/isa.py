@@ -318,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     cpuid = _hold_cpuid(isa, argv)
     flags = _cpu_flags()
     if isa == "avx2" and cpuid_held() != isa and "avx512f" in flags and "avx512_vnni" not in flags:
-        # seen with CPUID held to such a CPU: fbgemm's AVX2 switch there corrupts its heap (SIGSEGV in malloc)
+        # fbgemm sizes a 1x1 conv's row offsets by what cpuinfo answers (56 rows a block there) and fills them in
+        # blocks of the switched instruction set (120 for AVX2): tests/test_isa.py shows the overrun
         print(f"benchmarks.isa: avx2 on an AVX-512 CPU without VNNI needs CPUID held, and {cpuid}: fbgemm switched "
-              "to AVX2 on such a CPU corrupts its memory", file=sys.stderr)
+              "to AVX2 on such a CPU writes past its row offsets (sized for the CPU, filled for the switch)",
+              file=sys.stderr)
         return 2
     os.environ.update(LEVELS[isa][0])
     try:
