@@ -9,12 +9,14 @@ the 11 residual adds QLinearAdd. For that the activations are written as **uint8
 same real values as torchao's int8 codes): onnxruntime on x86 converts int8 activations to uint8 only in
 front of convolutions, so with int8 activations the 17 projection convolutions (uint8 in, int8 out towards
 an add) and the adds stayed float operations on dequantized values, 20-40% slower and not bit-exact.
-Weights stay int8 in the file (onnxruntime's fast uint8 x int8 kernels on VNNI CPUs). On x86 CPUs without
-VNNI those kernels add products in saturating int16 pairs, which breaks exactness: :func:`load_onnx` then
-stores the weights as uint8 (zero point 128, the same real values) for its session, whose uint8 x uint8
-kernels never saturate (2.6x slower at batch 32 on a VNNI CPU, so only where needed). Every remaining
-operation on the feature maps is integer, so the logits of a patch rotated by 90 degrees are bit-identical
-(tested, at several batch sizes, on CPUs with and without VNNI).
+The weights are written as **uint8** too (zero point 128, the same real values) unless
+``weight_dtype="int8"``: onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512 F/BW) add
+products in saturating int16 pairs, which breaks exactness, while its uint8 x uint8 kernels widen to int16
+first and never saturate. So the default file is exact in any onnxruntime session on any CPU. With VNNI the
+uint8 x int8 kernels are exact and faster (u8u8 took 2.6x their time at batch 32), so :func:`load_onnx` gives
+its session int8 weights there and uint8 ones on x86 CPUs without VNNI, whichever the file holds. Every
+remaining operation on the feature maps is integer, so the logits of a patch rotated by 90 degrees are
+bit-identical (tested, at several batch sizes, on CPUs with and without VNNI).
 
 Needs the optional extra: ``pip install 'rotconv[deploy]'`` (onnx, onnxscript, onnxruntime; INT8 also
 executorch's quantizer).
@@ -39,11 +41,14 @@ from .pipeline import RELU6_DEFAULT, check_float_model
 
 __all__ = ["to_onnx", "load_onnx", "OnnxModel"]
 
+# how to_onnx may store the INT8 weights (the default first)
+_WEIGHT_DTYPES = ("uint8", "int8")
+
 
 def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True, example_batch: int = 1,
             example_input: torch.Tensor | None = None, input_range: tuple[float, float] | None = None,
             calibration: Iterable | None = None, bias_correction: bool = True, dynamic_batch: bool = True,
-            relu6: str = RELU6_DEFAULT) -> str:
+            relu6: str = RELU6_DEFAULT, weight_dtype: str = "uint8") -> str:
     """Write ``model`` (a float plain network, e.g. ``model.export()``) to ``path`` as ONNX; returns ``path``.
 
     Args:
@@ -55,11 +60,18 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         example_batch, example_input: the traced input (default zeros of ``model.input_size``).
         input_range, calibration, bias_correction, relu6: as :func:`quant.to_executorch`.
         dynamic_batch: the file accepts any batch size (else only the example's).
+        weight_dtype: how the INT8 weights are stored: ``"uint8"`` (zero point 128), exact under quarter turns
+            in any onnxruntime session on any CPU; ``"int8"``, onnxruntime's faster kernels on x86 CPUs with VNNI
+            (a session opened on the file itself took 1/2.8 the time at batch 32 there), but on an x86 CPU
+            without VNNI such a session is not exact. The same real values either way, and :func:`load_onnx`
+            runs either file exactly and at the faster kernels' speed wherever they are exact.
     """
     require_extra(("onnx", "onnxscript"), "quant.to_onnx")
     check_writable(path)  # refused before the export, not after it
     if not isinstance(int8, bool):
         raise ValueError(f"int8: expected True or False, got {int8!r}")
+    if weight_dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype: expected one of {', '.join(map(repr, _WEIGHT_DTYPES))}, got {weight_dtype!r}")
     example = traced_example(model, example_input, example_batch)
     if int8:
         network = quantize_pt2e(model, group, example, input_range, calibration, bias_correction, relu6)
@@ -79,6 +91,8 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
 
             proto = onnx.load(temporary)
             _activations_to_uint8(proto)
+            _shift_weights(proto, weight_dtype)
+            onnx.checker.check_model(proto)
             data = proto.SerializeToString()
         else:
             with open(temporary, "rb") as handle:
@@ -122,7 +136,7 @@ def _activations_to_uint8(proto) -> int:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
             continue
         if node.op_type == "DequantizeLinear" and (node.input[0] in initializers or node.input[0] in constants):
-            continue  # a weight: see _weights_to_uint8
+            continue  # a weight: see _shift_weights
         zero_point = value(node.input[2])
         if zero_point is None or zero_point.dtype != np.int8:
             continue
@@ -148,15 +162,19 @@ def _activations_to_uint8(proto) -> int:
     return changed
 
 
-def _u8s8_saturates() -> bool:
-    """Whether onnxruntime's uint8 x int8 kernels add products in saturating int16 pairs here (x86 without
-    VNNI)."""
-    return is_x86() and not has_vnni()
+def _session_weight_dtype() -> str | None:
+    """The weight dtype onnxruntime runs exactly and fastest here: int8 on x86 CPUs with VNNI (its u8s8 kernels
+    add products into int32 there), uint8 on x86 CPUs without (its u8s8 kernels add neighbouring products in
+    saturating int16 pairs there); None elsewhere (ARM's int8 dot products do not saturate: the file's own)."""
+    if not is_x86():
+        return None
+    return "int8" if has_vnni() else "uint8"
 
 
-def _weights_to_uint8(proto) -> int:
-    """Store every int8 weight of ``proto`` as uint8 ``q + 128`` with zero point ``z + 128`` (the same real
-    values), in place; returns the count.
+def _shift_weights(proto, dtype: str) -> int:
+    """Store every constant weight of ``proto``'s DequantizeLinear nodes as ``dtype`` (``"uint8"``: ``q + 128``
+    with zero point ``z + 128``; ``"int8"``: the reverse), in place: the same real values ``scale * (q - z)``.
+    Returns how many weights changed.
 
     onnxruntime multiplies uint8 activations by int8 weights (u8s8) with ``vpmaddubsw`` on x86 CPUs without
     VNNI (AVX2, AVX-512 F/BW): two neighbouring products are added into a saturating int16, and which two are
@@ -167,18 +185,24 @@ def _weights_to_uint8(proto) -> int:
     import numpy as np
     from onnx import numpy_helper
 
+    source, target = (np.int8, np.uint8) if dtype == "uint8" else (np.uint8, np.int8)
+    offset = 128 if dtype == "uint8" else -128
     graph = proto.graph
     array = _constant_reader(proto)
+    initializers = {tensor.name for tensor in graph.initializer}
+    constants = {node.output[0] for node in graph.node if node.op_type == "Constant"}
     changed, replaced = 0, set()
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 3:
             continue
+        if node.input[0] not in initializers and node.input[0] not in constants:
+            continue  # an activation
         weight, zero_point = array(node.input[0]), array(node.input[2])
-        if weight is None or zero_point is None or weight.dtype != np.int8 or zero_point.dtype != np.int8:
+        if weight is None or zero_point is None or weight.dtype != source or zero_point.dtype != source:
             continue
         for index, values in ((0, weight), (2, zero_point)):
-            name = f"uint8_weight_{changed}" if index == 0 else f"uint8_weight_zero_point_{changed}"
-            graph.initializer.append(numpy_helper.from_array((values.astype(np.int16) + 128).astype(np.uint8), name))
+            name = f"{dtype}_weight_{changed}" if index == 0 else f"{dtype}_weight_zero_point_{changed}"
+            graph.initializer.append(numpy_helper.from_array((values.astype(np.int16) + offset).astype(target), name))
             replaced.add(node.input[index])
             node.input[index] = name
         changed += 1
@@ -189,6 +213,18 @@ def _weights_to_uint8(proto) -> int:
                  and node.output[0] not in used]:
         graph.node.remove(node)
     return changed
+
+
+def _weight_dtypes(proto) -> set[str]:
+    """The dtypes (``"int8"``, ``"uint8"``) of ``proto``'s constant DequantizeLinear weights."""
+    array = _constant_reader(proto)
+    found = set()
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) >= 3:
+            weight, zero_point = array(node.input[0]), array(node.input[2])
+            if weight is not None and zero_point is not None and str(weight.dtype) in _WEIGHT_DTYPES:
+                found.add(str(weight.dtype))
+    return found
 
 
 def _export(network: nn.Module, example: torch.Tensor, dynamic: dict | None):
@@ -210,7 +246,8 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str, threads: int | None = None) -> None:
         super().__init__()
-        require_extra(("onnxruntime",), "quant.load_onnx")
+        require_extra(("onnxruntime", "onnx"), "quant.load_onnx")
+        import onnx
         import onnxruntime
 
         check_path(path)
@@ -224,17 +261,16 @@ class OnnxModel(nn.Module):
         # next in this process (torch, measured: torch FP32 2x slower right after an onnxruntime call)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        source: str | bytes = path
-        self.uint8_weights = _u8s8_saturates()
-        if self.uint8_weights:  # see the module docstring: exact integers on CPUs without VNNI
-            import onnx
-
-            try:
-                proto = onnx.load(path)
-            except Exception as error:  # protobuf raises its own types for a bad file
-                raise ValueError(f"{path}: not a loadable ONNX model ({type(error).__name__})") from None
-            _weights_to_uint8(proto)
-            source = proto.SerializeToString()
+        try:
+            proto = onnx.load(path)
+        except Exception as error:  # protobuf raises its own types for a bad file
+            raise ValueError(f"{path}: not a loadable ONNX model ({type(error).__name__})") from None
+        wanted = _session_weight_dtype()
+        if wanted is not None:  # see the module docstring: exact integers, the fast kernels where they are exact
+            _shift_weights(proto, wanted)
+        #: whether the session runs uint8 weights (x86 without VNNI; elsewhere as the file holds them)
+        self.uint8_weights = "uint8" in _weight_dtypes(proto)
+        source = proto.SerializeToString()
         try:
             self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types for a bad file

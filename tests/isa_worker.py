@@ -8,9 +8,9 @@ torch offers and the library's default among them, XNNPACK's widest instruction 
 engine (and per file given) the largest absolute logit difference over the quarter turns of random inputs 3x
 beyond the declared input range (activations leave their planned ranges and use all 8 bits). "unclamped" is
 the x86 model with its ClampCodes removed: the control that shows whether this CPU's kernels saturate at all;
-"as_written" likewise for each ONNX file run by onnxruntime with its int8 weights as written (``quant.load_onnx``
-stores them as uint8 where the CPU lacks VNNI). "cpuid_held": the level ``python -m benchmarks.isa`` holds
-the CPU's own answers to, or null.
+"as_written" likewise for each ONNX file run by onnxruntime with its weights as written (``quant.load_onnx``
+gives its session uint8 weights where the CPU lacks VNNI, int8 ones where it has it). "cpuid_held": the level
+``python -m benchmarks.isa`` holds the CPU's own answers to, or null.
 """
 import json
 import sys
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> dict:
 
 
 def onnx_as_written(path: str):
-    """The ONNX file in onnxruntime with its weights as written (int8), as a function of a (B, 3, H, W) tensor."""
+    """The ONNX file in onnxruntime with its weights as written, as a function of a (B, 3, H, W) tensor."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])

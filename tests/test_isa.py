@@ -75,7 +75,8 @@ def _run_worker(prefix: list[str], env: dict, arguments: list[str] = (), timeout
 
 @pytest.fixture(scope="module")
 def int8_files(tmp_path_factory) -> list[str]:
-    """A random C_4 network as an ONNX QDQ file and a .pte, written once for the held and emulated CPUs."""
+    """A random C_4 network as an ONNX QDQ file (weights as uint8, the default), the same with int8 weights, and a
+    .pte, written once for the held and emulated CPUs."""
     pytest.importorskip("executorch", reason="the .pte runtime is the optional deploy extra")
     pytest.importorskip("onnxruntime", reason="the ONNX runtime is the optional deploy extra")
     import test_onnx
@@ -85,6 +86,7 @@ def int8_files(tmp_path_factory) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [quant.to_onnx(model, str(directory / "int8.onnx"), group="C4"),
+                quant.to_onnx(model, str(directory / "int8-weights.onnx"), group="C4", weight_dtype="int8"),
                 quant.to_executorch(model, str(directory / "int8.pte"), group="C4")]
 
 
@@ -192,13 +194,15 @@ def test_benchmarks_isa_runs_every_kernel_library_at_its_level_and_int8_stays_ex
     _check(report)  # the ONNX file and the .pte exact too
     # ... and fbgemm: without ClampCodes its kernels of that level saturate
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
-    # ... and onnxruntime, through the CPU's own answers: its int8 weights as written saturate there (the control),
-    # the uint8 weights quant.load_onnx chooses without VNNI stay exact (above)
-    onnx = next(path for path in int8_files if path.endswith(".onnx"))
+    # ... and onnxruntime, through the CPU's own answers: the file with int8 weights run as written saturates there
+    # (the control), the default file (uint8 weights) run as written is exact, and quant.load_onnx runs both on
+    # uint8 weights without VNNI, exactly (above)
+    default, signed = (path for path in int8_files if path.endswith(".onnx"))
     if report["cpuid_held"] != level:
         note = re.search(r"onnxruntime not held: (.*)", stderr[0])
         pytest.skip(f"onnxruntime's {level} kernels not checked: {note.group(1) if note else stderr[0][-300:]}")
-    assert report["uint8_weights"][onnx] and report["as_written"][onnx] > 0, report
+    assert report["as_written"][signed] > 0 and report["as_written"][default] == 0.0, report
+    assert report["uint8_weights"][signed] and report["uint8_weights"][default], report
 
 
 def test_the_cpuid_hold_is_left_to_the_system_and_out_of_emulated_children(monkeypatch, tmp_path):
@@ -292,13 +296,16 @@ def test_the_emulated_run_is_left_out_only_on_an_avx2_only_cpu():
 @pytest.mark.skipif(not QEMU_RUNS_AVX, reason=NO_QEMU_REASON.format("AVX2 CPU"))
 def test_int8_is_bit_exact_on_an_emulated_avx2_cpu(int8_files):
     # emulation is slow: the x86 engine on C_12 (on a CPU without VNNI it runs depthwise convs on fbgemm too,
-    # which the switches above cannot reach) and the two files
+    # which the switches above cannot reach) and the files
     report = _run_worker(["qemu-x86_64", "-cpu", "Haswell"], {}, ["--engines", "x86", "--groups", "12", *int8_files],
                          timeout=1500, emulated=True)
     # the emulated CPU has no AVX-512, VNNI or AMX, as ATen and ExecuTorch's cpuinfo (XNNPACK's kernels) see it
     assert report["capability"] == "AVX2" and report["xnnpack"] == "AVX2", report
     assert not report["vnni"] and not report["amx"], report
     _check(report)
+    # onnxruntime's own AVX2 kernels: the default file exact in a plain session, int8 weights not (the control)
+    default, signed = (path for path in int8_files if path.endswith(".onnx"))
+    assert report["as_written"][default] == 0.0 and report["as_written"][signed] > 0, report
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU emulation")
@@ -312,13 +319,15 @@ def test_int8_is_bit_exact_and_quiet_on_an_emulated_cpu_without_avx2(int8_files)
     stderr = []
     # numpy's OpenBLAS takes qemu's emulated Sandy Bridge for a Haswell and would run AVX2 code on it (np.dot dies
     # of SIGILL there; seen with qemu 7.2 and numpy 2.4): told which core the emulated CPU is
+    default, _, pte = int8_files  # the default ONNX file (uint8 weights) and the .pte
     report = _run_worker(["qemu-x86_64", "-cpu", "SandyBridge"], {"OPENBLAS_CORETYPE": "Sandybridge"},
-                         ["--engines", "x86,fbgemm,qnnpack", "--groups", "4,12", *int8_files], timeout=1500,
+                         ["--engines", "x86,fbgemm,qnnpack", "--groups", "4,12", default, pte], timeout=1500,
                          emulated=True, stderr=stderr)
     assert report["capability"] == "DEFAULT" and not report["avx2"] and report["xnnpack"] == "older", report
     assert not {"x86", "fbgemm"} & set(report["offered"]) and report["default_backend"] == "qnnpack", report
     assert set(report["engines"]) == {"C4-qnnpack", "C12-qnnpack"}, report
     _check(report)
+    assert report["as_written"][default] == 0.0, report  # the file exact in a plain session too
     assert "NNPACK" not in stderr[0], stderr[0][-2000:]
 
 

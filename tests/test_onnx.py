@@ -87,11 +87,23 @@ def test_int8_file_runs_the_data_free_qdq_model(files):
     graph = onnx.load(int8).graph
     kinds = {node.op_type for node in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= kinds  # a QDQ model, not a float one
-    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8_weights) >= 50  # every convolution's weight is stored as int8 (VNNI's fast u8s8 kernels)
-    # on an x86 CPU without VNNI load_onnx stores them as uint8 for its session (u8s8 pair sums saturate there;
-    # ARM's int8 dot products do not)
-    assert session.uint8_weights == (rotconv.hardware.is_x86() and not rotconv.hardware.has_vnni())
+    # every convolution's weight is stored as uint8 with zero point 128 (exact in any onnxruntime session)
+    weights = _weights(onnx.load(int8))
+    assert len(weights) >= 50 and all(w.dtype == np.uint8 and (z == 128).all() for w, z in weights)
+    # load_onnx gives its session int8 weights on an x86 CPU with VNNI (faster there, and exact), uint8 ones on
+    # an x86 CPU without (u8s8 pair sums saturate there); elsewhere the file's own
+    assert session.uint8_weights == (not rotconv.hardware.is_x86() or not rotconv.hardware.has_vnni())
+
+
+def _weights(proto) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight, zero point) of every DequantizeLinear of ``proto`` whose input is a stored constant."""
+    from onnx import numpy_helper
+
+    stored = {tensor.name: numpy_helper.to_array(tensor) for tensor in proto.graph.initializer}
+    stored.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in proto.graph.node
+                   if node.op_type == "Constant"})
+    return [(stored[node.input[0]], stored[node.input[2]]) for node in proto.graph.node
+            if node.op_type == "DequantizeLinear" and node.input[0] in stored]
 
 
 def test_onnxruntime_runs_every_convolution_and_add_as_an_integer_kernel(files, tmp_path):
@@ -121,6 +133,37 @@ def test_int8_logits_are_bit_exactly_invariant_to_quarter_turns(files, batch):
     logits = session(x)
     for k in (1, 2, 3):
         assert torch.equal(session(torch.rot90(x, k, (2, 3))), logits), k
+
+
+def test_int8_weights_as_written_or_as_uint8_are_the_same_model_and_the_default_file_is_exact_as_it_is(files,
+                                                                                                       tmp_path):
+    # weight_dtype="int8" stores the same real values as int8 (onnxruntime's faster kernels with VNNI). Both files
+    # are one model: load_onnx runs them with the same weights here, so the logits are bit-identical. The default
+    # file opened by onnxruntime directly (a user's own session) is exact under quarter turns and gives
+    # load_onnx's logits: the same integers, whichever exact kernels run. On x86 CPUs without VNNI the int8 file
+    # in such a session is not exact (tests/test_isa.py checks both there).
+    import onnx
+    import onnxruntime
+
+    model, _, default, _ = files
+    with pytest.raises(ValueError, match="weight_dtype: expected one of 'uint8', 'int8', got 'int4'"):
+        quant.to_onnx(model, str(tmp_path / "x.onnx"), group="C4", weight_dtype="int4")
+    assert not (tmp_path / "x.onnx").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        signed = quant.to_onnx(model, str(tmp_path / "int8.onnx"), group="C4", weight_dtype="int8")
+    pairs = list(zip(_weights(onnx.load(signed)), _weights(onnx.load(default))))
+    assert len(pairs) >= 50
+    for (w, z), (u, v) in pairs:  # the same real values: q - z equal
+        assert w.dtype == np.int8 and (z == 0).all()
+        assert np.array_equal(w.astype(np.int16) - z, u.astype(np.int16) - v)
+    x = 3 * torch.randn(3, 3, 95, 95, generator=torch.Generator().manual_seed(5))
+    logits = quant.load_onnx(default)(x)
+    assert torch.equal(quant.load_onnx(signed)(x), logits)
+    session = onnxruntime.InferenceSession(default, providers=["CPUExecutionProvider"])
+    for k in (0, 1, 2, 3):
+        rotated = torch.rot90(x, k, (2, 3)).contiguous().numpy()
+        assert torch.equal(torch.from_numpy(session.run(None, {"x": rotated})[0]), logits), k
 
 
 def test_sorted_readout_exports_and_stays_bit_exact(tmp_path):
