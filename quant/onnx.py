@@ -173,8 +173,8 @@ def _session_weight_dtype() -> str | None:
 
 def _shift_weights(proto, dtype: str) -> int:
     """Store every constant weight of ``proto``'s DequantizeLinear nodes as ``dtype`` (``"uint8"``: ``q + 128``
-    with zero point ``z + 128``; ``"int8"``: the reverse), in place: the same real values ``scale * (q - z)``.
-    Returns how many weights changed.
+    with zero point ``z + 128``; ``"int8"``: the reverse, for symmetric weights only, zero point 128), in place:
+    the same real values ``scale * (q - z)``. Returns how many weights changed.
 
     onnxruntime multiplies uint8 activations by int8 weights (u8s8) with ``vpmaddubsw`` on x86 CPUs without
     VNNI (AVX2, AVX-512 F/BW): two neighbouring products are added into a saturating int16, and which two are
@@ -200,6 +200,8 @@ def _shift_weights(proto, dtype: str) -> int:
         weight, zero_point = array(node.input[0]), array(node.input[2])
         if weight is None or zero_point is None or weight.dtype != source or zero_point.dtype != source:
             continue
+        if dtype == "int8" and not (zero_point == 128).all():
+            continue  # onnxruntime's int8-weight kernels are made for symmetric weights
         for index, values in ((0, weight), (2, zero_point)):
             name = f"{dtype}_weight_{changed}" if index == 0 else f"{dtype}_weight_zero_point_{changed}"
             graph.initializer.append(numpy_helper.from_array((values.astype(np.int16) + offset).astype(target), name))

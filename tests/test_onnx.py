@@ -166,6 +166,25 @@ def test_int8_weights_as_written_or_as_uint8_are_the_same_model_and_the_default_
         assert torch.equal(torch.from_numpy(session.run(None, {"x": rotated})[0]), logits), k
 
 
+def test_load_onnx_turns_only_symmetric_uint8_weights_into_int8(files, tmp_path):
+    # On x86 with VNNI load_onnx gives its session int8 weights, but only where they are symmetric (zero point
+    # 128 as uint8, as to_onnx writes them): a weight with another zero point stays uint8, on every CPU.
+    import onnx
+    from onnx import numpy_helper
+
+    _, _, default, _ = files
+    proto = onnx.load(default)
+    node = next(node for node in proto.graph.node if node.op_type == "DequantizeLinear"
+                and any(tensor.name == node.input[0] for tensor in proto.graph.initializer))
+    tensor = next(tensor for tensor in proto.graph.initializer if tensor.name == node.input[2])
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) - np.uint8(1), tensor.name))
+    path = tmp_path / "asymmetric.onnx"
+    path.write_bytes(proto.SerializeToString())
+    session = quant.load_onnx(str(path))
+    assert session.uint8_weights
+    assert torch.isfinite(session(torch.zeros(1, 3, 95, 95))).all()
+
+
 def test_sorted_readout_exports_and_stays_bit_exact(tmp_path):
     # group_pool="sort" is traced as a min/max sorting network: the FP32 file matches the model, and the INT8
     # file's logits are bit-identical under quarter turns (min/max are exact, as the pool before them)
