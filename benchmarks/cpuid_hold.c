@@ -1,7 +1,8 @@
 /* A process whose CPUID answers like a lesser x86 CPU's: loaded with LD_PRELOAD by `python -m benchmarks.isa`.
  *
- * With ROTCONV_CPUID_LEVEL set to "avx2" (an AVX2-only CPU) or "avx512" (AVX-512 F, CD, BW, DQ and VL, without
- * VNNI or BF16), the library asks Linux to trap the CPUID instruction in this process (arch_prctl
+ * With ROTCONV_CPUID_LEVEL set to "avx2" (an AVX2-only CPU), "avx512" (AVX-512 F, CD, BW, DQ and VL, without
+ * VNNI or BF16) or "avxvnni" (AVX2 with AVX-VNNI, GFNI, VAES and VPCLMULQDQ: an Intel Alder Lake kind of client
+ * CPU, without AVX-512), the library asks Linux to trap the CPUID instruction in this process (arch_prctl
  * ARCH_SET_CPUID: CPUID faulting, where the CPU or hypervisor offers it) and answers each trapped CPUID itself:
  * the real answer with the feature bits of leaf 7 that such a CPU lacks cleared. Every library that asks the
  * CPU what it has (torch's cpuinfo, oneDNN, fbgemm, XNNPACK, onnxruntime's MLAS) then picks the level's
@@ -12,8 +13,8 @@
  * SIGSEGV that is not a CPUID trap goes on to it, as if it had been installed. The faulting setting is kept
  * across fork and clone; an exec'd program loads the library again through LD_PRELOAD.
  *
- * rotconv_cpuid_level() says what this process holds: 1 (avx2), 2 (avx512), 0 (nothing asked), -1 (asked,
- * but this system cannot trap CPUID).
+ * rotconv_cpuid_level() says what this process holds: 1 (avx2), 2 (avx512), 3 (avxvnni), 0 (nothing asked),
+ * -1 (asked, but this system cannot trap CPUID).
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
@@ -42,15 +43,16 @@ static void lesser_cpu(unsigned leaf, unsigned subleaf, unsigned *a, unsigned *b
         /* EBX: AVX512F 16, DQ 17, IFMA 21, PF 26, ER 27, CD 28, BW 30, VL 31 */
         unsigned avx512 = BIT(16) | BIT(17) | BIT(21) | BIT(26) | BIT(27) | BIT(28) | BIT(30) | BIT(31);
         unsigned skylake_sp = BIT(16) | BIT(17) | BIT(28) | BIT(30) | BIT(31);
-        *b &= ~(held_level == 1 ? avx512 : avx512 & ~skylake_sp);
+        *b &= ~(held_level == 2 ? avx512 & ~skylake_sp : avx512);
         /* ECX: VBMI 1, VBMI2 6, GFNI 8, VAES 9, VPCLMULQDQ 10, VNNI 11, BITALG 12, VPOPCNTDQ 14 */
-        *c &= ~(BIT(1) | BIT(6) | BIT(8) | BIT(9) | BIT(10) | BIT(11) | BIT(12) | BIT(14));
+        unsigned vector_crypto = BIT(8) | BIT(9) | BIT(10); /* kept for an Alder Lake kind */
+        *c &= ~((BIT(1) | BIT(6) | BIT(11) | BIT(12) | BIT(14)) | (held_level == 3 ? 0 : vector_crypto));
         /* EDX: 4VNNIW 2, 4FMAPS 3, VP2INTERSECT 8, AMX-BF16 22, FP16 23, AMX-TILE 24, AMX-INT8 25 */
         *d &= ~(BIT(2) | BIT(3) | BIT(8) | BIT(22) | BIT(23) | BIT(24) | BIT(25));
     } else if (leaf == 7 && subleaf == 1) {
         /* EAX: AVX-VNNI 4, AVX512-BF16 5, AMX-FP16 21, AVX-IFMA 23; EDX: AVX-VNNI-INT8 4, AVX-NE-CONVERT 5,
          * AVX-VNNI-INT16 10, AVX10 19 */
-        *a &= ~(BIT(4) | BIT(5) | BIT(21) | BIT(23));
+        *a &= ~((held_level == 3 ? 0 : BIT(4)) | BIT(5) | BIT(21) | BIT(23));
         *d &= ~(BIT(4) | BIT(5) | BIT(10) | BIT(19));
     }
 }
@@ -116,7 +118,7 @@ __attribute__((constructor)) static void hold_cpuid(void) {
     real_sigaction = (sigaction_function)dlsym(RTLD_NEXT, "sigaction");
     if (level == NULL || real_sigaction == NULL)
         return;
-    int asked = strcmp(level, "avx2") == 0 ? 1 : strcmp(level, "avx512") == 0 ? 2 : 0;
+    int asked = strcmp(level, "avx2") == 0 ? 1 : strcmp(level, "avx512") == 0 ? 2 : strcmp(level, "avxvnni") == 0 ? 3 : 0;
     if (asked == 0)
         return;
     struct sigaction action;

@@ -11,6 +11,9 @@ Levels:
 * ``avx512``: an AVX-512 CPU without VNNI or BF16 (Intel Skylake-SP, the first AVX-512 servers; AVX-512 F, CD,
   BW, DQ and VL only). int8 products go through the same saturating int16 pair sums as on AVX2 CPUs, and
   oneDNN runs bf16 emulated (slower than float32), so torch's own bf16 probe still answers yes there.
+* ``avxvnni``: AVX2 with AVX-VNNI (the 256-bit VNNI of Intel's client CPUs from Alder Lake on, 12th-14th gen Core
+  and Core Ultra, which have no AVX-512): oneDNN and XNNPACK have kernels for it, fbgemm and torch's VNNI probe
+  do not (fbgemm runs its AVX2 kernels there).
 
 What is held, in this process and before any of it loads:
 
@@ -51,15 +54,18 @@ import subprocess
 import sys
 import tempfile
 
-__all__ = ["AVX2_SWITCHES", "AVX512_SWITCHES", "LEVELS", "ISAError", "cap_xnnpack", "cap_xnnpack_at_avx2",
-           "cpu_has_level", "xnnpack_capped", "xnnpack_isa", "CPUID_LEVEL_VARIABLE", "CPUID_LIBRARY_PREFIX",
-           "build_cpuid_hold", "cpuid_held", "without_cpuid_hold", "main"]
+__all__ = ["AVX2_SWITCHES", "AVX512_SWITCHES", "AVXVNNI_SWITCHES", "LEVELS", "ISAError", "cap_xnnpack",
+           "cap_xnnpack_at_avx2", "cpu_has_level", "xnnpack_capped", "xnnpack_isa", "CPUID_LEVEL_VARIABLE",
+           "CPUID_LIBRARY_PREFIX", "build_cpuid_hold", "cpuid_held", "without_cpuid_hold", "main"]
 
 #: The libraries' own switches that hold torch's kernels, oneDNN and fbgemm to AVX2
 AVX2_SWITCHES = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 #: ... and to AVX-512 without VNNI or BF16 (oneDNN's AVX512_CORE; fbgemm's AVX512 is its level before VNNI)
 AVX512_SWITCHES = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
                    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX512"}
+#: ... and to AVX2 with AVX-VNNI (oneDNN's AVX2_VNNI; fbgemm and ATen have no level for it, AVX2 is theirs there)
+AVXVNNI_SWITCHES = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI",
+                    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 
 # cpuinfo's ``struct cpuinfo_x86_isa`` on x86-64 (one bool per feature, in this order; 85 entries in the
 # cpuinfo that ExecuTorch 1.x links). The order is checked against /proc/cpuinfo before anything is written.
@@ -80,12 +86,14 @@ LEVELS = {
     "avx2": (AVX2_SWITCHES, (), "AVX2"),
     "avx512": (AVX512_SWITCHES, ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"),
                "AVX-512 without VNNI or BF16"),
+    "avxvnni": (AVXVNNI_SWITCHES, ("avxvnni",), "AVX2 with AVX-VNNI"),
 }
 # entries checked against the kernel's flags (name in /proc/cpuinfo) before the table is trusted
 _CHECKED = {"sse4_1": "sse4_1", "sse4_2": "sse4_2", "avx": "avx", "fma3": "fma", "f16c": "f16c", "avx2": "avx2",
             "avx512f": "avx512f", "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512bw": "avx512bw",
             "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "bmi2": "bmi2",
-            "popcnt": "popcnt", "aes": "aes", "sha": "sha_ni"}  # not AMX: Linux grants it per process
+            "popcnt": "popcnt", "aes": "aes", "sha": "sha_ni", "avxvnni": "avx_vnni"}  # not AMX: Linux grants it
+# per process
 
 
 class ISAError(RuntimeError):
@@ -143,12 +151,15 @@ def _check_layout(table) -> None:
 
 def xnnpack_isa() -> str:
     """The widest x86 vector instruction set XNNPACK may pick kernels for in this process, as ExecuTorch's cpuinfo
-    table now says: ``"AVX512-VNNI"``, ``"AVX512"`` (without VNNI), ``"AVX2"`` or ``"older"`` (on an emulated CPU,
-    the emulated one's). Initialises that cpuinfo (cheap; XNNPACK itself is not touched)."""
+    table now says: ``"AVX512-VNNI"``, ``"AVX512"`` (without VNNI), ``"AVX2-VNNI"`` (AVX2 with AVX-VNNI), ``"AVX2"``
+    or ``"older"`` (on an emulated CPU, the emulated one's). Initialises that cpuinfo (cheap; XNNPACK itself is
+    not touched)."""
     table = _isa_table()
     if table[_ISA_FIELDS.index("avx512f")]:
         return "AVX512-VNNI" if table[_ISA_FIELDS.index("avx512vnni")] else "AVX512"
-    return "AVX2" if table[_ISA_FIELDS.index("avx2")] else "older"
+    if table[_ISA_FIELDS.index("avx2")]:
+        return "AVX2-VNNI" if table[_ISA_FIELDS.index("avxvnni")] else "AVX2"
+    return "older"
 
 
 def xnnpack_capped() -> bool:
@@ -192,12 +203,12 @@ def cpu_has_level(level: str, flags: set[str] | None = None) -> bool:
     return "avx2" in flags and all(_CHECKED[field] in flags for field in LEVELS[level][1])
 
 
-#: the variable that asks the preloaded ``cpuid_hold.c`` for a level (``avx2``, ``avx512``)
+#: the variable that asks the preloaded ``cpuid_hold.c`` for a level (``avx2``, ``avx512``, ``avxvnni``)
 CPUID_LEVEL_VARIABLE = "ROTCONV_CPUID_LEVEL"
 #: how the built library's file name starts (then the source's hash)
 CPUID_LIBRARY_PREFIX = "rotconv-cpuid-hold-"
 _CPUID_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpuid_hold.c")
-_CPUID_LEVELS = {1: "avx2", 2: "avx512"}
+_CPUID_LEVELS = {1: "avx2", 2: "avx512", 3: "avxvnni"}
 
 
 def build_cpuid_hold() -> str:
@@ -241,13 +252,14 @@ def build_cpuid_hold() -> str:
 
 
 def cpuid_held() -> str | None:
-    """The level (``"avx2"``, ``"avx512"``) this process's CPUID answers for, held by the preloaded
+    """The level (``"avx2"``, ``"avx512"``, ``"avxvnni"``) this process's CPUID answers for, held by the preloaded
     ``cpuid_hold.c``; None where it is not loaded, not asked, or cannot trap CPUID on this system."""
     return _CPUID_LEVELS.get(_cpuid_hold_state())
 
 
 def _cpuid_hold_state() -> int | None:
-    """The preloaded hold's own answer (1 avx2, 2 avx512, 0 not asked, -1 no CPUID faulting), None if not loaded."""
+    """The preloaded hold's own answer (1 avx2, 2 avx512, 3 avxvnni, 0 not asked, -1 no CPUID faulting), None if
+    not loaded."""
     try:
         level = ctypes.CDLL(None).rotconv_cpuid_level
     except (AttributeError, OSError):
@@ -302,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if os.uname().machine != "x86_64" or not cpu_has_level(isa):
         kept = LEVELS[isa][1]
-        needs = "AVX2" + (f" and AVX-512 {', '.join(field[6:].upper() for field in kept)}" if kept else "")
+        avx512 = [field[6:].upper() for field in kept if field.startswith("avx512")]
+        needs = " and ".join(["AVX2"] + ([f"AVX-512 {', '.join(avx512)}"] if avx512 else [])
+                             + ["AVX-VNNI" for field in kept if field == "avxvnni"])
         print(f"benchmarks.isa: {isa} needs an x86-64 Linux CPU with {needs}", file=sys.stderr)
         return 2
     is_script = target.endswith(".py")

@@ -175,15 +175,20 @@ def test_fbgemm_switched_to_avx2_overruns_pointwise_row_offsets_where_the_cpu_an
     assert run(240, None) == (0, ["avx512 False", "ran"])
 
 
-@pytest.mark.parametrize("level, capability, xnnpack", [
-    pytest.param("avx2", "AVX2", "AVX2", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("level, capability, xnnpack, u8s8_saturates", [
+    pytest.param("avx2", "AVX2", "AVX2", True, marks=pytest.mark.skipif(
         _lacks_level("avx2"), reason="AVX2 kernels need an x86-64 CPU with AVX2")),
     # AVX-512 without VNNI or BF16 (Skylake-SP): fbgemm's AVX-512 kernels saturate in int16 pairs as its AVX2 ones do
-    pytest.param("avx512", "AVX512", "AVX512", marks=pytest.mark.skipif(
+    pytest.param("avx512", "AVX512", "AVX512", True, marks=pytest.mark.skipif(
         _lacks_level("avx512"), reason="AVX-512 kernels need an x86-64 CPU with AVX-512 F, CD, BW, DQ and VL")),
+    # AVX2 with AVX-VNNI (Intel client CPUs from Alder Lake on): XNNPACK and onnxruntime have AVX-VNNI kernels, whose
+    # vpdpbusd adds into int32; fbgemm and torch's VNNI probe know only AVX-512 VNNI, so torch runs fbgemm's AVX2
+    # kernels there
+    pytest.param("avxvnni", "AVX2", "AVX2-VNNI", False, marks=pytest.mark.skipif(
+        _lacks_level("avxvnni"), reason="AVX-VNNI kernels need an x86-64 CPU with AVX-VNNI")),
 ])
 def test_benchmarks_isa_runs_every_kernel_library_at_its_level_and_int8_stays_exact(int8_files, level, capability,
-                                                                                   xnnpack):
+                                                                                   xnnpack, u8s8_saturates):
     pytest.importorskip("executorch", reason="the .pte runtime is the optional deploy extra")
     stderr = []
     report = _run_worker([sys.executable, "-m", "benchmarks.isa", level], {},
@@ -194,14 +199,14 @@ def test_benchmarks_isa_runs_every_kernel_library_at_its_level_and_int8_stays_ex
     _check(report)  # the ONNX file and the .pte exact too
     # ... and fbgemm: without ClampCodes its kernels of that level saturate
     assert max(v for k, v in report["engines"].items() if "unclamped" in k) > 0, report
-    # ... and onnxruntime, through the CPU's own answers: the file with int8 weights run as written saturates there
-    # (the control), the default file (uint8 weights) run as written is exact, and quant.load_onnx runs both on
-    # uint8 weights without VNNI, exactly (above)
+    # ... and onnxruntime, through the CPU's own answers: the file with int8 weights run as written saturates on
+    # the levels without VNNI (the control) and is exact with AVX-VNNI, the default file (uint8 weights) run as
+    # written is exact, and quant.load_onnx runs both on uint8 weights where torch answers no VNNI, exactly (above)
     default, signed = (path for path in int8_files if path.endswith(".onnx"))
     if report["cpuid_held"] != level:
         note = re.search(r"onnxruntime not held: (.*)", stderr[0])
         pytest.skip(f"onnxruntime's {level} kernels not checked: {note.group(1) if note else stderr[0][-300:]}")
-    assert report["as_written"][signed] > 0 and report["as_written"][default] == 0.0, report
+    assert (report["as_written"][signed] > 0) == u8s8_saturates and report["as_written"][default] == 0.0, report
     assert report["uint8_weights"][signed] and report["uint8_weights"][default], report
 
 
@@ -231,7 +236,8 @@ def test_the_cpuid_hold_is_left_to_the_system_and_out_of_emulated_children(monke
 def test_benchmarks_isa_refuses_with_one_line_what_it_cannot_do(tmp_path, capsys):
     from benchmarks import isa
 
-    cases = [([], "usage"), (["avx10", "benchmarks.speed"], "unknown instruction set 'avx10' (choices: avx2, avx512)"),
+    cases = [([], "usage"),
+             (["avx10", "benchmarks.speed"], "unknown instruction set 'avx10' (choices: avx2, avx512, avxvnni)"),
              (["avx2", "no_such_module_here"], "no such module: no_such_module_here"),
              (["avx2", str(tmp_path / "missing.py")], "no such script"),
              # in this process torch is loaded already, so its switches could no longer take effect
@@ -252,6 +258,7 @@ def test_a_level_is_refused_on_a_cpu_without_what_it_has(monkeypatch, capsys):
     assert isa.cpu_has_level("avx2", haswell) and not isa.cpu_has_level("avx512", haswell)
     assert isa.cpu_has_level("avx512", skylake_sp)
     assert not isa.cpu_has_level("avx512", skylake_sp - {"avx512bw"})
+    assert isa.cpu_has_level("avxvnni", haswell | {"avx_vnni"}) and not isa.cpu_has_level("avxvnni", skylake_sp)
     assert not isa.cpu_has_level("avx2", {"sse4_2", "avx"})
     if os.uname().machine != "x86_64":
         return
@@ -259,6 +266,8 @@ def test_a_level_is_refused_on_a_cpu_without_what_it_has(monkeypatch, capsys):
     before = {name: os.environ.get(name) for name in isa.AVX512_SWITCHES}
     assert isa.main(["avx512", "benchmarks.speed"]) == 2
     assert "avx512 needs an x86-64 Linux CPU with AVX2 and AVX-512 F, CD, BW, DQ, VL" in capsys.readouterr().err
+    assert isa.main(["avxvnni", "benchmarks.speed"]) == 2
+    assert "avxvnni needs an x86-64 Linux CPU with AVX2 and AVX-VNNI" in capsys.readouterr().err
     assert {name: os.environ.get(name) for name in isa.AVX512_SWITCHES} == before
     # avx2 on an AVX-512 CPU without VNNI (Skylake-SP) only with CPUID held: fbgemm's AVX2 switch alone writes
     # past its row offsets there (the overrun test). Here the hold is refused (no compiler; this process taken as
