@@ -12,9 +12,10 @@ an add) and the adds stayed float operations on dequantized values, 20-40% slowe
 The weights are written as **uint8** too (zero point 128, the same real values) unless
 ``weight_dtype="int8"``: onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512 F/BW) add
 products in saturating int16 pairs, which breaks exactness, while its uint8 x uint8 kernels widen to int16
-first and never saturate. So the default file is exact in any onnxruntime session on any CPU. With VNNI the
-uint8 x int8 kernels are exact and faster (u8u8 took 2.6x their time at batch 32), so :func:`load_onnx` gives
-its session int8 weights there and uint8 ones on x86 CPUs without VNNI, whichever the file holds. Every
+first and never saturate. So the default file is exact in any onnxruntime session on any CPU. With VNNI
+(AVX-512 VNNI, or the AVX-VNNI of Intel's client CPUs from Alder Lake on) the uint8 x int8 kernels add into
+int32, exact and faster (u8u8 took 2.3-2.8x their time at batch 32), so :func:`load_onnx` gives its session
+int8 weights there and uint8 ones on x86 CPUs without VNNI, whichever the file holds. Every
 remaining operation on the feature maps is integer, so the logits of a patch rotated by 90 degrees are
 bit-identical (tested, at several batch sizes, on CPUs with and without VNNI).
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from rotconv.files import atomic_write, check_path, check_writable
-from rotconv.hardware import has_vnni, is_x86
+from rotconv.hardware import has_avx_vnni, has_vnni, is_x86
 
 from .executorch import quantize_pt2e, traced_example
 from .extras import output_classes, require_extra, runtime_input
@@ -61,10 +62,11 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         input_range, calibration, bias_correction, relu6: as :func:`quant.to_executorch`.
         dynamic_batch: the file accepts any batch size (else only the example's).
         weight_dtype: how the INT8 weights are stored: ``"uint8"`` (zero point 128), exact under quarter turns
-            in any onnxruntime session on any CPU; ``"int8"``, onnxruntime's faster kernels on x86 CPUs with VNNI
-            (a session opened on the file itself took 1/2.8 the time at batch 32 there), but on an x86 CPU
-            without VNNI such a session is not exact. The same real values either way, and :func:`load_onnx`
-            runs either file exactly and at the faster kernels' speed wherever they are exact.
+            in any onnxruntime session on any CPU; ``"int8"``, onnxruntime's faster kernels on x86 CPUs with
+            AVX-512 VNNI or AVX-VNNI (a session opened on the file itself took 1/2.8 and 1/2.3 the time at batch
+            32 there), but on an x86 CPU without either such a session is not exact. The same real values either
+            way, and :func:`load_onnx` runs either file exactly and at the faster kernels' speed wherever they
+            are exact.
     """
     require_extra(("onnx", "onnxscript"), "quant.to_onnx")
     check_writable(path)  # refused before the export, not after it
@@ -163,12 +165,13 @@ def _activations_to_uint8(proto) -> int:
 
 
 def _session_weight_dtype() -> str | None:
-    """The weight dtype onnxruntime runs exactly and fastest here: int8 on x86 CPUs with VNNI (its u8s8 kernels
-    add products into int32 there), uint8 on x86 CPUs without (its u8s8 kernels add neighbouring products in
-    saturating int16 pairs there); None elsewhere (ARM's int8 dot products do not saturate: the file's own)."""
+    """The weight dtype onnxruntime runs exactly and fastest here: int8 on x86 CPUs with AVX-512 VNNI or AVX-VNNI
+    (its u8s8 kernels add products into int32 there), uint8 on x86 CPUs without (its u8s8 kernels add neighbouring
+    products in saturating int16 pairs there); None elsewhere (ARM's int8 dot products do not saturate: the
+    file's own)."""
     if not is_x86():
         return None
-    return "int8" if has_vnni() else "uint8"
+    return "int8" if has_vnni() or has_avx_vnni() else "uint8"
 
 
 def _shift_weights(proto, dtype: str) -> int:
@@ -270,7 +273,7 @@ class OnnxModel(nn.Module):
         wanted = _session_weight_dtype()
         if wanted is not None:  # see the module docstring: exact integers, the fast kernels where they are exact
             _shift_weights(proto, wanted)
-        #: whether the session runs uint8 weights (x86 without VNNI; elsewhere as the file holds them)
+        #: whether the session runs uint8 weights (x86 without any VNNI; off x86 as the file holds them)
         self.uint8_weights = "uint8" in _weight_dtypes(proto)
         source = proto.SerializeToString()
         try:

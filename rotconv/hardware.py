@@ -16,8 +16,9 @@ import platform
 
 import torch
 
-__all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_avx2", "has_vnni", "has_amx",
-           "has_native_bf16", "onednn_has_bf16", "ISA_SWITCHES", "nnpack_unusable", "turn_off_unusable_nnpack"]
+__all__ = ["cpu_report", "hardware_line", "cpu_flags", "cache_sizes", "is_x86", "has_avx2", "has_vnni", "has_avx_vnni",
+           "cpuid", "has_amx", "has_native_bf16", "onednn_has_bf16", "ISA_SWITCHES", "nnpack_unusable",
+           "turn_off_unusable_nnpack"]
 
 
 #: where the kernel describes the CPU and its caches (read at each call)
@@ -123,6 +124,58 @@ def has_vnni() -> bool:
     return _cpu_answers("_is_vnni_supported", "avx512_vnni")
 
 
+# x86-64 System V code for ``void f(uint32 leaf, uint32 subleaf, uint32 out[4])``: push rbx; mov r8, rdx;
+# mov eax, edi; mov ecx, esi; cpuid; mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx; mov [r8+12], edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("53 4989d0 89f8 89f1 0fa2 418900 41895804 41894808 4189500c 5b c3")
+_cpuid_function = None
+
+
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:
+    """The CPU's answer ``(eax, ebx, ecx, edx)`` to the CPUID instruction, asked from this process (so what a
+    library that asks the CPU itself sees: onnxruntime, oneDNN, XNNPACK; a CPU held lower by ``python -m
+    benchmarks.isa`` answers for its level). None off Linux x86-64 or where the system refuses executable memory:
+    the instruction runs from a page this function maps (written, then made read-only and executable)."""
+    global _cpuid_function
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if _cpuid_function is None:
+        import ctypes
+        import mmap
+
+        try:
+            page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            page.write(_CPUID_CODE)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            if libc.mprotect(address, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
+                _cpuid_function = False
+                return None
+        except (OSError, ValueError, AttributeError):
+            _cpuid_function = False
+            return None
+        prototype = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32 * 4))
+        _cpuid_function = (page, prototype(address), ctypes.c_uint32 * 4)  # the page kept alive with the function
+    if _cpuid_function is False:
+        return None
+    _, function, registers = _cpuid_function
+    answer = registers()
+    function(leaf, subleaf, answer)
+    return tuple(answer)
+
+
+def has_avx_vnni() -> bool:
+    """Whether the CPU has AVX-VNNI (the 256-bit VNNI of Intel's client CPUs from Alder Lake on, and of AMD Zen 5),
+    asked of the CPU itself (:func:`cpuid`, leaf 7 subleaf 1, EAX bit 4; torch has no probe for it). With it,
+    onnxruntime and XNNPACK multiply uint8 by int8 into int32 (exact); fbgemm does not use it. False where CPUID
+    cannot be asked."""
+    highest = cpuid(0)
+    if highest is None or highest[0] < 7:
+        return False
+    answer = cpuid(7, 1)
+    return answer is not None and bool(answer[0] & (1 << 4))
+
+
 def has_amx() -> bool:
     """Whether the CPU has AMX tiles (the int8/bf16 matrix units oneDNN uses), asked of the CPU like
     :func:`has_vnni`, so that a CPU whose feature table is held lower (``python -m benchmarks.isa``) answers no."""
@@ -164,7 +217,8 @@ def has_native_bf16() -> bool:
 def cpu_report() -> dict:
     """The facts :func:`hardware_line` prints, as a dict (kept beside timings in JSON results).
 
-    ``avx2``: :func:`has_avx2` on x86, None elsewhere; ``vnni``: :func:`has_vnni`; ``amx``: :func:`has_amx`;
+    ``avx2``: :func:`has_avx2` on x86, None elsewhere; ``vnni``: :func:`has_vnni`; ``avx_vnni``:
+    :func:`has_avx_vnni` on x86, None elsewhere; ``amx``: :func:`has_amx`;
     ``bf16``: :func:`has_native_bf16`;
     ``bf16_emulated``: oneDNN runs bf16 without native instructions (:func:`onednn_has_bf16` but not native);
     ``isa_caps``: every library switch that holds kernels below the CPU (fbgemm, oneDNN, ATen), by library. A
@@ -181,6 +235,7 @@ def cpu_report() -> dict:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "avx2": has_avx2() if is_x86() else None,
         "vnni": has_vnni(),
+        "avx_vnni": has_avx_vnni() if is_x86() else None,
         "isa_caps": {library: os.environ[name] for library, name in ISA_SWITCHES.items() if os.environ.get(name)},
         "bf16": bf16,
         "bf16_emulated": not bf16 and onednn_has_bf16(),
@@ -208,7 +263,7 @@ def hardware_line(report: dict | None = None) -> str:
     # an x86 CPU without AVX2 (ATen DEFAULT): no fbgemm, hence no x86 int8 engine, and no NNPACK
     no_avx2 = " (no AVX2)" if r.get("avx2") is False else ""
     return (f"{r['cpu']}{family}{cache} ({r['cores']} cores) | ATen {r['capability']}{no_avx2} | "
-            f"VNNI {yes(r['vnni'])}{capped} | "
+            f"VNNI {yes(r['vnni'])}{', AVX-VNNI yes' if r.get('avx_vnni') and not r['vnni'] else ''}{capped} | "
             f"bf16 {yes(r['bf16'])}{' (emulated)' if r.get('bf16_emulated') else ''} | AMX {yes(r['amx'])} | "
             f"int8 engines {', '.join(r['int8_engines'])} | "
             f"{r['threads']} threads | torch {r['torch']}")

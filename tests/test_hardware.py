@@ -123,6 +123,15 @@ def test_the_machine_line_says_when_an_x86_cpu_lacks_avx2(avx2, says):
     assert says in rotconv.hardware_line({**REPORT, "capability": "DEFAULT", **extra})
 
 
+@pytest.mark.parametrize("vnni, avx_vnni, says", [
+    (False, True, "| VNNI no, AVX-VNNI yes | "),  # an Alder Lake kind: onnxruntime and XNNPACK use it, fbgemm not
+    (True, True, "| VNNI yes | "), (False, False, "| VNNI no | "),
+    (False, None, "| VNNI no | "),  # Arm, or a report stored before AVX-VNNI was asked
+])
+def test_the_machine_line_names_avx_vnni_where_it_is_the_only_vnni(vnni, avx_vnni, says):
+    assert says in rotconv.hardware_line({**REPORT, "vnni": vnni, "avx_vnni": avx_vnni})
+
+
 @pytest.mark.skipif(not (rotconv.hardware.is_x86() and os.path.exists("/proc/cpuinfo")),
                     reason="the family and model are x86 cpuid fields, read from Linux's /proc/cpuinfo")
 def test_this_x86_machine_reports_its_family_and_model():
@@ -214,3 +223,28 @@ def test_nnpack_is_turned_off_only_on_x86_cpus_without_avx2(monkeypatch, x86, av
         assert torch._C._get_nnpack_enabled() is not turned_off
     finally:
         torch.backends.nnpack.set_flags(before)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="CPUID on Linux x86-64")
+def test_cpuid_asks_the_cpu_itself_as_the_libraries_do():
+    # leaf 0: the vendor string the kernel reports, in EBX, EDX, ECX
+    vendor = hardware._cpuinfo_fields().get("vendor_id")
+    answer = hardware.cpuid(0)
+    assert answer is not None and answer[0] >= 1
+    assert b"".join(value.to_bytes(4, "little") for value in (answer[1], answer[3], answer[2])).decode() == vendor
+    # leaf 1, ECX bit 28: AVX, as the kernel says
+    assert bool(hardware.cpuid(1)[2] & (1 << 28)) == ("avx" in hardware.cpu_flags())
+    # AVX-VNNI (leaf 7 subleaf 1): the kernel's flag, unless this process answers CPUID for a lesser CPU
+    # (python -m benchmarks.isa): then only the avxvnni level has it
+    from benchmarks.isa import cpuid_held
+
+    held = cpuid_held()
+    expected = held == "avxvnni" if held else "avx_vnni" in hardware.cpu_flags()
+    assert hardware.has_avx_vnni() == expected
+
+
+def test_without_cpuid_there_is_no_avx_vnni(monkeypatch):
+    monkeypatch.setattr(hardware, "cpuid", lambda leaf, subleaf=0: None)
+    assert not hardware.has_avx_vnni()
+    monkeypatch.setattr(hardware, "cpuid", lambda leaf, subleaf=0: (6, 0, 0, 0xFFFFFFFF))  # highest leaf 6
+    assert not hardware.has_avx_vnni()
