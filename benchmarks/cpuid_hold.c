@@ -118,7 +118,10 @@ __attribute__((constructor)) static void hold_cpuid(void) {
     real_sigaction = (sigaction_function)dlsym(RTLD_NEXT, "sigaction");
     if (level == NULL || real_sigaction == NULL)
         return;
-    int asked = strcmp(level, "avx2") == 0 ? 1 : strcmp(level, "avx512") == 0 ? 2 : strcmp(level, "avxvnni") == 0 ? 3 : 0;
+    int asked = strcmp(level, "avx2") == 0      ? 1
+                : strcmp(level, "avx512") == 0  ? 2
+                : strcmp(level, "avxvnni") == 0 ? 3
+                                                : 0;
     if (asked == 0)
         return;
     struct sigaction action;

@@ -18,17 +18,17 @@ Levels:
 What is held, in this process and before any of it loads:
 
 * torch's own kernels, oneDNN and fbgemm, through their switches (``ATEN_CPU_CAPABILITY``,
-  ``ONEDNN_MAX_CPU_ISA``, ``FBGEMM_ENABLE_INSTRUCTIONS``: :data:`AVX2_SWITCHES`, :data:`AVX512_SWITCHES`; so
-  also in child processes). With oneDNN held to AVX2, torch reports no bf16; held to AVX512_CORE, no native
-  bf16 (:func:`rotconv.hardware.has_native_bf16`); either way ``--precision auto`` trains in fp32, as on such
-  a CPU.
+  ``ONEDNN_MAX_CPU_ISA``, ``FBGEMM_ENABLE_INSTRUCTIONS``: :data:`AVX2_SWITCHES`, :data:`AVX512_SWITCHES`,
+  :data:`AVXVNNI_SWITCHES`; so also in child processes). With oneDNN held to AVX2, torch reports no bf16; held
+  to AVX512_CORE, no native bf16 (:func:`rotconv.hardware.has_native_bf16`); either way ``--precision auto``
+  trains in fp32, as on such a CPU.
 * ExecuTorch's XNNPACK (the ``.pte`` runtime), which has no switch: it picks its kernels from the CPU features
   that ExecuTorch's copy of cpuinfo detected (the ``cpuinfo_isa`` table of ``libexecutorch_threadpool.so``).
-  :func:`cap_xnnpack` clears the entries the level's CPU lacks (AVX-512 beyond the level, AVX-VNNI, AMX)
-  before XNNPACK is first initialised (in this process; child processes by the CPUID hold below). The library is loaded
-  into the process's global symbol scope before torch, so torch's own CPU probes read the same table: ATen
-  dispatches the level's code and ``torch.cpu._is_vnni_supported()`` (:func:`rotconv.hardware.has_vnni`)
-  answers no, as on such a CPU.
+  :func:`cap_xnnpack` clears the entries the level's CPU lacks (AVX-512 beyond the level, AVX-VNNI but at
+  ``avxvnni``, AMX) before XNNPACK is first initialised (in this process; child processes by the CPUID hold
+  below). The library is loaded into the process's global symbol scope before torch, so torch's own CPU
+  probes read the same table: ATen dispatches the level's code and ``torch.cpu._is_vnni_supported()``
+  (:func:`rotconv.hardware.has_vnni`) answers no, as on such a CPU.
 * What the CPU itself answers, for every library at once, onnxruntime included (it has no switch): the
   command runs again with ``benchmarks/cpuid_hold.c`` preloaded (``LD_PRELOAD``; built once with the system's C
   compiler into ``~/.cache/rotconv``), which has Linux trap the CPUID instruction (CPUID faulting) and answers
@@ -53,6 +53,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 __all__ = ["AVX2_SWITCHES", "AVX512_SWITCHES", "AVXVNNI_SWITCHES", "LEVELS", "ISAError", "cap_xnnpack",
            "cap_xnnpack_at_avx2", "cpu_has_level", "xnnpack_capped", "xnnpack_isa", "CPUID_LEVEL_VARIABLE",
@@ -88,12 +89,12 @@ LEVELS = {
                "AVX-512 without VNNI or BF16"),
     "avxvnni": (AVXVNNI_SWITCHES, ("avxvnni",), "AVX2 with AVX-VNNI"),
 }
-# entries checked against the kernel's flags (name in /proc/cpuinfo) before the table is trusted
+# entries checked against the kernel's flags (name in /proc/cpuinfo) before the table is trusted (not AMX: Linux
+# grants it per process)
 _CHECKED = {"sse4_1": "sse4_1", "sse4_2": "sse4_2", "avx": "avx", "fma3": "fma", "f16c": "f16c", "avx2": "avx2",
             "avx512f": "avx512f", "avx512cd": "avx512cd", "avx512dq": "avx512dq", "avx512bw": "avx512bw",
             "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "bmi2": "bmi2",
-            "popcnt": "popcnt", "aes": "aes", "sha": "sha_ni", "avxvnni": "avx_vnni"}  # not AMX: Linux grants it
-# per process
+            "popcnt": "popcnt", "aes": "aes", "sha": "sha_ni", "avxvnni": "avx_vnni"}
 
 
 class ISAError(RuntimeError):
@@ -209,13 +210,16 @@ CPUID_LEVEL_VARIABLE = "ROTCONV_CPUID_LEVEL"
 CPUID_LIBRARY_PREFIX = "rotconv-cpuid-hold-"
 _CPUID_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpuid_hold.c")
 _CPUID_LEVELS = {1: "avx2", 2: "avx512", 3: "avxvnni"}
+# another checkout's build may be in use (LD_PRELOAD of a running held process's children): removed a week on
+_STALE_BUILD_SECONDS = 7 * 24 * 3600
 
 
 def build_cpuid_hold() -> str:
     """The path of ``cpuid_hold.c`` built as a shared library for ``LD_PRELOAD``: in ``$XDG_CACHE_HOME/rotconv``
     (default ``~/.cache/rotconv``), named by the source's hash, built once with ``$CC`` (else ``cc``, ``gcc``)
-    and moved into place whole (builds of other versions are removed). Raises :class:`ISAError` without a C
-    compiler or where the build fails."""
+    and moved into place whole (builds of other versions are removed once a week old: a process held with one
+    may still start children that load it). Raises :class:`ISAError` without a C compiler or where the build
+    fails."""
     with open(_CPUID_SOURCE, "rb") as handle:
         source = handle.read()
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
@@ -242,10 +246,12 @@ def build_cpuid_hold() -> str:
     finally:
         if os.path.exists(partial):
             os.remove(partial)
+    stale = time.time() - _STALE_BUILD_SECONDS
     for name in os.listdir(cache):  # builds of other versions of the source
         if name.startswith(CPUID_LIBRARY_PREFIX) and name.endswith(".so") and name != os.path.basename(library):
             try:
-                os.remove(os.path.join(cache, name))
+                if os.path.getmtime(os.path.join(cache, name)) < stale:
+                    os.remove(os.path.join(cache, name))
             except OSError:
                 pass
     return library

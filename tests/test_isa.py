@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -360,11 +361,17 @@ def test_the_cpuid_hold_is_built_once_per_source_into_the_cache(monkeypatch, tmp
     from benchmarks import isa
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    stale = tmp_path / "rotconv" / f"{isa.CPUID_LIBRARY_PREFIX}0000000000000000.so"
+    # builds of other versions: a week-old one is removed, a recent one kept (another checkout's held process may
+    # still start children that preload it)
+    stale, recent = (tmp_path / "rotconv" / f"{isa.CPUID_LIBRARY_PREFIX}{digit * 16}.so" for digit in "01")
     stale.parent.mkdir()
-    stale.write_bytes(b"an older build")
+    for build in (stale, recent):
+        build.write_bytes(b"another version's build")
+    week = 7 * 24 * 3600
+    os.utime(stale, (time.time() - week - 60, time.time() - week - 60))
     library = isa.build_cpuid_hold()
-    assert os.path.dirname(library) == str(tmp_path / "rotconv") and not stale.exists()
+    assert os.path.dirname(library) == str(tmp_path / "rotconv") and not stale.exists() and recent.exists()
+    recent.unlink()
     assert sorted(os.listdir(tmp_path / "rotconv")) == [os.path.basename(library)]  # no partial file left
     with open(library, "rb") as handle:
         assert handle.read(4) == b"\x7fELF"
