@@ -12,12 +12,12 @@ an add) and the adds stayed float operations on dequantized values, 20-40% slowe
 The weights are written as **uint8** too (zero point 128, the same real values) unless
 ``weight_dtype="int8"``: onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2, AVX-512 F/BW) add
 products in saturating int16 pairs, which breaks exactness, while its uint8 x uint8 kernels widen to int16
-first and never saturate. So the default file is exact in any onnxruntime session on any x86 CPU (ARM not
-checked). With VNNI (AVX-512 VNNI, or the AVX-VNNI of Intel's client CPUs from Alder Lake on) the uint8 x int8
-kernels add into int32, exact and faster (u8u8 took 2.3-2.8x their time at batch 32), so :func:`load_onnx`
-gives its session int8 weights there and uint8 ones on x86 CPUs without VNNI, whichever the file holds. Every
-remaining operation on the feature maps is integer, so the logits of a patch rotated by 90 degrees are
-bit-identical (tested, at several batch sizes, on CPUs with and without VNNI).
+first and never saturate. So the default file is exact in any onnxruntime session on x86 CPUs (and ARM
+ones, checked emulated). With VNNI (AVX-512 VNNI, or the AVX-VNNI of Intel's client CPUs from Alder Lake on)
+the uint8 x int8 kernels add into int32, exact and faster (u8u8 took 2.3-2.8x their time at batch 32), so
+:func:`load_onnx` gives its session int8 weights there and uint8 ones on x86 CPUs without VNNI, whichever the
+file holds. Every remaining operation on the feature maps is integer, so the logits of a patch rotated by 90
+degrees are bit-identical (tested, at several batch sizes, on CPUs with and without VNNI).
 
 Needs the optional extra: ``pip install 'rotconv[deploy]'`` (onnx, onnxscript, onnxruntime; INT8 also
 executorch's quantizer).
@@ -62,7 +62,7 @@ def to_onnx(model: nn.Module, path: str, group: object = None, int8: bool = True
         input_range, calibration, bias_correction, relu6: as :func:`quant.to_executorch`.
         dynamic_batch: the file accepts any batch size (else only the example's).
         weight_dtype: how the INT8 weights are stored: ``"uint8"`` (zero point 128), exact under quarter turns
-            in any onnxruntime session on any x86 CPU; ``"int8"``, onnxruntime's faster kernels on x86 CPUs with
+            in any onnxruntime session (x86, ARM); ``"int8"``, onnxruntime's faster kernels on x86 CPUs with
             AVX-512 VNNI or AVX-VNNI (a session opened on the file itself took 1/2.8 and 1/2.3 the time at batch
             32 there), but on an x86 CPU without either such a session is not exact. The same real values either
             way, and :func:`load_onnx` runs either file exactly and at the faster kernels' speed wherever they

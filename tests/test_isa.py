@@ -32,6 +32,8 @@ import pytest
 import quant
 import rotconv.hardware
 from benchmarks.common import child_environment, emulated_cpu_environment
+from benchmarks.emulated_arm import ARM_CPUS
+from benchmarks.emulated_arm import ready as arm_ready
 
 WORKER = os.path.join(os.path.dirname(__file__), "isa_worker.py")
 AVX2_SWITCHES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -340,6 +342,46 @@ def test_int8_is_bit_exact_and_quiet_on_an_emulated_cpu_without_avx2(int8_files)
     _check(report)
     assert report["as_written"][default] == 0.0, report  # the file exact in a plain session too
     assert "NNPACK" not in stderr[0], stderr[0][-2000:]
+
+
+@pytest.mark.skipif(arm_ready() is not None, reason=f"no emulated ARM CPU: {arm_ready()}")
+@pytest.mark.parametrize("cpu", list(ARM_CPUS))
+def test_both_onnx_files_are_exact_in_onnxruntime_on_an_emulated_arm_cpu(int8_files, cpu):
+    # ARM CPUs of three generations (NEON only, dot products, int8 matrix multiply with SVE2), each a different
+    # int8 kernel family in onnxruntime: the ONNX files opened directly in onnxruntime there (a deployment's own
+    # session; no torch on the emulated CPU) give bit-identical logits under quarter turns, the default file
+    # (uint8 weights) and the one with int8 weights alike
+    from benchmarks.emulated_arm import run
+
+    onnx_files = [path for path in int8_files if path.endswith(".onnx")]
+    completed = run(cpu, [os.path.join(os.path.dirname(__file__), "arm_onnx_worker.py"), *onnx_files], timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["machine"] == "aarch64", report
+    for path in onnx_files:
+        assert report["files"][path]["quarter_turn"] == 0.0 and report["files"][path]["largest_logit"] > 0, report
+
+
+def test_the_emulated_arm_cpu_says_why_it_cannot_start(monkeypatch, tmp_path, capsys):
+    from benchmarks import emulated_arm
+
+    with pytest.raises(emulated_arm.ArmError, match="unknown ARM CPU 'cortex-x9' \\(choices: cortex-a57, "):
+        emulated_arm.run("cortex-x9", ["x.py"], root=str(tmp_path))
+    if os.uname().machine != "x86_64":
+        return
+    monkeypatch.setattr(emulated_arm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(emulated_arm.os, "geteuid", lambda: 0)
+    assert "no aarch64 root in" in emulated_arm.ready(str(tmp_path))  # not prepared
+    (tmp_path / "sysroot" / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "sysroot" / "usr" / "bin" / "python3.11").write_text("")
+    (tmp_path / "READY").write_text("")
+    assert emulated_arm.ready(str(tmp_path)) is None
+    monkeypatch.setattr(emulated_arm.os, "geteuid", lambda: 1000)
+    assert "needs root" in emulated_arm.ready(str(tmp_path))
+    monkeypatch.setattr(emulated_arm.shutil, "which", lambda name: None)
+    assert "qemu-aarch64 is not installed" in emulated_arm.ready(str(tmp_path))
+    assert emulated_arm.main(["--root", str(tmp_path), "run", "neoverse-n1", "x.py"]) == 2
+    assert "benchmarks.emulated_arm: qemu-aarch64 is not installed" in capsys.readouterr().err
 
 
 def test_a_child_on_an_emulated_cpu_does_not_inherit_the_library_switches(monkeypatch):
