@@ -75,8 +75,8 @@ def ready(root: str = DEFAULT_ROOT) -> str | None:
     return None
 
 
-def _check(command: list[str], what: str) -> None:
-    completed = subprocess.run(command, capture_output=True, text=True)
+def _check(command: list[str], what: str, cwd: str | None = None) -> None:
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     if completed.returncode != 0:
         last = (completed.stderr.strip().splitlines() or completed.stdout.strip().splitlines() or ["no message"])[-1]
         raise ArmError(f"{what}: {last}")
@@ -98,11 +98,9 @@ def prepare(root: str = DEFAULT_ROOT) -> str:
         debs = os.path.join(partial, "debs")
         os.makedirs(debs)
         command = ["apt-get", "download", "-q", *(f"{name}:arm64" for name in _PACKAGES)]
-        if subprocess.run(command, cwd=debs, capture_output=True).returncode != 0:
+        if subprocess.run(command, cwd=debs, capture_output=True).returncode != 0:  # stale package lists
             _check(["apt-get", "update", "-q"], "apt-get update")
-            completed = subprocess.run(command, cwd=debs, capture_output=True, text=True)
-            if completed.returncode != 0:
-                raise ArmError(f"apt-get download: {(completed.stderr.strip().splitlines() or ['failed'])[-1]}")
+            _check(command, "apt-get download", cwd=debs)
         for deb in sorted(glob.glob(os.path.join(debs, "*.deb"))):
             _check(["dpkg", "-x", deb, os.path.join(partial, "sysroot")], f"dpkg -x {os.path.basename(deb)}")
         shutil.rmtree(debs)

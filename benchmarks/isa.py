@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{usage}\nbenchmarks.isa: unknown instruction set {argv[0]!r} (choices: {', '.join(LEVELS)})",
               file=sys.stderr)
         return 2
-    if os.uname().machine != "x86_64" or not cpu_has_level(isa):
+    flags = _cpu_flags()
+    if os.uname().machine != "x86_64" or not cpu_has_level(isa, flags):
         kept = LEVELS[isa][1]
         avx512 = [field[6:].upper() for field in kept if field.startswith("avx512")]
         needs = " and ".join(["AVX2"] + ([f"AVX-512 {', '.join(avx512)}"] if avx512 else [])
@@ -336,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks.isa: torch is already loaded; run it as python -m benchmarks.isa", file=sys.stderr)
         return 2
     cpuid = _hold_cpuid(isa, argv)
-    flags = _cpu_flags()
     if isa == "avx2" and cpuid_held() != isa and "avx512f" in flags and "avx512_vnni" not in flags:
         # fbgemm sizes a 1x1 conv's row offsets by what cpuinfo answers (56 rows a block there) and fills them in
         # blocks of the switched instruction set (120 for AVX2): tests/test_isa.py shows the overrun

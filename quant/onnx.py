@@ -160,7 +160,6 @@ def _activations_to_uint8(proto) -> int:
                     and node.output[0] not in used]
     for node in unused_nodes:
         graph.node.remove(node)
-    onnx.checker.check_model(proto)
     return changed
 
 
@@ -191,17 +190,9 @@ def _shift_weights(proto, dtype: str) -> int:
     source, target = (np.int8, np.uint8) if dtype == "uint8" else (np.uint8, np.int8)
     offset = 128 if dtype == "uint8" else -128
     graph = proto.graph
-    array = _constant_reader(proto)
-    initializers = {tensor.name for tensor in graph.initializer}
-    constants = {node.output[0] for node in graph.node if node.op_type == "Constant"}
     changed, replaced = 0, set()
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
-            continue
-        if node.input[0] not in initializers and node.input[0] not in constants:
-            continue  # an activation
-        weight, zero_point = array(node.input[0]), array(node.input[2])
-        if weight is None or zero_point is None or weight.dtype != source or zero_point.dtype != source:
+    for node, weight, zero_point in _constant_weights(proto):
+        if weight.dtype != source or zero_point.dtype != source:
             continue
         if dtype == "int8" and not (zero_point == 128).all():
             continue  # onnxruntime's int8-weight kernels are made for symmetric weights
@@ -220,16 +211,20 @@ def _shift_weights(proto, dtype: str) -> int:
     return changed
 
 
-def _weight_dtypes(proto) -> set[str]:
-    """The dtypes (``"int8"``, ``"uint8"``) of ``proto``'s constant DequantizeLinear weights."""
+def _constant_weights(proto):
+    """``(node, weight, zero point)`` of every DequantizeLinear of ``proto`` whose value and zero point are
+    stored constants (the weights; activations are computed)."""
     array = _constant_reader(proto)
-    found = set()
-    for node in proto.graph.node:
+    for node in list(proto.graph.node):
         if node.op_type == "DequantizeLinear" and len(node.input) >= 3:
             weight, zero_point = array(node.input[0]), array(node.input[2])
-            if weight is not None and zero_point is not None and str(weight.dtype) in _WEIGHT_DTYPES:
-                found.add(str(weight.dtype))
-    return found
+            if weight is not None and zero_point is not None:
+                yield node, weight, zero_point
+
+
+def _weight_dtypes(proto) -> set[str]:
+    """The dtypes (``"int8"``, ``"uint8"``) of ``proto``'s constant DequantizeLinear weights."""
+    return {str(weight.dtype) for _, weight, _ in _constant_weights(proto)} & set(_WEIGHT_DTYPES)
 
 
 def _export(network: nn.Module, example: torch.Tensor, dynamic: dict | None):
